@@ -1,0 +1,72 @@
+"""normalize -> rewrite passes -> lower. The one direction data flows through flashfuse."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from flashfuse.config import Config
+from flashfuse.log import logger
+from flashfuse.passes import PassContext, get_pass
+from flashfuse.report import current_report
+
+
+def _graph_is_cuda(example_inputs: list) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
+                  mode: str | None = None) -> Callable:
+    report = current_report()
+    graph_report = report.new_graph()
+    graph_report.code_before = gm.code
+    graph_report.graph_before = gm
+
+    rewritten = None
+    try:
+        from flashfuse.passes.normalize import to_aten
+
+        aten_gm = to_aten(gm, example_inputs)
+        if logger.isEnabledFor(10):
+            logger.debug("graph %d after normalize:\n%s", graph_report.index, aten_gm.code)
+        ctx = PassContext(config, graph_report, example_inputs, _graph_is_cuda(example_inputs))
+        total = 0
+        for name in config.enabled_passes():
+            n = get_pass(name)(aten_gm, ctx)
+            total += n
+            if n and logger.isEnabledFor(10):
+                logger.debug("graph %d after pass %s (%d rewrites):\n%s", graph_report.index, name, n,
+                             aten_gm.code)
+        if total:
+            aten_gm.graph.eliminate_dead_code()
+            aten_gm.graph.lint()
+            aten_gm.recompile()
+            rewritten = aten_gm
+    except Exception as exc:  # never let a pass failure change the user's program: compile it as is
+        graph_report.notes.append(f"passes skipped for this graph: {type(exc).__name__}: {exc}")
+        logger.warning("flashfuse: passes skipped for graph %d: %s: %s",
+                       graph_report.index, type(exc).__name__, exc)
+        graph_report.matches.clear()
+
+    # With nothing rewritten, lower the graph exactly as Dynamo gave it.
+    final = rewritten if rewritten is not None else gm
+    graph_report.code_after = final.code
+    graph_report.graph_after = final
+    for m in graph_report.matches:
+        logger.info("fused %s", m)
+    for nm in graph_report.near_misses:
+        logger.info("near-miss %s", nm)
+    return lower(final, example_inputs, config, mode)
+
+
+def lower(gm: fx.GraphModule, example_inputs: list, config: Config, mode: str | None) -> Callable:
+    if config.remainder == "eager":
+        # Pure mode: run the (rewritten) graph op by op; autograd goes through the ops' formulas.
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {}
+    if mode and mode != "default":
+        patches = dict(torch._inductor.list_mode_options(mode))
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,1 @@
+"""The `flashfuse::` torch.library ops. Importing this package registers all of them."""
