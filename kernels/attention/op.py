@@ -1,0 +1,116 @@
+"""The `flashfuse::attention` op: fake impl, autograd formula, and the dispatch to the Triton kernels
+(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or to the chunked PyTorch reference.
+
+Layout: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with any strides; Hq % Hkv == 0 (GQA by
+index mapping). Each side tensor is a 4-D view broadcastable to (B, Hq, Nq, Nk) (size-1 dims broadcast).
+`score_mod` is the text form of the captured expression (see score_mod.py). `rng` is an int64 tensor
+[seed, offset] on q's device when dropout is active, else None. `precision` ("tf32"/"ieee") applies to
+fp32 inputs. Returns out (B, Hq, Nq, Dv) — stored (B, Nq, Hq, Dv)-contiguous so the usual
+`transpose(1, 2).reshape(B, N, H*Dv)` is free — and the log-sum-exp (B, Hq, Nq) in fp32 (natural log).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from flashfuse.kernels.attention import reference
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors run the Triton kernels; CPU tensors do so only under Triton's interpreter."""
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _triton():
+    from flashfuse.kernels.attention import triton_impl  # imported lazily: triton is heavy
+
+    return triton_impl
+
+
+def _has_triton_impl() -> bool:
+    try:
+        _triton()
+        return True
+    except ImportError:
+        return False
+
+
+def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    bsz, hq, nq, _ = q.shape
+    return torch.empty(bsz, nq, hq, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+@torch.library.custom_op("flashfuse::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[torch.Tensor],
+              scalars: list[float], score_mod: str, dropout_p: float, rng: Optional[torch.Tensor],
+              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q) and _has_triton_impl():
+        return _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
+    out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
+    return out, lse
+
+
+@attention.register_fake
+def _(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
+    bsz, hq, nq, _ = q.shape
+    return _empty_out(q, v), q.new_empty((bsz, hq, nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashfuse::attention_backward", mutates_args=())
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, sides: list[torch.Tensor],
+                       scalars: list[float], score_mod: str, dropout_p: float,
+                       rng: Optional[torch.Tensor], side_needs_grad: list[bool],
+                       precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Returns dq, dk, dv and the gradients of the sides whose `side_needs_grad` is set (in order)."""
+    if use_triton(q) and _has_triton_impl():
+        dq, dk, dv, dsides = _triton().attention_backward(
+            dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision)
+    else:
+        dq, dk, dv, dsides = reference.attention_backward(
+            dout, q, k, v, sides, scalars, score_mod, dropout_p, rng, side_needs_grad)
+    return dq, dk, dv, [d for d, g in zip(dsides, side_needs_grad) if g]
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision):
+    dsides = [torch.empty_like(s) for s, g in zip(sides, side_needs_grad) if g]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsides
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, sides, scalars, score_mod, dropout_p, rng, precision = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *sides, *([rng] if rng is not None else []))
+    ctx.n_sides = len(sides)
+    ctx.has_rng = rng is not None
+    ctx.side_needs_grad = [bool(s.requires_grad and s.is_floating_point()) for s in sides]
+    ctx.meta = (list(scalars), score_mod, dropout_p, precision)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    saved = ctx.saved_tensors
+    q, k, v, out, lse = saved[:5]
+    sides = list(saved[5:5 + ctx.n_sides])
+    rng = saved[5 + ctx.n_sides] if ctx.has_rng else None
+    scalars, score_mod, dropout_p, precision = ctx.meta
+    dq, dk, dv, dsides_some = torch.ops.flashfuse.attention_backward(
+        dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, ctx.side_needs_grad, precision)
+    it = iter(dsides_some)
+    dsides = [next(it) if g else None for g in ctx.side_needs_grad]
+    return dq, dk, dv, dsides, [None] * len(scalars), None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: str,
+                    sides: Sequence[torch.Tensor] = (), scalars: Sequence[float] = (),
+                    dropout_p: float = 0.0, rng: Optional[torch.Tensor] = None,
+                    precision: str = "tf32") -> torch.Tensor:
+    """Convenience wrapper returning only the output."""
+    return torch.ops.flashfuse.attention(q, k, v, list(sides), list(scalars), score_mod, dropout_p, rng,
+                                         precision)[0]
