@@ -1,0 +1,764 @@
+"""Attention pass: matmul → score modification → softmax → (dropout) → matmul  ⇒  flashfuse::attention.
+
+For every softmax in the (normalized, ATen-level) graph:
+  1. the softmax must be over the last axis of the scores;
+  2. forwards: the probabilities, through casts / dropout / copies that nobody else reads, feed the left
+     operand of a matmul with V (`matmul`, `bmm`, `einsum`);
+  3. backwards: the elementwise DAG between the softmax and S = Q·Kᵀ is turned into one sympy expression
+     (score_mod.py) — index-only parts (arange comparisons, tril/triu of constants) stay symbolic; other
+     tensors become side inputs loaded with their broadcast strides;
+  4. Q, K, V are recovered as views of the user's tensors (no copies); K/V repeated by expand+reshape or
+     repeat_interleave are replaced by the shared head (GQA).
+Anything that cannot be proven leaves the graph unchanged and records a near-miss with the reason.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from flashfuse.kernels.attention import score_mod as sm
+from flashfuse.passes import PassContext, register_pass
+from flashfuse.passes.normalize import val
+from flashfuse.report import source_of, short_source
+
+aten = torch.ops.aten
+NAME = "attention"
+MAX_HEAD_DIM = 256
+
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.einsum.default, aten.mm.default}
+# ops between the softmax and P·V that keep the probabilities' values (up to dtype)
+PASS_THROUGH = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+                aten.alias.default, aten.type_as.default, aten.to.dtype_layout, aten.to.device,
+                aten.detach.default}
+CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dtype_layout, aten.to.device,
+         aten.clone.default, aten.contiguous.default, aten.alias.default}
+DROPOUT_OPS = {aten.dropout.default}
+
+
+class NotFusable(Exception):
+    """A precondition failed; the message is the near-miss reason shown to the user."""
+
+    def __init__(self, reason: str, node: fx.Node | None = None):
+        super().__init__(reason)
+        self.node = node
+
+
+def _where(node: fx.Node | None) -> str:
+    src = short_source(source_of(node)) if node is not None else ""
+    return f" at {src}" if src else ""
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.name.split("::")[1]
+    return getattr(t, "__name__", str(t))
+
+
+def _same(a, b) -> bool:
+    """Sizes equal, provably (symbolic sizes included)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)
+
+
+def _shape_str(shape) -> str:
+    return "(" + ",".join(str(s) for s in shape) + ")"
+
+
+# --------------------------------------------------------------------------------------------------
+# Expressions over the axes of the scores
+# --------------------------------------------------------------------------------------------------
+class Value:
+    """What a node computes, as a sympy expression: `expr` over axis symbols ax0..ax{rank-1} (for
+    index-only values), `score`, `sideN`; `rank`/`shape` of the tensor; `is_bool` for conditions."""
+
+    def __init__(self, expr: sympy.Basic, rank: int, shape, is_bool: bool):
+        self.expr, self.rank, self.shape, self.is_bool = expr, rank, tuple(shape), is_bool
+
+    def cond(self) -> sympy.Basic:
+        return self.expr if self.is_bool else sympy.Ne(self.expr, 0)
+
+    def num(self) -> sympy.Basic:
+        return sympy.Piecewise((1, self.expr), (0, True)) if self.is_bool else self.expr
+
+
+def _ax(i: int) -> sympy.Symbol:
+    return sympy.Symbol(f"ax{i}", integer=True)
+
+
+def _is_index_only(expr: sympy.Basic) -> bool:
+    return not any(s.name == "score" or s.name.startswith("side") for s in expr.free_symbols)
+
+
+class ScoreModBuilder:
+    """Walks the DAG from the softmax input back to S, building the score_mod expression."""
+
+    def __init__(self, gm: fx.GraphModule, softmax_in: fx.Node, score_shape):
+        self.gm = gm
+        self.score_node: fx.Node | None = None
+        self.score_shape = tuple(score_shape)
+        self.rank = len(score_shape)
+        self.sides: list[fx.Node] = []
+        self.side_desc: list[str] = []
+        self.memo: dict[fx.Node, Value] = {}
+        self.root = softmax_in
+
+    # -- leaves ------------------------------------------------------------------------------------
+    def side(self, node: fx.Node) -> Value:
+        t = val(node)
+        if t is None:
+            raise NotFusable(f"`{node.name}` between the matmul and the softmax is not a tensor", node)
+        if t.dim() > self.rank or any(
+            not (_same(s, 1) or _same(s, S)) for s, S in zip(reversed(t.shape), reversed(self.score_shape))
+        ):
+            raise NotFusable(f"mask/bias `{node.name}` of shape {_shape_str(t.shape)} does not broadcast to "
+                             f"the scores {_shape_str(self.score_shape)}", node)
+        if node not in self.sides:
+            self.sides.append(node)
+            kind = "bool mask" if t.dtype == torch.bool else "float bias/mask"
+            self.side_desc.append(f"{kind} {_shape_str(t.shape)}")
+        i = self.sides.index(node)
+        return Value(sm.side(i), t.dim(), t.shape, t.dtype == torch.bool)
+
+    def const(self, x) -> Value:
+        if isinstance(x, bool):
+            return Value(sympy.true if x else sympy.false, 0, (), True)
+        if isinstance(x, (int, float)):
+            if math.isinf(x):
+                return Value(sympy.oo if x > 0 else -sympy.oo, 0, (), False)
+            return Value(sympy.Integer(x) if isinstance(x, int) else sympy.Float(x), 0, (), False)
+        raise NotFusable(f"unsupported constant {x!r} in the score modification")
+
+    def operand(self, x) -> Value:
+        if isinstance(x, fx.Node):
+            if not isinstance(x.meta.get("val"), torch.Tensor):
+                return self.sym_scalar(x)
+            return self.visit(x)
+        return self.const(x)
+
+    def sym_scalar(self, node: fx.Node) -> Value:
+        """A symbolic size or scalar (dynamic shapes): the sequence lengths stay symbolic (Nq, Nk);
+        anything else is specialized with a guard (Dynamo recompiles if it changes)."""
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+        x = node.meta.get("val")
+        if isinstance(x, torch.SymInt):
+            if _same(x, self.score_shape[-2]):
+                return Value(sm.Nq, 0, (), False)
+            if _same(x, self.score_shape[-1]):
+                return Value(sm.Nk, 0, (), False)
+        if isinstance(x, (torch.SymInt, torch.SymFloat, int, float)):
+            return self.const(guard_scalar(x) if not isinstance(x, (int, float)) else x)
+        raise NotFusable(f"`{node.name}` between the matmul and the softmax is not a tensor or a number",
+                         node)
+
+    # -- the walk ------------------------------------------------------------------------------------
+    def visit(self, node: fx.Node) -> Value:
+        if node in self.memo:
+            return self.memo[node]
+        v = self._visit(node)
+        self.memo[node] = v
+        return v
+
+    def _visit(self, node: fx.Node) -> Value:
+        t = val(node)
+        if node.op != "call_function":
+            return self.side(node)
+        target = node.target
+        if target in MATMUL_OPS and t is not None and t.dim() == self.rank and \
+                all(_same(a, b) for a, b in zip(t.shape, self.score_shape)):
+            if self.score_node is None or self.score_node is node:
+                self.score_node = node
+                return Value(sm.score, self.rank, t.shape, False)
+        try:
+            return self._pointwise(node, t)
+        except _NotPointwise:
+            if self._depends_on_score(node):
+                raise NotFusable(f"`{_op_name(node)}`{_where(node)} between the scores and the softmax is "
+                                 f"not an elementwise op flashfuse understands", node)
+            return self.side(node)
+
+    def _depends_on_score(self, node: fx.Node) -> bool:
+        if self.score_node is None:
+            return False
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n is self.score_node:
+                return True
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(a for a in n.all_input_nodes)
+        return False
+
+    def _pointwise(self, node: fx.Node, t) -> Value:
+        target, args, kw = node.target, node.args, node.kwargs
+        out_shape = tuple(t.shape) if t is not None else ()
+        out_rank = len(out_shape)
+        is_bool = t is not None and t.dtype == torch.bool
+
+        def bin_(f):
+            a, b = self.operand(args[0]), self.operand(args[1])
+            return Value(f(self._align(a, out_rank).num(), self._align(b, out_rank).num()), out_rank, out_shape,
+                         False)
+
+        def cmp(rel):
+            a, b = self.operand(args[0]), self.operand(args[1])
+            return Value(rel(self._align(a, out_rank).num(), self._align(b, out_rank).num()), out_rank,
+                         out_shape, True)
+
+        def unary(f):
+            a = self._align(self.operand(args[0]), out_rank)
+            return Value(f(a.num()), out_rank, out_shape, False)
+
+        if target in (aten.mul.Tensor, aten.mul.Scalar):
+            if is_bool:
+                a, b = (self._align(self.operand(x), out_rank) for x in args[:2])
+                return Value(sympy.And(a.cond(), b.cond()), out_rank, out_shape, True)
+            return bin_(operator.mul)
+        if target in (aten.div.Tensor, aten.div.Scalar):
+            return bin_(operator.truediv)
+        if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
+                      aten.rsub.Tensor):
+            alpha = kw.get("alpha", args[2] if len(args) > 2 else 1)
+            if isinstance(alpha, fx.Node):
+                raise _NotPointwise
+            a, b = (self._align(self.operand(x), out_rank).num() for x in args[:2])
+            if target in (aten.add.Tensor, aten.add.Scalar):
+                return Value(a + alpha * b, out_rank, out_shape, False)
+            if target in (aten.sub.Tensor, aten.sub.Scalar):
+                return Value(a - alpha * b, out_rank, out_shape, False)
+            return Value(b - alpha * a, out_rank, out_shape, False)
+        if target == aten.neg.default:
+            return unary(lambda a: -a)
+        if target == aten.tanh.default:
+            return unary(sympy.tanh)
+        if target == aten.exp.default:
+            return unary(sympy.exp)
+        if target == aten.log.default:
+            return unary(sympy.log)
+        if target == aten.abs.default:
+            return unary(sympy.Abs)
+        if target == aten.sqrt.default:
+            return unary(sympy.sqrt)
+        if target == aten.rsqrt.default:
+            return unary(lambda a: 1 / sympy.sqrt(a))
+        if target == aten.sigmoid.default:
+            return unary(lambda a: 1 / (1 + sympy.exp(-a)))
+        if target == aten.reciprocal.default:
+            return unary(lambda a: 1 / a)
+        if target in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar):
+            return bin_(lambda a, b: a ** b)
+        if target in (aten.maximum.default, aten.clamp_min.default):
+            return bin_(sympy.Max)
+        if target in (aten.minimum.default, aten.clamp_max.default):
+            return bin_(sympy.Min)
+        if target == aten.clamp.default:
+            a = self._align(self.operand(args[0]), out_rank).num()
+            lo = args[1] if len(args) > 1 else kw.get("min")
+            hi = args[2] if len(args) > 2 else kw.get("max")
+            if lo is not None:
+                a = sympy.Max(a, self.operand(lo).num())
+            if hi is not None:
+                a = sympy.Min(a, self.operand(hi).num())
+            return Value(a, out_rank, out_shape, False)
+        rels = {aten.eq.Scalar: sympy.Eq, aten.eq.Tensor: sympy.Eq, aten.ne.Scalar: sympy.Ne,
+                aten.ne.Tensor: sympy.Ne, aten.lt.Scalar: sympy.Lt, aten.lt.Tensor: sympy.Lt,
+                aten.le.Scalar: sympy.Le, aten.le.Tensor: sympy.Le, aten.gt.Scalar: sympy.Gt,
+                aten.gt.Tensor: sympy.Gt, aten.ge.Scalar: sympy.Ge, aten.ge.Tensor: sympy.Ge}
+        if target in rels:
+            return cmp(rels[target])
+        if target in (aten.logical_not.default, aten.bitwise_not.default):
+            a = self._align(self.operand(args[0]), out_rank)
+            if not a.is_bool:
+                raise _NotPointwise
+            return Value(sympy.Not(a.cond()), out_rank, out_shape, True)
+        if target in (aten.logical_and.default, aten.bitwise_and.Tensor, aten.logical_or.default,
+                      aten.bitwise_or.Tensor, aten.logical_xor.default, aten.bitwise_xor.Tensor):
+            a, b = (self._align(self.operand(x), out_rank) for x in args[:2])
+            if not (a.is_bool and b.is_bool):
+                raise _NotPointwise
+            f = {aten.logical_and.default: sympy.And, aten.bitwise_and.Tensor: sympy.And,
+                 aten.logical_or.default: sympy.Or, aten.bitwise_or.Tensor: sympy.Or}.get(target, sympy.Xor)
+            return Value(f(a.cond(), b.cond()), out_rank, out_shape, True)
+        if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            x = self._align(self.operand(args[0]), out_rank)
+            m = self._align(self.operand(args[1]), out_rank)
+            fill = args[2]
+            if isinstance(fill, fx.Node):
+                fv = val(fill)
+                if fv is None or fv.dim() != 0:
+                    raise _NotPointwise
+            fillv = self._align(self.operand(fill), out_rank)
+            return Value(sympy.Piecewise((fillv.num(), m.cond()), (x.num(), True)), out_rank, out_shape,
+                         False)
+        if target in (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar):
+            c, a, b = (self._align(self.operand(x), out_rank) for x in args[:3])
+            if is_bool:
+                return Value(sympy.Or(sympy.And(c.cond(), a.cond()), sympy.And(sympy.Not(c.cond()), b.cond())),
+                             out_rank, out_shape, True)
+            return Value(sympy.Piecewise((a.num(), c.cond()), (b.num(), True)), out_rank, out_shape, False)
+        if target in CASTS:
+            a = self._align(self.operand(args[0]), out_rank)
+            if t is not None and t.dtype == torch.bool:
+                return Value(a.cond(), out_rank, out_shape, True)
+            return Value(a.num(), out_rank, out_shape, False)
+        # index-only sources
+        if target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+            nums = [a for a in args if not isinstance(a, torch.dtype)]
+            if any(isinstance(a, fx.Node) for a in nums[:1]) and len(nums) > 1:
+                raise _NotPointwise
+            start, step = 0, 1
+            if target != aten.arange.default:
+                start = nums[0]
+                step = nums[2] if len(nums) > 2 else kw.get("step", 1)
+            if isinstance(start, fx.Node) or isinstance(step, fx.Node):
+                raise _NotPointwise
+            return Value(start + step * _ax(0), 1, out_shape, False)
+        if target in (aten.ones.default, aten.zeros.default, aten.full.default, aten.ones_like.default,
+                      aten.zeros_like.default, aten.full_like.default, aten.scalar_tensor.default):
+            fill = {aten.ones.default: 1, aten.ones_like.default: 1, aten.zeros.default: 0,
+                    aten.zeros_like.default: 0}.get(target)
+            if fill is None:
+                fill = args[1] if target != aten.scalar_tensor.default else args[0]
+            if isinstance(fill, fx.Node):
+                raise _NotPointwise
+            c = self.const(fill)
+            return Value(c.expr if not is_bool else c.cond(), out_rank, out_shape, is_bool)
+        if target in (aten.tril.default, aten.triu.default):
+            a = self.operand(args[0])
+            if not _is_index_only(a.expr) or a.rank < 2:
+                raise _NotPointwise
+            diag = args[1] if len(args) > 1 else kw.get("diagonal", 0)
+            r, c = _ax(a.rank - 2), _ax(a.rank - 1)
+            keep = (c - r <= diag) if target == aten.tril.default else (c - r >= diag)
+            zero = sympy.false if a.is_bool else 0
+            if a.is_bool:
+                return Value(sympy.And(keep, a.cond()), a.rank, out_shape, True)
+            return Value(sympy.Piecewise((a.num(), keep), (zero, True)), a.rank, out_shape, False)
+        return self._view(node, t)
+
+    # view ops: understood only on index-only values (anything else becomes a side tensor)
+    def _view(self, node: fx.Node, t) -> Value:
+        target, args = node.target, node.args
+        if t is None or not args or not isinstance(args[0], fx.Node):
+            raise _NotPointwise
+        view_ops = (aten.unsqueeze.default, aten.slice.Tensor, aten.view.default, aten.reshape.default,
+                    aten.expand.default, aten.squeeze.dim, aten.squeeze.default, aten.select.int)
+        if target not in view_ops:
+            raise _NotPointwise
+        src = self.visit(args[0])
+        if not _is_index_only(src.expr):
+            raise _NotPointwise
+        out_shape = tuple(t.shape)
+        e = src.expr
+        if target == aten.unsqueeze.default:
+            d = args[1] % (src.rank + 1)
+            mapping = {_ax(i): _ax(i + 1) for i in range(d, src.rank)}
+            return Value(e.xreplace(mapping), src.rank + 1, out_shape, src.is_bool)
+        if target == aten.slice.Tensor:
+            d = (args[1] if len(args) > 1 else 0) % src.rank
+            start = args[2] if len(args) > 2 else 0
+            step = args[4] if len(args) > 4 else 1
+            if start is None:
+                start = 0
+            if isinstance(start, fx.Node) or step != 1 or (isinstance(start, int) and start < 0):
+                raise _NotPointwise
+            return Value(e.xreplace({_ax(d): _ax(d) + start}), src.rank, out_shape, src.is_bool)
+        if target == aten.expand.default:
+            lead = len(out_shape) - src.rank
+            mapping = {_ax(i): _ax(i + lead) for i in range(src.rank)}
+            return Value(e.xreplace(mapping), len(out_shape), out_shape, src.is_bool)
+        if target == aten.select.int:
+            d, idx = args[1] % src.rank, args[2]
+            if isinstance(idx, fx.Node) or idx < 0:
+                raise _NotPointwise
+            mapping = {_ax(d): sympy.Integer(idx)}
+            mapping.update({_ax(i): _ax(i - 1) for i in range(d + 1, src.rank)})
+            return Value(e.xreplace(mapping), src.rank - 1, out_shape, src.is_bool)
+        # view / reshape / squeeze: only inserting or removing size-1 dims
+        in_shape = list(src.shape)
+        non1_in = [i for i, s in enumerate(in_shape) if not _same(s, 1)]
+        non1_out = [i for i, s in enumerate(out_shape) if not _same(s, 1)]
+        if len(non1_in) != len(non1_out) or not all(
+                _same(in_shape[i], out_shape[j]) for i, j in zip(non1_in, non1_out)):
+            raise _NotPointwise
+        mapping = {_ax(i): _ax(j) for i, j in zip(non1_in, non1_out)}
+        # axes of size 1 that disappear must not matter
+        gone = [i for i in range(src.rank) if i not in non1_in]
+        mapping.update({_ax(i): sympy.Integer(0) for i in gone})
+        return Value(e.xreplace(mapping), len(out_shape), out_shape, src.is_bool)
+
+    def _align(self, v: Value, rank: int) -> Value:
+        """Right-align an index-only expression's axes to a result of rank `rank` (broadcasting)."""
+        if v.rank == rank or not _is_index_only(v.expr) or v.rank == 0:
+            return v
+        lead = rank - v.rank
+        mapping = {_ax(i): _ax(i + lead) for i in range(v.rank)}
+        return Value(v.expr.xreplace(mapping), rank, v.shape, v.is_bool)
+
+    def build(self) -> sympy.Basic:
+        v = self.visit(self.root)
+        if self.score_node is None:
+            raise NotFusable("no Q·Kᵀ matmul of the scores' shape feeds the softmax", self.root)
+        v = self._align(v, self.rank)
+        names = {2: ("q_idx", "kv_idx"), 3: ("b", "q_idx", "kv_idx"), 4: ("b", "h", "q_idx", "kv_idx")}
+        if self.rank not in names:
+            raise NotFusable(f"scores of rank {self.rank}; flashfuse handles rank 2 to 4", self.root)
+        syms = {"b": sm.b, "h": sm.h, "q_idx": sm.q_idx, "kv_idx": sm.kv_idx}
+        mapping = {_ax(i): syms[n] for i, n in enumerate(names[self.rank])}
+        expr = v.num().xreplace(mapping)
+        nq, nk = self.score_shape[-2], self.score_shape[-1]
+        leftover = [s for s in expr.free_symbols if s.name.startswith("ax")]
+        if leftover:
+            raise NotFusable("an index-only mask does not line up with the scores' axes", self.root)
+        del nq, nk
+        return expr
+
+
+class _NotPointwise(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Q, K, V recovery
+# --------------------------------------------------------------------------------------------------
+_TRANSPOSE_LAST2 = "t"
+
+
+def _is_transpose_last2(node: fx.Node) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    t = val(node)
+    if t is None:
+        return False
+    r = t.dim()
+    if node.target == aten.transpose.int:
+        dims = sorted(d % r for d in node.args[1:3])
+        return dims == [r - 2, r - 1]
+    if node.target == aten.permute.default:
+        perm = [d % r for d in node.args[1]]
+        return perm == list(range(r - 2)) + [r - 1, r - 2]
+    if node.target in (aten.mT.default, aten.t.default, aten.adjoint.default):
+        return True
+    return False
+
+
+def _strip_noop_slices(node):
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.slice.Tensor:
+        src, t = node.args[0], val(node)
+        s = val(src)
+        if s is None or t is None or tuple(s.shape) != tuple(t.shape):
+            break
+        node = src
+    return node
+
+
+def _gqa_base(node: fx.Node):
+    """K/V repeated along heads -> (shared tensor, n_rep); (node, 1) when not repeated."""
+    t = val(node)
+    if t is None or t.dim() != 4:
+        return node, 1
+    if node.op == "call_function" and node.target == aten.repeat_interleave.self_int:
+        src, rep = node.args[0], node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if isinstance(rep, int) and dim is not None and dim % 4 == 1 and val(src) is not None:
+            return src, rep
+    if node.op == "call_function" and node.target in (aten.reshape.default, aten.view.default,
+                                                      aten._unsafe_view.default):
+        ex = node.args[0]
+        if isinstance(ex, fx.Node) and ex.target == aten.expand.default:
+            un = _strip_noop_slices(ex.args[0])
+            if isinstance(un, fx.Node) and un.target == aten.unsqueeze.default and un.args[1] % 5 == 2:
+                base = _strip_noop_slices(un.args[0])
+                bt, et = val(base), val(ex)
+                if bt is not None and bt.dim() == 4 and et is not None and et.dim() == 5:
+                    rep = et.shape[2]
+                    if isinstance(rep, int) and _same(et.shape[1], bt.shape[1]) and \
+                            all(_same(et.shape[i], bt.shape[j]) for i, j in ((0, 0), (3, 2), (4, 3))):
+                        return base, rep
+    return node, 1
+
+
+def _parse_einsum(eq: str):
+    eq = eq.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != 2:
+        return None
+    a, b = ins
+    if any(len(set(s)) != len(s) for s in (a, b, out)):
+        return None
+    return a, b, out
+
+
+class Graph:
+    """Small helper for inserting nodes before a given node."""
+
+    def __init__(self, gm: fx.GraphModule, before: fx.Node):
+        self.g = gm.graph
+        self.before = before
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        with self.g.inserting_before(self.before):
+            n = self.g.call_function(target, args, kwargs)
+        n.meta["stack_trace"] = self.before.meta.get("stack_trace")
+        return n
+
+
+# --------------------------------------------------------------------------------------------------
+# the pass
+# --------------------------------------------------------------------------------------------------
+@register_pass(NAME)
+def attention_pass(gm: fx.GraphModule, ctx: PassContext) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in SOFTMAX_OPS:
+            try:
+                desc = _fuse_one(gm, node, ctx)
+            except NotFusable as e:
+                ctx.graph_report.add_near_miss(NAME, e.node or node, str(e))
+                continue
+            if desc is not None:
+                count += 1
+    return count
+
+
+def _softmax_dim(node: fx.Node) -> int:
+    return node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+
+
+def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext) -> str | None:
+    s_in = softmax.args[0]
+    sv = val(s_in)
+    if sv is None:
+        return None
+    rank = sv.dim()
+    dim = _softmax_dim(softmax)
+    if dim % rank != rank - 1:
+        raise NotFusable(f"softmax over dim {dim}; keys are on dim -1", softmax)
+
+    # 2. forwards: probabilities -> (casts, dropout) -> P @ V, nobody else reading them
+    chain, cur, dropout_p = [softmax], softmax, 0.0
+    while True:
+        users = list(cur.users)
+        if not users:
+            return None
+        if len(users) != 1:
+            ordered = [n for n in gm.graph.nodes if n in users]
+            u = next((x for x in ordered if x.target not in PASS_THROUGH | DROPOUT_OPS | MATMUL_OPS), ordered[-1])
+            what = "returned from the graph" if u.op == "output" else f"used by `{_op_name(u)}`{_where(u)}"
+            raise NotFusable(f"probabilities also {what}", u)
+        nxt = users[0]
+        if nxt.op != "call_function":
+            raise NotFusable("probabilities are returned from the graph", softmax)
+        if nxt.target in PASS_THROUGH:
+            chain.append(nxt)
+            cur = nxt
+            continue
+        if nxt.target in DROPOUT_OPS:
+            p, train = nxt.args[1], nxt.args[2]
+            if isinstance(p, fx.Node) or isinstance(train, fx.Node):
+                raise NotFusable("dropout probability or training flag is not a constant", nxt)
+            if train and p > 0:
+                if dropout_p:
+                    raise NotFusable("two dropouts on the probabilities", nxt)
+                dropout_p = float(p)
+            chain.append(nxt)
+            cur = nxt
+            continue
+        if nxt.target in MATMUL_OPS:
+            pv = nxt
+            break
+        raise NotFusable(f"probabilities go to `{_op_name(nxt)}`{_where(nxt)}, not to a matmul with V", nxt)
+    if dropout_p >= 1.0:
+        raise NotFusable(f"dropout p={dropout_p} drops everything", pv)
+
+    # 3. backwards: the score modification
+    builder = ScoreModBuilder(gm, s_in, sv.shape)
+    expr = builder.build()
+    S = builder.score_node
+
+    # Q, K from S;  V from P @ V
+    q_node, kt_node = _mm_operands(S, which="qk")
+    p_side, v_node = _mm_operands(pv, which="pv")
+    if p_side is not chain[-1]:
+        raise NotFusable("probabilities are the right operand of the matmul (P·V expected)", pv)
+    qv, ktv, vv, ov = val(q_node), val(kt_node), val(v_node), val(pv)
+    if qv.dim() != rank or ktv.dim() != rank or vv.dim() != rank or ov.dim() != rank:
+        raise NotFusable("Q, K, V and the scores do not have the same rank (broadcasting matmul)", S)
+    if not qv.is_floating_point() or qv.dtype == torch.float64:
+        raise NotFusable(f"dtype {qv.dtype} is not supported by the kernel (fp16, bf16, fp32)", S)
+    from torch.fx.experimental.symbolic_shapes import guard_int
+
+    d, dv = guard_int(qv.shape[-1]), guard_int(vv.shape[-1])  # the kernel specializes on head dims
+    for what, x in (("head dim", d), ("value head dim", dv)):
+        if x > MAX_HEAD_DIM:
+            raise NotFusable(f"{what} {x} > {MAX_HEAD_DIM} is not supported by the kernel", S)
+    if not all(_same(a, b) for a, b in zip(qv.shape[:-2], ktv.shape[:-2])) or \
+            not all(_same(a, b) for a, b in zip(qv.shape[:-2], vv.shape[:-2])):
+        raise NotFusable("Q, K, V batch/head dims differ (broadcasting matmul)", S)
+
+    g = Graph(gm, pv)
+    # K as (.., Nk, d): undo the transpose if there is one, else take a transposed view
+    if kt_node is not None and _is_transpose_last2(kt_node) and val(kt_node.args[0]) is not None and \
+            val(kt_node.args[0]).dim() == rank:
+        k_node = kt_node.args[0]
+    else:
+        k_node = g.call(aten.transpose.int, kt_node, -2, -1)
+        k_node.meta["val"] = ktv.transpose(-2, -1)
+    k_base, k_rep = _gqa_base(k_node)
+    v_base, v_rep = _gqa_base(v_node)
+    if k_rep != v_rep:
+        k_base, k_rep, v_base, v_rep = k_node, 1, v_node, 1
+
+    # sides as 4-D views, rank-aligned with the scores
+    sides4 = []
+    for s in builder.sides:
+        sides4.append(_to4d(g, s, rank))
+    q4, k4, v4 = (_to4d(g, x, rank) for x in (q_node, k_base, v_base))
+
+    # dropout seed, drawn from torch's generator so manual_seed reproduces it
+    rng = None
+    if dropout_p > 0:
+        rng = g.call(aten.randint.low, 0, 2**31 - 1, [2], dtype=torch.int64, device=qv.device)
+        rng.meta["val"] = torch.empty(2, dtype=torch.int64, device=qv.device)
+
+    # autocast: matmuls in the region run in the autocast dtype; the op must see those dtypes too
+    ac_dtype = _autocast_dtype(gm, pv, qv.device.type)
+    if ac_dtype is not None:
+        q4, k4, v4 = (g.call(aten.to.dtype, x, ac_dtype) for x in (q4, k4, v4))
+
+    text = sm.to_text(expr)
+    precision = ctx.config.fp32_precision
+    att = g.call(torch.ops.flashfuse.attention.default, q4, k4, v4, sides4, [], text, dropout_p, rng,
+                 precision)
+    out = g.call(operator.getitem, att, 0)
+    out_final = out
+    if rank < 4:
+        out_final = g.call(aten.reshape.default, out, list(ov.shape))
+    out_dtype = ac_dtype or qv.dtype
+    if ov.dtype != out_dtype and ac_dtype is None:
+        out_final = g.call(aten.to.dtype, out_final, ov.dtype)
+    pv.replace_all_uses_with(out_final)
+    out_final.meta["val"] = ov
+
+    description = _describe(expr, builder, dropout_p, qv, ktv, vv, k_rep, rank)
+    ctx.graph_report.add_match(NAME, pv, description, score_mod=str(expr), dropout_p=dropout_p,
+                               gqa=k_rep, head_dim=d, sides=list(builder.side_desc))
+    # the original nodes are now dead; the pipeline's dead-code elimination removes them
+    return description
+
+
+def _mm_operands(node: fx.Node, which: str):
+    """(left, right) operands of a matmul as (.., M, K) and (.., K, N) views; einsum is permuted."""
+    if node.target in (aten.matmul.default, aten.bmm.default, aten.mm.default):
+        return node.args[0], node.args[1]
+    eq = _parse_einsum(node.args[0])
+    if eq is None:
+        raise NotFusable(f"einsum '{node.args[0]}' is not a batched matmul flashfuse can read", node)
+    a_s, b_s, out_s = eq
+    a, b = node.args[1]
+    contracted = [c for c in a_s if c in b_s and c not in out_s]
+    if len(contracted) != 1:
+        raise NotFusable(f"einsum '{node.args[0]}' contracts {len(contracted)} dims (1 expected)", node)
+    c = contracted[0]
+    i_l = [x for x in out_s if x in a_s and x not in b_s]
+    j_l = [x for x in out_s if x in b_s and x not in a_s]
+    batch = [x for x in out_s if x in a_s and x in b_s]
+    if len(i_l) != 1 or len(j_l) != 1 or out_s != "".join(batch) + i_l[0] + j_l[0] or \
+            set(a_s) != set(batch + i_l + [c]) or set(b_s) != set(batch + j_l + [c]):
+        raise NotFusable(f"einsum '{node.args[0]}' is not of the form ..ik,..kj->..ij", node)
+    g = Graph(node.graph.owning_module, node)
+    av, bv = val(a), val(b)
+    perm_a = [a_s.index(x) for x in batch + i_l + [c]]
+    perm_b = [b_s.index(x) for x in batch + [c] + j_l]
+    if perm_a != list(range(len(a_s))):
+        a2 = g.call(aten.permute.default, a, perm_a)
+        a2.meta["val"] = av.permute(perm_a)
+        a = a2
+    if perm_b != list(range(len(b_s))):
+        b2 = g.call(aten.permute.default, b, perm_b)
+        b2.meta["val"] = bv.permute(perm_b)
+        b = b2
+    return a, b
+
+
+def _to4d(g: Graph, node: fx.Node, rank: int) -> fx.Node:
+    """Views (no copies): right-align to the scores' rank, then to (B, H, N, X)."""
+    t = val(node)
+    cur, cur_t = node, t
+    for _ in range(rank - t.dim()):
+        cur = g.call(aten.unsqueeze.default, cur, 0)
+        cur_t = cur_t.unsqueeze(0)
+        cur.meta["val"] = cur_t
+    insert = {4: [], 3: [1], 2: [0, 0]}[rank]
+    for d in insert:
+        cur = g.call(aten.unsqueeze.default, cur, d)
+        cur_t = cur_t.unsqueeze(d)
+        cur.meta["val"] = cur_t
+    return cur
+
+
+def _autocast_dtype(gm: fx.GraphModule, at: fx.Node, device_type: str):
+    """The autocast dtype in force at node `at` for `device_type` (None when autocast is off)."""
+    stack = []
+    for n in gm.graph.nodes:
+        if n is at:
+            break
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "_enter_autocast":
+            dev, dtype, enabled = n.args[0], n.args[1], n.args[2]
+            stack.append((n, dev, dtype, enabled))
+        elif n.op == "call_function" and getattr(n.target, "__name__", "") == "_exit_autocast":
+            if stack:
+                stack.pop()
+    for _, dev, dtype, enabled in reversed(stack):
+        if dev == device_type:
+            return dtype if enabled else None
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _describe(expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, vv, rep: int, rank: int) -> str:
+    parts = []
+    text = str(expr)
+    index_conds = [c for c in expr.atoms(sympy.core.relational.Relational) if _is_index_only(c)
+                   and c.free_symbols & {sm.q_idx, sm.kv_idx}]
+    if index_conds:
+        kinds = set()
+        for c in index_conds:
+            diff = sympy.simplify(c.lhs - c.rhs)
+            if diff.free_symbols >= {sm.q_idx, sm.kv_idx} and len(index_conds) == 1:
+                kinds.add("causal")
+            else:
+                kinds.add("index mask")
+        if len(index_conds) >= 2:
+            kinds = {"sliding window / banded mask"}
+        parts.append(", ".join(sorted(kinds)) + f" ({len(index_conds)} index condition(s))")
+    parts += builder.side_desc
+    if expr.has(sympy.tanh):
+        parts.append("tanh softcap")
+    if dropout_p:
+        parts.append(f"dropout p={dropout_p:g}")
+    if rep > 1:
+        parts.append(f"GQA {rep}:1")
+    nq, nk = qv.shape[-2], ktv.shape[-1]
+    if not _same(nq, nk):
+        parts.append(f"cross-attention Nq={nq} Nk={nk}")
+    parts.append(f"d={qv.shape[-1]}")
+    if rank != 4:
+        parts.append(f"{rank}-D inputs")
+    parts.append(f"score = {text}")
+    return ", ".join(parts)
