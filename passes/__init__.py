@@ -16,6 +16,9 @@ import torch.fx as fx
 # attention first (it consumes the softmax chains), then norms and the pointwise fusions.
 _PASS_MODULES: dict[str, tuple[str, bool]] = {
     "attention": ("flashfuse.passes.attention", True),
+    "layer_norm": ("flashfuse.passes.layer_norm", True),
+    "rms_norm": ("flashfuse.passes.rms_norm", True),
+    "residual_norm": ("flashfuse.passes.residual_norm", True),
 }
 
 

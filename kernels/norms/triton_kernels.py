@@ -1,0 +1,115 @@
+"""Triton kernels shared by the norm family (LayerNorm, RMSNorm, each with an optional residual add).
+
+One program normalizes ROWS rows that sit entirely in registers (N <= MAX_N), so every element of x is
+read once and every element of y written once. Statistics are in fp32 whatever the input dtype.
+
+Forward, per row (x, r, w, b loaded and upcast to fp32):
+    h    = x + r, rounded to h's dtype and stored          (HAS_RES; the norm then reads rounded h)
+    xhat = (h - mean) * rsqrt(var + eps)                    (LayerNorm; var is the biased variance)
+    xhat = h * rsqrt(mean(h*h) + eps)                       (RMSNorm)
+    xhat = xhat rounded to MID (MID != 0: a cast the user wrote between the norm and the weight)
+    y    = xhat * w + b, rounded to y's dtype
+Backward recomputes mean/rstd from x (the row is loaded anyway), so nothing but x is saved.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Longest row kept in registers. Longer rows are not fused (the pass says so) and the ops fall back to
+# the PyTorch reference implementation.
+MAX_N = 16384
+
+# MID codes: the dtype of an intermediate rounding between the normalization and the weight.
+MID_NONE, MID_FP16, MID_BF16 = 0, 1, 2
+
+
+@triton.jit
+def _round_mid(v, MID: tl.constexpr):
+    if MID == 1:
+        v = v.to(tl.float16).to(tl.float32)
+    elif MID == 2:
+        v = v.to(tl.bfloat16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def norm_fwd_kernel(X, R, H, W, B, Y, M, N, stride_x, stride_r, stride_h, stride_y, eps,
+                    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, MID: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    if IS_RMS:
+        var = tl.sum(x * x, axis=1) / N
+        xhat = x * tl.rsqrt(var + eps)[:, None]
+    else:
+        mean = tl.sum(x, axis=1) / N
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / N
+        xhat = d * tl.rsqrt(var + eps)[:, None]
+    xhat = _round_mid(xhat, MID)
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        xhat = xhat * w[None, :]
+    if HAS_B:
+        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+        xhat = xhat + b[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], xhat.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def norm_bwd_kernel(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog,
+                    stride_dy, stride_x, stride_dh, stride_dx, eps,
+                    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DH: tl.constexpr,
+                    MID: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (RMSNorm: without the mean(g) term).
+    Each program walks `rows_per_prog` rows and writes its partial dw/db sums to row `pid` of DW/DB."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_prog  # int64 rows: no offset overflow on huge tensors
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for row64 in range(row_start, row_end):
+        x = tl.load(X + row64 * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if IS_RMS:
+            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+            xhat = x * rstd
+        else:
+            mean = tl.sum(x, axis=0) / N
+            d = tl.where(col_ok, x - mean, 0.0)
+            rstd = tl.rsqrt(tl.sum(d * d, axis=0) / N + eps)
+            xhat = d * rstd
+        if HAS_W:
+            g = dy * w
+            dw += dy * _round_mid(xhat, MID)
+        else:
+            g = dy
+        if HAS_B:
+            db += dy
+        if IS_RMS:
+            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
+        else:
+            dx = rstd * (g - tl.sum(g, axis=0) / N - xhat * (tl.sum(g * xhat, axis=0) / N))
+        if HAS_DH:
+            dx += tl.load(DH + row64 * stride_dh + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=col_ok)
+    if HAS_W:
+        tl.store(DW + pid * N + cols, dw, mask=col_ok)
+    if HAS_B:
+        tl.store(DB + pid * N + cols, db, mask=col_ok)

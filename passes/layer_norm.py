@@ -1,0 +1,175 @@
+"""LayerNorm -> flashfuse::layer_norm.
+
+Spellings: `aten.layer_norm` (nn.LayerNorm, F.layer_norm) and the hand-written form
+    mu = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)  |  var(correction=0)  |  (x - mu).pow(2).mean(-1, keepdim=True)
+    y = (x - mu) / sqrt(var + eps)  |  (x - mu) * rsqrt(var + eps)
+    y = y * weight + bias                          (optional, either order of operands; casts around it)
+Left alone, with the reason as a near-miss: unbiased variance, eps outside the square root, statistics
+over another dim than the last, mean and variance over different dims.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from flashfuse.passes import register_pass
+from flashfuse.passes.norm_match import (Tail, aliases, check_size, choose, describe, dims_text, is_op,
+                                         is_number, match_tail, needs_grad, parse_denominator, parse_scale,
+                                         per_feature, reduce_dims, replace_norm, same_value, scaled_by,
+                                         strip_upcast)
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+FUSION = "layer_norm"
+
+
+@register_pass(FUSION)
+def run(gm: fx.GraphModule, ctx) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.graph is None or node.op != "call_function":
+            continue
+        if node.target is aten.layer_norm.default:
+            count += _library_form(gm, ctx, node)
+        elif node.target is aten.mean.dim:
+            count += _hand_written(gm, ctx, node)
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+def _apply(gm, ctx, x, tail: Tail, eps: float, spelling: str, anchor: fx.Node) -> int:
+    x = strip_upcast(x)
+    why = check_size(x)
+    if why is not None:
+        ctx.graph_report.add_near_miss(FUSION, anchor, why)
+        return 0
+    ok, reason = choose(ctx, FUSION, val(x).shape[-1], needs_grad(x, tail.weight, tail.bias))
+    if not ok:
+        ctx.graph_report.add_near_miss(FUSION, anchor, reason)
+        return 0
+    text = describe(FUSION, x, tail, eps, spelling)
+    replace_norm(gm, FUSION, x, tail, eps)
+    ctx.graph_report.add_match(FUSION, anchor, text, policy=reason, eps=eps,
+                               weight=tail.weight is not None, bias=tail.bias is not None)
+    if tail.note:
+        ctx.graph_report.add_near_miss(FUSION, anchor, tail.note)
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------- aten.layer_norm
+def _library_form(gm, ctx, node: fx.Node) -> int:
+    args = list(node.args) + [None] * (6 - len(node.args))
+    x, shape, weight, bias, eps = args[0], args[1], args[2], args[3], args[4]
+    weight = node.kwargs.get("weight", weight)
+    bias = node.kwargs.get("bias", bias)
+    eps = node.kwargs.get("eps", eps)
+    eps = 1e-5 if eps is None else eps
+    if not isinstance(x, fx.Node) or not is_number(eps):
+        return 0
+    if len(shape) != 1:
+        ctx.graph_report.add_near_miss(FUSION, node, f"normalized over {len(shape)} trailing dims {list(shape)}; "
+                                                     "the kernel normalizes one (flatten them first)")
+        return 0
+    n = val(x).shape[-1]
+    for p in (weight, bias):
+        if p is not None and not (isinstance(p, fx.Node) and per_feature(p, n, val(x).shape)):
+            return 0
+    # the op's own affine is in; absorb an output cast (`F.layer_norm(x.float(), ...).type_as(x)`) or,
+    # without an affine, a weight/bias written after it
+    tail = match_tail(node, n, val(node).shape, have_weight=weight is not None, have_bias=bias is not None)
+    tail.weight = weight if weight is not None else tail.weight
+    tail.bias = bias if bias is not None else tail.bias
+    if (weight is not None or bias is not None) and tail.mid_dtype is not None:
+        return 0  # a rounding between the op's affine and a later one: not this kernel's formula
+    return _apply(gm, ctx, x, tail, float(eps), "aten.layer_norm", node)
+
+
+# ---------------------------------------------------------------------------------------------- hand-written
+def _centered(mu: fx.Node, x: fx.Node) -> list[fx.Node]:
+    """Every `x - mu` (Dynamo does not merge repeated subexpressions; x may appear through a no-op cast)."""
+    return [u for m in aliases(mu) for u in m.users if is_op(u, aten.sub.Tensor) and len(u.args) == 2
+            and not u.kwargs and same_value(u.args[0], x) and u.args[1] is m]
+
+
+def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | None:
+    """None when v is the biased variance of x over `dims`; otherwise why it is not."""
+    if is_op(v, aten.var.dim, aten.var.correction):
+        if not same_value(v.args[0], x):
+            return "the variance is of another tensor than the mean"
+        if v.target is aten.var.correction:
+            corr = v.kwargs.get("correction", 1)
+            corr = 1 if corr is None else corr
+        else:
+            unbiased = v.args[2] if len(v.args) > 2 else v.kwargs.get("unbiased", True)
+            corr = 1 if unbiased else 0
+        if corr != 0:
+            return (f"unbiased variance (correction={corr}): layer norm divides by N, not N-{corr}; "
+                    "use var(unbiased=False) or correction=0")
+    elif is_op(v, aten.mean.dim):
+        sq = v.args[0]
+        square_of_centered = (
+            (is_op(sq, aten.pow.Tensor_Scalar) and sq.args[0] in cs and sq.args[1] == 2)
+            or (is_op(sq, aten.mul.Tensor) and len(sq.args) == 2 and sq.args[0] in cs and sq.args[1] in cs)
+            or (is_op(sq, aten.square.default) and sq.args[0] in cs))
+        if not square_of_centered:
+            return "the divisor is not built from the variance of x about its mean"
+        if v.kwargs.get("dtype") is not None:
+            return "the variance's mean has a dtype argument"
+    else:
+        return "the divisor is not built from the variance of x about its mean"
+    vdims, vkeep = reduce_dims(v)
+    if vdims != dims:
+        return f"mean over {dims_text(dims)} but variance over {dims_text(vdims)}: statistics over different axes"
+    if not vkeep:
+        return "the variance is reduced without keepdim"
+    return None
+
+
+def _hand_written(gm, ctx, mu: fx.Node) -> int:
+    x = mu.args[0]
+    if not isinstance(x, fx.Node) or val(x) is None or mu.kwargs.get("dtype") is not None:
+        return 0
+    cs = _centered(mu, x)
+    if not cs:
+        return 0  # not a centering mean (maybe an RMSNorm's mean of squares)
+    dims, keepdim = reduce_dims(mu)
+    reasons, found = [], []
+    for c in cs:
+        for user, how, other in scaled_by(c):
+            if other in cs:
+                continue  # (x - mu) * (x - mu): the square, not the scaling
+            parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
+            if parsed is None:
+                continue
+            if isinstance(parsed, str):
+                reasons.append((user, parsed))
+                continue
+            v, eps = parsed
+            why = _variance_reason(v, x, cs, dims, keepdim)
+            if why is not None:
+                reasons.append((user, why))
+                continue
+            found.append((user, eps))
+    for user, why in reasons:
+        ctx.graph_report.add_near_miss(FUSION, user, why)
+    return sum(_fuse_one(gm, ctx, x, dims, keepdim, normed, eps) for normed, eps in found)
+
+
+def _fuse_one(gm, ctx, x, dims, keepdim, normed, eps) -> int:
+    rank = val(x).dim()
+    if not keepdim:
+        ctx.graph_report.add_near_miss(FUSION, normed, "the mean is reduced without keepdim")
+        return 0
+    if dims != [rank - 1]:
+        ctx.graph_report.add_near_miss(FUSION, normed, f"statistics over {dims_text(dims)} of a {rank}-d tensor, "
+                                                       "not the last dim the kernel normalizes")
+        return 0
+    if tuple(val(normed).shape) != tuple(val(x).shape):
+        return 0
+    tail = match_tail(normed, val(x).shape[-1], val(x).shape)
+    spelling = "hand-written layer norm (" + ("x-mu)*rsqrt" if normed.target is aten.mul.Tensor else "x-mu)/sqrt") \
+        + "(var+eps)"
+    return _apply(gm, ctx, x, tail, eps, spelling, normed)

@@ -1,0 +1,325 @@
+"""Matcher helpers shared by the norm passes (layer_norm, rms_norm, residual_norm): recognising the
+pieces of a hand-written norm in the ATen graph, the affine/cast tail after it, the policy under the
+remainder compilers, and inserting the flashfuse op with its fake value."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+MAX_N = 16384  # = flashfuse.kernels.norms.triton_kernels.MAX_N (kept here so the pass imports no triton)
+
+
+# ---------------------------------------------------------------------------------------------- small facts
+def is_op(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def alias_root(node):
+    """Skip casts to the dtype the value already has (`x.float()` on fp32 x): they are the same value."""
+    while is_op(node, aten.to.dtype, aten._to_copy.default) and isinstance(node.args[0], fx.Node) \
+            and val(node) is not None and val(node.args[0]) is not None \
+            and val(node).dtype == val(node.args[0]).dtype and cast_dtype(node) is not None:
+        node = node.args[0]
+    return node
+
+
+def same_value(a, b) -> bool:
+    return isinstance(a, fx.Node) and isinstance(b, fx.Node) and alias_root(a) is alias_root(b)
+
+
+def is_number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def last_dim_size(node) -> int | None:
+    v = val(node)
+    if v is None or v.dim() == 0:
+        return None
+    n = v.shape[-1]
+    return n if isinstance(n, int) else None
+
+
+def reduce_dims(node: fx.Node) -> tuple[list[int] | None, bool]:
+    """(positive dims, keepdim) of mean.dim / var.dim / var.correction; dims None when not a list of ints."""
+    x = node.args[0]
+    rank = val(x).dim()
+    if node.target is aten.var.correction:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.kwargs.get("keepdim", False)
+    else:  # mean.dim(x, dims, keepdim=False, *, dtype) / var.dim(x, dims, unbiased=True, keepdim=False)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        k = 2 if node.target is aten.mean.dim else 3
+        keepdim = node.args[k] if len(node.args) > k else node.kwargs.get("keepdim", False)
+    if dims is None or not all(isinstance(d, int) for d in dims):
+        return None, bool(keepdim)
+    return sorted({d % rank for d in dims}), bool(keepdim)
+
+
+def dims_text(dims) -> str:
+    return "dim " + ",".join(str(d) for d in dims) if dims else "all dims"
+
+
+def per_feature(weight: fx.Node, n: int, out_shape) -> bool:
+    """One value per element of the normalized (last) dim: numel n, shape (..., 1, n), not widening the output."""
+    v = val(weight)
+    if v is None or v.dtype not in FLOATS or v.dim() == 0 or v.dim() > len(out_shape):
+        return False
+    return v.shape[-1] == n and all(s == 1 for s in v.shape[:-1])
+
+
+def strip_upcast(x: fx.Node) -> fx.Node:
+    """`x.float()` before a norm: the kernel upcasts itself, so read the narrower tensor (exact)."""
+    while is_op(x, aten.to.dtype, aten._to_copy.default) and isinstance(x.args[0], fx.Node):
+        src, dst = val(x.args[0]), val(x)
+        if src is None or dst is None or dst.dtype is not torch.float32 or src.dtype not in FLOATS:
+            break
+        if x.target is aten._to_copy.default and set(x.kwargs) - {"dtype"}:
+            break
+        x = x.args[0]
+    return x
+
+
+def cast_dtype(node: fx.Node) -> torch.dtype | None:
+    """The target dtype of a plain dtype cast (to.dtype / _to_copy(dtype=)), else None."""
+    if is_op(node, aten.to.dtype) and len(node.args) >= 2 and isinstance(node.args[1], torch.dtype):
+        if not node.kwargs and len(node.args) == 2:
+            return node.args[1]
+    if is_op(node, aten._to_copy.default) and set(node.kwargs) == {"dtype"}:
+        return node.kwargs["dtype"]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- rsqrt / eps
+def parse_eps_add(a: fx.Node):
+    """`v + eps` -> (v, eps); anything else -> (a, 0.0)."""
+    if is_op(a, aten.add.Tensor, aten.add.Scalar) and not a.kwargs and len(a.args) == 2:
+        lhs, rhs = a.args
+        if isinstance(lhs, fx.Node) and is_number(rhs):
+            return lhs, float(rhs)
+        if isinstance(rhs, fx.Node) and is_number(lhs):
+            return rhs, float(lhs)
+    return a, 0.0
+
+
+def parse_scale(s) -> tuple[fx.Node, float] | None:
+    """s = rsqrt(v + eps) (or pow(., -0.5), 1/sqrt(.)) -> (v, eps)."""
+    if is_op(s, aten.rsqrt.default):
+        return parse_eps_add(s.args[0])
+    if is_op(s, aten.pow.Tensor_Scalar) and s.args[1] == -0.5:
+        return parse_eps_add(s.args[0])
+    if is_op(s, aten.reciprocal.default) and is_op(s.args[0], aten.sqrt.default):
+        return parse_eps_add(s.args[0].args[0])
+    return None
+
+
+def parse_denominator(d) -> tuple[fx.Node, float] | str | None:
+    """d = sqrt(v + eps) -> (v, eps); eps outside the root -> the reason why that is not a norm."""
+    if is_op(d, aten.sqrt.default):
+        return parse_eps_add(d.args[0])
+    if is_op(d, aten.pow.Tensor_Scalar) and d.args[1] == 0.5:
+        return parse_eps_add(d.args[0])
+    if is_op(d, aten.add.Tensor) and not d.kwargs and len(d.args) == 2:
+        root = [a for a in d.args if is_op(a, aten.sqrt.default)]
+        if root and any(is_number(a) for a in d.args):
+            return ("eps is added outside the square root, x / (sqrt(var) + eps): a different function "
+                    "from the norm (the kernel computes x * rsqrt(var + eps))")
+    return None
+
+
+def aliases(x: fx.Node) -> list[fx.Node]:
+    """x and every same-dtype cast of it (and of its root)."""
+    root = alias_root(x)
+    out, todo = [], [root]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(u for u in n.users if alias_root(u) is root and u is not n and u not in out)
+    return out
+
+
+def scaled_by(x: fx.Node) -> list[tuple[fx.Node, str, object]]:
+    """Users of x of the form x * s / s * x / x / d: [(user, 'mul'|'div', other)]."""
+    out = []
+    for u in x.users:
+        if is_op(u, aten.mul.Tensor) and len(u.args) == 2 and not u.kwargs:
+            a, b = u.args
+            if a is x and b is not x:
+                out.append((u, "mul", b))
+            elif b is x and a is not x:
+                out.append((u, "mul", a))
+        elif is_op(u, aten.div.Tensor) and len(u.args) == 2 and not u.kwargs and u.args[0] is x:
+            out.append((u, "div", u.args[1]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the tail
+@dataclasses.dataclass
+class Tail:
+    last: fx.Node                       # the node whose value the fused op produces
+    weight: fx.Node | None = None
+    bias: fx.Node | None = None
+    mid_dtype: torch.dtype | None = None
+    note: str = ""                      # why the tail stopped early, when that is worth saying
+
+
+def match_tail(start: fx.Node, n: int, x_shape, have_weight=False, have_bias=False) -> Tail:
+    """Absorb what follows the normalization: [cast] [* weight] [+ bias] [cast], each step only where the
+    previous value has no other user. A cast before the weight is kept as an intermediate rounding."""
+    tail = Tail(start)
+    pending = None  # a cast before any weight/bias: becomes the intermediate rounding if more follows
+    cur = start
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        dt = cast_dtype(u)
+        if dt is not None and u.args[0] is cur:
+            if dt not in FLOATS:
+                break
+            if pending is None and tail.weight is None and tail.bias is None:
+                pending = tail.mid_dtype = dt
+                cur = tail.last = u
+                continue
+            cur = tail.last = u  # a cast after the affine (or a second cast) is the output cast: stop
+            break
+        if is_op(u, aten.mul.Tensor) and len(u.args) == 2 and not u.kwargs and not have_weight \
+                and tail.weight is None and tail.bias is None:
+            other = u.args[1] if u.args[0] is cur else u.args[0]
+            if not isinstance(other, fx.Node) or other is cur:
+                break
+            if not per_feature(other, n, x_shape) or tuple(val(u).shape) != tuple(x_shape):
+                tail.note = (f"the multiply by a tensor of shape {tuple(val(other).shape)} is not one weight per "
+                             f"normalized element (shape ({n},)); it stays outside the kernel")
+                break
+            tail.weight = other
+        elif is_op(u, aten.add.Tensor) and len(u.args) == 2 and not u.kwargs and not have_bias \
+                and tail.bias is None:
+            other = u.args[1] if u.args[0] is cur else u.args[0]
+            if not isinstance(other, fx.Node) or other is cur or not per_feature(other, n, x_shape) \
+                    or tuple(val(u).shape) != tuple(x_shape):
+                break
+            tail.bias = other
+        else:
+            break
+        cur = tail.last = u
+    if tail.mid_dtype is torch.float32:
+        tail.mid_dtype = None  # rounding to fp32 rounds nothing
+    if tail.weight is None and tail.bias is None and val(tail.last).dtype == tail.mid_dtype:
+        tail.mid_dtype = None  # the cast was the output cast
+    return tail
+
+
+# ---------------------------------------------------------------------------------------------- policy
+# Measured on an H100 by benchmarks/norms.py (bf16, see benchmarks/results/norms.json): flashfuse time /
+# Inductor time per (op, row length), forward and forward+backward. "auto" under Inductor replaces a norm
+# only where this ratio is < 1 for the nearest row length. Filled from the benchmark; see docs/perf-notes.md.
+MEASURED_RATIO: dict[tuple[str, int], tuple[float, float]] = {}
+
+
+def choose(ctx, kind: str, n: int, training: bool) -> tuple[bool, str]:
+    """Whether to put flashfuse's kernel in, and the reason in words."""
+    cfg = ctx.config
+    if cfg.remainder == "eager":
+        return True, "eager remainder: flashfuse's kernel is always used"
+    if cfg.norm_policy == "always":
+        return True, "norm_policy='always'"
+    if cfg.norm_policy == "never":
+        return False, "norm_policy='never': left to Inductor"
+    if not ctx.is_cuda:
+        return False, ("norm_policy='auto' on a CPU graph under Inductor: left to Inductor "
+                       "(flashfuse's norm kernels are only measured faster on the GPU)")
+    rows = [(abs(math.log2(k[1]) - math.log2(n)), k[1], r) for k, r in MEASURED_RATIO.items() if k[0] == kind]
+    if not rows:
+        return False, f"norm_policy='auto': no GPU measurement for {kind}; left to Inductor"
+    _, near, (fwd, fwd_bwd) = min(rows)
+    ratio = fwd_bwd if training else fwd
+    what = "forward+backward" if training else "forward"
+    if ratio < 1.0:
+        return True, (f"norm_policy='auto': flashfuse measured {1 / ratio:.2f}x Inductor's {what} time "
+                      f"at row length {near}")
+    return False, (f"norm_policy='auto': Inductor measured faster ({ratio:.2f}x flashfuse's {what} time "
+                   f"relative) at row length {near}; left to Inductor")
+
+
+def needs_grad(*nodes) -> bool:
+    return any(val(n) is not None and val(n).requires_grad for n in nodes if isinstance(n, fx.Node))
+
+
+# ---------------------------------------------------------------------------------------------- rewriting
+def fake_result(op, args):
+    tensors = [val(a) for a in args if isinstance(a, fx.Node)]
+    mode = detect_fake_mode(tensors)
+    fargs = [val(a) if isinstance(a, fx.Node) else a for a in args]
+    if mode is None:
+        return None
+    with mode:
+        return op(*fargs)
+
+
+def insert_call(graph: fx.Graph, before: fx.Node, op, args, like: fx.Node) -> fx.Node:
+    with graph.inserting_before(before):
+        new = graph.call_function(op, tuple(args))
+    new.meta["val"] = fake_result(op, args)
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+    return new
+
+
+def insert_getitem(graph: fx.Graph, tup: fx.Node, i: int) -> fx.Node:
+    with graph.inserting_after(tup):
+        g = graph.call_function(operator.getitem, (tup, i))
+    g.meta["val"] = tup.meta["val"][i] if tup.meta.get("val") is not None else None
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in tup.meta:
+            g.meta[key] = tup.meta[key]
+    return g
+
+
+def norm_op(kind: str):
+    import flashfuse.kernels.norms  # noqa: F401  (registers the ops)
+
+    return getattr(torch.ops.flashfuse, kind).default
+
+
+def replace_norm(gm: fx.GraphModule, kind: str, x: fx.Node, tail: Tail, eps: float) -> fx.Node:
+    """Insert flashfuse::<kind>(x, w, b, eps, mid, out_dtype) before tail.last and use it instead."""
+    out_dtype = val(tail.last).dtype
+    args = [x, tail.weight, tail.bias, float(eps), tail.mid_dtype, out_dtype]
+    new = insert_call(gm.graph, tail.last, norm_op(kind), args, tail.last)
+    tail.last.replace_all_uses_with(new)
+    return new
+
+
+def describe(kind: str, x: fx.Node, tail: Tail, eps: float, spelling: str) -> str:
+    parts = [f"{spelling} over the last dim ({last_dim_size(x)})", f"eps={eps:g}"]
+    if tail.weight is not None:
+        parts.append("weight")
+    if tail.bias is not None:
+        parts.append("bias")
+    if tail.mid_dtype is not None:
+        parts.append(f"rounded to {str(tail.mid_dtype).replace('torch.', '')} before the weight")
+    xv, ov = val(x), val(tail.last)
+    parts.append(f"{str(xv.dtype).replace('torch.', '')} -> {str(ov.dtype).replace('torch.', '')}")
+    return f"flashfuse::{kind}: " + ", ".join(parts)
+
+
+def check_size(x: fx.Node) -> str | None:
+    """Why the kernel cannot take this input, or None."""
+    v = val(x)
+    if v is None or v.dtype not in FLOATS:
+        return f"input dtype {getattr(v, 'dtype', None)} is not fp16/bf16/fp32"
+    n = last_dim_size(x)
+    if n is None:
+        return "the normalized size is symbolic (the kernel is specialized on it)"
+    if n > MAX_N:
+        return f"row length {n} > {MAX_N}, longer than the kernel keeps in registers"
+    return None

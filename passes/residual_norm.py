@@ -1,0 +1,76 @@
+"""Residual add + norm -> flashfuse::add_layer_norm / flashfuse::add_rms_norm.
+
+    h = x + y          (same shape and dtype, no broadcast)
+    out = norm(h)      (already turned into flashfuse::layer_norm / rms_norm by the norm passes)
+    ... h used later (the residual stream) ...
+becomes one kernel that reads x and y once and writes both h and out. Runs after the norm passes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from flashfuse.passes import register_pass
+from flashfuse.passes.norm_match import choose, insert_call, insert_getitem, is_op, needs_grad, norm_op
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+FUSION = "residual_norm"
+
+
+@register_pass(FUSION)
+def run(gm: fx.GraphModule, ctx) -> int:
+    import flashfuse.kernels.norms  # noqa: F401
+
+    norms = {torch.ops.flashfuse.layer_norm.default: "add_layer_norm",
+             torch.ops.flashfuse.rms_norm.default: "add_rms_norm"}
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in norms:
+            count += _fuse(gm, ctx, node, norms[node.target])
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
+    h, weight, bias, eps, mid_dtype, out_dtype = norm.args
+    if not (is_op(h, aten.add.Tensor) and len(h.args) == 2 and not h.kwargs):
+        return 0
+    a, b = h.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return 0
+    hv, av, bv = val(h), val(a), val(b)
+    if av is None or bv is None:
+        return 0
+    if tuple(av.shape) != tuple(hv.shape) or tuple(bv.shape) != tuple(hv.shape):
+        ctx.graph_report.add_near_miss(FUSION, h, f"the residual add broadcasts {tuple(av.shape)} + {tuple(bv.shape)}; "
+                                                  "the kernel adds two tensors of the same shape")
+        return 0
+    if av.dtype != hv.dtype or bv.dtype != hv.dtype:
+        ctx.graph_report.add_near_miss(FUSION, h, f"the residual add mixes dtypes {av.dtype} + {bv.dtype}")
+        return 0
+    # The fused op writes h where the add stood: its inputs must be ready there and every other user of h
+    # must come after it.
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ready = max(order[p] for p in (h, weight, bias) if isinstance(p, fx.Node))
+    anchor = next(n for n in gm.graph.nodes if order[n] == ready)
+    if any(order[u] <= ready for u in h.users if u is not norm):
+        ctx.graph_report.add_near_miss(FUSION, h, "h = x + y is used before the norm's weight is computed")
+        return 0
+    ok, reason = choose(ctx, kind, hv.shape[-1], needs_grad(a, b, weight, bias))
+    if not ok:
+        ctx.graph_report.add_near_miss(FUSION, h, reason)
+        return 0
+    others = len(h.users) - 1
+    fused = insert_call(gm.graph, anchor.next, norm_op(kind), [a, b, weight, bias, eps, mid_dtype, out_dtype], norm)
+    h_new = insert_getitem(gm.graph, fused, 1)
+    y = insert_getitem(gm.graph, fused, 0)
+    norm.replace_all_uses_with(y)
+    gm.graph.erase_node(norm)
+    h.replace_all_uses_with(h_new)
+    used = f"h also used by {others} later op(s)" if others else "h not used elsewhere"
+    ctx.graph_report.add_match(FUSION, h, f"flashfuse::{kind}: residual add fused into the norm ({used})",
+                               policy=reason, kind=kind)
+    return 1

@@ -1,0 +1,139 @@
+"""RMSNorm -> flashfuse::rms_norm.
+
+Spellings: `aten.rms_norm` (nn.RMSNorm, F.rms_norm) and the hand-written forms
+    xf = x.float()                                       (optional upcast; the kernel reads x itself)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)   |   x / sqrt(mean(x * x) + eps)
+    y = weight * y.to(input_dtype)                       (LLaMA: the rounding before the weight is kept)
+Left alone, with the reason as a near-miss: eps outside the square root, statistics over another dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from flashfuse.passes import register_pass
+from flashfuse.passes.norm_match import (Tail, aliases, check_size, choose, describe, dims_text, is_op, is_number,
+                                         match_tail, needs_grad, parse_denominator, parse_scale, per_feature,
+                                         reduce_dims, replace_norm, scaled_by, strip_upcast)
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+FUSION = "rms_norm"
+
+
+@register_pass(FUSION)
+def run(gm: fx.GraphModule, ctx) -> int:
+    count = 0
+    rms_op = getattr(aten, "rms_norm", None)
+    for node in list(gm.graph.nodes):
+        if node.graph is None or node.op != "call_function":
+            continue
+        if rms_op is not None and node.target is rms_op.default:
+            count += _library_form(gm, ctx, node)
+        elif node.target is aten.mean.dim:
+            count += _hand_written(gm, ctx, node)
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+def _apply(gm, ctx, x, tail: Tail, eps: float, spelling: str, anchor: fx.Node) -> int:
+    x = strip_upcast(x)
+    why = check_size(x)
+    if why is not None:
+        ctx.graph_report.add_near_miss(FUSION, anchor, why)
+        return 0
+    ok, reason = choose(ctx, FUSION, val(x).shape[-1], needs_grad(x, tail.weight, tail.bias))
+    if not ok:
+        ctx.graph_report.add_near_miss(FUSION, anchor, reason)
+        return 0
+    text = describe(FUSION, x, tail, eps, spelling)
+    replace_norm(gm, FUSION, x, tail, eps)
+    ctx.graph_report.add_match(FUSION, anchor, text, policy=reason, eps=eps,
+                               weight=tail.weight is not None, bias=tail.bias is not None)
+    if tail.note:
+        ctx.graph_report.add_near_miss(FUSION, anchor, tail.note)
+    return 1
+
+
+def _library_form(gm, ctx, node: fx.Node) -> int:
+    args = list(node.args) + [None] * (4 - len(node.args))
+    x, shape, weight, eps = args[0], args[1], node.kwargs.get("weight", args[2]), node.kwargs.get("eps", args[3])
+    if not isinstance(x, fx.Node) or val(x) is None:
+        return 0
+    if eps is None:  # F.rms_norm's default: the machine epsilon of the input dtype
+        eps = torch.finfo(val(x).dtype).eps
+    if not is_number(eps):
+        return 0
+    if len(shape) != 1:
+        ctx.graph_report.add_near_miss(FUSION, node, f"normalized over {len(shape)} trailing dims {list(shape)}; "
+                                                     "the kernel normalizes one (flatten them first)")
+        return 0
+    n = val(x).shape[-1]
+    if weight is not None and not (isinstance(weight, fx.Node) and per_feature(weight, n, val(x).shape)):
+        return 0
+    tail = match_tail(node, n, val(node).shape, have_weight=weight is not None)
+    if weight is not None:
+        if tail.mid_dtype is not None:
+            return 0
+        tail.weight = weight
+    return _apply(gm, ctx, x, tail, float(eps), "aten.rms_norm", node)
+
+
+def _is_centered(x: fx.Node) -> bool:
+    """x = a - mean(a): a layer norm's business (the layer_norm pass runs first and says why not)."""
+    return is_op(x, aten.sub.Tensor) and len(x.args) == 2 and is_op(x.args[1], aten.mean.dim) \
+        and x.args[1].args[0] is x.args[0]
+
+
+def _squared_input(sq) -> fx.Node | None:
+    if is_op(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:
+        return sq.args[0]
+    if is_op(sq, aten.mul.Tensor) and len(sq.args) == 2 and sq.args[0] is sq.args[1]:
+        return sq.args[0]
+    if is_op(sq, aten.square.default):
+        return sq.args[0]
+    return None
+
+
+def _hand_written(gm, ctx, ms: fx.Node) -> int:
+    x = _squared_input(ms.args[0])
+    if not isinstance(x, fx.Node) or val(x) is None or _is_centered(x) or ms.kwargs.get("dtype") is not None:
+        return 0
+    found, reason = None, None
+    for user, how, other in [t for xa in aliases(x) for t in scaled_by(xa)]:
+        parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
+        if isinstance(parsed, str):
+            reason = reason or (user, parsed)
+            continue
+        if parsed is None or parsed[0] is not ms:
+            continue
+        found = (user, parsed[1])
+        break
+    if found is None:
+        if reason is not None and any(a is ms for a in _sqrt_args(reason[0])):
+            ctx.graph_report.add_near_miss(FUSION, reason[0], reason[1])
+        return 0
+    normed, eps = found
+    dims, keepdim = reduce_dims(ms)
+    rank = val(x).dim()
+    if not keepdim:
+        ctx.graph_report.add_near_miss(FUSION, normed, "the mean of squares is reduced without keepdim")
+        return 0
+    if dims != [rank - 1]:
+        ctx.graph_report.add_near_miss(FUSION, normed, f"statistics over {dims_text(dims)} of a {rank}-d tensor, "
+                                                       "not the last dim the kernel normalizes")
+        return 0
+    if tuple(val(normed).shape) != tuple(val(x).shape):
+        return 0
+    tail = match_tail(normed, val(x).shape[-1], val(x).shape)
+    spelling = "hand-written rms norm (x*rsqrt" if normed.target is aten.mul.Tensor else \
+        "hand-written rms norm (x/sqrt"
+    return _apply(gm, ctx, x, tail, eps, spelling + "(mean(x^2)+eps))", normed)
+
+
+def _sqrt_args(div_node: fx.Node) -> list:
+    """For `x / (sqrt(ms) + eps)`: [ms]."""
+    d = div_node.args[1]
+    return [a.args[0] for a in d.args if is_op(a, aten.sqrt.default)] if isinstance(d, fx.Node) else []

@@ -1,0 +1,412 @@
+"""The norm passes end to end: LayerNorm, RMSNorm and residual add + norm, each in several spellings,
+compiled with flashfuse (eager and Inductor remainders) and compared with eager PyTorch, outputs and
+gradients (input, weight, bias); negatives are left alone with the reason recorded."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flashfuse
+from flashfuse.explain import explain as ff_explain  # (the attribute flashfuse.explain can be shadowed by
+from flashfuse.report import Report, _active           # the submodule of the same name once imported)
+
+NORM_PASSES = ["layer_norm", "rms_norm", "residual_norm"]
+N = 33  # odd row length: masked lanes in the kernel
+
+
+@contextlib.contextmanager
+def capture_report():
+    rep = Report()
+    _active.append(rep)
+    try:
+        yield rep
+    finally:
+        _active.remove(rep)
+
+
+def explain(model, *inputs, **options):
+    return ff_explain(model, *inputs, options={"passes": NORM_PASSES, "remainder": "eager", **options})
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_against_eager(model: nn.Module, inputs, remainder: str, tol: float = 1e-4, **options) -> Report:
+    """Compile a copy of `model`, run forward + backward on the same random inputs and output grads as
+    eager, and compare every output and every gradient (inputs and parameters)."""
+    ref_model = model
+    ff_model = copy.deepcopy(model)
+    ref_in = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    ff_in = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    compiled = torch.compile(ff_model, backend=flashfuse.backend(remainder=remainder, passes=NORM_PASSES,
+                                                                   norm_policy="always", **options))
+    with capture_report() as rep:
+        out = compiled(*ff_in)
+    ref = ref_model(*ref_in)
+    out = out if isinstance(out, tuple) else (out,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(r.shape, generator=gen).to(r.dtype) for r in ref]
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert rel_err(o, r) < tol, (rel_err(o, r), "output")
+    torch.autograd.backward(ref, grads)
+    torch.autograd.backward(out, grads)
+    for a, b in zip(ff_in, ref_in):
+        if b.grad is not None:
+            assert rel_err(a.grad, b.grad) < tol, (rel_err(a.grad, b.grad), "input grad")
+    for (name, p), (_, q) in zip(ff_model.named_parameters(), ref_model.named_parameters()):
+        assert q.grad is not None
+        assert rel_err(p.grad, q.grad) < tol, (rel_err(p.grad, q.grad), name)
+    return rep
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- LayerNorm
+class ModuleLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(N)
+        with torch.no_grad():  # not the 1/0 init: a wrong weight/bias would go unnoticed
+            self.ln.weight.copy_(rand(N, seed=5))
+            self.ln.bias.copy_(rand(N, seed=6))
+
+    def forward(self, x):
+        return self.ln(x)
+
+
+class Affine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(rand(N, seed=3))
+        self.bias = nn.Parameter(rand(N, seed=4))
+
+
+class VarSqrtLN(Affine):
+    """x.var(unbiased=False), divide by sqrt, affine."""
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
+
+class PowMeanRsqrtLN(Affine):
+    """(x - mu).pow(2).mean, multiply by rsqrt, bias first then weight order of operands, positive dim."""
+
+    def forward(self, x):
+        mu = x.mean(dim=2, keepdim=True)
+        var = (x - mu).pow(2).mean(dim=2, keepdim=True)
+        return self.bias + self.weight * ((x - mu) * torch.rsqrt(var + 1e-6))
+
+
+class CorrectionNoAffineLN(nn.Module):
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = torch.var(x, dim=-1, correction=0, keepdim=True)
+        return (x - mu) * (var + 1e-5).rsqrt()
+
+
+class UnbiasedLN(Affine):
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(-1, keepdim=True)  # unbiased: not layer norm
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
+
+class EpsOutsideLN(Affine):
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        std = x.var(-1, unbiased=False, keepdim=True).sqrt()
+        return (x - mu) / (std + 1e-5) * self.weight + self.bias
+
+
+class OtherAxisLN(nn.Module):
+    def forward(self, x):
+        mu = x.mean(1, keepdim=True)
+        var = x.var(1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5)
+
+
+class MixedAxesLN(nn.Module):
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5)
+
+
+class RowScaleLN(nn.Module):
+    """Normalized, then scaled per row: not a per-feature weight, so the multiply stays outside."""
+
+    def forward(self, x, s):
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * s
+
+
+LN_SPELLINGS = [ModuleLN, VarSqrtLN, PowMeanRsqrtLN, CorrectionNoAffineLN]
+
+
+@pytest.mark.parametrize("cls", LN_SPELLINGS, ids=lambda c: c.__name__)
+def test_layer_norm_spellings_eager_remainder(cls):
+    x = rand(2, 3, N)
+    rep = explain(cls(), x)
+    assert rep.count("layer_norm") == 1, str(rep)
+    assert "flashfuse.layer_norm" in rep.graphs[0].code_after or "flashfuse::layer_norm" in str(rep)
+    rep = check_against_eager(cls(), [x], "eager")
+    assert rep.count("layer_norm") == 1
+
+
+@pytest.mark.parametrize("cls", [ModuleLN, VarSqrtLN], ids=lambda c: c.__name__)
+def test_layer_norm_inductor_remainder_always(cls):
+    rep = check_against_eager(cls(), [rand(2, 3, N)], "inductor")
+    assert rep.count("layer_norm") == 1, str(rep)
+    assert "norm_policy='always'" in rep.matches[0].details["policy"]
+
+
+def test_functional_layer_norm_with_weight_after_and_cast():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(rand(N, seed=9))
+
+        def forward(self, x):
+            return F.layer_norm(x.float(), (N,), eps=1e-6).to(x.dtype) * self.w
+
+    x = rand(4, N)
+    rep = explain(M(), x)
+    assert rep.count("layer_norm") == 1
+    assert rep.matches[0].details["weight"]  # the multiply after the op went into the kernel
+    check_against_eager(M(), [x], "eager")
+
+
+@pytest.mark.parametrize("cls, reason", [
+    (UnbiasedLN, "unbiased variance"),
+    (EpsOutsideLN, "outside the square root"),
+    (OtherAxisLN, "statistics over dim 1"),
+    (MixedAxesLN, "different axes"),
+], ids=["unbiased", "eps_outside", "other_axis", "mixed_axes"])
+def test_layer_norm_negatives(cls, reason):
+    x = rand(2, 5, N)
+    model = cls()
+    rep = explain(model, x)
+    assert rep.count("layer_norm") == 0 and rep.count() == 0, str(rep)
+    assert any(reason in nm.reason for nm in rep.near_misses), str(rep)
+    # still the user's numbers
+    compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES))
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_layer_norm_row_scale_stays_outside():
+    x, s = rand(2, 5, N), rand(2, 5, 1, seed=2)
+    rep = explain(RowScaleLN(), x, s)
+    assert rep.count("layer_norm") == 1
+    assert not rep.matches[0].details["weight"]
+    assert any("not one weight per normalized element" in nm.reason for nm in rep.near_misses), str(rep)
+    assert "aten.mul.Tensor" in rep.graphs[0].code_after
+    check_against_eager(RowScaleLN(), [x, s], "eager")
+
+
+# ---------------------------------------------------------------------------------------------- RMSNorm
+class LlamaRMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm, verbatim."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        with torch.no_grad():
+            self.weight.copy_(rand(hidden_size, seed=7))
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class DivSqrtRMS(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(rand(N, seed=8))
+
+    def forward(self, x):
+        return x / torch.sqrt(torch.mean(x * x, dim=-1, keepdim=True) + 1e-5) * self.g
+
+
+class ModuleRMS(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(N, eps=1e-5)
+        with torch.no_grad():
+            self.norm.weight.copy_(rand(N, seed=10))
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class EpsOutsideRMS(nn.Module):
+    def forward(self, x):
+        return x / (torch.sqrt(x.pow(2).mean(-1, keepdim=True)) + 1e-6)
+
+
+class OtherAxisRMS(nn.Module):
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6)
+
+
+RMS_SPELLINGS = [lambda: LlamaRMSNorm(N), DivSqrtRMS, ModuleRMS]
+RMS_IDS = ["llama", "div_sqrt", "nn_RMSNorm"]
+
+
+@pytest.mark.parametrize("make", RMS_SPELLINGS, ids=RMS_IDS)
+def test_rms_norm_spellings_eager_remainder(make):
+    x = rand(3, 4, N)
+    rep = explain(make(), x)
+    assert rep.count("rms_norm") == 1, str(rep)
+    rep = check_against_eager(make(), [x], "eager")
+    assert rep.count("rms_norm") == 1
+
+
+@pytest.mark.parametrize("make", RMS_SPELLINGS[:2], ids=RMS_IDS[:2])
+def test_rms_norm_inductor_remainder_always(make):
+    rep = check_against_eager(make(), [rand(3, 4, N)], "inductor")
+    assert rep.count("rms_norm") == 1, str(rep)
+
+
+def test_llama_rms_norm_fp16_keeps_the_rounding_before_the_weight():
+    x = rand(4, 100, dtype=torch.float16)
+    model = LlamaRMSNorm(100).half()
+    rep = explain(model, x)
+    assert rep.count("rms_norm") == 1
+    assert "rounded to float16 before the weight" in rep.matches[0].description
+    assert "aten.to" not in rep.graphs[0].code_after  # the upcast and the cast back are in the kernel
+    compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES))
+    out, ref = compiled(x), model(x)
+    assert out.dtype == torch.float16
+    # eager rounds the product w * round(xhat) once more; the kernel does the same in fp32 then rounds
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("cls, reason", [
+    (EpsOutsideRMS, "outside the square root"),
+    (OtherAxisRMS, "statistics over dim 1"),
+], ids=["eps_outside", "other_axis"])
+def test_rms_norm_negatives(cls, reason):
+    x = rand(2, 5, N)
+    rep = explain(cls(), x)
+    assert rep.count() == 0, str(rep)
+    assert any(reason in nm.reason for nm in rep.near_misses), str(rep)
+
+
+# ---------------------------------------------------------------------------------------------- residual
+class ResidualLN(nn.Module):
+    """Pre-norm block: h = x + y feeds the norm and the residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = ModuleLN()
+
+    def forward(self, x, y):
+        h = x + y
+        return self.ln(h) * 2.0, h * 3.0
+
+
+class ResidualLlama(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = LlamaRMSNorm(N)
+
+    def forward(self, x, y):
+        h = y + x
+        return h + self.norm(h).sin()
+
+
+class ResidualHandLN(Affine):
+    def forward(self, x, y):
+        h = x + y
+        mu = h.mean(-1, keepdim=True)
+        var = ((h - mu) ** 2).mean(-1, keepdim=True)
+        return ((h - mu) * torch.rsqrt(var + 1e-5)) * self.weight + self.bias
+
+
+class BroadcastResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = ModuleLN()
+
+    def forward(self, x, y):
+        h = x + y  # y: (N,) broadcast over rows
+        return self.ln(h), h
+
+
+RESIDUALS = [ResidualLN, ResidualLlama, ResidualHandLN]
+
+
+@pytest.mark.parametrize("cls", RESIDUALS, ids=lambda c: c.__name__)
+def test_residual_norm_eager_remainder(cls):
+    x, y = rand(2, 3, N, seed=1), rand(2, 3, N, seed=2)
+    rep = explain(cls(), x, y)
+    assert rep.count("residual_norm") == 1, str(rep)
+    assert "add_" in rep.graphs[0].code_after and "aten.add.Tensor(arg" not in rep.graphs[0].code_after.split(
+        "add_")[0]
+    rep = check_against_eager(cls(), [x, y], "eager")
+    assert rep.count("residual_norm") == 1
+
+
+@pytest.mark.parametrize("cls", [ResidualLN, ResidualLlama], ids=lambda c: c.__name__)
+def test_residual_norm_inductor_remainder_always(cls):
+    rep = check_against_eager(cls(), [rand(2, 3, N, seed=1), rand(2, 3, N, seed=2)], "inductor")
+    assert rep.count("residual_norm") == 1, str(rep)
+
+
+def test_residual_norm_broadcast_add_is_a_near_miss():
+    x, y = rand(2, 3, N, seed=1), rand(N, seed=2)
+    rep = explain(BroadcastResidual(), x, y)
+    assert rep.count("layer_norm") == 1 and rep.count("residual_norm") == 0, str(rep)
+    assert any("broadcasts" in nm.reason for nm in rep.near_misses), str(rep)
+    check_against_eager(BroadcastResidual(), [x, y], "eager")
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def test_policy_auto_on_cpu_under_inductor_keeps_inductor():
+    rep = ff_explain(ModuleLN(), rand(2, N), options={"passes": NORM_PASSES})
+    assert rep.count() == 0
+    assert any("norm_policy='auto' on a CPU graph" in nm.reason for nm in rep.near_misses), str(rep)
+
+
+def test_policy_never():
+    rep = ff_explain(ResidualLN(), rand(2, N), rand(2, N),
+                            options={"passes": NORM_PASSES, "norm_policy": "never"})
+    assert rep.count() == 0
+    assert any("norm_policy='never'" in nm.reason for nm in rep.near_misses), str(rep)
+
+
+def test_policy_auto_on_gpu_follows_the_measured_table(monkeypatch):
+    from flashfuse.config import Config
+    from flashfuse.passes import norm_match
+
+    monkeypatch.setattr(norm_match, "MEASURED_RATIO", {("layer_norm", 1024): (0.8, 1.3),
+                                                       ("layer_norm", 8192): (1.2, 0.9)})
+
+    class Ctx:
+        config = Config(norm_policy="auto")
+        is_cuda = True
+
+    assert norm_match.choose(Ctx, "layer_norm", 1000, training=False)[0]
+    assert not norm_match.choose(Ctx, "layer_norm", 1000, training=True)[0]
+    assert not norm_match.choose(Ctx, "layer_norm", 6000, training=False)[0]
+    ok, why = norm_match.choose(Ctx, "layer_norm", 6000, training=True)
+    assert ok and "row length 8192" in why
+    assert not norm_match.choose(Ctx, "rms_norm", 1024, training=False)[0]  # nothing measured
