@@ -1,24 +1,205 @@
-"""flashfuse.explain: compile with the flashfuse backend and return the Report."""
+"""flashfuse.explain: what flashfuse would do to a model, without compiling anything heavy.
+
+How it works (see docs/decisions.md, "explain"):
+- Dynamo captures the program exactly as `torch.compile(model, backend="flashfuse")` would, and every
+  captured graph goes through flashfuse's own pipeline with the user's Config (the same normalization,
+  the same passes, the same remainder setting, so the same decisions) on the real example inputs:
+  a pass may look at constant values (a `tril` mask buffer), which fake tensors would hide.
+- Lowering is skipped: each captured graph runs as Dynamo captured it, op by op (no Inductor, no
+  flashfuse kernels), so the run costs one eager forward.
+- Afterwards the Dynamo cache entries made for explain are removed, automatic-dynamic shape history is
+  restored, and the model's buffers and the RNG state are put back, so a later `torch.compile` of the
+  same model behaves as if explain had never run.
+"""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import copy
+import threading
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
+import torch.fx as fx
 
-from flashfuse.backend import Backend
-from flashfuse.report import Report, _active
+from flashfuse.config import Config
+from flashfuse.log import logger
+from flashfuse.report import GraphBreak, Report, _active
+
+_lowering_lock = threading.Lock()
 
 
-def explain(model_or_fn: Any, *args: Any, options: dict | None = None, **kwargs: Any) -> Report:
-    """Compile `model_or_fn` with flashfuse (eager remainder: nothing heavy is compiled), run it once on
-    `args`/`kwargs`, and return the Report of every captured graph."""
+def explain(model_or_fn: Any, *args: Any, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Report:
+    """Capture `model_or_fn(*args, **kwargs)` with Dynamo, run flashfuse's passes on every captured graph
+    and return the Report: fusions with the user's source line and the specialization in words,
+    near-misses with their reason, graph breaks, and each graph's code before and after the passes.
+
+    `options` are flashfuse's backend options (`remainder`, `passes`, `disable`, ...), as for
+    `torch.compile(model, backend="flashfuse", options=...)`. A model already wrapped by torch.compile
+    is explained as the original module."""
+    config = Config.from_options(options)
+    target = uncompiled(model_or_fn)
     report = Report()
-    opts = {"remainder": "eager", **(options or {})}
-    compiled = torch.compile(model_or_fn, backend=Backend(**opts))
-    _active.append(report)
-    try:
-        with torch.no_grad():
+    backend = _ExplainBackend(config, report)
+    with _leave_no_trace(backend, target):
+        compiled = torch.compile(target, backend=backend)
+        _active.append(report)
+        try:
             compiled(*args, **kwargs)
-    finally:
-        _active.pop()
+        finally:
+            _active.remove(report)
+    if logger.isEnabledFor(20):
+        logger.info("explain:\n%s", report.format())
     return report
+
+
+def uncompiled(model_or_fn: Any) -> Any:
+    """The module or function under a torch.compile wrapper (itself if not wrapped)."""
+    if isinstance(model_or_fn, torch._dynamo.eval_frame.OptimizedModule):
+        return model_or_fn._orig_mod
+    inner = getattr(model_or_fn, "_torchdynamo_orig_callable", None)
+    return inner if inner is not None else model_or_fn
+
+
+class _ExplainBackend:
+    """A Dynamo backend that runs flashfuse's pipeline for its report and then returns the captured
+    graph to run as is. Compared by identity, so Dynamo never mixes its cache entries with the user's."""
+
+    __name__ = "flashfuse_explain"
+
+    def __init__(self, config: Config, report: Report) -> None:
+        self.config = config
+        self.report = report
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **_: Any) -> Callable:
+        import flashfuse.kernels  # noqa: F401  (registers the flashfuse:: ops the passes emit)
+        from flashfuse import pipeline
+
+        with _lowering_skipped(pipeline):
+            pipeline.compile_graph(gm, example_inputs, self.config)
+        graph_report = self.report.graphs[-1]
+        if graph_report.matches:
+            _record_normalized_graph(graph_report, gm, example_inputs)
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        if reason is not None and getattr(reason, "graph_break", False):
+            self.report.graph_breaks.append(_graph_break(reason, graph_report.index))
+        return gm.forward
+
+
+@contextlib.contextmanager
+def _lowering_skipped(pipeline: Any) -> Iterator[None]:
+    """Make compile_graph stop after the passes: explain runs the captured graph itself. Dynamo compiles
+    one frame at a time, so the lock only guards against another thread's explain."""
+    def no_lowering(gm: fx.GraphModule, example_inputs: list, config: Config, mode: Any) -> Callable:
+        return gm.forward
+
+    with _lowering_lock:
+        real_lower = pipeline.lower
+        pipeline.lower = no_lowering
+        try:
+            yield
+        finally:
+            pipeline.lower = real_lower
+
+
+def _record_normalized_graph(graph_report: Any, gm: fx.GraphModule, example_inputs: list) -> None:
+    """The ATen graph the passes started from (the same tracing as in the pipeline), for Report.draw."""
+    try:
+        from flashfuse.passes.normalize import to_aten
+
+        graph_report.graph_normalized = to_aten(gm, example_inputs)
+    except Exception as exc:  # only the picture loses precision; the report is complete without it
+        logger.debug("explain: could not re-normalize graph %d for drawing: %s", graph_report.index, exc)
+
+
+def _graph_break(reason: Any, graph_index: int) -> GraphBreak:
+    stack = list(getattr(reason, "user_stack", None) or [])
+    frame = stack[-1] if stack else None
+    source = f"{frame.filename}:{frame.lineno}" if frame is not None else ""
+    code = (frame.line or "").strip() if frame is not None else ""
+    return GraphBreak(str(reason.reason), source, code, graph_index)
+
+
+# ---- leaving no trace in Dynamo, the model and the RNG ----
+
+@contextlib.contextmanager
+def _leave_no_trace(backend: Any, target: Any) -> Iterator[None]:
+    pgo_state = _save_pgo_state()
+    buffers = _save_buffers(target)
+    cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        forget_compiled_code(backend)
+        _restore_pgo_state(pgo_state)
+        _restore_buffers(buffers)
+
+
+def forget_compiled_code(backend: Any) -> int:
+    """Remove the Dynamo cache entries compiled with `backend` (compared by identity). Returns how many.
+
+    A code object whose entries are all `backend`'s is reset; one that also holds entries of another
+    backend (the user compiled the model before) keeps those, and ours are invalidated (they then never
+    match, but stay in the list until Dynamo frees the code)."""
+    from torch._dynamo import convert_frame
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    seen = {}
+    for ref in list(convert_frame.input_codes.seen) + list(convert_frame.output_codes.seen):
+        code = ref()
+        if code is not None:
+            seen[id(code)] = code
+    removed = 0
+    for code in seen.values():
+        entries = _debug_get_cache_entry_list(code)
+        ours = [e for e in entries if _entry_backend(e) is backend]
+        if not ours:
+            continue
+        removed += len(ours)
+        if len(ours) == len(entries):
+            torch._C._dynamo.eval_frame.reset_code(code)
+        else:
+            from torch._dynamo.guards import DeletedGuardManagerWrapper
+
+            for entry in ours:
+                entry.guard_manager.extra_state.invalidate(
+                    entry, DeletedGuardManagerWrapper("flashfuse.explain entry removed"))
+    return removed
+
+
+def _entry_backend(entry: Any) -> Any:
+    backend = getattr(entry, "backend", None)
+    # torch.compile wraps the backend in a _TorchCompileWrapper that keeps it as `compiler_fn`
+    return getattr(backend, "compiler_fn", backend)
+
+
+def _save_pgo_state() -> Any:
+    """Dynamo's automatic-dynamic memory (which sizes changed between calls), per code object."""
+    try:
+        from torch._dynamo import pgo
+
+        return copy.deepcopy((pgo._CODE_STATE, pgo._INIT_CODE_STATE))
+    except Exception:  # an older/newer torch without this state: nothing to restore
+        return None
+
+
+def _restore_pgo_state(state: Any) -> None:
+    if state is None:
+        return
+    from torch._dynamo import pgo
+
+    pgo._CODE_STATE, pgo._INIT_CODE_STATE = state
+
+
+def _save_buffers(target: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Buffers a forward may update in place (BatchNorm running stats), to put back afterwards."""
+    if not isinstance(target, torch.nn.Module):
+        return []
+    return [(b, b.detach().clone()) for b in target.buffers()]
+
+
+def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, value in saved:
+            if buffer.shape == value.shape:
+                buffer.copy_(value)

@@ -1,0 +1,4 @@
+"""`python -m flashfuse explain pkg.module:factory`: see flashfuse.cli."""
+from flashfuse.cli import main
+
+raise SystemExit(main())
