@@ -19,6 +19,8 @@ _PASS_MODULES: dict[str, tuple[str, bool]] = {
     "layer_norm": ("flashfuse.passes.layer_norm", True),
     "rms_norm": ("flashfuse.passes.rms_norm", True),
     "residual_norm": ("flashfuse.passes.residual_norm", True),
+    "bias_gelu": ("flashfuse.passes.bias_gelu", True),
+    "eltwise_chain": ("flashfuse.passes.eltwise_chain", True),  # last: the other pointwise fusions first
 }
 
 

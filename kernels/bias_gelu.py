@@ -1,0 +1,189 @@
+"""flashfuse::bias_gelu — y = gelu(x + bias) in one pass over x (erf or tanh form), and its backward.
+
+x: (..., N) any float dtype of fp16/bf16/fp32; bias: (N,) of the same dtype, or None. The kernel
+computes in fp32 and writes y in x's dtype. The backward kernel returns d(loss)/d(x + bias); the bias
+gradient is its sum over the leading dims (a plain reduction, done by torch).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+APPROXIMATIONS = ("none", "tanh")
+SQRT_1_2 = 1.0 / math.sqrt(2.0)
+SQRT_2_PI = math.sqrt(2.0 / math.pi)
+TANH_CUBIC = 0.044715
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+BLOCK = 1024
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # libdevice is not available in the interpreter: tanh from exp, with the Taylor series near 0
+    # where 1 - 2/(e^2x + 1) loses relative precision.
+    @triton.jit
+    def _tanh(x):
+        ax = tl.abs(x)
+        big = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
+        x2 = x * x
+        small = ax * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
+        t = tl.where(ax < 0.0625, small, big)
+        return tl.where(x < 0, -t, t)
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _tanh(x):
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, n_elements, N, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    if TANH:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = 0.5 * x * (1.0 + _tanh(inner))
+    else:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, n_elements, N, HAS_BIAS: tl.constexpr,
+                          TANH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    if TANH:
+        x2 = x * x
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        d = cdf + x * pdf
+    tl.store(dx_ptr + offs, (g * d).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> None:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"flashfuse::bias_gelu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if x.dim() == 0:
+        raise ValueError("flashfuse::bias_gelu: x must have at least one dim")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != x.shape[-1] or bias.dtype != x.dtype):
+        raise ValueError(f"flashfuse::bias_gelu: bias must be ({x.shape[-1]},) of {x.dtype}, "
+                         f"got {tuple(bias.shape)} {bias.dtype}")
+
+
+def reference_gelu_grad(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """d gelu / dx at x (computed in x's dtype; callers pass fp32/fp64)."""
+    if approximate == "tanh":
+        t = torch.tanh(SQRT_2_PI * (x + TANH_CUBIC * x ** 3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_PI * (1 + 3 * TANH_CUBIC * x * x)
+    return 0.5 * (1 + torch.erf(x * SQRT_1_2)) + x * torch.exp(-0.5 * x * x) * INV_SQRT_2PI
+
+
+@torch.library.custom_op("flashfuse::bias_gelu", mutates_args=())
+def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
+    """gelu(x + bias, approximate) with bias broadcast over the last dim."""
+    _check(x, bias, approximate)
+    if not _use_triton(x):
+        pre = x.float() if bias is None else x.float() + bias.float()
+        return torch.nn.functional.gelu(pre, approximate=approximate).to(x.dtype)
+    xc = x.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n = xc.numel()
+    if n:
+        b = bias.contiguous() if bias is not None else xc
+        _bias_gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+            xc, b, y, n, x.shape[-1], HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK=BLOCK)
+    return y
+
+
+@bias_gelu.register_fake
+def _bias_gelu_fake(x, bias, approximate):
+    _check(x, bias, approximate)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("flashfuse::bias_gelu_backward", mutates_args=())
+def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
+                       approximate: str) -> torch.Tensor:
+    """grad * gelu'(x + bias): the gradient w.r.t. x (and, summed over the leading dims, the bias)."""
+    _check(x, bias, approximate)
+    if not _use_triton(x):
+        pre = x.float() if bias is None else x.float() + bias.float()
+        return (grad.float() * reference_gelu_grad(pre, approximate)).to(x.dtype)
+    xc, gc = x.contiguous(), grad.contiguous().to(x.dtype)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n = xc.numel()
+    if n:
+        b = bias.contiguous() if bias is not None else xc
+        _bias_gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+            gc, xc, b, dx, n, x.shape[-1], HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK=BLOCK)
+    return dx
+
+
+@bias_gelu_backward.register_fake
+def _bias_gelu_backward_fake(grad, x, bias, approximate):
+    _check(x, bias, approximate)
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.approximate = approximate
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, grad):
+    x, bias = ctx.saved_tensors
+    dx = torch.ops.flashfuse.bias_gelu_backward(grad, x, bias, ctx.approximate)
+    dbias = None
+    if ctx.has_bias and ctx.needs_input_grad[1]:
+        dbias = dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
+    return dx, dbias, None
+
+
+bias_gelu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad, x, bias, approximate = inputs
+    ctx.approximate = approximate
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(grad, x, bias)
+
+
+def _backward_backward(ctx, ggrad):
+    """Double backward, in torch ops: d/dgrad = gelu'(pre) * ggrad; d/dpre = grad * gelu''(pre) * ggrad."""
+    grad, x, bias = ctx.saved_tensors
+    pre = x.float() if bias is None else x.float() + bias.float()
+    with torch.enable_grad():
+        p = pre.detach().requires_grad_()
+        d1 = reference_gelu_grad(p, ctx.approximate)
+        (d2,) = torch.autograd.grad(d1.sum(), p)
+    dgrad = (ggrad.float() * d1.detach()).to(grad.dtype)
+    dpre = ggrad.float() * grad.float() * d2
+    dx = dpre.to(x.dtype)
+    dbias = dpre.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype) if ctx.has_bias else None
+    return dgrad, dx, dbias, None
+
+
+bias_gelu_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)

@@ -1,0 +1,245 @@
+"""Bias + GELU: `gelu(x @ W + b)` (and `F.gelu`, and GELU written out by hand, erf or tanh form) ->
+one `flashfuse::bias_gelu` kernel that adds the bias and applies GELU in one pass (fwd and bwd).
+
+Hand-written GELU is recognised by meaning, not by spelling: the pointwise region that ends at a
+candidate node is read into sympy over its single tensor input x, expanded, and compared with
+    0.5*x + 0.5*x*erf(c*x)                  c = 1/sqrt(2)
+    0.5*x + 0.5*x*tanh(c1*x + c3*x**3)      c1 = sqrt(2/pi), c3 = c1 * 0.044715
+with every constant within a relative 1e-6 (so `math.sqrt(2/math.pi)`, `0.7978845608`, `x*x*x`,
+`pow(x, 3)`, `x / math.sqrt(2)`, `x * 0.7071067811865476`, `x*(1+erf(..))/2` all match). A region with
+the right shape but another constant is a different function: recorded as a near-miss.
+
+The bias is folded when the GELU input is `t + b` with b a vector over the last dim (`x @ W + b`), or
+`linear(inp, W, b)` (then the linear runs without its bias and the kernel adds it), and that sum has
+no other user.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+import torch.fx as fx
+
+from flashfuse.passes import PassContext, register_pass
+from flashfuse.passes.eltwise_chain import (ARITHMETIC, INDUCTOR_NOTE, erase_unused, grow_region, insert_call,
+                                            is_number, kernel_fusions_enabled, known_equal, order_of, pow_exponent_ok,
+                                            same_shape, shape_str, to_sympy)
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+NAME = "bias_gelu"
+REL_TOL = 1e-6
+SQRT_1_2 = 1.0 / math.sqrt(2.0)
+SQRT_2_PI = math.sqrt(2.0 / math.pi)
+TANH_CUBIC = 0.044715
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_DEPTH = 5          # ops between erf/tanh and the end of a hand-written GELU
+MAX_REGION = 24        # nodes in a hand-written GELU region
+
+
+def _erf(a, kw, ev):
+    return sympy.erf(a, evaluate=ev)
+
+
+def _tanh(a, kw, ev):
+    return sympy.tanh(a, evaluate=ev)
+
+
+GELU_OPS = dict(ARITHMETIC)
+GELU_OPS[aten.erf.default] = _erf
+GELU_OPS[aten.tanh.default] = _tanh
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= REL_TOL * abs(b)
+
+
+def match_gelu(expr: sympy.Expr, x: sympy.Symbol) -> tuple[str | None, str | None]:
+    """("none"|"tanh", None) if `expr` is GELU of x; (None, reason) if it has GELU's form with a wrong
+    constant; (None, None) if it is something else."""
+    e = sympy.expand(expr)
+    funcs = [f for f in e.atoms(sympy.Function) if isinstance(f, (sympy.erf, sympy.tanh))]
+    if len(funcs) != 1 or e.atoms(sympy.Function) != set(funcs):
+        return None, None
+    f = funcs[0]
+    t = sympy.Dummy("t")
+    try:
+        outer = sympy.Poly(e.subs(f, t), x, t).as_dict()
+        inner = sympy.Poly(sympy.expand(f.args[0]), x).as_dict()
+    except sympy.PolynomialError:
+        return None, None
+    outer = {k: float(v) for k, v in outer.items() if float(v) != 0.0}
+    inner = {k: float(v) for k, v in inner.items() if float(v) != 0.0}
+    kind = "tanh" if isinstance(f, sympy.tanh) else "none"
+    want_inner = {(1,)} if kind == "none" else {(1,), (3,)}
+    if set(outer) != {(1, 0), (1, 1)} or set(inner) != want_inner:
+        return None, None
+    a, b = outer[(1, 0)], outer[(1, 1)]
+    if not (_close(a, 0.5) and _close(b, 0.5)):
+        return None, f"the outer coefficients are {a:g}*x + {b:g}*x*{type(f).__name__}(..), not 0.5 and 0.5"
+    c1 = inner[(1,)]
+    if kind == "none":
+        if not _close(c1, SQRT_1_2):
+            return None, (f"erf(c*x) with c = {c1:.10g}, not 1/sqrt(2) = {SQRT_1_2:.10g}: a different function")
+        return kind, None
+    c3 = inner[(3,)]
+    if not _close(c1, SQRT_2_PI):
+        return None, f"tanh(c*(x + ..)) with c = {c1:.10g}, not sqrt(2/pi) = {SQRT_2_PI:.10g}: a different function"
+    if not _close(c3 / c1, TANH_CUBIC):
+        return None, f"cubic coefficient {c3 / c1:.10g}, not 0.044715: a different function"
+    return kind, None
+
+
+def _gelu_absorb(like: torch.Tensor, done: set):
+    def absorb(p: fx.Node) -> str | None:
+        if p in done or p.op != "call_function" or p.target not in GELU_OPS:
+            return "not a GELU op"
+        out = val(p)
+        if out is None or out.dtype != like.dtype or not same_shape(out, like):
+            return "shape or dtype differs"
+        if set(p.kwargs) - {"alpha"} or not is_number(p.kwargs.get("alpha", 1)):
+            return "extra arguments"
+        for a in p.args:
+            if isinstance(a, fx.Node):
+                t = val(a)
+                if t is None or t.dtype != like.dtype or not same_shape(t, like):
+                    return "broadcast input"
+            elif not is_number(a):
+                return "non-numeric constant"
+        if p.target is aten.pow.Tensor_Scalar and not pow_exponent_ok(p.args[1]):
+            return "unsupported power"
+        return None
+    return absorb
+
+
+def _hand_written(gm: fx.GraphModule, func: fx.Node, order, done: set):
+    """Find the GELU that contains the erf/tanh node `func`: (root, region, x, kind) or a near-miss
+    (root, reason) or None."""
+    like = val(func)
+    if like is None or like.dtype not in FLOAT_DTYPES:
+        return None
+    # candidate ends: pointwise users of func up to MAX_DEPTH ops downstream, latest first
+    cands, frontier = [], [func]
+    for _ in range(MAX_DEPTH):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u.op == "call_function" and u.target in ARITHMETIC and u not in cands:
+                    nxt.append(u)
+        cands += nxt
+        frontier = nxt
+    cands.sort(key=lambda n: -order[n])
+    absorb = _gelu_absorb(like, done)
+    near = None
+    for root in cands:
+        if absorb(root) is not None:
+            continue
+        region, rejected = grow_region(root, order, absorb)
+        if func not in region or len(region) > MAX_REGION:
+            continue
+        leaves: dict = {}
+        expr = to_sympy(root, region, leaves, GELU_OPS, evaluate=True)
+        if len(leaves) == 1:
+            x = next(iter(leaves))
+            kind, reason = match_gelu(expr, leaves[x])
+            if kind is not None:
+                return root, region, x, kind
+            if reason is not None:
+                return root, reason
+            continue
+        # more than one input: is it a GELU whose intermediate is shared with another user?
+        loose, _ = grow_region(root, order, absorb, private=False)
+        lleaves: dict = {}
+        if len(loose) <= MAX_REGION:
+            lexpr = to_sympy(root, loose, lleaves, GELU_OPS, evaluate=True)
+            if len(lleaves) == 1 and match_gelu(lexpr, next(iter(lleaves.values())))[0] is not None:
+                shared = [r for r in rejected.values() if "also used" in r]
+                near = near or (root, f"GELU matched, but {shared[0] if shared else 'an intermediate is shared'}"
+                                      " (the fused value must have no other user)")
+    return near
+
+
+def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.Node | None, str, fx.Node | None]:
+    """(input, bias, how, linear-to-split) for the GELU input x: the bias is folded when x = t + b with b
+    a last-dim vector, or x = linear(inp, W, b), and x feeds only the GELU."""
+    xv = val(x)
+    if any(u not in region for u in x.users) or x.op != "call_function":
+        return x, None, "", None
+    if x.target is aten.add.Tensor and x.kwargs.get("alpha", 1) == 1 and len(x.args) == 2:
+        for t, b in (x.args, x.args[::-1]):
+            if not (isinstance(t, fx.Node) and isinstance(b, fx.Node)):
+                continue
+            tv, bv = val(t), val(b)
+            if tv is None or bv is None or tv.dtype != xv.dtype or bv.dtype != xv.dtype:
+                continue
+            if not same_shape(tv, xv) or bv.dim() != 1 or not known_equal(bv.shape[0], xv.shape[-1]):
+                continue
+            return t, b, "the bias add", None
+    if x.target is aten.linear.default and len(x.args) == 3 and isinstance(x.args[2], fx.Node):
+        bv = val(x.args[2])
+        if bv is not None and bv.dim() == 1 and bv.dtype == xv.dtype:
+            return x, x.args[2], "the linear's bias", x
+    return x, None, "", None
+
+
+def _rewrite(gm: fx.GraphModule, ctx: PassContext, root: fx.Node, region: set, x: fx.Node, kind: str,
+             spelling: str) -> None:
+    inp, bias, how, linear = _bias_of(gm, x, region)
+    erase = set(region)
+    if linear is not None:
+        inp = insert_call(gm, root, aten.linear.default, tuple(linear.args[:2]), like=linear)
+        erase.add(linear)
+    elif bias is not None:
+        erase.add(x)
+    fused = insert_call(gm, root, torch.ops.flashfuse.bias_gelu.default, (inp, bias, kind), like=root)
+    form = "tanh" if kind == "tanh" else "erf"
+    what = f"{spelling} GELU ({form} form)" + (f" with {how} folded in" if bias is not None else "")
+    ctx.graph_report.add_match(NAME, root, what + " -> one kernel", approximate=kind, bias=bias is not None,
+                               spelling=spelling, shape=shape_str(val(root)))
+    root.replace_all_uses_with(fused)
+    erase_unused(gm, erase)
+
+
+@register_pass(NAME)
+def run(gm: fx.GraphModule, ctx: PassContext) -> int:
+    order = order_of(gm)
+    enabled = kernel_fusions_enabled(ctx)
+    done: set = set()
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node in done or node.op != "call_function":
+            continue
+        if node.target is aten.gelu.default:
+            x = node.args[0]
+            xv, out = val(x), val(node)
+            kind = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            if xv is None or out is None or xv.dtype not in FLOAT_DTYPES or kind not in ("none", "tanh"):
+                ctx.graph_report.add_near_miss(NAME, node, f"gelu on {None if xv is None else xv.dtype} "
+                                                           "(kernel: fp16/bf16/fp32)")
+                continue
+            done.add(node)
+            if not enabled:
+                ctx.graph_report.add_near_miss(NAME, node, INDUCTOR_NOTE)
+                continue
+            _rewrite(gm, ctx, node, {node}, x, kind, "F.gelu")
+            order = order_of(gm)
+            rewrites += 1
+        elif node.target in (aten.erf.default, aten.tanh.default):
+            found = _hand_written(gm, node, order, done)
+            done.add(node)
+            if found is None:
+                continue
+            if len(found) == 2:
+                root, reason = found
+                ctx.graph_report.add_near_miss(NAME, root, reason)
+                continue
+            root, region, x, kind = found
+            done |= region
+            if not enabled:
+                ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
+                continue
+            _rewrite(gm, ctx, root, region, x, kind, "hand-written")
+            order = order_of(gm)
+            rewrites += 1
+    return rewrites

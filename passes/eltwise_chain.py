@@ -1,0 +1,329 @@
+"""Binary eltwise folding: a chain of >= 3 arithmetic ops over same-shaped tensors (and Python scalars),
+such as ``x1*b1 + x2*b2 - x3*b3``, becomes one generated pointwise kernel (``flashfuse::pointwise``).
+
+The chain is read into a sympy expression (unevaluated: the tree exactly as the user wrote it), printed
+as text for the op, which prints it as Triton source; the gradient of each input is ``sympy.diff``.
+
+This file also holds the helpers the other pointwise passes share (bias_gelu, prelu): reading a
+pointwise region of the FX graph into sympy, inserting a replacement node with its fake value, and the
+policy that decides whether a kernel replacement applies under the current remainder.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import operator
+from typing import Any, Callable, Iterable
+
+import sympy
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from flashfuse.passes import PassContext, register_pass
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+NAME = "eltwise_chain"
+MIN_OPS = 3
+MAX_INPUTS = 16
+INDUCTOR_NOTE = "left to Inductor, which fuses this pointwise chain itself (norm_policy='auto'; " \
+                "norm_policy='always' forces flashfuse's kernel)"
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def kernel_fusions_enabled(ctx: PassContext) -> bool:
+    """Kernel replacements always apply under the eager remainder; under Inductor only with
+    norm_policy='always' (Inductor already generates one kernel for a pointwise chain)."""
+    if ctx.config.remainder == "eager":
+        return True
+    return ctx.config.norm_policy == "always"
+
+
+def known_equal(a: Any, b: Any) -> bool:
+    """a == b provably (ints or SymInts), without adding guards."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(known_equal(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def is_number(a: Any) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+
+
+def order_of(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def node_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes]
+
+
+def insert_call(gm: fx.GraphModule, before: fx.Node, target: Any, args: tuple, kwargs: dict | None = None,
+                like: fx.Node | None = None) -> fx.Node:
+    """Insert `target(*args, **kwargs)` before `before`, with its fake value in meta["val"] and the
+    user's stack trace of `like` (so the report and later passes see a normal node)."""
+    kwargs = kwargs or {}
+
+    def fake(a):
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    fargs = torch.fx.node.map_aggregate(args, fake)
+    fkwargs = torch.fx.node.map_aggregate(kwargs, fake)
+    mode = detect_fake_mode([v for v in torch.utils._pytree.tree_leaves((fargs, fkwargs))
+                             if isinstance(v, torch.Tensor)])
+    with mode if mode is not None else _nullcontext():
+        value = target(*fargs, **fkwargs)
+    with gm.graph.inserting_before(before):
+        new = gm.graph.call_function(target, args, kwargs)
+    new.meta["val"] = value
+    src = like if like is not None else before
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in src.meta:
+            new.meta[key] = src.meta[key]
+    return new
+
+
+def getitem(gm: fx.GraphModule, node: fx.Node, index: int) -> fx.Node:
+    with gm.graph.inserting_after(node):
+        item = gm.graph.call_function(operator.getitem, (node, index))
+    item.meta["val"] = node.meta["val"][index]
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in node.meta:
+            item.meta[key] = node.meta[key]
+    return item
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def erase_unused(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
+    """Erase the replaced nodes, users first (pure ATen ops only; the pipeline also runs DCE)."""
+    order = order_of(gm)
+    for n in sorted(set(nodes), key=lambda n: -order.get(n, -1)):
+        if n.graph is gm.graph and not n.users:
+            gm.graph.erase_node(n)
+
+
+# FX node -> sympy. Each entry: target -> function(args (sympy or numbers), kwargs, evaluate) -> expr.
+def _add(a, b, kw, ev):
+    alpha = kw.get("alpha", 1)
+    b = b if alpha == 1 else sympy.Mul(_num(alpha), b, evaluate=ev)
+    return sympy.Add(a, b, evaluate=ev)
+
+
+def _sub(a, b, kw, ev):
+    alpha = kw.get("alpha", 1)
+    return sympy.Add(a, sympy.Mul(_num(-alpha), b, evaluate=ev), evaluate=ev)
+
+
+def _rsub(a, b, kw, ev):
+    return _sub(b, a, kw, ev)
+
+
+def _mul(a, b, kw, ev):
+    return sympy.Mul(a, b, evaluate=ev)
+
+
+def _div(a, b, kw, ev):
+    return sympy.Mul(a, sympy.Pow(b, sympy.Integer(-1), evaluate=ev), evaluate=ev)
+
+
+def _neg(a, kw, ev):
+    return sympy.Mul(sympy.Integer(-1), a, evaluate=ev)
+
+
+def _reciprocal(a, kw, ev):
+    return sympy.Pow(a, sympy.Integer(-1), evaluate=ev)
+
+
+def _pow(a, e, kw, ev):
+    return sympy.Pow(a, _num(e), evaluate=ev)
+
+
+def _num(v: Any) -> sympy.Expr:
+    if isinstance(v, sympy.Basic):
+        return v
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2 ** 53:
+        return sympy.Integer(int(v))
+    return sympy.Integer(v) if isinstance(v, int) else sympy.Float(v)
+
+
+ARITHMETIC: dict[Any, Callable] = {
+    aten.add.Tensor: _add, aten.add.Scalar: _add,
+    aten.sub.Tensor: _sub, aten.sub.Scalar: _sub,
+    aten.rsub.Tensor: _rsub, aten.rsub.Scalar: _rsub,
+    aten.mul.Tensor: _mul, aten.mul.Scalar: _mul,
+    aten.div.Tensor: _div, aten.div.Scalar: _div,
+    aten.neg.default: _neg,
+    aten.reciprocal.default: _reciprocal,
+    aten.pow.Tensor_Scalar: _pow,
+}
+_KWARGS_OK = {"alpha"}
+
+
+def pow_exponent_ok(e: Any) -> bool:
+    """Exponents the kernel writes exactly with multiplies (and sqrt for halves)."""
+    return is_number(e) and float(e) * 2 == int(float(e) * 2) and 0 < abs(float(e)) <= 8
+
+
+def to_sympy(root: fx.Node, region: set[fx.Node], leaves: dict[fx.Node, sympy.Symbol],
+             table: dict[Any, Callable], evaluate: bool) -> sympy.Expr:
+    """The sympy expression of `root` over the `region`; nodes outside it become symbols (added to
+    `leaves` in order of first use: x0, x1, ...)."""
+    memo: dict[fx.Node, sympy.Expr] = {}
+
+    def conv(a: Any) -> sympy.Expr:
+        if isinstance(a, fx.Node):
+            if a in memo:
+                return memo[a]
+            if a not in region:
+                if a not in leaves:
+                    leaves[a] = sympy.Symbol(f"x{len(leaves)}")
+                return leaves[a]
+            fn = table[a.target]
+            args = [conv(x) for x in a.args]
+            e = fn(*args, dict(a.kwargs), evaluate)
+            memo[a] = e
+            return e
+        return _num(a)
+
+    return conv(root)
+
+
+def grow_region(root: fx.Node, order: dict[fx.Node, int], absorb: Callable[[fx.Node], str | None],
+                private: bool = True) -> tuple[set[fx.Node], dict[fx.Node, str]]:
+    """The pointwise region that ends at `root`: producers are absorbed while `absorb(p)` returns
+    None (else the reason why not) and, with `private`, all their users are already in the region.
+    Producers are visited latest first, so when one is popped all of its possible in-region users
+    have been decided. Returns (region, {rejected producer: reason})."""
+    region = {root}
+    rejected: dict[fx.Node, str] = {}
+    heap = [(-order[a], id(a), a) for a in node_args(root)]
+    heapq.heapify(heap)
+    seen = set()
+    while heap:
+        _, _, p = heapq.heappop(heap)
+        if p in seen or p in region:
+            continue
+        seen.add(p)
+        reason = absorb(p)
+        if reason is None and private:
+            outside = [u for u in p.users if u not in region]
+            if outside:
+                reason = f"its intermediate `{p.name}` is also used by `{outside[0].name}`"
+        if reason is not None:
+            rejected[p] = reason
+            continue
+        region.add(p)
+        for a in node_args(p):
+            heapq.heappush(heap, (-order[a], id(a), a))
+    return region, rejected
+
+
+# ------------------------------------------------------------------------------------------------
+# the pass
+# ------------------------------------------------------------------------------------------------
+def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
+    """None if `node` can be part of a same-shape chain whose output looks like `like`."""
+    if node.op != "call_function" or node.target not in ARITHMETIC:
+        return "not an arithmetic op"
+    out = val(node)
+    if out is None or out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"`{node.name}` computes in {None if out is None else out.dtype} (kernel: fp16/bf16/fp32)"
+    if like is not None and out.dtype != like.dtype:
+        return f"`{node.name}` changes dtype ({out.dtype} vs {like.dtype})"
+    if set(node.kwargs) - _KWARGS_OK or not is_number(node.kwargs.get("alpha", 1)):
+        return f"`{node.name}` has arguments {dict(node.kwargs)}"
+    ref = like if like is not None else out
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            t = val(a)
+            if t is None:
+                return f"`{node.name}` takes a non-tensor value `{a.name}`"
+            if not same_shape(t, ref):
+                return (f"an input of shape {shape_str(t)} broadcasts to {shape_str(ref)} in `{node.name}`: "
+                        "the generated kernel takes same-shaped inputs only")
+            if t.dtype != ref.dtype:
+                return f"`{node.name}` mixes dtypes ({t.dtype} and {ref.dtype})"
+        elif not is_number(a):
+            return f"`{node.name}` takes the constant {a!r}"
+    if node.target is aten.pow.Tensor_Scalar and not pow_exponent_ok(node.args[1]):
+        return f"`{node.name}` raises to the power {node.args[1]!r} (kernel: integer or half powers up to 8)"
+    if not same_shape(out, ref):
+        return f"`{node.name}` broadcasts to {shape_str(out)}"
+    return None
+
+
+@register_pass(NAME)
+def run(gm: fx.GraphModule, ctx: PassContext) -> int:
+    from flashfuse.kernels import pointwise as pw
+
+    order = order_of(gm)
+    enabled = kernel_fusions_enabled(ctx)
+    done: set[fx.Node] = set()
+    rewrites = 0
+    for root in reversed(list(gm.graph.nodes)):
+        if root in done or root.op != "call_function" or root.target not in ARITHMETIC:
+            continue
+        like = val(root)
+        if _chain_reason(root, None) is not None:
+            continue
+
+        def absorb(p: fx.Node) -> str | None:
+            if p in done:
+                return "already fused"
+            return _chain_reason(p, like)
+
+        region, rejected = grow_region(root, order, absorb)
+        if len(region) < MIN_OPS:
+            loose, _ = grow_region(root, order, lambda p: None if (
+                p.op == "call_function" and p.target in ARITHMETIC and p not in done) else "x", private=False)
+            if len(loose) >= MIN_OPS and rejected:
+                reason = next(iter(rejected.values()))
+                ctx.graph_report.add_near_miss(NAME, root, f"chain of {len(loose)} ops split: {reason}")
+                done |= loose
+            continue
+        leaves: dict[fx.Node, sympy.Symbol] = {}
+        expr = to_sympy(root, region, leaves, ARITHMETIC, evaluate=False)
+        if len(leaves) > MAX_INPUTS:
+            ctx.graph_report.add_near_miss(NAME, root, f"chain reads {len(leaves)} tensors (max {MAX_INPUTS})")
+            done |= region
+            continue
+        if not leaves or not pw.printable(expr):
+            done |= region
+            continue
+        text = pw.serialize(expr)
+        done |= region
+        if not enabled:
+            ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
+            continue
+        inputs = list(leaves)
+        fused = insert_call(gm, root, torch.ops.flashfuse.pointwise.default, (inputs, text), like=root)
+        out = getitem(gm, fused, 0)
+        ctx.graph_report.add_match(NAME, root, f"{len(region)} pointwise ops over {len(inputs)} tensors "
+                                   "-> one generated kernel", ops=len(region), inputs=len(inputs), expr=text)
+        root.replace_all_uses_with(out)
+        erase_unused(gm, region)
+        order = order_of(gm)
+        rewrites += 1
+    return rewrites
