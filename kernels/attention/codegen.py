@@ -1,0 +1,385 @@
+"""Score modification (sympy) -> Triton source for the attention kernels.
+
+Three steps:
+1. `analyze` splits the expression into an index-only *keep* condition (where it is not -oo) and the
+   value on the kept region, and turns the keep condition's inequalities that are linear in q_idx and
+   kv_idx (coefficient ±1 on kv_idx) into per-block loop bounds: which key blocks of a query block are
+   empty (never loaded), partial (masked) or full (no mask math). Whatever is not linear stays a mask.
+2. `TritonPrinter` prints sympy expressions as Triton expressions over the tile variables.
+3. `generate_source` fills the kernel templates (triton_templates.py) with the printed code.
+
+The value is folded into the exp2 domain (multiplied by log2(e) symbolically) when no float side tensor
+appears in it: a side may hold finfo.min, and finfo.min·log2(e) overflows fp32 to -inf, which would turn a
+fully filled row from eager's uniform average into NaN. Unfolded kernels use exp2((s - m)·log2(e)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import sympy
+
+from flashfuse.kernels.attention import score_mod as sm
+
+FP32_MAX = 3.4028234663852886e38
+NEG_INF = -sympy.oo
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. analysis
+# ---------------------------------------------------------------------------------------------------
+
+_INDEX_ONLY = set(sm.INDEX_SYMBOLS)
+
+
+def _index_only(e: sympy.Basic) -> bool:
+    return e.free_symbols <= _INDEX_ONLY
+
+
+def _split_keep(expr: sympy.Basic):
+    """(keep, value): expr == value where keep holds and -oo elsewhere; keep is index-only."""
+    if isinstance(expr, sympy.Piecewise):
+        masked = []
+        args = list(expr.args)
+        while args and args[0].expr == NEG_INF and args[0].cond is not sympy.true and _index_only(args[0].cond):
+            masked.append(args[0].cond)
+            args.pop(0)
+        if masked and args:
+            rest = args[0].expr if args[0].cond is sympy.true else sympy.Piecewise(*[(a.expr, a.cond) for a in args])
+            keep = sympy.And(*[sympy.Not(c) for c in masked])
+            k2, v2 = _split_keep(rest)
+            return sympy.And(keep, k2), v2
+        return sympy.true, expr
+    if isinstance(expr, sympy.Add):
+        keeps, vals = [], []
+        for a in expr.args:
+            k, v = _split_keep(a)
+            keeps.append(k)
+            vals.append(v)
+        return sympy.And(*keeps), sympy.Add(*vals)
+    if isinstance(expr, sympy.Mul):
+        # a positive constant factor keeps -oo at -oo
+        coeff, rest = expr.as_coeff_Mul()
+        if coeff.is_number and coeff > 0 and rest != 1:
+            k, v = _split_keep(rest)
+            return k, coeff * v
+    return sympy.true, expr
+
+
+@dataclasses.dataclass
+class LinearBound:
+    """kv_idx <= alpha*q_idx + beta (upper) or kv_idx >= alpha*q_idx + beta (lower); beta over Nq, Nk."""
+    upper: bool
+    alpha: int
+    beta: sympy.Basic
+
+
+def _linear_bound(rel: sympy.Basic):
+    if not isinstance(rel, (sympy.StrictLessThan, sympy.LessThan, sympy.StrictGreaterThan, sympy.GreaterThan)):
+        return None
+    e = sympy.expand(rel.lhs - rel.rhs)
+    if not e.free_symbols <= {sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk}:
+        return None
+    poly = sympy.Poly(e, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk)
+    if poly.total_degree() > 1:
+        return None
+    bk = e.coeff(sm.kv_idx)
+    a = e.coeff(sm.q_idx)
+    c = sympy.expand(e - bk * sm.kv_idx - a * sm.q_idx)
+    if bk not in (1, -1) or not a.is_integer or not all(
+            x.is_integer for x in (sympy.Poly(c, sm.Nq, sm.Nk).coeffs() if c.free_symbols else [c])):
+        return None
+    strict = isinstance(rel, (sympy.StrictLessThan, sympy.StrictGreaterThan))
+    less = isinstance(rel, (sympy.StrictLessThan, sympy.LessThan))  # e < 0 or e <= 0
+    # bk*kv + a*q + c (<|<=|>|>=) 0
+    if bk == 1:
+        bound = -a * sm.q_idx - c
+        upper = less
+    else:
+        bound = a * sm.q_idx + c
+        upper = not less
+    if strict:
+        bound = bound - 1 if upper else bound + 1
+    bound = sympy.expand(bound)
+    alpha = int(bound.coeff(sm.q_idx))
+    return LinearBound(upper, alpha, sympy.expand(bound - alpha * sm.q_idx))
+
+
+@dataclasses.dataclass
+class Analysis:
+    expr: sympy.Basic          # the full expression (natural units)
+    value: sympy.Basic         # value on the kept region (natural units)
+    keep_other: sympy.Basic    # index-only keep condition not covered by the bounds (a mask everywhere)
+    keep_linear: sympy.Basic   # the part covered by the bounds (a mask on partial blocks only)
+    bounds: list               # LinearBound list
+    fold: bool                 # value printed in the exp2 domain
+    value_exp2: sympy.Basic    # value·log2(e) when folded, else value
+    n_sides: int
+
+
+def _sides_in_value(e: sympy.Basic) -> set:
+    if isinstance(e, sympy.Symbol):
+        return {e} if e.name.startswith("side") else set()
+    if isinstance(e, sympy.core.relational.Relational) or isinstance(e, sympy.logic.boolalg.Boolean):
+        return set()
+    if isinstance(e, sympy.Piecewise):
+        out = set()
+        for a in e.args:
+            out |= _sides_in_value(a.expr)
+        return out
+    out = set()
+    for a in e.args:
+        out |= _sides_in_value(a)
+    return out
+
+
+def _clamp_floats(e: sympy.Basic) -> sympy.Basic:
+    """Constants beyond fp32 range (finfo.min·log2e) become ±FP32_MAX, which keeps fills uniform."""
+    reps = {}
+    for f in e.atoms(sympy.Float):
+        if abs(float(f)) > FP32_MAX and math.isfinite(float(f)):
+            reps[f] = sympy.Float(math.copysign(FP32_MAX, float(f)))
+    return e.xreplace(reps) if reps else e
+
+
+def analyze(expr: sympy.Basic, n_sides: int) -> Analysis:
+    keep, value = _split_keep(expr)
+    conj = list(keep.args) if isinstance(keep, sympy.And) else ([] if keep is sympy.true else [keep])
+    bounds, linear, other = [], [], []
+    for c in conj:
+        lb = _linear_bound(c)
+        if lb is None:
+            other.append(c)
+        else:
+            bounds.append(lb)
+            linear.append(c)
+    fold = not _sides_in_value(value)
+    value_exp2 = _clamp_floats(sympy.piecewise_fold(value * sympy.Float(1.0 / math.log(2.0)))) if fold else value
+    return Analysis(expr, value, sympy.And(*other), sympy.And(*linear), bounds, fold, value_exp2, n_sides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. printing
+# ---------------------------------------------------------------------------------------------------
+
+_NAMES = {"score": "qk", "q_idx": "q_idx", "kv_idx": "kv_idx", "b": "off_b", "h": "off_h",
+          "Nq": "Nq", "Nk": "Nk"}
+_REL_OPS = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
+            sympy.GreaterThan: ">=", sympy.Equality: "==", sympy.Unequality: "!="}
+_FUNCS = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.Abs: "tl.abs", sympy.sin: "tl.sin",
+          sympy.cos: "tl.cos", sympy.floor: "tl.floor", sympy.ceiling: "tl.ceil", sympy.sqrt: "tl.sqrt",
+          sympy.erf: "tl.erf", sympy.tanh: "_tanh"}
+
+
+class UnsupportedExpression(NotImplementedError):
+    pass
+
+
+def print_triton(e: sympy.Basic, names: dict | None = None) -> str:
+    names = names or {}
+
+    def p(x) -> str:
+        if x is sympy.true:
+            return "True"
+        if x is sympy.false:
+            return "False"
+        if x.is_Symbol:
+            return names.get(x.name) or _NAMES.get(x.name) or x.name
+        if x == sympy.oo:
+            return 'float("inf")'
+        if x == -sympy.oo:
+            return 'float("-inf")'
+        if x.is_Integer:
+            return f"({int(x)})"
+        if x.is_Number:
+            v = float(x)
+            if abs(v) > FP32_MAX and math.isfinite(v):
+                v = math.copysign(FP32_MAX, v)
+            return f"({v!r})"
+        if isinstance(x, sympy.Add):
+            return "(" + " + ".join(p(a) for a in x.args) + ")"
+        if isinstance(x, sympy.Mul):
+            num, den = [], []
+            for a in x.args:
+                if isinstance(a, sympy.Pow) and a.exp.is_Integer and a.exp < 0:
+                    den.append(sympy.Pow(a.base, -a.exp))
+                else:
+                    num.append(a)
+            s = " * ".join(p(a) for a in num) if num else "1.0"
+            if den:
+                s = f"({s}) / (" + " * ".join(p(a) for a in den) + ")"
+            return "(" + s + ")"
+        if isinstance(x, sympy.Pow):
+            base, ex = x.args
+            if ex.is_Integer:
+                n = int(ex)
+                if n == 0:
+                    return "(1.0)"
+                body = " * ".join([p(base)] * abs(n))
+                return f"({body})" if n > 0 else f"(1.0 / ({body}))"
+            if ex == sympy.Rational(1, 2):
+                return f"tl.sqrt(({p(base)}).to(tl.float32))"
+            if ex == -sympy.Rational(1, 2):
+                return f"tl.rsqrt(({p(base)}).to(tl.float32))"
+            return f"tl.exp({p(ex)} * tl.log(({p(base)}).to(tl.float32)))"
+        if isinstance(x, sympy.Piecewise):
+            out = None
+            for value, cond in reversed(x.args):
+                if out is None:
+                    out = p(value) if cond is sympy.true else 'float("nan")'
+                    if cond is sympy.true:
+                        continue
+                out = f"tl.where({p(cond)}, {p(value)}, {out})"
+            return out
+        if type(x) in _REL_OPS:
+            return f"({p(x.lhs)} {_REL_OPS[type(x)]} {p(x.rhs)})"
+        if isinstance(x, sympy.And):
+            return "(" + " & ".join(p(a) for a in x.args) + ")"
+        if isinstance(x, sympy.Or):
+            return "(" + " | ".join(p(a) for a in x.args) + ")"
+        if isinstance(x, sympy.Not):
+            return f"(~{p(x.args[0])})"
+        if isinstance(x, (sympy.Max, sympy.Min)):
+            f = "tl.maximum" if isinstance(x, sympy.Max) else "tl.minimum"
+            out = p(x.args[0])
+            for a in x.args[1:]:
+                out = f"{f}({out}, {p(a)})"
+            return out
+        if isinstance(x, sympy.sign):
+            a = p(x.args[0])
+            return f"tl.where({a} > 0, 1.0, tl.where({a} < 0, -1.0, 0.0))"
+        if isinstance(x, sympy.Heaviside):
+            a = p(x.args[0])
+            return f"tl.where({a} > 0, 1.0, tl.where({a} < 0, 0.0, 0.5))"
+        if isinstance(x, sympy.DiracDelta):
+            return "(0.0)"
+        fn = _FUNCS.get(type(x)) or _FUNCS.get(x.func)
+        if fn is not None:
+            return f"{fn}(({p(x.args[0])}).to(tl.float32))" if fn != "_tanh" else f"_tanh(({p(x.args[0])}).to(tl.float32), FAST_MATH)"
+        raise UnsupportedExpression(f"cannot print {type(x).__name__}: {x}")
+
+    return p(e)
+
+
+def _print_scalar_bound(e: sympy.Basic) -> str:
+    return print_triton(e, {"q_idx": "m_end"})  # only Nq/Nk/q_idx appear
+
+
+def bounds_code(bounds: list, indent: str) -> str:
+    """Per query block [m_lo, m_hi] (int scalars): kv ranges lo..hi (some kept), flo..fhi (all kept)."""
+    zero = "tl.full([], 0, tl.int32)"
+    lines = [f"{indent}kv_lo = {zero}", f"{indent}kv_hi = {zero} + Nk - 1", f"{indent}kv_flo = {zero}",
+             f"{indent}kv_fhi = {zero} + Nk - 1"]
+    for bd in bounds:
+        at_lo = print_triton(bd.alpha * sm.q_idx + bd.beta, {"q_idx": "m_lo"})
+        at_hi = print_triton(bd.alpha * sm.q_idx + bd.beta, {"q_idx": "m_hi"})
+        lines.append(f"{indent}b_lo = {at_lo}")
+        lines.append(f"{indent}b_hi = {at_hi}")
+        if bd.upper:
+            lines.append(f"{indent}kv_hi = tl.minimum(kv_hi, tl.maximum(b_lo, b_hi))")
+            lines.append(f"{indent}kv_fhi = tl.minimum(kv_fhi, tl.minimum(b_lo, b_hi))")
+        else:
+            lines.append(f"{indent}kv_lo = tl.maximum(kv_lo, tl.minimum(b_lo, b_hi))")
+            lines.append(f"{indent}kv_flo = tl.maximum(kv_flo, tl.maximum(b_lo, b_hi))")
+    return "\n".join(lines)
+
+
+def inverse_bounds_code(bounds: list, indent: str) -> str:
+    """Per key block [n_lo, n_hi]: query ranges q_lo..q_hi (some kept), q_flo..q_fhi (all kept).
+    Only bounds with alpha = ±1 invert exactly; others leave the range open and the full range empty."""
+    zero = "tl.full([], 0, tl.int32)"
+    lines = [f"{indent}q_lo = {zero}", f"{indent}q_hi = {zero} + Nq - 1", f"{indent}q_flo = {zero}",
+             f"{indent}q_fhi = {zero} + Nq - 1"]
+    for bd in bounds:
+        if bd.alpha not in (1, -1, 0):
+            lines.append(f"{indent}q_flo = Nq")
+            continue
+        if bd.alpha == 0:
+            # a bound on kv alone: the whole block is kept or not; no restriction on q, no full range
+            # unless it holds for the whole block
+            beta = print_triton(bd.beta)
+            cond = f"(n_hi <= {beta})" if bd.upper else f"(n_lo >= {beta})"
+            lines.append(f"{indent}q_flo = tl.where({cond}, q_flo, Nq)")
+            continue
+        # kv <= alpha*q + beta  <=>  alpha*q >= kv - beta ; kv >= alpha*q + beta <=> alpha*q <= kv - beta
+        beta = print_triton(bd.beta)
+        t_lo, t_hi = f"(n_lo - {beta})", f"(n_hi - {beta})"
+        if (bd.upper and bd.alpha == 1) or (not bd.upper and bd.alpha == -1):
+            # q >= s*(kv - beta) with s = alpha: lower bound on q
+            f_lo = t_lo if bd.alpha == 1 else f"(-{t_lo})"
+            f_hi = t_hi if bd.alpha == 1 else f"(-{t_hi})"
+            lines.append(f"{indent}q_lo = tl.maximum(q_lo, tl.minimum({f_lo}, {f_hi}))")
+            lines.append(f"{indent}q_flo = tl.maximum(q_flo, tl.maximum({f_lo}, {f_hi}))")
+        else:
+            f_lo = t_lo if bd.alpha == 1 else f"(-{t_lo})"
+            f_hi = t_hi if bd.alpha == 1 else f"(-{t_hi})"
+            lines.append(f"{indent}q_hi = tl.minimum(q_hi, tl.maximum({f_lo}, {f_hi}))")
+            lines.append(f"{indent}q_fhi = tl.minimum(q_fhi, tl.minimum({f_lo}, {f_hi}))")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. source generation
+# ---------------------------------------------------------------------------------------------------
+
+def _side_load(i: int) -> str:
+    return (f"        side{i} = tl.load(side{i}_ptr + off_b.to(tl.int64) * side{i}_sb + off_h.to(tl.int64) * side{i}_sh"
+            f" + q_idx * side{i}_sm + kv_idx * side{i}_sn, mask=(q_idx < Nq) & (kv_idx < Nk), other=0)"
+            f".to(tl.float32)")
+
+
+def _tile(e: sympy.Basic) -> str:
+    """A value that is a full fp32 tile even when it does not involve the score."""
+    text = print_triton(e)
+    return text if sm.score in e.free_symbols else f"(qk * 0.0 + {text})"
+
+
+def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grads: tuple) -> str:
+    from flashfuse.kernels.attention import triton_templates as tt
+
+    expr = sm.from_text(score_mod_text)
+    an = analyze(expr, n_sides)
+    d_score = sympy.diff(an.value, sm.score)
+    d_sides = {i: sympy.diff(an.value, sm.side(i)) for i, g in enumerate(side_grads) if g}
+
+    def sides_of(*es):
+        ids = set()
+        for e in es:
+            ids |= set(sm.side_ids(e))
+        return sorted(ids)
+
+    side_params = "".join(f"side{i}_ptr, side{i}_sb, side{i}_sh, side{i}_sm, side{i}_sn, " for i in range(n_sides))
+    scalar_params = "".join(f"scalar{i}, " for i in range(n_scalars))
+    dside_params = "".join(f"dside{i}_ptr, " for i in d_sides)
+    keep_other = ("" if an.keep_other is sympy.true else
+                  f"        s = tl.where({print_triton(an.keep_other)}, s, float(\"-inf\"))")
+    keep_linear = print_triton(an.keep_linear)
+    dside_stores = "\n".join(
+        f"        g{i} = tl.where(dl == 0, 0.0, dl * ({print_triton(de)}))\n"
+        f"        tl.store(dside{i}_ptr + off_bh.to(tl.int64) * Nq * Nk + q_idx * Nk + kv_idx, g{i},"
+        f" mask=(q_idx < Nq) & (kv_idx < Nk))"
+        for i, de in d_sides.items())
+
+    def fill(template: str, load_ids) -> str:
+        out = template
+        if an.keep_linear is sympy.true:
+            out = out.replace("@KEEP_LINEAR@ & ", "")
+        reps = {
+            "@SIDE_PARAMS@": side_params, "@SIDE_ARGS@": side_params,
+            "@SCALAR_PARAMS@": scalar_params, "@SCALAR_ARGS@": scalar_params,
+            "@DSIDE_PARAMS@": dside_params, "@DSIDE_ARGS@": dside_params,
+            "@LOAD_SIDES@": "\n".join(_side_load(i) for i in load_ids),
+            "@VALUE@": _tile(an.value_exp2), "@KEEP_LINEAR@": keep_linear, "@KEEP_OTHER@": keep_other,
+            "@BOUNDS@": bounds_code(an.bounds, "    "), "@INV_BOUNDS@": inverse_bounds_code(an.bounds, "    "),
+            "@DSCORE@": print_triton(d_score), "@DSIDE_STORES@": dside_stores,
+        }
+        for k, v in reps.items():
+            out = out.replace(k, v)
+        return out
+
+    header = tt.HEADER.replace("@EXPR_TEXT@", str(expr).replace("\n", " "))
+    header = header.replace("@EXP_SCALE@", "1.0" if an.fold else repr(1.0 / math.log(2.0)))
+    header = header.replace("@LSE_SCALE@", repr(1.0 / math.log(2.0)) if an.fold else "1.0")
+    fwd = fill(tt.FORWARD, sides_of(an.value))
+    bwd = fill(tt.BACKWARD, sides_of(an.value, d_score, *d_sides.values()))
+    return header + fwd + bwd

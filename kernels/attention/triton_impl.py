@@ -1,0 +1,222 @@
+"""Entry points of the generated Triton attention kernels: module generation and caching, autotuning,
+launches. Called by `flashfuse::attention` / `flashfuse::attention_backward` (op.py) for CUDA tensors and
+for CPU tensors under TRITON_INTERPRET=1.
+
+One generated module per specialization (score_mod text, number of sides and scalars, which sides need
+gradients); the source is written to `$FLASHFUSE_CACHE_DIR` (default ~/.cache/flashfuse)/attention/ under
+the hash of its text, because @triton.jit needs a real source file, and imported with importlib. Head dim,
+dtypes, dropout and precision are constexpr/type specializations that Triton compiles and caches itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import triton
+
+from flashfuse.kernels.attention import codegen, triton_common
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOCK = threading.Lock()
+_MODULES: dict = {}
+_TUNED: dict = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FLASHFUSE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flashfuse")
+    path = Path(root) / "attention"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple = ()):
+    """The generated module of one specialization (generated, written and imported once)."""
+    side_grads = tuple(bool(g) for g in side_grads) or (False,) * n_sides
+    key = (score_mod, n_sides, n_scalars, side_grads)
+    mod = _MODULES.get(key)
+    if mod is not None:
+        return mod
+    with _LOCK:
+        mod = _MODULES.get(key)
+        if mod is not None:
+            return mod
+        src = codegen.generate_source(score_mod, n_sides, n_scalars, side_grads)
+        digest = hashlib.sha256(src.encode()).hexdigest()[:24]
+        name = f"flashfuse_attn_{digest}"
+        path = cache_dir() / f"{name}.py"
+        if not path.exists() or path.read_text() != src:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(src)
+            os.replace(tmp, path)  # atomic: concurrent processes never import a half-written file
+        mod = sys.modules.get(name)
+        if mod is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        _MODULES[key] = mod
+        return mod
+
+
+# ---- configurations ----
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M is the query tile, BLOCK_N the key tile.
+_FWD_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+}
+_DKDV_CONFIGS = {
+    64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+    128: [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+}
+_DQ_CONFIGS = {
+    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+}
+INTERPRET_BLOCK = 16
+
+
+def _dclass(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def _kernel(mod, name: str, block_d: int):
+    """The kernel, autotuned on GPUs (keyed on the sequence lengths), fixed 16x16 tiles in the interpreter."""
+    fn = getattr(mod, name)
+    if INTERPRET:
+        return fn, {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
+    key = (id(mod), name, _dclass(block_d))
+    tuned = _TUNED.get(key)
+    if tuned is None:
+        table = {"attn_fwd": _FWD_CONFIGS, "attn_bwd_dkdv": _DKDV_CONFIGS, "attn_bwd_dq": _DQ_CONFIGS}[name]
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in table[_dclass(block_d)]]
+        tuned = triton.autotune(configs=configs, key=["Nq", "Nk", "D", "DV", "DROPOUT"])(fn)
+        _TUNED[key] = tuned
+    return tuned, {}
+
+
+# ---- argument plumbing ----
+
+def _side_args(sides, shape) -> list:
+    """Pointer and the four broadcast strides (0 on size-1 dims) of each side, never expanded in memory."""
+    args = []
+    for s in sides:
+        if s.dim() < 4:
+            s = s.reshape((1,) * (4 - s.dim()) + tuple(s.shape))
+        if s.dim() != 4:
+            raise ValueError(f"flashfuse attention: side tensor of shape {tuple(s.shape)} is not 4-D")
+        for n, full in zip(s.shape, shape):
+            if n not in (1, full):
+                raise ValueError(f"flashfuse attention: side of shape {tuple(s.shape)} does not broadcast to {shape}")
+        args.append(s)
+        args.extend(0 if n == 1 else st for n, st in zip(s.shape, s.stride()))
+    return args
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _common_meta(q, v, dropout_p, rng, precision):
+    dot_prec = "ieee" if (q.dtype == torch.float32 and precision == "ieee") else "tf32"
+    fast = (not INTERPRET) and q.dtype in (torch.float16, torch.bfloat16)
+    return dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=_block_d(q.shape[-1]), BLOCK_DV=_block_d(v.shape[-1]),
+                DOT_PREC=dot_prec, DROPOUT=bool(dropout_p > 0 and rng is not None), FAST_MATH=fast)
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flashfuse attention expects 4-D q, k, v")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"flashfuse attention: Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}")
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        raise ValueError("flashfuse attention: head dims above 256 are not supported")
+
+
+def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
+    _check(q, k, v)
+    bsz, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    out = torch.empty(bsz, nq, hq, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    mod = load_module(score_mod, len(sides), len(scalars))
+    meta = _common_meta(q, v, dropout_p, rng, precision)
+    kernel, blocks = _kernel(mod, "attn_fwd", meta["BLOCK_D"])
+    rng_arg = rng if meta["DROPOUT"] else lse  # any pointer; never read without dropout
+
+    def grid(m):
+        return (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)
+
+    kernel[grid](q, k, v, out, lse, rng_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                 *_side_args(sides, (bsz, hq, nq, nk)), *[float(x) for x in scalars],
+                 hq, nq, nk, hq // hkv, float(dropout_p), **meta, **blocks)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
+                       precision):
+    _check(q, k, v)
+    bsz, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    side_grads = tuple(bool(g) for g in side_needs_grad)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
+                                                     for s, g in zip(sides, side_grads)]
+    mod = load_module(score_mod, len(sides), len(scalars), side_grads)
+    meta = _common_meta(q, v, dropout_p, rng, precision)
+    delta = torch.empty_like(lse)
+    pre_block = INTERPRET_BLOCK if INTERPRET else 64
+    triton_common.attn_bwd_preprocess[(triton.cdiv(nq, pre_block), bsz * hq)](
+        out, dout, lse, delta, *out.stride(), *dout.stride(), hq, nq,
+        DV=meta["DV"], BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"])
+    rng_arg = rng if meta["DROPOUT"] else lse
+    side_args = _side_args(sides, (bsz, hq, nq, nk))
+    scalar_args = [float(x) for x in scalars]
+    # gradient of each side that needs one, per element of (B, Hq, Nq, Nk), reduced below
+    dside_full = {i: torch.zeros(bsz, hq, nq, nk, dtype=torch.float32, device=q.device)
+                  for i, g in enumerate(side_grads) if g}
+
+    kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"])
+    kernel[lambda m: (triton.cdiv(nk, m["BLOCK_N"]), bsz * hkv)](
+        q, k, v, dout, lse, delta, dk, dv, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *dk.stride(), *dv.stride(), *side_args, *scalar_args, hq, hkv, nq, nk, hq // hkv, float(dropout_p),
+        **meta, **blocks)
+    kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
+    kernel[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)](
+        q, k, v, dout, lse, delta, dq, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *dq.stride(), *side_args, *scalar_args, *dside_full.values(), hq, nq, nk, hq // hkv,
+        float(dropout_p), **meta, **blocks)
+
+    dsides = []
+    for i, (s, g) in enumerate(zip(sides, side_grads)):
+        if not g:
+            dsides.append(None)
+            continue
+        full = dside_full[i]
+        shape4 = (1,) * (4 - s.dim()) + tuple(s.shape)
+        dims = [d for d, n in enumerate(shape4) if n == 1 and full.shape[d] != 1]
+        red = full.sum(dim=dims, keepdim=True) if dims else full
+        dsides.append(red.reshape(s.shape).to(s.dtype))
+    return dq, dk, dv, dsides
+
+
+def dropout_mask(rng: torch.Tensor, B: int, H: int, Nq: int, Nk: int, p: float, device=None) -> torch.Tensor:
+    """The keep mask (B, H, Nq, Nk) bool that the kernels draw for `rng` = [seed, offset] (same bits)."""
+    device = device if device is not None else rng.device
+    rng = rng.to(device=device, dtype=torch.int64)
+    mask = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
+    blk = 16 if INTERPRET else 64
+    triton_common.dropout_mask_kernel[(triton.cdiv(Nq, blk), triton.cdiv(Nk, blk), B * H)](
+        mask, rng, H, Nq, Nk, float(p), BLOCK_M=blk, BLOCK_N=blk)
+    return mask.bool()
