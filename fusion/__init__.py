@@ -9,12 +9,10 @@ from flashfuse.backend import Backend, backend, flashfuse_backend
 from flashfuse.config import Config
 from flashfuse.report import Report
 
-__all__ = ["Backend", "Config", "Report", "backend", "explain", "flashfuse_backend"]
+# Bound eagerly: a lazy `from flashfuse.explain import ...` inside a wrapper would, on first use,
+# set the attribute `flashfuse.explain` to the submodule and shadow the function.
+from flashfuse.explain import explain
+from flashfuse import testing  # noqa: E402  (flashfuse.testing.assert_fused, ...)
+
+__all__ = ["Backend", "Config", "Report", "backend", "explain", "flashfuse_backend", "testing"]
 __version__ = "0.1.0"
-
-
-def explain(model_or_fn, *args, **kwargs) -> Report:
-    """Compile `model_or_fn` with flashfuse on these inputs and return what was fused and why not."""
-    from flashfuse.explain import explain as _explain
-
-    return _explain(model_or_fn, *args, **kwargs)
