@@ -20,6 +20,9 @@ _PASS_MODULES: dict[str, tuple[str, bool]] = {
     "rms_norm": ("flashfuse.passes.rms_norm", True),
     "residual_norm": ("flashfuse.passes.residual_norm", True),
     "bias_gelu": ("flashfuse.passes.bias_gelu", True),
+    "prelu": ("flashfuse.passes.prelu", True),
+    "matmul_transpose": ("flashfuse.passes.matmul_transpose", True),
+    "global_pool": ("flashfuse.passes.global_pool", True),
     "eltwise_chain": ("flashfuse.passes.eltwise_chain", True),  # last: the other pointwise fusions first
 }
 

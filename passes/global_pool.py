@@ -1,0 +1,135 @@
+"""Reduction -> global pooling: `x.mean(-1).mean(-1)` (any number of steps), `x.sum(-1).sum(-1)`,
+`x.sum(-1).sum(-1) / (H*W)` and the keepdim forms -> one `aten.mean.dim` / `aten.sum.dim_IntList` over
+all the reduced dims at once (one reduction kernel instead of one per step).
+
+A pure graph simplification: it applies under every remainder and norm_policy. Conditions:
+- every step is the same reduction (mean or sum) with the same keepdim and no dtype argument;
+- each intermediate has no other user;
+- the reduced dims, in the coordinates of the original input, are adjacent (a pooling over one
+  block of dims, such as the trailing spatial dims);
+- `sum / n` becomes a mean only when n is provably the number of summed elements.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from flashfuse.passes import PassContext, register_pass
+from flashfuse.passes.eltwise_chain import erase_unused, insert_call, known_equal
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+NAME = "global_pool"
+REDUCTIONS = {aten.mean.dim: "mean", aten.sum.dim_IntList: "sum"}
+
+
+def _step(node: fx.Node):
+    """(kind, input, dims, keepdim) of a reduction node, or None."""
+    if node.op != "call_function" or node.target not in REDUCTIONS:
+        return None
+    args = list(node.args) + [None] * 3
+    x, dims = args[0], args[1]
+    keepdim = node.kwargs.get("keepdim", args[2] if args[2] is not None else False)
+    if node.kwargs.get("dtype") is not None or len(node.args) > 3 or not isinstance(x, fx.Node):
+        return None
+    xv = val(x)
+    if xv is None or dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return None  # dims None / [] reduce everything: not a pooling step
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    rank = xv.dim()
+    return REDUCTIONS[node.target], x, sorted(d % rank for d in dims), bool(keepdim)
+
+
+def _to_original(dims_after: list[int], removed: list[int], keepdim: bool, rank: int) -> list[int]:
+    """Dims of a later step, given in the coordinates of the reduced tensor, in the original's."""
+    if keepdim:
+        return list(dims_after)
+    kept = [d for d in range(rank) if d not in removed]
+    return [kept[d] for d in dims_after]
+
+
+def _chain(node: fx.Node):
+    """The reductions ending at `node`, outermost last: [(node, kind, dims, keepdim)], or a near-miss."""
+    first = _step(node)
+    if first is None:
+        return None, None
+    steps = [node]
+    cur = first
+    while True:
+        inner = cur[1]
+        prev = _step(inner) if isinstance(inner, fx.Node) else None
+        if prev is None or prev[0] != first[0] or prev[3] != first[3]:
+            break
+        if len(inner.users) != 1:
+            return None, (inner, f"the intermediate {prev[0]} `{inner.name}` is also used by "
+                                 f"`{next(u for u in inner.users if u is not steps[-1]).name}`")
+        steps.append(inner)
+        cur = prev
+    if len(steps) < 2:
+        return None, None
+    steps.reverse()              # innermost first
+    base = _step(steps[0])[1]
+    rank = val(base).dim()
+    removed: list[int] = []
+    for s in steps:
+        _, _, dims, keepdim = _step(s)
+        orig = _to_original(dims, removed, keepdim, rank)
+        removed = sorted(set(removed) | set(orig))
+    if removed != list(range(removed[0], removed[-1] + 1)):
+        return None, (node, f"reduces dims {tuple(removed)} of the input, which are not adjacent: not a pooling "
+                            "over one block of dims; left as separate reductions")
+    return (base, first[0], removed, first[3], steps), None
+
+
+def _divisor_matches(div: fx.Node, base: fx.Node, dims: list[int]) -> bool:
+    """div = sum / n with n provably the number of summed elements."""
+    if div.op != "call_function" or div.target not in (aten.div.Tensor, aten.div.Scalar) or div.kwargs:
+        return False
+    n = div.args[1]
+    if isinstance(n, fx.Node):
+        n = n.meta.get("val")
+    if isinstance(n, torch.Tensor) or isinstance(n, bool) or n is None:
+        return False
+    count = 1
+    for d in dims:
+        count = count * val(base).shape[d]
+    return known_equal(n, count)
+
+
+@register_pass(NAME)
+def run(gm: fx.GraphModule, ctx: PassContext) -> int:
+    rewrites = 0
+    reported: set = set()
+    done: set = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if node in done or node.op != "call_function" or node.target not in REDUCTIONS:
+            continue
+        found, miss = _chain(node)
+        if miss is not None:
+            where, reason = miss
+            if where not in reported:
+                ctx.graph_report.add_near_miss(NAME, where, reason)
+                reported.add(where)
+            continue
+        if found is None:
+            continue
+        base, kind, dims, keepdim, steps = found
+        root = node
+        bv = val(base)
+        if kind == "sum" and len(node.users) == 1:
+            div = next(iter(node.users))
+            if bv.dtype.is_floating_point and val(div) is not None and val(div).dtype == bv.dtype \
+                    and div.args[0] is node and _divisor_matches(div, base, dims):
+                kind, root = "mean", div
+        target = aten.mean.dim if kind == "mean" else aten.sum.dim_IntList
+        new = insert_call(gm, root, target, (base, list(dims), keepdim), like=root)
+        what = f"{len(steps)} {_step(steps[0])[0]} steps" + (" and the division by their size" if root is not node else "")
+        ctx.graph_report.add_match(NAME, root, f"{what} -> one {kind} over dims {tuple(dims)}", dims=tuple(dims),
+                                   kind=kind, steps=len(steps))
+        root.replace_all_uses_with(new)
+        done |= set(steps)
+        erase_unused(gm, [root] + steps)
+        rewrites += 1
+    return rewrites

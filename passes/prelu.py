@@ -1,0 +1,171 @@
+"""PReLU: `F.prelu` / `nn.PReLU` (aten.prelu), `where(x > 0, x, a*x)` and `relu(x) - a*relu(-x)` ->
+one `flashfuse::prelu` kernel (fwd, and a bwd that gives dx and the slope gradient in one pass).
+
+The slope a is a tensor: one value (any shape of numel 1) or one value per channel along exactly one
+dim of x (a of shape (C, 1, 1) against (N, C, H, W) is channel dim 1; a of shape (C,) against (N, L, C)
+is the last dim). A Python-number slope (a leaky ReLU), a slope that varies along two dims or would
+broadcast x to a larger shape is left alone with a near-miss.
+
+The spellings agree everywhere except the gradient at exactly x == 0; the kernel is told which
+convention to reproduce (see kernels/prelu.py, `zero_grad`), so gradients equal eager's there too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
+from flashfuse.passes import PassContext, register_pass
+from flashfuse.passes.eltwise_chain import (INDUCTOR_NOTE, erase_unused, insert_call, kernel_fusions_enabled,
+                                            known_equal, same_shape, shape_str)
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+NAME = "prelu"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# comparison of x with 0 -> (x is the true branch?, zero_grad convention)
+_COMPARE = {
+    aten.gt.Scalar: (True, ZERO_GRAD_SLOPE),   # where(x > 0, x, a*x)
+    aten.ge.Scalar: (True, ZERO_GRAD_ONE),     # where(x >= 0, x, a*x)
+    aten.le.Scalar: (False, ZERO_GRAD_SLOPE),  # where(x <= 0, a*x, x)
+    aten.lt.Scalar: (False, ZERO_GRAD_ONE),    # where(x < 0, a*x, x)
+}
+
+
+class NotPrelu(Exception):
+    """Raised with the precise reason when a PReLU-shaped subgraph cannot be fused."""
+
+
+def _slope_of(mul: fx.Node, x: fx.Node) -> fx.Node:
+    """`a` for mul(a, x) / mul(x, a); raises NotPrelu for a Python-number slope."""
+    if mul.op != "call_function" or mul.target is not aten.mul.Tensor or len(mul.args) != 2:
+        raise LookupError
+    a, b = mul.args
+    if b is x and a is not x:
+        a, b = b, a
+    if a is not x:
+        raise LookupError
+    if not isinstance(b, fx.Node):
+        raise NotPrelu(f"the slope is the number {b!r} (a leaky ReLU), not a tensor")
+    return b
+
+
+def channel_dim_of(x: torch.Tensor, a: torch.Tensor) -> int:
+    """The dim of x that the slope varies along (-1: a single slope). Raises NotPrelu otherwise."""
+    if a.numel() == 1 and a.dim() <= x.dim():
+        return -1
+    if a.dim() > x.dim():
+        raise NotPrelu(f"slope of shape {shape_str(a)} broadcasts x {shape_str(x)} to more dims")
+    pad = x.dim() - a.dim()
+    dims = [pad + i for i, s in enumerate(a.shape) if not known_equal(s, 1)]
+    for d in dims:
+        if not known_equal(a.shape[d - pad], x.shape[d]):
+            raise NotPrelu(f"slope of shape {shape_str(a)} does not broadcast to x {shape_str(x)} "
+                           "without enlarging it")
+    if len(dims) != 1:
+        raise NotPrelu(f"slope of shape {shape_str(a)} varies along {len(dims)} dims of x {shape_str(x)} "
+                       "(kernel: one slope or one per channel)")
+    return dims[0]
+
+
+def _private(nodes: list[fx.Node], end: fx.Node) -> None:
+    inside = set(nodes) | {end}
+    for n in nodes:
+        outside = [u for u in n.users if u not in inside]
+        if outside:
+            raise NotPrelu(f"the intermediate `{n.name}` is also used by `{outside[0].name}` "
+                           "(the fused value must have no other user)")
+
+
+def _is_zero(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+def match(node: fx.Node):
+    """(x, a, channel_dim, zero_grad, intermediates, spelling) if `node` ends a PReLU; None if it does
+    not look like one; raises NotPrelu with the reason if it looks like one but cannot be fused."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.prelu.default:
+        x, a = node.args
+        xv, av = val(x), val(a)
+        if xv is None or av is None:
+            return None
+        if av.numel() == 1:
+            cd = -1
+        elif xv.dim() >= 2 and av.dim() == 1 and known_equal(av.shape[0], xv.shape[1]):
+            cd = 1
+        else:
+            raise NotPrelu(f"prelu weight {shape_str(av)} against input {shape_str(xv)}")
+        return x, a, cd, ZERO_GRAD_SLOPE, [], "F.prelu"
+    if node.target is aten.where.self and len(node.args) == 3:
+        cond, t, f = node.args
+        if not isinstance(cond, fx.Node) or cond.target not in _COMPARE or not _is_zero(cond.args[1]):
+            return None
+        x = cond.args[0]
+        x_true, zero_grad = _COMPARE[cond.target]
+        plain, scaled = (t, f) if x_true else (f, t)
+        if plain is not x or not isinstance(scaled, fx.Node):
+            return None
+        try:
+            a = _slope_of(scaled, x)
+        except LookupError:
+            return None
+        _private([cond, scaled], node)
+        return x, a, None, zero_grad, [cond, scaled], "where(x > 0, x, a*x)"
+    if node.target is aten.sub.Tensor and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+        pos, scaled = node.args
+        if not (isinstance(pos, fx.Node) and pos.target is aten.relu.default and isinstance(scaled, fx.Node)):
+            return None
+        x = pos.args[0]
+        if scaled.target is not aten.mul.Tensor:
+            return None
+        neg_relu = next((m for m in scaled.args if isinstance(m, fx.Node) and m.target is aten.relu.default
+                         and isinstance(m.args[0], fx.Node) and m.args[0].target is aten.neg.default
+                         and m.args[0].args[0] is x), None)
+        if neg_relu is None:
+            return None
+        try:
+            a = _slope_of(scaled, neg_relu)
+        except LookupError:
+            return None
+        _private([pos, scaled, neg_relu, neg_relu.args[0]], node)
+        return x, a, None, ZERO_GRAD_ZERO, [pos, scaled, neg_relu, neg_relu.args[0]], "relu(x) - a*relu(-x)"
+    return None
+
+
+@register_pass(NAME)
+def run(gm: fx.GraphModule, ctx: PassContext) -> int:
+    enabled = kernel_fusions_enabled(ctx)
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph:
+            continue
+        try:
+            found = match(node)
+            if found is None:
+                continue
+            x, a, cd, zero_grad, inner, spelling = found
+            xv, av, out = val(x), val(a), val(node)
+            if xv is None or av is None or out is None:
+                raise NotPrelu("x or the slope is not a tensor")
+            if xv.dtype not in FLOAT_DTYPES or out.dtype != xv.dtype:
+                raise NotPrelu(f"computes in {out.dtype} from x of {xv.dtype} (kernel: fp16/bf16/fp32, no casts)")
+            if not same_shape(out, xv):
+                raise NotPrelu(f"the slope broadcasts x {shape_str(xv)} to {shape_str(out)}")
+            if cd is None:
+                cd = channel_dim_of(xv, av)
+        except NotPrelu as why:
+            ctx.graph_report.add_near_miss(NAME, node, str(why))
+            continue
+        if not enabled:
+            ctx.graph_report.add_near_miss(NAME, node, INDUCTOR_NOTE)
+            continue
+        fused = insert_call(gm, node, torch.ops.flashfuse.prelu.default, (x, a, max(cd, 0), zero_grad), like=node)
+        where = "one slope" if cd < 0 else f"one slope per channel along dim {cd}"
+        ctx.graph_report.add_match(NAME, node, f"{spelling} with {where} -> one kernel", spelling=spelling,
+                                   channel_dim=cd, shape=shape_str(xv))
+        node.replace_all_uses_with(fused)
+        erase_unused(gm, [node] + inner)
+        rewrites += 1
+    return rewrites
