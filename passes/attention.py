@@ -110,9 +110,23 @@ class ScoreModBuilder:
         self.side_desc: list[str] = []
         self.memo: dict[fx.Node, Value] = {}
         self.root = softmax_in
+        self._index_only = False  # while True, anything but an index-only value is _NotPointwise
+
+    def index_operand(self, x) -> Value:
+        """The operand as an index-only value (arange/ones/tril ...), without registering side inputs."""
+        prev, self._index_only = self._index_only, True
+        try:
+            v = self.operand(x)
+        finally:
+            self._index_only = prev
+        if not _is_index_only(v.expr):
+            raise _NotPointwise
+        return v
 
     # -- leaves ------------------------------------------------------------------------------------
     def side(self, node: fx.Node) -> Value:
+        if self._index_only:
+            raise _NotPointwise
         t = val(node)
         if t is None:
             raise NotFusable(f"`{node.name}` between the matmul and the softmax is not a tensor", node)
@@ -126,7 +140,9 @@ class ScoreModBuilder:
             kind = "bool mask" if t.dtype == torch.bool else "float bias/mask"
             self.side_desc.append(f"{kind} {_shape_str(t.shape)}")
         i = self.sides.index(node)
-        return Value(sm.side(i), t.dim(), t.shape, t.dtype == torch.bool)
+        if t.dtype == torch.bool:
+            return Value(sympy.Ne(sm.side(i), 0), t.dim(), t.shape, True)
+        return Value(sm.side(i), t.dim(), t.shape, False)
 
     def const(self, x) -> Value:
         if isinstance(x, bool):
@@ -165,15 +181,35 @@ class ScoreModBuilder:
         if node in self.memo:
             return self.memo[node]
         v = self._visit(node)
+        if self._small_side_subtree(node, v):
+            # A mask/bias computed from tensors without the scores, smaller than Nq×Nk (e.g. an HF padding
+            # mask (B,1,1,N)): let the graph compute it exactly as eager does and load the result.
+            v = self.side(node)
         self.memo[node] = v
         return v
+
+    def _small_side_subtree(self, node: fx.Node, v: Value) -> bool:
+        if self._index_only or node in self.sides or v.expr.has(sm.score):
+            return False
+        if not any(s.name.startswith("side") for s in v.expr.free_symbols):
+            return False
+        if isinstance(v.expr, sympy.Symbol) or (v.is_bool and isinstance(v.expr, sympy.Ne)
+                                                  and v.expr.args[1] == 0 and v.expr.args[0].is_Symbol):
+            return False  # already a plain side load
+        t = val(node)
+        if t is None:
+            return False
+        shape = list(t.shape)
+        spans_q = len(shape) >= 2 and not _same(shape[-2], 1)
+        spans_k = len(shape) >= 1 and not _same(shape[-1], 1)
+        return not (spans_q and spans_k)
 
     def _visit(self, node: fx.Node) -> Value:
         t = val(node)
         if node.op != "call_function":
             return self.side(node)
         target = node.target
-        if target in MATMUL_OPS and t is not None and t.dim() == self.rank and \
+        if target in MATMUL_OPS and not self._index_only and t is not None and t.dim() == self.rank and \
                 all(_same(a, b) for a, b in zip(t.shape, self.score_shape)):
             if self.score_node is None or self.score_node is node:
                 self.score_node = node
@@ -181,10 +217,27 @@ class ScoreModBuilder:
         try:
             return self._pointwise(node, t)
         except _NotPointwise:
-            if self._depends_on_score(node):
+            if self._depends_on_score(node) or self._has_score_like_ancestor(node):
                 raise NotFusable(f"`{_op_name(node)}`{_where(node)} between the scores and the softmax is "
                                  f"not an elementwise op flashfuse understands", node)
             return self.side(node)
+
+    def _has_score_like_ancestor(self, node: fx.Node) -> bool:
+        """Before S is found: does a matmul of the scores' shape feed this node?"""
+        if self.score_node is not None:
+            return False
+        seen, stack = set(), list(node.all_input_nodes)
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            t = val(n)
+            if n.op == "call_function" and n.target in MATMUL_OPS and t is not None and \
+                    t.dim() == self.rank and all(_same(a, b) for a, b in zip(t.shape, self.score_shape)):
+                return True
+            stack.extend(n.all_input_nodes)
+        return False
 
     def _depends_on_score(self, node: fx.Node) -> bool:
         if self.score_node is None:
@@ -335,8 +388,8 @@ class ScoreModBuilder:
             c = self.const(fill)
             return Value(c.expr if not is_bool else c.cond(), out_rank, out_shape, is_bool)
         if target in (aten.tril.default, aten.triu.default):
-            a = self.operand(args[0])
-            if not _is_index_only(a.expr) or a.rank < 2:
+            a = self.index_operand(args[0])
+            if a.rank < 2:
                 raise _NotPointwise
             diag = args[1] if len(args) > 1 else kw.get("diagonal", 0)
             r, c = _ax(a.rank - 2), _ax(a.rank - 1)
@@ -356,9 +409,7 @@ class ScoreModBuilder:
                     aten.expand.default, aten.squeeze.dim, aten.squeeze.default, aten.select.int)
         if target not in view_ops:
             raise _NotPointwise
-        src = self.visit(args[0])
-        if not _is_index_only(src.expr):
-            raise _NotPointwise
+        src = self.index_operand(args[0])
         out_shape = tuple(t.shape)
         e = src.expr
         if target == aten.unsqueeze.default:
@@ -400,7 +451,7 @@ class ScoreModBuilder:
 
     def _align(self, v: Value, rank: int) -> Value:
         """Right-align an index-only expression's axes to a result of rank `rank` (broadcasting)."""
-        if v.rank == rank or not _is_index_only(v.expr) or v.rank == 0:
+        if v.rank == rank or v.rank == 0:
             return v
         lead = rank - v.rank
         mapping = {_ax(i): _ax(i + lead) for i in range(v.rank)}

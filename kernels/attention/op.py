@@ -47,9 +47,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
               scalars: list[float], score_mod: str, dropout_p: float, rng: Optional[torch.Tensor],
               precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(q) and _has_triton_impl():
-        return _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
-    out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
-    return out, lse
+        out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
+    else:
+        out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
+    return _in_layout(out, _empty_out(q, v)), lse.contiguous()
+
+
+def _in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The fake impls promise these strides; compiled graphs rely on them."""
+    if t.stride() == like.stride():
+        return t
+    like.copy_(t)
+    return like
 
 
 @attention.register_fake
@@ -71,13 +80,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     else:
         dq, dk, dv, dsides = reference.attention_backward(
             dout, q, k, v, sides, scalars, score_mod, dropout_p, rng, side_needs_grad)
-    return dq, dk, dv, [d for d, g in zip(dsides, side_needs_grad) if g]
+    return (dq.contiguous(), dk.contiguous(), dv.contiguous(),
+            [d.contiguous() for d, g in zip(dsides, side_needs_grad) if g])
 
 
 @attention_backward.register_fake
 def _(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision):
-    dsides = [torch.empty_like(s) for s, g in zip(sides, side_needs_grad) if g]
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsides
+    dsides = [s.new_empty(s.shape) for s, g in zip(sides, side_needs_grad) if g]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsides
 
 
 def _setup_context(ctx, inputs, output):

@@ -52,6 +52,16 @@ def side_ids(expr: sympy.Basic) -> list[int]:
     return sorted(int(s.name[4:]) for s in expr.free_symbols if s.name.startswith("side"))
 
 
+def add_terms_in_order(e: sympy.Add) -> list:
+    """The terms of a sum in the order to add them in floating point: terms without `score` first, then
+    those with it. Masks like `(1 - m) * finfo.min` expand to `min - min*m`; adding the score in between
+    would lose it (min + s - min == 0 in fp32) where eager computes the mask first. Printers of the
+    expression (the Triton codegen, `evaluate`) must add in this order."""
+    free = [a for a in e.args if not a.has(score)]
+    with_score = [a for a in e.args if a.has(score)]
+    return free + with_score
+
+
 # ---- evaluation with torch (used by the reference implementation and by the tests) ----
 
 _UNARY = {
@@ -80,9 +90,9 @@ def evaluate(expr: sympy.Basic, env: dict[str, torch.Tensor | float]):
                 return float(e)
             return float(e)
         if isinstance(e, sympy.Add):
-            out = ev(e.args[0])
-            for a in e.args[1:]:
-                out = out + ev(a)
+            out = None
+            for a in add_terms_in_order(e):
+                out = ev(a) if out is None else out + ev(a)
             return out
         if isinstance(e, sympy.Mul):
             out = ev(e.args[0])

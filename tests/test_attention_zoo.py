@@ -1,0 +1,515 @@
+"""The zoo: hand-written attention in every spelling people use, each fused exactly as often as expected,
+with outputs and gradients equal to eager; and the negatives, left untouched with a reason."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flashfuse
+from flashfuse.report import Report, _active
+
+torch.manual_seed(0)
+B, H, T, D = 2, 4, 11, 16
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def compile_and_report(fn, *, remainder="eager", dynamic=False, options=None):
+    report = Report()
+    opts = {"remainder": remainder, "passes": ["attention"], **(options or {})}
+    compiled = torch.compile(fn, backend=flashfuse.backend(**opts), dynamic=dynamic)
+
+    def run(*args):
+        _active.append(report)
+        try:
+            return compiled(*args)
+        finally:
+            _active.pop()
+
+    return run, report
+
+
+def fused_op_count(report: Report) -> int:
+    """flashfuse::attention calls in the graphs that were actually compiled."""
+    n = 0
+    for g in report.graphs:
+        if g.graph_after is None:
+            continue
+        n += sum(1 for node in g.graph_after.graph.nodes
+                 if node.op == "call_function" and node.target == torch.ops.flashfuse.attention.default)
+    return n
+
+
+def check(fn, *inputs, expected=1, grads=True, tol=1e-4, remainder="eager", dynamic=False):
+    """Compile fn with flashfuse; assert `expected` fusions and equality with eager (fwd + grads)."""
+    ref_fn = fn
+    if isinstance(fn, nn.Module):
+        fn.zero_grad(set_to_none=True)
+    test_fn = copy.deepcopy(fn) if isinstance(fn, nn.Module) else fn
+    ref_in = [x.detach().clone().requires_grad_(x.is_floating_point() and grads) for x in inputs]
+    test_in = [x.detach().clone().requires_grad_(x.is_floating_point() and grads) for x in inputs]
+    run, report = compile_and_report(test_fn, remainder=remainder, dynamic=dynamic)
+    out = run(*test_in)
+    ref = ref_fn(*ref_in)
+    assert report.count("attention") == expected, str(report)
+    assert fused_op_count(report) == expected, str(report)
+    assert rel_err(out, ref) < tol, (rel_err(out, ref), str(report))
+    if grads:
+        g = torch.randn_like(ref)
+        out.backward(g)
+        ref.backward(g)
+        for a, b in zip(test_in, ref_in):
+            if b.grad is not None:
+                assert rel_err(a.grad, b.grad) < tol, ("input grad", rel_err(a.grad, b.grad))
+        if isinstance(fn, nn.Module):
+            for (name, pa), (_, pb) in zip(test_fn.named_parameters(), ref_fn.named_parameters()):
+                if pb.grad is not None:
+                    assert pa.grad is not None, f"no grad for {name}"
+                    assert rel_err(pa.grad, pb.grad) < tol, (name, rel_err(pa.grad, pb.grad))
+    return report
+
+
+def qkv(b=B, h=H, nq=T, nk=None, d=D, hkv=None, dv=None):
+    nk = nq if nk is None else nk
+    hkv = h if hkv is None else hkv
+    dv = d if dv is None else dv
+    return torch.randn(b, h, nq, d), torch.randn(b, hkv, nk, d), torch.randn(b, hkv, nk, dv)
+
+
+# ------------------------------------------------------------------------------------------------
+# S = Q·Kᵀ spellings and scales
+# ------------------------------------------------------------------------------------------------
+def sp_at_transpose_mul(q, k, v):
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    return F.softmax(att, dim=-1) @ v
+
+
+def sp_matmul_transpose23_div(q, k, v):
+    return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1]), -1), v)
+
+
+def sp_method_matmul_mT(q, k, v):
+    return q.matmul(k.mT).mul(D ** -0.5).softmax(dim=-1).matmul(v)
+
+
+def sp_permute(q, k, v):
+    s = torch.matmul(q, k.permute(0, 1, 3, 2)) * 0.125
+    return torch.matmul(s.softmax(-1), v)
+
+
+def sp_bmm_3d(q, k, v):
+    b, h, n, d = q.shape
+    q3, k3, v3 = (x.reshape(b * h, -1, d) for x in (q, k, v))
+    s = torch.bmm(q3, k3.transpose(1, 2)) / math.sqrt(d)
+    return torch.bmm(F.softmax(s, dim=-1), v3).view(b, h, n, d)
+
+
+def sp_einsum(q, k, v):
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * q.size(-1) ** -0.5
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
+
+
+def sp_einsum_other_letters(q, k, v):
+    s = torch.einsum("bnid,bnjd->bnij", q, k) / 4.0
+    return torch.einsum("bnij,bnjd->bnid", torch.softmax(s, dim=3), v)
+
+
+def sp_prescaled_q(q, k, v):
+    q = q * (q.size(-1) ** -0.5)
+    return F.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def sp_prescaled_k(q, k, v):
+    k = k / math.sqrt(k.shape[-1])
+    return F.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def sp_nn_softmax(q, k, v):
+    return nn.Softmax(dim=-1)(q @ k.transpose(-2, -1) / 4) @ v
+
+
+def sp_softmax_fp32_cast_back(q, k, v):
+    s = q @ k.transpose(-2, -1) * 0.25
+    return F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def sp_float_type_as(q, k, v):
+    s = (q @ k.transpose(-2, -1)).float() / 4
+    return s.softmax(-1).type_as(q) @ v
+
+
+def sp_inplace_div(q, k, v):
+    att = q @ k.transpose(-2, -1)
+    att /= math.sqrt(q.size(-1))
+    return att.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [
+    sp_at_transpose_mul, sp_matmul_transpose23_div, sp_method_matmul_mT, sp_permute, sp_bmm_3d, sp_einsum,
+    sp_einsum_other_letters, sp_prescaled_q, sp_prescaled_k, sp_nn_softmax, sp_softmax_fp32_cast_back,
+    sp_float_type_as, sp_inplace_div,
+], ids=lambda f: f.__name__)
+def test_matmul_and_scale_spellings(fn):
+    check(fn, *qkv())
+
+
+def test_single_head_3d_inputs():
+    def f(q, k, v):
+        return F.softmax(q @ k.transpose(1, 2) / math.sqrt(q.size(-1)), dim=-1) @ v
+    check(f, torch.randn(3, 13, 8), torch.randn(3, 13, 8), torch.randn(3, 13, 8))
+
+
+# ------------------------------------------------------------------------------------------------
+# masks and biases
+# ------------------------------------------------------------------------------------------------
+class NanoGPTAttention(nn.Module):
+    def __init__(self, n_embd=32, n_head=4, block_size=16, dropout=0.0):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.n_head, self.n_embd = n_head, n_embd
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        Bx, Tx, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(Bx, Tx, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(Bx, Tx, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(Bx, Tx, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :Tx, :Tx] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v
+        y = y.transpose(1, 2).contiguous().view(Bx, Tx, C)
+        return self.c_proj(y)
+
+
+def test_nanogpt_causal_tril_buffer():
+    check(NanoGPTAttention().eval(), torch.randn(2, 13, 32))
+
+
+def test_nanogpt_dropout_eval_mode_is_exact():
+    check(NanoGPTAttention(dropout=0.1).eval(), torch.randn(2, 13, 32))
+
+
+def test_nanogpt_dropout_train_mode():
+    torch.manual_seed(1)
+    m = NanoGPTAttention(dropout=0.2).train()
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    run, report = compile_and_report(m)
+    out = run(x)
+    assert report.count("attention") == 1 and "dropout p=0.2" in report.matches[0].description
+    assert out.shape == (2, 13, 32) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # eval mode of the same module: the same numbers as eager
+    m.eval()
+    torch._dynamo.reset()
+    check(m, torch.randn(2, 13, 32))
+
+
+def test_functional_dropout_training_false():
+    def f(q, k, v):
+        return F.dropout(F.softmax(q @ k.mT * 0.25, -1), p=0.3, training=False) @ v
+    check(f, *qkv())
+
+
+def _causal_bool(n):
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def test_masked_fill_finfo_min():
+    def f(q, k, v):
+        s = q @ k.mT * 0.25
+        s = s.masked_fill(~_causal_bool(s.size(-1)), torch.finfo(s.dtype).min)
+        return s.softmax(-1) @ v
+    check(f, *qkv())
+
+
+def test_where_mask():
+    def f(q, k, v, m):
+        s = torch.where(m, q @ k.mT / 4, float("-inf"))
+        return s.softmax(-1) @ v
+    m = torch.rand(B, 1, T, T) > 0.3
+    m[..., 0] = True  # no fully masked row: eager gives NaN there (tested in the kernel tests)
+    check(f, *qkv(), m)
+
+
+def test_additive_hf_style_mask():
+    def f(q, k, v, attention_mask):
+        ext = (1.0 - attention_mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1)) + ext
+        return torch.matmul(nn.functional.softmax(s, dim=-1), v)
+    am = torch.ones(B, T, dtype=torch.long)  # HF masks are integer
+    am[0, -4:] = 0
+    check(f, *qkv(), am)
+
+
+def test_additive_full_mask_b1nn():
+    def f(q, k, v, mask):
+        return (q @ k.mT * 0.25 + mask).softmax(-1) @ v
+    mask = torch.randn(B, 1, T, T)
+    check(f, *qkv(), mask)
+
+
+def test_bool_key_padding_mask():
+    def f(q, k, v, pad):
+        s = q @ k.mT * 0.25
+        s = s.masked_fill(pad[:, None, None, :], float("-inf"))
+        return s.softmax(-1) @ v
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, -3:] = True
+    check(f, *qkv(), pad)
+
+
+def test_tril_ones_inline():
+    def f(q, k, v):
+        n = q.size(-2)
+        s = q @ k.mT * 0.25
+        s = s.masked_fill(torch.tril(torch.ones(n, n)) == 0, float("-inf"))
+        return s.softmax(-1) @ v
+    r = check(f, *qkv())
+    assert "causal" in r.matches[0].description
+
+
+def test_triu_additive_causal():
+    def f(q, k, v):
+        n = q.size(-2)
+        mask = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
+        return F.softmax(q @ k.mT / 4 + mask, dim=-1) @ v
+    check(f, *qkv())
+
+
+def test_arange_causal():
+    def f(q, k, v):
+        n = q.size(-2)
+        i = torch.arange(n)
+        s = (q @ k.mT / 4).masked_fill(i[None, :] > i[:, None], float("-inf"))
+        return s.softmax(-1) @ v
+    check(f, *qkv())
+
+
+def test_bottom_right_causal_cross():
+    def f(q, k, v):
+        nq, nk = q.size(-2), k.size(-2)
+        keep = torch.ones(nq, nk, dtype=torch.bool).tril(diagonal=nk - nq)
+        s = (q @ k.mT / 4).masked_fill(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+    check(f, *qkv(nq=7, nk=12))
+
+
+def test_sliding_window():
+    def f(q, k, v):
+        n = q.size(-2)
+        i = torch.arange(n)
+        diff = i[:, None] - i[None, :]
+        keep = (diff >= 0) & (diff < 4)
+        return (q @ k.mT / 4).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+    check(f, *qkv())
+
+
+class AlibiAttention(nn.Module):
+    def __init__(self, n_head=H):
+        super().__init__()
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / n_head) for i in range(n_head)])
+        self.register_buffer("slopes", slopes)
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        pos = torch.arange(n)
+        rel = pos[None, :] - pos[:, None]
+        bias = self.slopes[:, None, None] * rel[None]
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + bias
+        return s.softmax(-1) @ v
+
+
+def test_alibi():
+    check(AlibiAttention(), *qkv())
+
+
+class LearnedBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, H, T, T) * 0.5)
+
+    def forward(self, q, k, v):
+        return F.softmax(q @ k.mT * 0.25 + self.bias, dim=-1) @ v
+
+
+def test_learned_bias_gets_gradient():
+    check(LearnedBias(), *qkv())
+
+
+def test_tanh_softcap():
+    def f(q, k, v):
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        s = 5.0 * torch.tanh(s / 5.0)
+        return s.softmax(-1) @ v
+    r = check(f, *qkv())
+    assert "softcap" in r.matches[0].description
+
+
+# ------------------------------------------------------------------------------------------------
+# GQA, cross-attention, head dims, several blocks
+# ------------------------------------------------------------------------------------------------
+def repeat_kv(x, n_rep):
+    b, hkv, n, d = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, None, :, :].expand(b, hkv, n_rep, n, d).reshape(b, hkv * n_rep, n, d)
+
+
+def test_gqa_llama_repeat_kv():
+    def f(q, k, v):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        return F.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.25, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    r = check(f, *qkv(hkv=2))
+    assert "GQA 2:1" in r.matches[0].description
+
+
+def test_mqa_repeat_interleave():
+    def f(q, k, v):
+        k = torch.repeat_interleave(k, 4, dim=1)
+        v = v.repeat_interleave(4, dim=1)
+        return (q @ k.mT / 4).softmax(-1) @ v
+    r = check(f, *qkv(hkv=1))
+    assert "GQA 4:1" in r.matches[0].description
+
+
+def test_cross_attention_nq_ne_nk():
+    check(sp_at_transpose_mul, *qkv(nq=5, nk=19))
+
+
+def test_odd_head_dim_and_value_dim():
+    check(sp_at_transpose_mul, *qkv(d=24, dv=40))
+
+
+def test_two_attention_blocks_in_one_graph():
+    def f(q, k, v):
+        y = sp_at_transpose_mul(q, k, v)
+        return sp_einsum(y, k, v) + y
+    check(f, *qkv(), expected=2)
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, dim=32, num_heads=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        Bx, N, C = x.shape
+        qkv = self.qkv(x).reshape(Bx, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(Bx, N, C)
+        return self.proj(x)
+
+
+def test_vit_attention_module():
+    check(ViTAttention(), torch.randn(2, 17, 32))
+
+
+def test_inductor_remainder():
+    check(NanoGPTAttention().eval(), torch.randn(2, 13, 32), remainder="inductor")
+
+
+# ------------------------------------------------------------------------------------------------
+# negatives: left untouched, with the reason
+# ------------------------------------------------------------------------------------------------
+def _negative(fn, *inputs, reason: str):
+    run, report = compile_and_report(fn)
+    out = run(*inputs)
+    ref = fn(*inputs)
+    assert report.count("attention") == 0 and fused_op_count(report) == 0, str(report)
+    assert any(reason in nm.reason for nm in report.near_misses) or reason == "", str(report)
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    for a, b in zip(outs, refs):
+        assert rel_err(a, b) < 1e-5
+    return report
+
+
+def test_negative_softmax_over_queries():
+    r = _negative(lambda q, k, v: F.softmax(q @ k.mT, dim=-2) @ v, *qkv(), reason="softmax over dim -2")
+    assert "keys are on dim -1" in r.near_misses[0].reason
+
+
+def test_negative_probabilities_returned():
+    def f(q, k, v):
+        p = (q @ k.mT).softmax(-1)
+        return p @ v, p
+    _negative(f, *qkv(), reason="probabilities also returned")
+
+
+def test_negative_probabilities_summed():
+    def f(q, k, v):
+        p = (q @ k.mT).softmax(-1)
+        return (p @ v) + p.sum()
+    r = _negative(f, *qkv(), reason="probabilities also used by `sum`")
+    assert "test_attention_zoo.py" in r.near_misses[0].source
+
+
+def test_negative_no_softmax_between_matmuls():
+    _negative(lambda q, k, v: (q @ k.mT * 0.1).relu() @ v, *qkv(), reason="")
+
+
+def test_negative_post_softmax_masking():
+    def f(q, k, v, m):
+        p = (q @ k.mT).softmax(-1).masked_fill(m, 0.0)
+        return p @ v
+    _negative(f, *qkv(), torch.rand(T, T) > 0.5, reason="not to a matmul with V")
+
+
+def test_negative_head_dim_too_large():
+    _negative(sp_at_transpose_mul, *qkv(b=1, h=1, nq=3, d=512), reason="head dim 512 > 256")
+
+
+def test_negative_unknown_op_between_scores_and_softmax():
+    def f(q, k, v):
+        s = torch.cumsum(q @ k.mT, dim=-1)
+        return s.softmax(-1) @ v
+    _negative(f, *qkv(), reason="`cumsum`")
+
+
+# ------------------------------------------------------------------------------------------------
+# dynamic shapes
+# ------------------------------------------------------------------------------------------------
+def test_dynamic_new_length_no_recompile_and_fused():
+    calls = []
+    backend = flashfuse.backend(remainder="eager", passes=["attention"])
+
+    def counting(gm, ex):
+        calls.append(1)
+        return backend(gm, ex)
+
+    def f(q, k, v):
+        n = q.size(-2)
+        s = (q @ k.mT / math.sqrt(q.size(-1))).masked_fill(torch.tril(torch.ones(n, n)) == 0, float("-inf"))
+        return s.softmax(-1) @ v
+
+    report = Report()
+    compiled = torch.compile(f, backend=counting, dynamic=True)
+    _active.append(report)
+    try:
+        for n in (9, 14, 23):
+            inputs = qkv(nq=n)
+            out = compiled(*inputs)
+            assert rel_err(out, f(*inputs)) < 1e-4
+    finally:
+        _active.pop()
+    assert len(calls) == 1
+    assert report.count("attention") == 1 and fused_op_count(report) == 1
