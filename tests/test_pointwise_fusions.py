@@ -1,0 +1,419 @@
+"""End-to-end tests of the pointwise/graph fusions of issue 5: bias_gelu, prelu, matmul_transpose,
+global_pool, eltwise_chain. For each: several spellings fused (count from the report) with outputs and
+gradients equal to eager, under the eager remainder and under Inductor with norm_policy="always";
+negatives left alone with a recorded near-miss reason; the norm_policy rules."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flashfuse.explain import explain
+from flashfuse.testing import assert_close_to_eager
+
+EAGER = {"remainder": "eager"}
+INDUCTOR_ALWAYS = {"remainder": "inductor", "norm_policy": "always"}
+CONFIGS = [pytest.param(EAGER, id="eager"), pytest.param(INDUCTOR_ALWAYS, id="inductor-always")]
+FUSIONS = ("bias_gelu", "prelu", "matmul_transpose", "global_pool", "eltwise_chain")
+
+
+def counts(report) -> dict[str, int]:
+    return {name: report.count(name) for name in FUSIONS}
+
+
+def expect(model, *inputs, options=EAGER, **expected):
+    """Check the exact number of rewrites per fusion (unnamed ones must be 0) and return the report."""
+    report = explain(model, *inputs, options=options)
+    want = {name: expected.get(name, 0) for name in FUSIONS}
+    assert counts(report) == want, str(report)
+    assert not any("passes skipped" in note for g in report.graphs for note in g.notes), str(report)
+    return report
+
+
+def near_miss(report, fusion: str) -> str:
+    reasons = [n.reason for n in report.near_misses if n.fusion == fusion]
+    assert reasons, f"no near-miss recorded for {fusion}:\n{report}"
+    return " | ".join(reasons)
+
+
+def check(model, *inputs, options=EAGER, **expected):
+    report = expect(model, *inputs, options=options, **expected)
+    assert_close_to_eager(model, *inputs, options=options, rtol=1e-4, atol=1e-5)
+    return report
+
+
+def rand(*shape, zeros: int = 0):
+    x = torch.randn(*shape, dtype=torch.float64).float()
+    if zeros:
+        x.view(-1)[:zeros] = 0.0  # exact zeros: where the PReLU spellings' gradients differ
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# bias + GELU
+# ------------------------------------------------------------------------------------------------
+class LinearGelu(nn.Module):
+    def __init__(self, approximate="none"):
+        super().__init__()
+        self.lin, self.approximate = nn.Linear(12, 9), approximate
+
+    def forward(self, x):
+        return F.gelu(self.lin(x), approximate=self.approximate)
+
+
+class MatmulBiasGelu(nn.Module):
+    """`x @ W + b`, then one of the GELU spellings."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(12, 9) / 4)
+        self.b = nn.Parameter(torch.randn(9))
+        self.spelling = spelling
+
+    def forward(self, x):
+        h = x @ self.W + self.b
+        s = self.spelling
+        if s == "F.gelu":
+            return F.gelu(h)
+        if s == "erf":
+            return 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+        if s == "erf-div2":
+            return h * (1.0 + torch.erf(h * 0.7071067811865476)) / 2
+        if s == "tanh-pow":
+            return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * torch.pow(h, 3))))
+        if s == "tanh-cube":
+            return h * 0.5 * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * h * h * h)))
+        if s == "tanh-fast":  # HF FastGELU
+            return 0.5 * h * (1.0 + torch.tanh(h * 0.7978845608 * (1.0 + 0.044715 * h * h)))
+        if s == "wrong-constant":
+            return 0.5 * h * (1 + torch.tanh(0.8 * (h + 0.044715 * h * h * h)))
+        if s == "wrong-erf":
+            return 0.5 * h * (1 + torch.erf(h / 1.5))
+        raise ValueError(s)
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+@pytest.mark.parametrize("spelling", ["F.gelu", "erf", "tanh-pow"])
+def test_bias_gelu_spellings(spelling, options):
+    torch.manual_seed(0)
+    report = check(MatmulBiasGelu(spelling), rand(3, 5, 12), options=options, bias_gelu=1)
+    assert report.matches[0].details["bias"] is True  # the `+ b` of the matmul is in the kernel
+    assert report.matches[0].details["approximate"] == ("tanh" if "tanh" in spelling else "none")
+
+
+@pytest.mark.parametrize("spelling", ["erf-div2", "tanh-cube", "tanh-fast"])
+def test_bias_gelu_more_spellings_eager(spelling):
+    torch.manual_seed(1)
+    check(MatmulBiasGelu(spelling), rand(7, 12), bias_gelu=1)
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+def test_linear_gelu_tanh_folds_linear_bias(options):
+    torch.manual_seed(2)
+    report = check(LinearGelu("tanh"), rand(2, 3, 12), options=options, bias_gelu=1)
+    assert "linear's bias" in report.matches[0].description
+    code = report.graphs[0].code_after
+    assert "flashfuse.bias_gelu" in code and "aten.gelu" not in code
+
+
+@pytest.mark.parametrize("spelling", ["wrong-constant", "wrong-erf"])
+def test_gelu_with_a_wrong_constant_is_a_different_function(spelling):
+    torch.manual_seed(3)
+    model = MatmulBiasGelu(spelling)
+    report = explain(model, rand(4, 12), options=EAGER)
+    assert report.count("bias_gelu") == 0
+    assert "a different function" in near_miss(report, "bias_gelu")
+    assert_close_to_eager(model, rand(4, 12), options=EAGER, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_with_a_shared_intermediate_is_left_alone():
+    def f(x):
+        cube = x * x * x
+        return 0.5 * x * (1 + torch.tanh(0.7978845608 * (x + 0.044715 * cube))), cube
+
+    x = rand(5, 7)
+    report = explain(f, x, options=EAGER)
+    assert report.count("bias_gelu") == 0
+    assert "also used" in near_miss(report, "bias_gelu")
+    assert_close_to_eager(f, x, options=EAGER)
+
+
+def test_bias_with_other_users_is_not_folded():
+    W, b = torch.randn(12, 9), torch.randn(9)
+
+    def f(x):
+        h = x @ W + b
+        return F.gelu(h), h
+
+    report = expect(f, rand(4, 12), bias_gelu=1)
+    assert report.matches[0].details["bias"] is False
+    assert_close_to_eager(f, rand(4, 12), options=EAGER)
+
+
+# ------------------------------------------------------------------------------------------------
+# PReLU
+# ------------------------------------------------------------------------------------------------
+class PreluNet(nn.Module):
+    def __init__(self, spelling, channels=5):
+        super().__init__()
+        self.spelling = spelling
+        self.prelu = nn.PReLU(channels)
+        self.a = nn.Parameter(torch.rand(1) * 0.5)
+        self.a_channel = nn.Parameter(torch.rand(channels, 1, 1))
+        self.a_last = nn.Parameter(torch.rand(7))
+        self.a_2d = nn.Parameter(torch.rand(channels, 1, 7))
+
+    def forward(self, x):
+        s = self.spelling
+        if s == "nn.PReLU":
+            return self.prelu(x)
+        if s == "F.prelu-scalar":
+            return F.prelu(x, self.a)
+        if s == "where-channel":
+            return torch.where(x > 0, x, self.a_channel * x)
+        if s == "where-le-last-dim":
+            return torch.where(x <= 0, x * self.a_last, x)
+        if s == "where-ge":
+            return torch.where(x >= 0, x, self.a * x)
+        if s == "relu-diff":
+            return F.relu(x) - self.a * F.relu(-x)
+        if s == "relu-diff-channel":
+            return F.relu(x) - self.a_channel * F.relu(-x)
+        if s == "leaky-number":
+            return torch.where(x > 0, x, 0.1 * x)
+        if s == "slope-2d":
+            return torch.where(x > 0, x, self.a_2d * x)
+        raise ValueError(s)
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+@pytest.mark.parametrize("spelling", ["nn.PReLU", "where-channel", "relu-diff"])
+def test_prelu_spellings(spelling, options):
+    torch.manual_seed(4)
+    check(PreluNet(spelling), rand(2, 5, 3, 7, zeros=6), options=options, prelu=1)
+
+
+@pytest.mark.parametrize("spelling", ["F.prelu-scalar", "where-le-last-dim", "where-ge", "relu-diff-channel"])
+def test_prelu_more_spellings_eager(spelling):
+    torch.manual_seed(5)
+    report = check(PreluNet(spelling), rand(2, 5, 3, 7, zeros=6), prelu=1)
+    if spelling == "where-le-last-dim":
+        assert report.matches[0].details["channel_dim"] == 3
+
+
+@pytest.mark.parametrize("spelling,reason", [("leaky-number", "leaky ReLU"), ("slope-2d", "varies along 2 dims")])
+def test_prelu_negatives(spelling, reason):
+    model = PreluNet(spelling)
+    report = expect(model, rand(2, 5, 3, 7))
+    assert reason in near_miss(report, "prelu")
+
+
+def test_prelu_with_shared_product_is_left_alone():
+    a = torch.rand(1)
+
+    def f(x):
+        m = a * x
+        return torch.where(x > 0, x, m), m
+
+    report = expect(f, rand(3, 4))
+    assert "also used" in near_miss(report, "prelu")
+
+
+# ------------------------------------------------------------------------------------------------
+# matmul + transpose folding
+# ------------------------------------------------------------------------------------------------
+class TransposeMatmul(nn.Module):
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.W = nn.Parameter(torch.randn(6, 7))
+
+    def forward(self, x):
+        s = self.spelling
+        if s == "transpose-contiguous":
+            return x @ x.transpose(-2, -1).contiguous()
+        if s == "permute-contiguous":
+            return torch.matmul(x.permute(0, 1, 3, 2).contiguous(), x)
+        if s == "weight-t":
+            return x @ self.W.t().contiguous()
+        if s == "bmm-mT-clone":
+            y = x.flatten(0, 1)
+            return torch.bmm(y, y.mT.clone())
+        if s == "batch-not-collapsible":
+            return x.permute(0, 2, 1, 3).contiguous() @ x.transpose(-2, -1)
+        if s == "copy-used-elsewhere":
+            t = x.transpose(-2, -1).contiguous()
+            return x @ t, t * 2
+        raise ValueError(s)
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+@pytest.mark.parametrize("spelling", ["transpose-contiguous", "permute-contiguous", "weight-t"])
+def test_matmul_transpose_spellings(spelling, options):
+    torch.manual_seed(6)
+    report = check(TransposeMatmul(spelling), rand(2, 3, 5, 7), options=options, matmul_transpose=1)
+    code = report.graphs[0].code_after
+    assert "contiguous" not in code and "clone" not in code  # no copy kernel left
+
+
+def test_matmul_transpose_bmm_clone_eager():
+    report = check(TransposeMatmul("bmm-mT-clone"), rand(2, 3, 5, 7), matmul_transpose=1)
+    assert "clone" not in report.graphs[0].code_after
+
+
+@pytest.mark.parametrize("spelling,reason", [("batch-not-collapsible", "do not collapse"),
+                                             ("copy-used-elsewhere", "also used")])
+def test_matmul_transpose_negatives(spelling, reason):
+    model = TransposeMatmul(spelling)
+    x = rand(2, 5, 5, 7) if spelling == "batch-not-collapsible" else rand(2, 3, 5, 7)
+    report = expect(model, x)
+    assert reason in near_miss(report, "matmul_transpose")
+    assert "contiguous" in report.graphs[0].code_after
+
+
+# ------------------------------------------------------------------------------------------------
+# reduction -> global pooling
+# ------------------------------------------------------------------------------------------------
+POOLS = {
+    "mean-mean": lambda x: x.mean(-1).mean(-1),
+    "mean3-mean2": lambda x: x.mean(3).mean(2),
+    "sum-sum-div": lambda x: x.sum(-1).sum(-1) / (x.shape[-1] * x.shape[-2]),
+    "keepdim": lambda x: x.mean(-1, keepdim=True).mean(-2, keepdim=True),
+    "three-steps": lambda x: x.mean(-1).mean(-1).mean(-1),
+    "sum-sum": lambda x: x.sum(-1).sum(-1),
+}
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+@pytest.mark.parametrize("spelling", ["mean-mean", "sum-sum-div"])
+def test_global_pool_spellings(spelling, options):
+    report = check(POOLS[spelling], rand(2, 3, 5, 7), options=options, global_pool=1)
+    assert report.matches[0].details["kind"] == "mean"
+    assert report.matches[0].details["dims"] == (2, 3)
+    assert report.graphs[0].code_after.count("aten.mean") == 1
+
+
+@pytest.mark.parametrize("spelling", ["mean3-mean2", "keepdim", "three-steps", "sum-sum"])
+def test_global_pool_more_spellings_eager(spelling):
+    report = check(POOLS[spelling], rand(2, 3, 5, 7), global_pool=1)
+    assert report.matches[0].details["steps"] == (3 if spelling == "three-steps" else 2)
+
+
+def test_global_pool_negatives():
+    report = expect(lambda x: x.mean(1).mean(-1), rand(2, 3, 5, 7))
+    assert "not adjacent" in near_miss(report, "global_pool")
+
+    def shared(x):
+        m = x.mean(-1)
+        return m.mean(-1), m
+
+    report = expect(shared, rand(2, 3, 5, 7))
+    assert "also used" in near_miss(report, "global_pool")
+
+
+def test_sum_divided_by_another_number_stays_a_sum():
+    f = lambda x: x.sum(-1).sum(-1) / 10  # noqa: E731
+    report = check(f, rand(2, 3, 5, 7), global_pool=1)
+    assert report.matches[0].details["kind"] == "sum"
+
+
+# ------------------------------------------------------------------------------------------------
+# binary eltwise folding
+# ------------------------------------------------------------------------------------------------
+def chain_products(a, b, c, d, e, f):
+    return a * b + c * d - e * f
+
+
+def chain_scalars(a, b, c):
+    return a * 2.0 + b * 3.0 - c / 4 + 1
+
+
+def chain_rsub_div(a, b, c):
+    return (1 - a) * b / c + torch.add(a, b, alpha=2) - c.pow(2)
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+@pytest.mark.parametrize("fn,n,ops", [(chain_products, 6, 5), (chain_scalars, 3, 6)])
+def test_eltwise_chain_spellings(fn, n, ops, options):
+    xs = [rand(3, 7) for _ in range(n)]
+    report = check(fn, *xs, options=options, eltwise_chain=1)
+    assert report.matches[0].details["ops"] == ops
+    assert report.matches[0].details["inputs"] == n
+
+
+def test_eltwise_chain_rsub_div_alpha_pow_eager():
+    xs = [rand(5, 9), rand(5, 9), rand(5, 9).abs() + 0.5]
+    check(chain_rsub_div, *xs, eltwise_chain=1)
+
+
+def test_eltwise_chain_keeps_the_order_of_operations():
+    # sympy would simplify (x + 1e8) - 1e8 to x; the kernel must compute what eager computes
+    f = lambda x, y: ((x + 1e8) - 1e8) * y  # noqa: E731
+    x, y = rand(4, 5), rand(4, 5)
+    expect(f, x, y, eltwise_chain=1)
+    compiled = torch.compile(f, backend=__import__("flashfuse").backend(**EAGER))
+    assert torch.equal(compiled(x, y), f(x, y))
+
+
+def test_eltwise_chain_negatives():
+    # broadcast inputs: the chain would read (9,) vectors against (4, 9)
+    b1, b2, b3 = rand(9), rand(9), rand(9)
+    report = expect(lambda x, y, z: x * b1 + y * b2 - z * b3, rand(4, 9), rand(4, 9), rand(4, 9))
+    assert "broadcasts" in near_miss(report, "eltwise_chain")
+
+    # an intermediate with another user splits the chain below 3 ops
+    def shared(a, b, c):
+        t = a * b
+        return t + c - a, t
+
+    report = expect(shared, rand(3, 4), rand(3, 4), rand(3, 4))
+    assert "also used" in near_miss(report, "eltwise_chain")
+
+    # two ops are not a chain
+    report = expect(lambda a, b, c: a * b + c, rand(3, 4), rand(3, 4), rand(3, 4))
+    assert not report.near_misses
+
+
+# ------------------------------------------------------------------------------------------------
+# norm_policy
+# ------------------------------------------------------------------------------------------------
+def test_inductor_auto_leaves_pointwise_kernels_to_inductor_but_simplifies_graphs():
+    W, b = torch.randn(12, 9), torch.randn(9)
+    a = torch.rand(1)
+
+    def f(x, y, z):
+        g = F.gelu(x @ W + b)
+        p = torch.where(y > 0, y, a * y)
+        c = g * 2.0 + p * 3.0 - z
+        return c, x.mean(-1).mean(-1), x @ x.transpose(-2, -1).contiguous()
+
+    args = (rand(2, 9, 12), rand(2, 9, 9), rand(2, 9, 9))
+    auto = expect(f, *args, options={"remainder": "inductor"}, matmul_transpose=1, global_pool=1)
+    for fusion in ("bias_gelu", "prelu", "eltwise_chain"):
+        assert "left to Inductor" in near_miss(auto, fusion)
+    expect(f, *args, options=INDUCTOR_ALWAYS, bias_gelu=1, prelu=1, eltwise_chain=1, matmul_transpose=1,
+           global_pool=1)
+    expect(f, *args, options={"remainder": "inductor", "norm_policy": "never"}, matmul_transpose=1,
+           global_pool=1)
+    # the eager remainder always applies, whatever the policy
+    expect(f, *args, options={"remainder": "eager", "norm_policy": "never"}, bias_gelu=1, prelu=1,
+           eltwise_chain=1, matmul_transpose=1, global_pool=1)
+
+
+def test_all_fusions_together_match_eager_under_inductor():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(12, 9)
+            self.prelu = nn.PReLU(9)
+
+        def forward(self, x, y, z):
+            h = self.prelu(F.gelu(self.lin(x)).transpose(1, 2)).transpose(1, 2)
+            return h * y + z * y - h / 3, h.mean(-1).mean(-1)
+
+    torch.manual_seed(7)
+    args = (rand(2, 5, 12), rand(2, 5, 9), rand(2, 5, 9))
+    check(Block(), *args, options=INDUCTOR_ALWAYS, bias_gelu=1, prelu=1, eltwise_chain=1, global_pool=1)
