@@ -60,7 +60,7 @@ def _split_keep(expr: sympy.Basic):
     if isinstance(expr, sympy.Mul):
         # a positive constant factor keeps -oo at -oo
         coeff, rest = expr.as_coeff_Mul()
-        if coeff.is_number and coeff > 0 and rest != 1:
+        if coeff.is_number and coeff > 0 and coeff != 1 and rest != 1:
             k, v = _split_keep(rest)
             return k, coeff * v
     return sympy.true, expr
@@ -144,6 +144,7 @@ def _clamp_floats(e: sympy.Basic) -> sympy.Basic:
 
 def analyze(expr: sympy.Basic, n_sides: int) -> Analysis:
     keep, value = _split_keep(expr)
+    keep = sympy.logic.boolalg.to_nnf(keep)  # ~(a | b) -> ~a & ~b, so each inequality can become a bound
     conj = list(keep.args) if isinstance(keep, sympy.And) else ([] if keep is sympy.true else [keep])
     bounds, linear, other = [], [], []
     for c in conj:

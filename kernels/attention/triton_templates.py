@@ -122,7 +122,10 @@ def attn_fwd(Q, K, V, Out, LSE, RNG,
     out = acc / l_i[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    lse = (m_i + tl.math.log2(l_i)) / LSE_SCALE
+    lse = m_i / LSE_SCALE + tl.math.log2(l_i) * 0.6931471805599453  # natural log
+    # every score of the row is a huge fill (finfo.min): out is eager's uniform average, but m + log(l)
+    # rounds to m, so the backward could not recover P; mark the row fully masked (no gradient) instead
+    lse = tl.where(m_i < -1.0e30, float("-inf"), lse)
     tl.store(Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < DV))

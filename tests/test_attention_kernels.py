@@ -1,0 +1,461 @@
+"""Generated Triton attention kernels (kernels/attention/triton_impl.py) against a float64 reference.
+
+On CPU these run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are small
+and odd; the GPU tests at the end run realistic sizes in fp16/bf16. The oracle is reference.py evaluated on
+float64 copies of the inputs (an exact, chunked softmax attention)."""
+import math
+import os
+import types
+
+import pytest
+import sympy
+import torch
+
+from flashfuse.kernels.attention import codegen, reference
+from flashfuse.kernels.attention import score_mod as sm
+
+OO = sympy.oo
+S, QI, KI, NQ, NK = sm.score, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk
+CAUSAL_BR = sympy.Piecewise((-OO, KI > QI + NK - NQ), (0.25 * S, True))  # bottom-right aligned
+CAUSAL_TL = sympy.Piecewise((-OO, KI > QI), (0.25 * S, True))  # top-left aligned
+
+
+def _triton_available():
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+pytestmark = [pytest.mark.skipif(not _triton_available(), reason="needs CUDA or TRITON_INTERPRET=1"),
+              # the interpreter's numpy warns on the -inf / NaN arithmetic of masked rows
+              pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
+
+def _ti():
+    from flashfuse.kernels.attention import triton_impl
+    return triton_impl
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _qkv(B, Hq, Hkv, Nq, Nk, D, dtype, Dv=None, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Dv = Dv or D
+    if strided:  # (B, N, H, D) storage seen through transpose(1, 2), like q.view(B, N, H, D).transpose(1, 2)
+        q = torch.randn(B, Nq, Hq, D, generator=g).transpose(1, 2)
+        k = torch.randn(B, Nk, Hkv, D, generator=g).transpose(1, 2)
+        v = torch.randn(B, Nk, Hkv, Dv, generator=g).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, Nq, D, generator=g)
+        k = torch.randn(B, Hkv, Nk, D, generator=g)
+        v = torch.randn(B, Hkv, Nk, Dv, generator=g)
+    return [t.to(device=_dev(), dtype=dtype) for t in (q, k, v)]
+
+
+def _check(expr, q, k, v, sides=(), scalars=(), side_needs_grad=None, tol=None, precision="ieee",
+           dropout_p=0.0, rng=None, dout_row_mask=None, check_bwd=True):
+    """Run the kernels and the float64 reference; compare out, lse, dq, dk, dv and side grads."""
+    ti = _ti()
+    text = sm.to_text(expr)
+    sides, scalars = list(sides), list(scalars)
+    side_needs_grad = side_needs_grad or [False] * len(sides)
+    tol = tol or {torch.float32: 1e-5 if precision == "ieee" else 2e-3, torch.float16: 1e-2,
+                  torch.bfloat16: 2e-2}[q.dtype]
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    mask = ti.dropout_mask(rng, B, Hq, Nq, Nk, dropout_p) if dropout_p > 0 else None
+    out, lse = ti.attention_forward(q, k, v, sides, scalars, text, dropout_p, rng, precision)
+    d64 = [t.double() for t in (q, k, v)]
+    s64 = [s.double() if s.is_floating_point() else s for s in sides]
+    rout, rlse = reference.attention_forward(*d64, s64, scalars, text, dropout_p, rng, dropout_mask=mask)
+    assert out.shape == rout.shape and out.stride() == (Nq * Hq * v.shape[-1], v.shape[-1], Hq * v.shape[-1], 1)
+    assert torch.equal(out.isnan(), rout.isnan()), "NaN rows differ from eager"
+    ok = ~rout.isnan()
+    assert _rel(out[ok], rout[ok]) < tol, f"out rel err {_rel(out[ok], rout[ok])}"
+    finite = torch.isfinite(rlse) & (rlse > -1e30)
+    assert torch.allclose(lse[finite].double(), rlse[finite].double(), rtol=tol, atol=tol * 10)
+    if not check_bwd:
+        return out
+    g = torch.Generator().manual_seed(123)
+    dout = torch.randn(out.shape, generator=g).to(out)
+    if dout_row_mask is not None:  # rows whose gradient eager itself leaves undefined (NaN) carry none
+        dout = dout * dout_row_mask.to(dout)
+    out_for_bwd = torch.nan_to_num(out) if dout_row_mask is not None else out
+    dq, dk, dv, dsides = ti.attention_backward(dout, q, k, v, out_for_bwd, lse, sides, scalars, text, dropout_p,
+                                               rng, side_needs_grad, precision)
+    rdq, rdk, rdv, rds = _reference_grads(dout, d64, s64, scalars, text, dropout_p, rng, side_needs_grad, mask,
+                                          dout_row_mask)
+    for name, a, r in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert a.shape == r.shape and a.dtype == q.dtype
+        assert not a.isnan().any(), name
+        assert _rel(a, r) < tol * 3, f"{name} rel err {_rel(a, r)}"
+    for i, need in enumerate(side_needs_grad):
+        if need:
+            assert dsides[i].shape == sides[i].shape
+            assert _rel(dsides[i], rds[i]) < tol * 3, f"dside{i} rel err {_rel(dsides[i], rds[i])}"
+        else:
+            assert dsides[i] is None
+    return out
+
+
+def _reference_grads(dout, d64, s64, scalars, text, dropout_p, rng, side_needs_grad, mask, dout_row_mask):
+    """Float64 reference gradients. With `dout_row_mask`, fully masked rows (all -inf: eager gives NaN
+    everywhere) are dropped from the query side first: the kernels give them no gradient."""
+    q, k, v = d64
+    dout = dout.double()
+    if dout_row_mask is None:
+        return reference.attention_backward(dout, q, k, v, s64, scalars, text, dropout_p, rng, side_needs_grad,
+                                            dropout_mask=mask)
+    rows = dout_row_mask.view(-1).nonzero().view(-1)
+    sub = [s[:, :, rows] if s.shape[2] != 1 else s for s in s64]
+    dq_s, dk, dv, ds = reference.attention_backward(dout[:, :, rows], q[:, :, rows], k, v, sub, scalars, text,
+                                                    dropout_p, rng, side_needs_grad,
+                                                    dropout_mask=None if mask is None else mask[:, :, rows])
+    dq = torch.zeros_like(q)
+    dq[:, :, rows] = dq_s
+    full = []
+    for s, d in zip(s64, ds):
+        if d is not None and s.shape[2] != 1:
+            z = torch.zeros(s.shape, dtype=d.dtype)
+            z[:, :, rows] = d
+            d = z
+        full.append(d)
+    return dq, dk, dv, full
+
+
+# ---------------------------------------------------------------- the symbolic part (no kernels)
+
+class _FakeTl:
+    minimum, maximum, int32 = staticmethod(min), staticmethod(max), None
+
+    @staticmethod
+    def full(shape, value, dtype):
+        return value
+
+    @staticmethod
+    def where(c, a, b):
+        return a if c else b
+
+
+def _eval_code(code, env):
+    env = dict(env, tl=_FakeTl)
+    exec(code, env)  # the bound formulas are plain integer arithmetic on scalars
+    return env
+
+
+@pytest.mark.parametrize("expr", [
+    CAUSAL_BR, CAUSAL_TL,
+    sympy.Piecewise((-OO, sympy.Or(KI > QI, QI - KI >= 5)), (S, True)),  # sliding window
+    sympy.Piecewise((-OO, KI < QI - 3), (S, True)),  # only a lower bound
+    sympy.Piecewise((-OO, 2 * KI > QI), (S, True)),  # coefficient 2 on kv: not a bound, stays a mask
+])
+@pytest.mark.parametrize("nq,nk", [(13, 29), (29, 13), (20, 20)])
+def test_block_bounds_cover_exactly_the_kept_elements(expr, nq, nk):
+    """The per-block loop bounds may only skip empty blocks and may only drop the mask on full ones."""
+    an = codegen.analyze(expr, 0)
+    # the bounds answer for the part of the keep condition they cover; the rest is a mask on every block
+    env = {"q_idx": torch.arange(nq).view(-1, 1), "kv_idx": torch.arange(nk).view(1, -1), "Nq": nq, "Nk": nk}
+    kept = torch.as_tensor(sm.evaluate(an.keep_linear, env)).expand(nq, nk)
+    if "2*kv_idx" in str(expr):
+        assert not an.bounds and an.keep_other is not sympy.true
+    fwd = codegen.bounds_code(an.bounds, "")
+    inv = codegen.inverse_bounds_code(an.bounds, "")
+    for blk in (1, 4, 8):
+        for m_lo in range(0, nq, blk):
+            m_hi = min(m_lo + blk, nq) - 1
+            e = _eval_code(fwd, {"m_lo": m_lo, "m_hi": m_hi, "Nq": nq, "Nk": nk})
+            rows = kept[m_lo:m_hi + 1]
+            cols = rows.any(0).nonzero().view(-1)
+            if len(cols):
+                assert e["kv_lo"] <= cols.min() and e["kv_hi"] >= cols.max()
+            for c in range(max(e["kv_flo"], 0), min(e["kv_fhi"], nk - 1) + 1):
+                assert rows[:, c].all(), (m_lo, c)
+        for n_lo in range(0, nk, blk):
+            n_hi = min(n_lo + blk, nk) - 1
+            e = _eval_code(inv, {"n_lo": n_lo, "n_hi": n_hi, "Nq": nq, "Nk": nk})
+            cols = kept[:, n_lo:n_hi + 1]
+            rws = cols.any(1).nonzero().view(-1)
+            if len(rws):
+                assert e["q_lo"] <= rws.min() and e["q_hi"] >= rws.max()
+            for r in range(max(e["q_flo"], 0), min(e["q_fhi"], nq - 1) + 1):
+                assert cols[r, :].all(), (n_lo, r)
+
+
+def test_analysis_splits_masks_and_folds_log2e():
+    an = codegen.analyze(CAUSAL_BR, 0)
+    assert an.keep_other is sympy.true and len(an.bounds) == 1 and an.bounds[0].upper
+    assert an.fold and abs(float(an.value_exp2.coeff(S)) - 0.25 / math.log(2)) < 1e-12
+    # a float side in the value (it may hold finfo.min) is never folded: finfo.min*log2(e) overflows
+    assert not codegen.analyze(0.25 * S + sm.side(0), 1).fold
+    # a bool side only inside a condition keeps the fold
+    assert codegen.analyze(sympy.Piecewise((-OO, sympy.Ne(sm.side(0), 0)), (S, True)), 1).fold
+    # finfo.min fills are clamped to fp32 range after folding (a fully filled row stays uniform)
+    fill = sympy.Piecewise((-3.4028234663852886e38, KI > QI), (0.25 * S, True))
+    consts = [abs(float(c)) for c in codegen.analyze(fill, 0).value_exp2.atoms(sympy.Float)]
+    assert max(consts) <= codegen.FP32_MAX
+
+
+def test_generated_module_is_cached_on_disk(tmp_path, monkeypatch):
+    ti = _ti()
+    monkeypatch.setenv("FLASHFUSE_CACHE_DIR", str(tmp_path))
+    text = sm.to_text(sympy.Float(0.3) * S + sympy.Float(1e-3) * (QI - KI))
+    mod = ti.load_module(text, 0, 0)
+    files = list((tmp_path / "attention").glob("flashfuse_attn_*.py"))
+    assert len(files) == 1 and "tl.dot" in files[0].read_text()
+    assert ti.load_module(text, 0, 0) is mod
+
+
+# ---------------------------------------------------------------- forward + backward vs float64
+
+def test_plain_scale_odd_lengths_fp32_ieee():
+    q, k, v = _qkv(2, 2, 2, 37, 45, 16, torch.float32)
+    _check(0.25 * S, q, k, v)
+
+
+def test_causal_bottom_right_and_top_left_nq_ne_nk():
+    q, k, v = _qkv(1, 2, 2, 29, 53, 16, torch.float32)
+    _check(CAUSAL_BR, q, k, v)
+    q, k, v = _qkv(1, 2, 2, 53, 29, 16, torch.float32, seed=1)
+    # top-left with Nq > Nk: every row keeps kv 0, nothing is fully masked
+    _check(CAUSAL_TL, q, k, v)
+
+
+def test_causal_bottom_right_fully_masked_rows_are_nan():
+    """Nq > Nk bottom-right: the first Nq - Nk rows keep nothing; eager softmax gives NaN there."""
+    q, k, v = _qkv(1, 2, 2, 40, 21, 16, torch.float32)
+    rows = torch.arange(40) >= 40 - 21
+    _check(CAUSAL_BR, q, k, v, dout_row_mask=rows.view(1, 1, -1, 1))
+
+
+def test_sliding_window_fp16():
+    q, k, v = _qkv(1, 2, 2, 50, 50, 16, torch.float16)
+    expr = sympy.Piecewise((-OO, sympy.Or(KI > QI, QI - KI >= 9)), (0.25 * S, True))
+    _check(expr, q, k, v)
+
+
+def test_gqa_and_mqa_head_dim_24_padded():
+    q, k, v = _qkv(1, 4, 2, 33, 41, 24, torch.float32)
+    _check(CAUSAL_BR, q, k, v)
+    q, k, v = _qkv(1, 4, 1, 17, 26, 24, torch.float32, seed=2)
+    _check(0.2 * S, q, k, v)
+
+
+def test_strided_inputs_and_dv_ne_d():
+    q, k, v = _qkv(2, 2, 2, 21, 35, 32, torch.float32, Dv=16, strided=True)
+    assert not q.is_contiguous()
+    _check(0.18 * S, q, k, v)
+
+
+def test_head_dim_64_fp16_causal():
+    q, k, v = _qkv(1, 2, 2, 34, 34, 64, torch.float16)
+    _check(sympy.Piecewise((-OO, KI > QI + NK - NQ), (0.125 * S, True)), q, k, v)
+
+
+def test_bool_mask_side_with_fully_masked_rows():
+    B, H, Nq, Nk = 2, 2, 27, 38
+    q, k, v = _qkv(B, H, H, Nq, Nk, 16, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    masked = torch.rand(B, 1, Nq, Nk, generator=g) < 0.4   # True = masked, like masked_fill(mask, -inf)
+    masked[:, :, 3] = True
+    masked[:, :, 11] = True
+    expr = sympy.Piecewise((-OO, sympy.Ne(sm.side(0), 0)), (0.25 * S, True))
+    rows = torch.ones(Nq, dtype=torch.bool)
+    rows[[3, 11]] = False
+    out = _check(expr, q, k, v, sides=[masked.to(_dev())], dout_row_mask=rows.view(1, 1, -1, 1))
+    assert out[:, :, [3, 11]].isnan().all() and not out[:, :, rows].isnan().any()
+
+
+def test_additive_mask_with_inf_and_finfo_min_rows():
+    """Additive float mask: -inf entries, and one row filled with finfo.min (eager: uniform average)."""
+    B, H, Nq, Nk = 1, 2, 23, 31
+    q, k, v = _qkv(B, H, H, Nq, Nk, 16, torch.float32)
+    g = torch.Generator().manual_seed(6)
+    add = torch.where(torch.rand(1, 1, Nq, Nk, generator=g) < 0.3, float("-inf"), 0.0)
+    add[:, :, 7] = torch.finfo(torch.float32).min
+    add[:, :, 9, :5] = torch.finfo(torch.float32).min
+    rows = torch.ones(Nq, dtype=torch.bool)
+    rows[7] = False  # eager's gradient through a finfo.min-filled row: the kernels give none (see docs)
+    out = _check(0.25 * S + sm.side(0), q, k, v, sides=[add.to(_dev())], dout_row_mask=rows.view(1, 1, -1, 1))
+    assert torch.allclose(out[:, :, 7].double(), v.double().mean(2), atol=1e-5)
+
+
+def test_finfo_min_fill_of_index_mask_gives_uniform_rows():
+    """masked_fill(causal, finfo.min) with Nq > Nk: the first rows are all fill -> mean of v."""
+    q, k, v = _qkv(1, 2, 2, 30, 20, 16, torch.float32)
+    fill = sympy.Piecewise((-3.4028234663852886e38, KI > QI + NK - NQ), (0.25 * S, True))
+    out = _check(fill, q, k, v, check_bwd=False)
+    assert torch.allclose(out[:, :, :10].double(), v.double().mean(2, keepdim=True).expand(-1, -1, 10, -1),
+                          atol=1e-5)
+
+
+def test_alibi_with_per_head_slope_side_and_scalar():
+    H = 4
+    q, k, v = _qkv(1, H, H, 26, 26, 16, torch.float32)
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)]).view(1, H, 1, 1).to(_dev())
+    expr = sympy.Piecewise((-OO, KI > QI), (sm.scalar(0) * S + sm.side(0) * (KI - QI), True))
+    _check(expr, q, k, v, sides=[slopes], scalars=[0.25])
+    # slope as a constant per expression, index-only bias (folded into exp2)
+    _check(0.25 * S - 0.5 * (QI - KI), q, k, v)
+
+
+def test_softcap_tanh():
+    q, k, v = _qkv(1, 2, 2, 19, 37, 32, torch.float32)
+    q = q * 3
+    expr = 5.0 * sympy.tanh(S * 0.25 / 5.0)
+    _check(expr, q, k, v)
+
+
+def test_learned_bias_gradients_broadcast_reduced():
+    B, H, Nq, Nk = 2, 2, 21, 19
+    q, k, v = _qkv(B, H, H, Nq, Nk, 16, torch.float32)
+    g = torch.Generator().manual_seed(7)
+    bias_full = torch.randn(1, H, Nq, Nk, generator=g).to(_dev())  # per head, broadcast over batch
+    bias_kv = torch.randn(B, 1, 1, Nk, generator=g).to(_dev())     # per key, broadcast over heads, queries
+    expr = 0.25 * S + sm.side(0) + 0.5 * sm.side(1)
+    _check(expr, q, k, v, sides=[bias_full, bias_kv], side_needs_grad=[True, True])
+    # a bias multiplied into the score: dscore and dside both depend on the other factor
+    expr2 = sympy.Piecewise((-OO, KI > QI), (0.25 * S * (1 + 0.1 * sm.side(0)), True))
+    _check(expr2, q, k, v, sides=[bias_full], side_needs_grad=[True])
+
+
+def test_fp16_bias_and_gqa_strided():
+    q, k, v = _qkv(2, 4, 2, 31, 44, 32, torch.float16, strided=True)
+    g = torch.Generator().manual_seed(8)
+    bias = (torch.randn(2, 4, 31, 44, generator=g)).to(_dev(), torch.float16)
+    _check(sympy.Piecewise((-OO, KI > QI + NK - NQ), (0.2 * S + sm.side(0), True)), q, k, v, sides=[bias],
+           side_needs_grad=[True])
+
+
+def test_tf32_precision_path():
+    q, k, v = _qkv(1, 2, 2, 24, 40, 16, torch.float32)
+    _check(CAUSAL_BR, q, k, v, precision="tf32")
+
+
+# ---------------------------------------------------------------- dropout
+
+def _binomial_ok(keep: torch.Tensor, p: float) -> bool:
+    n = keep.numel()
+    mean, sd = n * (1 - p), math.sqrt(n * p * (1 - p))
+    return abs(keep.sum().item() - mean) < 3.3 * sd  # 99.9% two-sided
+
+
+def test_dropout_mask_keep_rate_and_determinism():
+    ti = _ti()
+    rng = torch.tensor([1234, 77], dtype=torch.int64, device=_dev())
+    m1 = ti.dropout_mask(rng, 2, 3, 40, 50, 0.3)
+    m2 = ti.dropout_mask(rng, 2, 3, 40, 50, 0.3)
+    m3 = ti.dropout_mask(torch.tensor([1235, 77], device=_dev()), 2, 3, 40, 50, 0.3)
+    m4 = ti.dropout_mask(torch.tensor([1234, 78], device=_dev()), 2, 3, 40, 50, 0.3)
+    assert torch.equal(m1, m2)
+    assert not torch.equal(m1, m3) and not torch.equal(m1, m4)
+    assert _binomial_ok(m1, 0.3) and _binomial_ok(m3, 0.3)
+    # heads and batches draw different bits
+    assert not torch.equal(m1[0, 0], m1[0, 1]) and not torch.equal(m1[0, 0], m1[1, 0])
+
+
+def test_dropout_forward_and_grads_with_the_kernels_mask():
+    q, k, v = _qkv(1, 2, 2, 33, 40, 16, torch.float32)
+    rng = torch.tensor([42, 5], dtype=torch.int64, device=_dev())
+    _check(CAUSAL_BR, q, k, v, dropout_p=0.2, rng=rng)
+
+
+# ---------------------------------------------------------------- through the op and autograd
+
+def test_op_autograd_end_to_end():
+    from flashfuse.kernels.attention import op  # noqa: F401  (registers the op)
+    q, k, v = _qkv(1, 2, 2, 25, 25, 16, torch.float32)
+    bias = torch.randn(1, 2, 25, 25).to(_dev())
+    q, k, v, bias = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+    text = sm.to_text(sympy.Piecewise((-OO, KI > QI), (0.25 * S + sm.side(0), True)))
+    out, lse = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
+    out.square().sum().backward()
+    ref = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
+    s = (ref[0] @ ref[1].transpose(-1, -2)) * 0.25 + ref[3]
+    s = s.masked_fill(torch.ones(25, 25, dtype=torch.bool).triu(1), float("-inf"))
+    rout = torch.softmax(s, -1) @ ref[2]
+    rout.square().sum().backward()
+    assert _rel(out, rout) < 1e-5
+    for a, r in zip((q, k, v, bias), ref):
+        assert _rel(a.grad, r.grad) < 3e-5
+
+
+# ---------------------------------------------------------------- GPU: realistic sizes
+
+gpu = pytest.mark.gpu
+
+
+def _sdpa_ref(q, k, v, causal, dropout_mask=None, p=0.0):
+    """float64 eager attention with bottom-right causal alignment and optional given dropout mask."""
+    qd, kd, vd = [t.double() for t in (q, k, v)]
+    rep = q.shape[1] // k.shape[1]
+    kd, vd = kd.repeat_interleave(rep, 1), vd.repeat_interleave(rep, 1)
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(nk - nq + 1), float("-inf"))
+    pr = torch.softmax(s, -1)
+    if dropout_mask is not None:
+        pr = pr * dropout_mask / (1 - p)
+    return pr @ vd
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 80, 96, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_realistic(dtype, d, causal):
+    ti = _ti()
+    torch.manual_seed(d)
+    B, H, N = 2, 8, 1000
+    q, k, v = [torch.randn(B, H, N, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+    scale = 1 / math.sqrt(d)
+    expr = sympy.Piecewise((-OO, KI > QI + NK - NQ), (scale * S, True)) if causal else scale * S
+    text = sm.to_text(expr)
+    out, lse = ti.attention_forward(q, k, v, [], [], text, 0.0, None, "tf32")
+    ref = _sdpa_ref(q, k, v, causal)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
+    assert _rel(out, ref) < tol
+    dout = torch.randn_like(out)
+    dq, dk, dv, _ = ti.attention_backward(dout, q, k, v, out, lse, [], [], text, 0.0, None, [], "tf32")
+    ref.backward(dout.double())
+    for a, r in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        assert _rel(a, r) < tol * 2
+
+
+@gpu
+def test_gpu_gqa_dropout_bf16():
+    ti = _ti()
+    torch.manual_seed(0)
+    B, Hq, Hkv, N, d, p = 2, 8, 2, 777, 128, 0.1
+    q = torch.randn(B, Hq, N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = [torch.randn(B, Hkv, N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    rng = torch.tensor([2024, 0], dtype=torch.int64, device="cuda")
+    text = sm.to_text(sympy.Piecewise((-OO, KI > QI + NK - NQ), (S / math.sqrt(d), True)))
+    mask = ti.dropout_mask(rng, B, Hq, N, N, p)
+    assert _binomial_ok(mask, p)
+    out, lse = ti.attention_forward(q, k, v, [], [], text, p, rng, "tf32")
+    ref = _sdpa_ref(q, k, v, True, mask, p)
+    assert _rel(out, ref) < 2e-2
+    dout = torch.randn_like(out)
+    dq, dk, dv, _ = ti.attention_backward(dout, q, k, v, out, lse, [], [], text, p, rng, [], "tf32")
+    ref.backward(dout.double())
+    for a, r in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        assert _rel(a, r) < 4e-2
+
+
+@gpu
+def test_gpu_softcap_alibi_bias_fp32():
+    ti = _ti()
+    torch.manual_seed(1)
+    B, H, N, d = 2, 4, 513, 64
+    q, k, v = [torch.randn(B, H, N, d, device="cuda") for _ in range(3)]
+    for expr, prec, tol in ((30 * sympy.tanh(S / 240), "tf32", 3e-3), (0.125 * S - 0.1 * (QI - KI), "ieee", 1e-5)):
+        text = sm.to_text(expr)
+        out, _ = ti.attention_forward(q, k, v, [], [], text, 0.0, None, prec)
+        rout, _ = reference.attention_forward(q.double(), k.double(), v.double(), [], [], text, 0.0, None)
+        assert _rel(out, rout) < tol
