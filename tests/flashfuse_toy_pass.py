@@ -49,7 +49,7 @@ def _scalar_factor(mul: fx.Node, relu: fx.Node):
     return other if isinstance(other, (int, float)) else None
 
 
-def _make_pass(name: str, fused_op):
+def _make_pass(name: str, fused_op, recompile: bool = False):
     def fuse_relu_mul(gm: fx.GraphModule, ctx) -> int:
         rewrites = 0
         for relu in list(gm.graph.nodes):
@@ -79,6 +79,8 @@ def _make_pass(name: str, fused_op):
             shape = "x".join(str(s) for s in fused.meta["val"].shape)
             ctx.graph_report.add_match(name, fused, f"relu(x) * 2 as one op, {shape}", factor=2, shape=shape)
             rewrites += 1
+        if rewrites and recompile:
+            gm.recompile()
         return rewrites
 
     register_pass(name)(fuse_relu_mul)
@@ -87,6 +89,7 @@ def _make_pass(name: str, fused_op):
 
 
 fuse_relu_mul = _make_pass(NAME, relu_times_two)
+_make_pass("relu_mul_recompiling", relu_times_two, recompile=True)  # regenerates gm.code itself
 _make_pass("relu_mul_wrong_output", relu_times_two_wrong_output)
 _make_pass("relu_mul_wrong_grad", relu_times_two_wrong_grad)
 
