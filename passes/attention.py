@@ -473,6 +473,11 @@ class ScoreModBuilder:
         if leftover:
             raise NotFusable("an index-only mask does not line up with the scores' axes", self.root)
         del nq, nk
+        # drop side inputs that a materialized subtree made unused, and renumber the rest
+        used = sm.side_ids(expr)
+        expr = expr.xreplace({sm.side(old): sm.side(new) for new, old in enumerate(used)})
+        self.sides = [self.sides[i] for i in used]
+        self.side_desc = [self.side_desc[i] for i in used]
         return expr
 
 
