@@ -27,7 +27,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     @triton.jit
     def _tanh(x):
         ax = tl.abs(x)
-        big = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
+        big = 1.0 - 2.0 / (tl.exp(2.0 * tl.minimum(ax, 20.0)) + 1.0)  # tanh(20) == 1 in fp32
         x2 = x * x
         small = ax * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
         t = tl.where(ax < 0.0625, small, big)

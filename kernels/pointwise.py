@@ -62,7 +62,10 @@ def parse(text: str) -> list[sympy.Expr]:
     result = []
     for part in text.split(";"):
         toks = _tokens(part)
-        expr, pos = _parse(toks, 0)
+        try:
+            expr, pos = _parse(toks, 0)
+        except IndexError:
+            raise ValueError(f"flashfuse pointwise: {part!r} ends early") from None
         if pos != len(toks):
             raise ValueError(f"flashfuse pointwise: trailing text in {part!r}")
         result.append(expr)
