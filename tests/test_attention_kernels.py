@@ -336,6 +336,27 @@ def test_tf32_precision_path():
     _check(CAUSAL_BR, q, k, v, precision="tf32")
 
 
+def test_empty_key_blocks_are_never_loaded():
+    """Causal top-left: key blocks right of the diagonal block are skipped. NaN planted in V there would
+    poison every row that loaded it (0 * NaN = NaN) even though the mask zeroes P."""
+    ti = _ti()
+    blk = ti.INTERPRET_BLOCK if ti.INTERPRET else 128
+    os.environ["FLASHFUSE_ATTN_AUTOTUNE"] = "0"
+    try:
+        n = 3 * blk
+        q, k, v = _qkv(1, 2, 2, n, n, 16, torch.float32)
+        v_poison = v.clone()
+        v_poison[:, :, 2 * blk:] = float("nan")
+        text = sm.to_text(CAUSAL_TL)
+        out, _ = ti.attention_forward(q, k, v_poison, [], [], text, 0.0, None, "ieee")
+        ref, _ = reference.attention_forward(q.double(), k.double(), v.double(), [], [], text, 0.0, None)
+        assert not out[:, :, :2 * blk].isnan().any()
+        assert _rel(out[:, :, :2 * blk], ref[:, :, :2 * blk]) < 1e-5
+        assert out[:, :, 2 * blk:].isnan().all()  # rows that do attend the poisoned keys see it
+    finally:
+        os.environ.pop("FLASHFUSE_ATTN_AUTOTUNE")
+
+
 # ---------------------------------------------------------------- dropout
 
 def _binomial_ok(keep: torch.Tensor, p: float) -> bool:

@@ -268,7 +268,7 @@ def _print_scalar_bound(e: sympy.Basic) -> str:
 
 def bounds_code(bounds: list, indent: str) -> str:
     """Per query block [m_lo, m_hi] (int scalars): kv ranges lo..hi (some kept), flo..fhi (all kept)."""
-    zero = "tl.full([], 0, tl.int32)"
+    zero = "(m_lo * 0)"  # an int32 scalar tensor
     lines = [f"{indent}kv_lo = {zero}", f"{indent}kv_hi = {zero} + Nk - 1", f"{indent}kv_flo = {zero}",
              f"{indent}kv_fhi = {zero} + Nk - 1"]
     for bd in bounds:
@@ -288,7 +288,7 @@ def bounds_code(bounds: list, indent: str) -> str:
 def inverse_bounds_code(bounds: list, indent: str) -> str:
     """Per key block [n_lo, n_hi]: query ranges q_lo..q_hi (some kept), q_flo..q_fhi (all kept).
     Only bounds with alpha = ±1 invert exactly; others leave the range open and the full range empty."""
-    zero = "tl.full([], 0, tl.int32)"
+    zero = "(n_lo * 0)"
     lines = [f"{indent}q_lo = {zero}", f"{indent}q_hi = {zero} + Nq - 1", f"{indent}q_flo = {zero}",
              f"{indent}q_fhi = {zero} + Nq - 1"]
     for bd in bounds:
