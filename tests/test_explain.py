@@ -274,6 +274,9 @@ def test_nanogpt_attention_is_explained_with_its_source_and_specialization():
     lines, first = inspect.getsourcelines(example.CausalSelfAttention.forward)
     assert first <= int(line) < first + len(lines)  # a line of the user's attention code
     assert "p=0.1" in match.description  # the block is in training mode: dropout is part of the fusion
+    data = json.loads(json.dumps(report.to_dict()))  # the real pass's details (sympy, dtypes) serialise
+    assert data["matches"][0]["description"] == match.description
+    assert data["counts"] == {"attention": 1}
 
 
 def test_attention_near_miss_reason_is_reported():
