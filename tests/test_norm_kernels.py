@@ -120,6 +120,21 @@ def test_zero_rows_and_non_contiguous_input():
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.gpu
+def test_autotuned_gpu_kernels():
+    run_case("layer_norm", True, torch.bfloat16, 2048, True, rows=(64, 3), device="cuda", tol=1.6e-2)
+
+
+def test_heuristic_launch_choices():
+    from flashfuse.kernels.norms.impl import _fwd_configs, _prune_fwd, heuristic_fwd
+
+    for block_n in (32, 128, 1024, 4096, 8192, 16384):
+        rows, warps = heuristic_fwd(block_n)
+        assert 4 <= warps <= 16 and rows >= 1 and rows * block_n <= 16384
+        kept = _prune_fwd(_fwd_configs(), {}, BLOCK_N=block_n)
+        assert 1 <= len(kept) <= 6
+
+
 def test_opcheck_fake_impls():
     x = torch.randn(4, 33, device=DEV, requires_grad=True)
     r = torch.randn(4, 33, device=DEV, requires_grad=True)
@@ -130,11 +145,17 @@ def test_opcheck_fake_impls():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.fixture
+def no_autotune(monkeypatch):
+    """One heuristic configuration per kernel: the test checks numbers, not speed (and compiles less)."""
+    monkeypatch.setenv("FLASHFUSE_NORM_AUTOTUNE", "0")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("n", [1000, 4096, 8193])
-def test_norm_ops_gpu(kind, residual, dtype, n):
+@pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 1000), (torch.bfloat16, 8193), (torch.float16, 4096),
+                                      (torch.float32, 777)], ids=["bf16-1000", "bf16-8193", "fp16-4096", "fp32-777"])
+def test_norm_ops_gpu(kind, residual, dtype, n, no_autotune):
     tol = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 2e-5}[dtype]
     run_case(kind, residual, dtype, n, True, rows=(37, 3), device="cuda", tol=tol)

@@ -53,7 +53,7 @@ def check_against_eager(model: nn.Module, inputs, remainder: str, tol: float = 1
     out = out if isinstance(out, tuple) else (out,)
     ref = ref if isinstance(ref, tuple) else (ref,)
     gen = torch.Generator().manual_seed(1)
-    grads = [torch.randn(r.shape, generator=gen).to(r.dtype) for r in ref]
+    grads = [torch.randn(r.shape, generator=gen).to(device=r.device, dtype=r.dtype) for r in ref]
     for o, r in zip(out, ref):
         assert o.dtype == r.dtype and o.shape == r.shape
         assert rel_err(o, r) < tol, (rel_err(o, r), "output")
@@ -410,3 +410,32 @@ def test_policy_auto_on_gpu_follows_the_measured_table(monkeypatch):
     ok, why = norm_match.choose(Ctx, "layer_norm", 6000, training=True)
     assert ok and "row length 8192" in why
     assert not norm_match.choose(Ctx, "rms_norm", 1024, training=False)[0]  # nothing measured
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+class GpuBlock(nn.Module):
+    """A pre-norm block in bf16: residual add + hand-written LayerNorm, then a LLaMA RMSNorm."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(n))
+        self.bias = nn.Parameter(0.1 * torch.randn(n))
+        self.rms = LlamaRMSNorm(n)
+
+    def forward(self, x, y):
+        h = x + y
+        mu = h.mean(-1, keepdim=True)
+        var = h.var(-1, unbiased=False, keepdim=True)
+        a = (h - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+        return self.rms(a) + h
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("remainder", ["eager", "inductor"])
+def test_gpu_block_bf16(remainder):
+    n = 1000
+    model = GpuBlock(n).cuda().to(torch.bfloat16)
+    x = torch.randn(4, 37, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(4, 37, n, device="cuda", dtype=torch.bfloat16)
+    rep = check_against_eager(model, [x, y], remainder, tol=1.5e-2)
+    assert rep.count("layer_norm") == 1 and rep.count("rms_norm") == 1 and rep.count("residual_norm") == 1, str(rep)

@@ -44,20 +44,42 @@ def _flat_param(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------- launch choices
+# Autotuning (CUDA only) picks among a few configurations with 8-16 elements per thread (16 bf16 = two
+# 16-byte loads); FLASHFUSE_NORM_AUTOTUNE=0 uses the heuristic one alone (faster first call, e.g. in tests).
+def _autotune_enabled() -> bool:
+    return os.environ.get("FLASHFUSE_NORM_AUTOTUNE", "1") != "0"
+
+
+def heuristic_fwd(block_n: int) -> tuple[int, int]:
+    """(ROWS, num_warps): ~4K elements per program, 16 per thread."""
+    rows = max(1, min(8, 4096 // block_n))
+    warps = min(16, max(4, rows * block_n // 512))
+    return rows, warps
+
+
 def _fwd_configs():
-    configs = []
-    for rows in (1, 2, 4, 8):
-        for warps in (4, 8, 16):
-            configs.append(triton.Config({"ROWS": rows}, num_warps=warps))
-    return configs
+    return [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (1, 2, 4, 8) for warps in (4, 8, 16)]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    # keep <= 16K elements per program in registers and >= 1 row per warp-ish work
     block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
-    kept = [c for c in configs if c.kwargs["ROWS"] * block_n <= 16384
-            and c.kwargs["ROWS"] * block_n >= 32 * c.num_warps * 2]
-    return kept or configs[:1]
+
+    def per_thread(c):
+        return c.kwargs["ROWS"] * block_n // (32 * c.num_warps)
+
+    kept = [c for c in configs if 8 <= per_thread(c) <= 16]
+    if kept:
+        return kept
+    rows, warps = heuristic_fwd(block_n)
+    return [c for c in configs if c.kwargs["ROWS"] == rows and c.num_warps == warps][:1] or configs[:1]
+
+
+def _bwd_warp_choices(block_n: int) -> tuple[int, ...]:
+    return (4, 8) if block_n <= 2048 else (8, 16)
+
+
+def heuristic_bwd(block_n: int) -> int:
+    return max(4, min(16, block_n // 512))
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,11 +88,16 @@ def _tuned_fwd():
                            prune_configs_by={"early_config_prune": _prune_fwd})(norm_fwd_kernel)
 
 
+def _prune_bwd(configs, named_args, **kwargs):
+    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    return [c for c in configs if c.num_warps in _bwd_warp_choices(block_n)] or configs[:1]
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned_bwd():
     configs = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-    return triton.autotune(configs=configs, key=["N", "IS_RMS", "HAS_W", "HAS_B", "HAS_DH", "MID"])(
-        norm_bwd_kernel)
+    return triton.autotune(configs=configs, key=["N", "IS_RMS", "HAS_W", "HAS_B", "HAS_DH", "MID"],
+                           prune_configs_by={"early_config_prune": _prune_bwd})(norm_bwd_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,7 +133,11 @@ def norm_forward(x, residual, weight, bias, eps: float, is_rms: bool, mid_dtype,
                  MID=mid_code(mid_dtype), BLOCK_N=block_n)
     if x.is_cuda:
         with torch.cuda.device(x.device):
-            _tuned_fwd()[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](*args, **flags)
+            if _autotune_enabled():
+                _tuned_fwd()[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](*args, **flags)
+            else:
+                rows, warps = heuristic_fwd(block_n)
+                norm_fwd_kernel[(triton.cdiv(m, rows),)](*args, **flags, ROWS=rows, num_warps=warps)
     else:  # interpreter: one row per program is the fastest to interpret
         norm_fwd_kernel[(m,)](*args, **flags, ROWS=1)
     return y, h
@@ -166,7 +197,10 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
                      MID=mid_code(mid_dtype), BLOCK_N=block_n)
         if x.is_cuda:
             with torch.cuda.device(x.device):
-                _tuned_bwd()[(programs,)](*args, **flags)
+                if _autotune_enabled():
+                    _tuned_bwd()[(programs,)](*args, **flags)
+                else:
+                    norm_bwd_kernel[(programs,)](*args, **flags, num_warps=heuristic_bwd(block_n))
         else:
             norm_bwd_kernel[(programs,)](*args, **flags)
     else:
