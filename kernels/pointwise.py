@@ -12,7 +12,8 @@ separated by ``;`` give several outputs from one kernel. The gradient w.r.t. eac
 backward is one generated kernel too, and differentiable again).
 
 All inputs have the same shape and dtype (fp16, bf16 or fp32); the kernel computes in fp32 and writes
-contiguous outputs of the input dtype.
+outputs of the input dtype, in the inputs' layout when they all share one dense layout (channels_last
+stays channels_last, no copies), contiguous otherwise.
 """
 from __future__ import annotations
 
@@ -311,16 +312,15 @@ def pointwise(inputs: list[torch.Tensor], exprs: str) -> list[torch.Tensor]:
     _check(inputs)
     x = inputs[0]
     trees = parse(exprs)
+    same_layout = _same_dense_layout(inputs)
+    outs = [_new_output(x, same_layout) for _ in trees]
     if not _use_triton(x):
         env = {f"x{i}": t.float() for i, t in enumerate(inputs)}
-        outs = []
-        for tree in trees:
-            v = evaluate(tree, env)
-            v = v if isinstance(v, torch.Tensor) else torch.full_like(x, v, dtype=torch.float32)
-            outs.append(v.expand(x.shape).to(x.dtype).contiguous())
+        for out, tree in zip(outs, trees):
+            out.copy_(evaluate(tree, env))
         return outs
-    flat = [t.contiguous() for t in inputs]
-    outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in trees]
+    # same dense layout (e.g. all channels_last): index the storage directly, output in that layout
+    flat = list(inputs) if same_layout else [t.contiguous() for t in inputs]
     n = x.numel()
     if n:
         kernel = compiled_kernel(exprs, len(inputs))
@@ -333,11 +333,38 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _same_dense_layout(inputs: Sequence[torch.Tensor]) -> bool:
+    """All inputs have x's strides and x covers its memory densely: then element k of every input is at
+    storage offset k from its data pointer, whatever the layout."""
+    x = inputs[0]
+    return _dense(x) and all(t.stride() == x.stride() for t in inputs[1:])
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: sorted by stride, each dim's stride is the product of the sizes of
+    the faster dims (size-1 dims do not matter)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _new_output(x: torch.Tensor, same_layout: bool) -> torch.Tensor:
+    if same_layout:
+        return torch.empty_like(x, memory_format=torch.preserve_format)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @pointwise.register_fake
 def _pointwise_fake(inputs, exprs):
     _check(inputs)
     x = inputs[0]
-    return [x.new_empty(x.shape) for _ in range(exprs.count(";") + 1)]
+    same_layout = _same_dense_layout(inputs)
+    return [_new_output(x, same_layout) for _ in range(exprs.count(";") + 1)]
 
 
 def gradient_exprs(exprs: str, n_inputs: int, wanted: Sequence[int]) -> str:

@@ -103,7 +103,9 @@ def _gelu_absorb(like: torch.Tensor, done: set):
         for a in p.args:
             if isinstance(a, fx.Node):
                 t = val(a)
-                if t is None or t.dtype != like.dtype or not same_shape(t, like):
+                if t is None:
+                    return "a runtime scalar (not a constant)"
+                if t.dtype != like.dtype or not same_shape(t, like):
                     return "broadcast input"
             elif not is_number(a):
                 return "non-numeric constant"

@@ -265,6 +265,8 @@ def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
                         "the generated kernel takes same-shaped inputs only")
             if t.dtype != ref.dtype:
                 return f"`{node.name}` mixes dtypes ({t.dtype} and {ref.dtype})"
+            if t.device != ref.device:
+                return f"`{node.name}` mixes devices ({t.device} and {ref.device})"
         elif not is_number(a):
             return f"`{node.name}` takes the constant {a!r}"
     if node.target is aten.pow.Tensor_Scalar and not pow_exponent_ok(node.args[1]):

@@ -319,3 +319,15 @@ def test_gpu_fusions_bf16_end_to_end():
     y = randn(4, 129, 512, dtype=torch.bfloat16, dev="cuda")
     for options in ({"remainder": "eager"}, {"remainder": "inductor", "norm_policy": "always"}):
         assert_close_to_eager(model, x, y, options=options, rtol=3e-2, atol=3e-2)
+
+
+def test_pointwise_keeps_a_shared_channels_last_layout():
+    torch.manual_seed(7)
+    xs = [randn(2, 5, 3, 7).to(memory_format=torch.channels_last) for _ in range(3)]
+    (y,) = ops.pointwise(xs, "add(mul(x0,x1),neg(x2))")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, xs[0] * xs[1] - xs[2])
+    # mixed layouts: contiguous output, same values
+    (z,) = ops.pointwise([xs[0], xs[1].contiguous(), xs[2]], "add(mul(x0,x1),neg(x2))")
+    assert z.is_contiguous()
+    torch.testing.assert_close(z, y)
