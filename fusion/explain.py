@@ -40,6 +40,8 @@ def explain(model_or_fn: Any, *args: Any, options: Mapping[str, Any] | None = No
     target = uncompiled(model_or_fn)
     report = Report()
     backend = _ExplainBackend(config, report)
+    breaks_seen = _graph_break_log()
+    first_break = len(breaks_seen) if breaks_seen is not None else 0
     with _leave_no_trace(backend, target):
         compiled = torch.compile(target, backend=backend)
         _active.append(report)
@@ -47,6 +49,11 @@ def explain(model_or_fn: Any, *args: Any, options: Mapping[str, Any] | None = No
             compiled(*args, **kwargs)
         finally:
             _active.remove(report)
+    if breaks_seen is not None:
+        # Every break, also those with no graph before them (Dynamo compiles nothing there, so
+        # the backend never sees them), in the order Dynamo met them.
+        report.graph_breaks = [_graph_break(reason, backend.graph_of_break.get(id(reason)))
+                               for reason in breaks_seen[first_break:]]
     if logger.isEnabledFor(20):
         logger.info("explain:\n%s", report.format())
     return report
@@ -69,6 +76,7 @@ class _ExplainBackend:
     def __init__(self, config: Config, report: Report) -> None:
         self.config = config
         self.report = report
+        self.graph_of_break: dict[int, int] = {}  # id(GraphCompileReason) -> the graph it ended
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **_: Any) -> Callable:
         import flashfuse.kernels  # noqa: F401  (registers the flashfuse:: ops the passes emit)
@@ -81,6 +89,7 @@ class _ExplainBackend:
             _record_normalized_graph(graph_report, gm, example_inputs)
         reason = getattr(gm, "compile_subgraph_reason", None)
         if reason is not None and getattr(reason, "graph_break", False):
+            self.graph_of_break[id(reason)] = graph_report.index
             self.report.graph_breaks.append(_graph_break(reason, graph_report.index))
         return gm.forward
 
@@ -111,7 +120,16 @@ def _record_normalized_graph(graph_report: Any, gm: fx.GraphModule, example_inpu
         logger.debug("explain: could not re-normalize graph %d for drawing: %s", graph_report.index, exc)
 
 
-def _graph_break(reason: Any, graph_index: int) -> GraphBreak:
+def _graph_break_log() -> list | None:
+    """Dynamo's list of every graph-break reason of this process (None if this torch has none)."""
+    try:
+        from torch._dynamo.output_graph import graph_break_reasons
+    except ImportError:
+        return None
+    return graph_break_reasons if isinstance(graph_break_reasons, list) else None
+
+
+def _graph_break(reason: Any, graph_index: int | None) -> GraphBreak:
     stack = list(getattr(reason, "user_stack", None) or [])
     frame = stack[-1] if stack else None
     source = f"{frame.filename}:{frame.lineno}" if frame is not None else ""

@@ -106,12 +106,13 @@ class NearMiss:
 
 @dataclasses.dataclass
 class GraphBreak:
-    """Where and why Dynamo split the user's program: graph `graph` ends here."""
+    """Where and why Dynamo split the user's program. `graph` is the captured graph that ends at the
+    break, or None where nothing was captured before it (e.g. a break on a function's first line)."""
 
     reason: str
     source: str = ""
     code: str = ""
-    graph: int = 0
+    graph: int | None = 0
 
     @property
     def summary(self) -> str:
@@ -125,7 +126,8 @@ class GraphBreak:
 
     def __str__(self) -> str:
         where = f" at {short_source(self.source)}" if self.source else ""
-        return f"after graph {self.graph}{where}: {self.summary}"
+        after = f"after graph {self.graph}" if self.graph is not None else "with no graph before it"
+        return f"{after}{where}: {self.summary}"
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -226,8 +228,19 @@ class Report:
         """The readable summary; with `code=True` also each graph's code before and after the passes."""
         lines = [f"flashfuse report: {len(self.graphs)} graph(s), {len(self.matches)} fusion(s), "
                  f"{len(self.near_misses)} near-miss(es), {len(self.graph_breaks)} graph break(s)"]
-        breaks_after = {b.graph: b for b in self.graph_breaks}
+        # A break ends graph k: print it after graph k. A break with no graph before it comes
+        # before the graph that follows the previous break.
+        after: dict[int, list[GraphBreak]] = {}
+        before: dict[int, list[GraphBreak]] = {}
+        previous = -1
+        for b in self.graph_breaks:
+            if b.graph is not None:
+                after.setdefault(b.graph, []).append(b)
+                previous = b.graph
+            else:
+                before.setdefault(previous + 1, []).append(b)
         for g in self.graphs:
+            lines += [f"graph break {b}" for b in before.get(g.index, [])]
             lines.append(f"graph {g.index}:")
             for m in g.matches:
                 lines.append(f"  fused     {m}")
@@ -246,12 +259,11 @@ class Report:
                 lines.extend("    " + line for line in g.code_before.strip("\n").splitlines())
                 lines.append("  code after the passes:")
                 lines.extend("    " + line for line in g.code_after.strip("\n").splitlines())
-            if g.index in breaks_after:
-                lines.append(f"  graph break {breaks_after[g.index]}")
-        listed = {id(b) for b in breaks_after.values()}
-        for b in self.graph_breaks:  # breaks not attached to a graph of this report
-            if id(b) not in listed:
-                lines.append(f"graph break {b}")
+            lines += [f"  graph break {b}" for b in after.get(g.index, [])]
+        shown = {g.index for g in self.graphs}
+        for index in sorted(set(before) | set(after)):  # breaks of graphs not in this report
+            if index not in shown:
+                lines += [f"graph break {b}" for b in before.get(index, []) + after.get(index, [])]
         return "\n".join(lines)
 
     def __str__(self) -> str:

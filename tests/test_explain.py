@@ -102,6 +102,35 @@ def test_graph_breaks_are_reported_with_reason_and_line():
     assert f"graph break after graph 0 at test_explain.py:{line_of('@break')}" in str(report)
 
 
+def test_graph_break_with_no_graph_before_it_is_counted():
+    def starts_with_a_break(x):
+        print("nothing captured before this")  # @first-break
+        y = torch.relu(x) * 2
+        print("a second break")  # @second-break
+        return y + 1
+
+    report = flashfuse.explain(starts_with_a_break, torch.randn(3), options=toy.OPTIONS)
+    assert [(b.graph, b.source) for b in report.graph_breaks] == [
+        (None, f"{HERE}:{line_of('@first-break')}"), (0, f"{HERE}:{line_of('@second-break')}")]
+    lines = str(report).splitlines()
+    assert lines[0].endswith("2 graph break(s)")
+    assert lines[1].startswith(f"graph break with no graph before it at test_explain.py:{line_of('@first-break')}")
+    assert lines[2] == "graph 0:"
+
+
+def test_explain_compiles_nothing(monkeypatch):
+    # The default remainder is Inductor; explain must decide as under Inductor but never run it.
+    import torch._inductor.compile_fx as compile_fx
+
+    def no_inductor(*args, **kwargs):
+        raise AssertionError("explain ran Inductor")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", no_inductor)
+    report = flashfuse.explain(ToyModel(), torch.randn(4, 8), options={"passes": ["relu_mul"]})
+    assert report.count("relu_mul") == 1
+    assert report.notes == []
+
+
 def test_to_dict_is_json_serialisable():
     report = flashfuse.explain(ToyWithBreak(), torch.randn(3), options=toy.OPTIONS)
     data = json.loads(json.dumps(report.to_dict()))
