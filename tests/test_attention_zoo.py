@@ -513,3 +513,57 @@ def test_dynamic_new_length_no_recompile_and_fused():
         _active.pop()
     assert len(calls) == 1
     assert report.count("attention") == 1 and fused_op_count(report) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the same modules on CUDA in bf16, under Inductor, autocast and CUDA graphs
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_gpu_nanogpt_bf16_autocast_train(mode):
+    torch.manual_seed(0)
+    m = NanoGPTAttention(n_embd=256, n_head=4, block_size=512).cuda().train()
+    ref_m = copy.deepcopy(m)
+    x = torch.randn(4, 384, 256, device="cuda")
+    report = Report()
+    compiled = torch.compile(m, backend="flashfuse", mode=mode)
+    _active.append(report)
+    try:
+        for _ in range(3):  # CUDA graphs: record, then replay
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = compiled(x)
+    finally:
+        _active.pop()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = ref_m(x)
+    assert report.count("attention") == 1, str(report)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(out.float(), ref.float()) < 2e-2
+    out.float().sum().backward()
+    ref.float().sum().backward()
+    for (name, a), (_, b) in zip(m.named_parameters(), ref_m.named_parameters()):
+        assert rel_err(a.grad, b.grad) < 3e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_reproducible_with_manual_seed():
+    m = NanoGPTAttention(n_embd=128, n_head=2, block_size=256, dropout=0.1).cuda().train()
+    compiled = torch.compile(m, backend="flashfuse")
+    x = torch.randn(2, 200, 128, device="cuda")
+    torch.manual_seed(5)
+    a = compiled(x)
+    torch.manual_seed(5)
+    b = compiled(x)
+    c = compiled(x)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fn", [sp_einsum, sp_bmm_3d, sp_softmax_fp32_cast_back], ids=lambda f: f.__name__)
+def test_gpu_spellings_fp16(fn):
+    q, k, v = (t.cuda().half() for t in qkv(b=2, h=4, nq=300, d=64))
+    run, report = compile_and_report(fn, remainder="inductor")
+    out = run(q, k, v)
+    ref = fn(q.float(), k.float(), v.float())
+    assert report.count("attention") == 1
+    assert rel_err(out.float(), ref) < 1e-2

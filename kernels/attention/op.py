@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from flashfuse.kernels.attention import reference
+from flashfuse.kernels.attention import mask_recognition, reference
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -47,6 +47,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
               scalars: list[float], score_mod: str, dropout_p: float, rng: Optional[torch.Tensor],
               precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(q) and _has_triton_impl():
+        score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
         out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
     else:
         out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
@@ -75,8 +76,15 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Returns dq, dk, dv and the gradients of the sides whose `side_needs_grad` is set (in order)."""
     if use_triton(q) and _has_triton_impl():
-        dq, dk, dv, dsides = _triton().attention_backward(
-            dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision)
+        n_all = len(sides)
+        score_mod, sides, kept = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2],
+                                                             side_needs_grad)
+        needs = [side_needs_grad[i] for i in kept]
+        dq, dk, dv, dkept = _triton().attention_backward(
+            dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, needs, precision)
+        dsides = [None] * n_all
+        for i, d in zip(kept, dkept):
+            dsides[i] = d
     else:
         dq, dk, dv, dsides = reference.attention_backward(
             dout, q, k, v, sides, scalars, score_mod, dropout_p, rng, side_needs_grad)

@@ -1,0 +1,179 @@
+"""Training-step benchmark (issue 7, H100): GPT-2 small with hand-written causal attention (masked_fill on
+a tril buffer, dropout 0.1), bf16 autocast, fused AdamW. Milliseconds per step (median after warm-up) and
+peak memory for eager, Inductor, flashfuse and — as the bar — Inductor on the same model rewritten to
+F.scaled_dot_product_attention by hand. Also the compile (warm-up) time and the longest sequence that
+trains at batch 1.
+
+    python benchmarks/train_gpt.py --out DIR [--configs 8x1024,2x4096] [--modes eager,inductor,flashfuse,sdpa]
+    python benchmarks/train_gpt.py --out DIR --longest 16384,32768,65536
+Writes DIR/train_gpt.json (and DIR/train_gpt_longest.json) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head, block_size, dropout, sdpa):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.n_head, self.n_embd, self.dropout, self.sdpa = n_head, n_embd, dropout, sdpa
+        if not sdpa:
+            self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size),
+                                 persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head, block_size, dropout, sdpa):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, block_size, dropout, sdpa)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.1, sdpa=False):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList(Block(n_embd, n_head, block_size, dropout, sdpa) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        T = idx.size(1)
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def make_step(mode, b, t, device="cuda"):
+    torch.manual_seed(0)
+    model = GPT(block_size=t, sdpa=(mode == "sdpa")).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    if mode == "inductor" or mode == "sdpa":
+        fwd = torch.compile(model)
+    elif mode == "flashfuse":
+        fwd = torch.compile(model, backend="flashfuse")
+    else:
+        fwd = model
+    idx = torch.randint(0, 50304, (b, t), device=device)
+    tgt = torch.randint(0, 50304, (b, t), device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def measure(mode, b, t, iters=10):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step = make_step(mode, b, t)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        loss = step()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return {"mode": mode, "b": b, "t": t, "ms": statistics.median(times), "warmup_s": warm,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--configs", default="8x1024,2x4096")
+    ap.add_argument("--modes", default="eager,inductor,flashfuse,sdpa")
+    ap.add_argument("--longest", default="")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if args.longest:
+        rows = []
+        for t in (int(x) for x in args.longest.split(",")):
+            for mode in args.modes.split(","):
+                try:
+                    r = measure(mode, 1, t, iters=3)
+                except torch.OutOfMemoryError:
+                    r = {"mode": mode, "b": 1, "t": t, "ms": None, "peak_gib": None, "oom": True}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                torch._dynamo.reset()
+        json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, "train_gpt_longest.json"), "w"), indent=1)
+        return
+    rows = []
+    for cfg in args.configs.split(","):
+        b, t = (int(x) for x in cfg.split("x"))
+        for mode in args.modes.split(","):
+            try:
+                r = measure(mode, b, t)
+            except torch.OutOfMemoryError:
+                r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None, "oom": True}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            torch._dynamo.reset()
+    json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, "train_gpt.json"), "w"), indent=1)
+    print(f"\n{env}\n| b x seq | mode | ms/step | peak GiB | warm-up s |\n|---|---|---|---|---|")
+    for r in rows:
+        ms = f"{r['ms']:.1f}" if r.get("ms") else "OOM"
+        pk = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
+        print(f"| {r['b']} x {r['t']} | {r['mode']} | {ms} | {pk} | {r.get('warmup_s', 0):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

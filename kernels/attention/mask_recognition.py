@@ -1,0 +1,99 @@
+"""Run-time recognition of mask tensors that are index patterns (a registered `tril` buffer, HF's causal
+mask without padding), so they take the kernel's symbolic path: key blocks skipped, no mask loads.
+
+The pass cannot prove at compile time that a buffer *is* causal: Dynamo does not guard on tensor values
+and a buffer can be changed in place later. So the op checks the actual tensor each time it changes
+(cached on data pointer, `_version`, shape and strides): a side used only in conditions `side != 0` /
+`side == 0` whose nonzero pattern equals a candidate index predicate is replaced by that predicate.
+A mismatch (or any side needing a gradient) leaves the expression as it was: never a wrong number.
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from flashfuse.kernels.attention import score_mod as sm
+
+_CACHE: dict = {}
+_MAX_CACHE = 256
+
+
+def _candidates():
+    """Keep-predicates tried, most common first."""
+    return (
+        sm.kv_idx <= sm.q_idx + sm.Nk - sm.Nq,   # causal, bottom-right aligned (== top-left when Nq == Nk)
+        sm.kv_idx <= sm.q_idx,                   # causal, top-left aligned
+        sympy.true,                              # nothing masked
+    )
+
+
+def _side_conditions(expr, i):
+    """The conditions in which side i appears; None if it appears anywhere else."""
+    s = sm.side(i)
+    conds = [a for a in expr.atoms(sympy.Eq, sympy.Ne) if a.has(s)]
+    if any(not (c.args[0] == s and c.args[1] == 0) for c in conds):
+        return None
+    replaced = expr.xreplace({c: sympy.true for c in conds})
+    if replaced.has(s):
+        return None
+    return conds
+
+
+def _nonzero_pattern(t: torch.Tensor, nq: int, nk: int):
+    """The (Nq, Nk) boolean pattern of t != 0 if it is the same for every batch and head, else None."""
+    if t.dim() != 4 or t.shape[-2] != nq or t.shape[-1] != nk:
+        return None
+    nz = t != 0
+    first = nz[:1, :1]
+    if nz.shape[0] * nz.shape[1] > 1 and not bool((nz == first).all()):
+        return None
+    return first[0, 0]
+
+
+def _key(t: torch.Tensor):
+    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+
+
+def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
+    """(score_mod, sides, kept) with recognized mask sides replaced by index predicates; `kept` lists the
+    indices of the original sides that remain, in order."""
+    expr = sm.from_text(score_mod)
+    keep_idx = list(range(len(sides)))
+    if not sides:
+        return score_mod, sides, keep_idx
+    changed = False
+    for i, t in enumerate(sides):
+        if needs_grad is not None and needs_grad[i]:
+            continue
+        if t.is_floating_point() and t.requires_grad:
+            continue
+        conds = _side_conditions(expr, i)
+        if not conds:
+            continue
+        key = (_key(t), nq, nk)
+        pred = _CACHE.get(key)
+        if pred is None:
+            pattern = _nonzero_pattern(t, nq, nk)
+            pred = False
+            if pattern is not None:
+                qi = torch.arange(nq, device=t.device)[:, None]
+                ki = torch.arange(nk, device=t.device)[None, :]
+                for cand in _candidates():
+                    env = {"q_idx": qi, "kv_idx": ki, "Nq": nq, "Nk": nk}
+                    want = torch.as_tensor(sm.evaluate(cand, env), device=t.device).expand(nq, nk)
+                    if bool((want == pattern).all()):
+                        pred = cand
+                        break
+            if len(_CACHE) > _MAX_CACHE:
+                _CACHE.clear()
+            _CACHE[key] = pred
+        if pred is False:
+            continue
+        expr = expr.xreplace({c: (pred if isinstance(c, sympy.Ne) else sympy.Not(pred)) for c in conds})
+        keep_idx.remove(i)
+        changed = True
+    if not changed:
+        return score_mod, sides, keep_idx
+    mapping = {sm.side(old): sm.side(new) for new, old in enumerate(keep_idx)}
+    expr = expr.xreplace(mapping)
+    return sm.to_text(expr), [sides[i] for i in keep_idx], keep_idx
