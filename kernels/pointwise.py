@@ -34,7 +34,7 @@ import torch
 _TOKEN = re.compile(r"\s*(?:(?P<name>[a-z_][a-z_0-9]*)|(?P<num>[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan))|(?P<p>[(),]))")
 _SYMBOL = re.compile(r"^x(\d+)$")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_INT_POWER = 8
+MAX_INT_POWER = 32  # the passes allow |exponent| <= 8; derivatives (of derivatives) go further
 
 
 def symbol(i: int) -> sympy.Symbol:
@@ -217,7 +217,10 @@ def kernel_source(exprs: Sequence[sympy.Expr], n_inputs: int) -> str:
         # `other=1.0`: masked lanes never divide by zero
         lines.append(f"    x{i} = tl.load(in{i} + offs, mask=mask, other=1.0).to(tl.float32)")
     for k, e in enumerate(exprs):
-        lines.append(f"    y{k} = {to_triton(e)}")
+        if e.free_symbols:
+            lines.append(f"    y{k} = {to_triton(e)}")
+        else:  # a constant (e.g. a zero gradient): still a block of values
+            lines.append(f"    y{k} = tl.full([BLOCK], {to_triton(e)}, tl.float32)")
         lines.append(f"    tl.store(out{k} + offs, y{k}.to(out{k}.dtype.element_ty), mask=mask)")
     return "\n".join(lines) + "\n"
 
@@ -317,7 +320,7 @@ def pointwise(inputs: list[torch.Tensor], exprs: str) -> list[torch.Tensor]:
     if not _use_triton(x):
         env = {f"x{i}": t.float() for i, t in enumerate(inputs)}
         for out, tree in zip(outs, trees):
-            out.copy_(evaluate(tree, env))
+            out.copy_(evaluate(tree, env))  # copy_ broadcasts a constant
         return outs
     # same dense layout (e.g. all channels_last): index the storage directly, output in that layout
     flat = list(inputs) if same_layout else [t.contiguous() for t in inputs]

@@ -331,3 +331,13 @@ def test_pointwise_keeps_a_shared_channels_last_layout():
     (z,) = ops.pointwise([xs[0], xs[1].contiguous(), xs[2]], "add(mul(x0,x1),neg(x2))")
     assert z.is_contiguous()
     torch.testing.assert_close(z, y)
+
+
+def test_pointwise_zero_and_high_power_gradients():
+    # d/dx0 of (x0 - x0) is the constant 0; d/dx1 of x1**-8 has exponent -9
+    x0, x1 = randn(3, 5).requires_grad_(), (randn(3, 5).abs() + 0.5).requires_grad_()
+    (y,) = ops.pointwise([x0, x1], "add(sub(x0,x0),pow(x1,-8))")
+    g0, g1 = torch.autograd.grad(y.sum(), [x0, x1])
+    assert torch.equal(g0, torch.zeros_like(g0))
+    x64 = x1.detach().double()
+    torch.testing.assert_close(g1.double(), -8 * x64 ** -9, rtol=1e-5, atol=1e-6)
