@@ -24,7 +24,7 @@ import torch.fx as fx
 from flashfuse.passes import PassContext, register_pass
 from flashfuse.passes.eltwise_chain import (ARITHMETIC, INDUCTOR_NOTE, erase_unused, grow_region, insert_call,
                                             is_number, kernel_fusions_enabled, known_equal, order_of, pow_exponent_ok,
-                                            same_shape, shape_str, to_sympy)
+                                            same_shape, shape_str, to_sympy, write_between)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -119,7 +119,7 @@ def _hand_written(gm: fx.GraphModule, func: fx.Node, order, done: set):
     """Find the GELU that contains the erf/tanh node `func`: (root, region, x, kind) or a near-miss
     (root, reason) or None."""
     like = val(func)
-    if like is None or like.dtype not in FLOAT_DTYPES:
+    if like is None or like.dtype not in FLOAT_DTYPES or like.dim() == 0:
         return None
     # candidate ends: pointwise users of func up to MAX_DEPTH ops downstream, latest first
     cands, frontier = [], [func]
@@ -186,8 +186,15 @@ def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.N
 
 
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, root: fx.Node, region: set, x: fx.Node, kind: str,
-             spelling: str) -> None:
+             spelling: str) -> bool:
     inp, bias, how, linear = _bias_of(gm, x, region)
+    order = order_of(gm)
+    first = {linear} if linear is not None else ({x} if bias is not None else set())
+    writer = write_between(gm, order, set(region) | first, root)
+    if writer is not None:
+        ctx.graph_report.add_near_miss(NAME, root, f"`{writer.name}` writes in place inside the GELU "
+                                                   "(fused, it would read after the write)")
+        return False
     erase = set(region)
     if linear is not None:
         inp = insert_call(gm, root, aten.linear.default, tuple(linear.args[:2]), like=linear)
@@ -201,6 +208,7 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, root: fx.Node, region: set, x
                                spelling=spelling, shape=shape_str(val(root)))
     root.replace_all_uses_with(fused)
     erase_unused(gm, erase)
+    return True
 
 
 @register_pass(NAME)
@@ -216,17 +224,18 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
             x = node.args[0]
             xv, out = val(x), val(node)
             kind = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-            if xv is None or out is None or xv.dtype not in FLOAT_DTYPES or kind not in ("none", "tanh"):
+            if xv is None or out is None or xv.dtype not in FLOAT_DTYPES or kind not in ("none", "tanh") \
+                    or xv.dim() == 0:
                 ctx.graph_report.add_near_miss(NAME, node, f"gelu on {None if xv is None else xv.dtype} "
-                                                           "(kernel: fp16/bf16/fp32)")
+                                                           "of dim 0 or a dtype the kernel lacks (fp16/bf16/fp32, >= 1 dim)")
                 continue
             done.add(node)
             if not enabled:
                 ctx.graph_report.add_near_miss(NAME, node, INDUCTOR_NOTE)
                 continue
-            _rewrite(gm, ctx, node, {node}, x, kind, "F.gelu")
-            order = order_of(gm)
-            rewrites += 1
+            if _rewrite(gm, ctx, node, {node}, x, kind, "F.gelu"):
+                order = order_of(gm)
+                rewrites += 1
         elif node.target in (aten.erf.default, aten.tanh.default):
             found = _hand_written(gm, node, order, done)
             done.add(node)
@@ -241,7 +250,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
             if not enabled:
                 ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
                 continue
-            _rewrite(gm, ctx, root, region, x, kind, "hand-written")
-            order = order_of(gm)
-            rewrites += 1
+            if _rewrite(gm, ctx, root, region, x, kind, "hand-written"):
+                order = order_of(gm)
+                rewrites += 1
     return rewrites

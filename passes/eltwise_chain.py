@@ -116,6 +116,23 @@ class _nullcontext:
         return False
 
 
+def mutates(node: fx.Node) -> bool:
+    """An op that writes to one of its inputs in place (kept by normalize when the target is an input
+    or a view)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def write_between(gm: fx.GraphModule, order: dict[fx.Node, int], nodes: Iterable[fx.Node],
+                  end: fx.Node) -> fx.Node | None:
+    """The first in-place write between the earliest of `nodes` and `end`: a fused op evaluated at `end`
+    would read its inputs after that write, where the original ops read them before."""
+    lo, hi = min(order[n] for n in nodes), order[end]
+    if lo >= hi:
+        return None
+    return next((n for n in gm.graph.nodes if lo < order.get(n, -1) < hi and mutates(n)), None)
+
+
 def erase_unused(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
     """Erase the replaced nodes, users first (pure ATen ops only; the pipeline also runs DCE)."""
     order = order_of(gm)
@@ -304,6 +321,12 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                 reason = next(iter(rejected.values()))
                 ctx.graph_report.add_near_miss(NAME, root, f"chain of {len(loose)} ops split: {reason}")
                 done |= loose
+            continue
+        writer = write_between(gm, order, region, root)
+        if writer is not None:
+            ctx.graph_report.add_near_miss(NAME, root, f"`{writer.name}` writes in place inside the chain "
+                                                       "(fused, the chain would read after the write)")
+            done |= region
             continue
         leaves: dict[fx.Node, sympy.Symbol] = {}
         expr = to_sympy(root, region, leaves, ARITHMETIC, evaluate=False)

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.eltwise_chain import erase_unused, insert_call, known_equal
+from flashfuse.passes.eltwise_chain import erase_unused, insert_call, known_equal, order_of, write_between
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -116,6 +116,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
         if found is None:
             continue
         base, kind, dims, keepdim, steps = found
+        writer = write_between(gm, order_of(gm), steps, node)
+        if writer is not None:
+            ctx.graph_report.add_near_miss(NAME, node, f"`{writer.name}` writes in place between the reductions")
+            continue
         root = node
         bv = val(base)
         if kind == "sum" and len(node.users) == 1:

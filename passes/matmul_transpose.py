@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.eltwise_chain import known_equal, order_of, shape_str
+from flashfuse.passes.eltwise_chain import known_equal, mutates, order_of, shape_str
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -35,11 +35,6 @@ def _is_copy(node: fx.Node) -> bool:
         fmt = node.kwargs.get("memory_format", None)
         return fmt in (None, torch.contiguous_format, torch.preserve_format) and len(node.args) == 1
     return False
-
-
-def _mutates(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def _collapses(t: torch.Tensor, upto: int) -> bool:
@@ -87,7 +82,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                                                        f"is also used by `{other.name}`")
             continue
         last = max(order[u] for u in mm_users)
-        writer = next((n for n in gm.graph.nodes if order[copy] < order[n] < last and _mutates(n)), None)
+        writer = next((n for n in gm.graph.nodes if order[copy] < order[n] < last and mutates(n)), None)
         if writer is not None:
             ctx.graph_report.add_near_miss(NAME, copy, f"`{writer.name}` writes in place between the copy and "
                                                        "the matmul (the view would see the write)")

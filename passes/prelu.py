@@ -17,7 +17,7 @@ import torch.fx as fx
 from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
 from flashfuse.passes import PassContext, register_pass
 from flashfuse.passes.eltwise_chain import (INDUCTOR_NOTE, erase_unused, insert_call, kernel_fusions_enabled,
-                                            known_equal, same_shape, shape_str)
+                                            known_equal, order_of, same_shape, shape_str, write_between)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -158,6 +158,11 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
         except NotPrelu as why:
             ctx.graph_report.add_near_miss(NAME, node, str(why))
             continue
+        if inner:
+            writer = write_between(gm, order_of(gm), inner, node)
+            if writer is not None:
+                ctx.graph_report.add_near_miss(NAME, node, f"`{writer.name}` writes in place inside the PReLU")
+                continue
         if not enabled:
             ctx.graph_report.add_near_miss(NAME, node, INDUCTOR_NOTE)
             continue

@@ -417,3 +417,30 @@ def test_all_fusions_together_match_eager_under_inductor():
     torch.manual_seed(7)
     args = (rand(2, 5, 12), rand(2, 5, 9), rand(2, 5, 9))
     check(Block(), *args, options=INDUCTOR_ALWAYS, bias_gelu=1, prelu=1, eltwise_chain=1, global_pool=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# in-place writes between the fused ops: fusing would read after the write
+# ------------------------------------------------------------------------------------------------
+def test_inplace_write_inside_a_region_blocks_fusion():
+    def chain(a, b, c):
+        t = a * b
+        a.add_(1.0)
+        return t + c * a - b
+
+    def pool(x):
+        m = x.mean(-1)
+        x.mul_(2.0)
+        return m.mean(-1)
+
+    for fn, args, fusion in ((chain, (rand(3, 4), rand(3, 4), rand(3, 4)), "eltwise_chain"),
+                             (pool, (rand(2, 3, 5),), "global_pool")):
+        report = explain(fn, *[a.clone() for a in args], options=EAGER)
+        assert report.count(fusion) == 0, str(report)
+        assert "writes in place" in near_miss(report, fusion)
+        want_args, got_args = [a.clone() for a in args], [a.clone() for a in args]
+        want = fn(*want_args)
+        got = torch.compile(fn, backend=__import__("flashfuse").backend(**EAGER))(*got_args)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(got_args, want_args):
+            torch.testing.assert_close(a, b)
