@@ -37,7 +37,7 @@ def source_of(node: fx.Node | None) -> str:
 
 def short_source(src: str) -> str:
     """`/long/path/model.py:41` -> `model.py:41`."""
-    return src.rsplit("/", 1)[-1] if src else ""
+    return re.split(r"[\\/]", src)[-1] if src else ""
 
 
 def jsonable(value: Any) -> Any:
