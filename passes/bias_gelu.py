@@ -22,9 +22,10 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.eltwise_chain import (ARITHMETIC, INDUCTOR_NOTE, erase_unused, grow_region, insert_call,
-                                            is_number, kernel_fusions_enabled, known_equal, order_of, pow_exponent_ok,
-                                            same_shape, shape_str, to_sympy, write_between)
+from flashfuse.passes.eltwise_chain import (ARITHMETIC, AUTOCAST_NOTE, INDUCTOR_NOTE, autocast_nodes, erase_unused,
+                                            grow_region, in_autocast, insert_call, is_number, kernel_fusions_enabled,
+                                            known_equal, order_of, pow_exponent_ok, same_shape, shape_str, to_sympy,
+                                            write_between)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -188,6 +189,9 @@ def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.N
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, root: fx.Node, region: set, x: fx.Node, kind: str,
              spelling: str) -> bool:
     inp, bias, how, linear = _bias_of(gm, x, region)
+    if in_autocast(autocast_nodes(gm), set(region) | {x}):
+        ctx.graph_report.add_near_miss(NAME, root, AUTOCAST_NOTE)
+        return False
     order = order_of(gm)
     first = {linear} if linear is not None else ({x} if bias is not None else set())
     writer = write_between(gm, order, set(region) | first, root)

@@ -116,6 +116,37 @@ class _nullcontext:
         return False
 
 
+AUTOCAST_NOTE = ("under autocast: the fake values carry the dtypes without autocast, the real ops run in "
+                 "autocast's dtypes (matmuls in half, pow/sum in fp32), so the fused kernel's dtypes cannot "
+                 "be proven; left as is")
+
+
+def autocast_nodes(gm: fx.GraphModule) -> set[fx.Node] | None:
+    """The nodes inside an autocast region of the graph; None means the whole graph (autocast is on
+    around the compiled call, which Dynamo guards on)."""
+    for device_type in ("cuda", "cpu"):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                return None
+        except (TypeError, RuntimeError):  # a build without that device type
+            continue
+    inside: set[fx.Node] = set()
+    depth = 0
+    for n in gm.graph.nodes:
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name == "_enter_autocast":
+            depth += 1
+        elif name == "_exit_autocast":
+            depth = max(0, depth - 1)
+        elif depth:
+            inside.add(n)
+    return inside
+
+
+def in_autocast(regions: set[fx.Node] | None, nodes: Iterable[fx.Node]) -> bool:
+    return regions is None or any(n in regions for n in nodes)
+
+
 def mutates(node: fx.Node) -> bool:
     """An op that writes to one of its inputs in place (kept by normalize when the target is an input
     or a view)."""
@@ -299,6 +330,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
 
     order = order_of(gm)
     enabled = kernel_fusions_enabled(ctx)
+    autocast = autocast_nodes(gm)
     done: set[fx.Node] = set()
     rewrites = 0
     for root in reversed(list(gm.graph.nodes)):
@@ -321,6 +353,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                 reason = next(iter(rejected.values()))
                 ctx.graph_report.add_near_miss(NAME, root, f"chain of {len(loose)} ops split: {reason}")
                 done |= loose
+            continue
+        if in_autocast(autocast, region):
+            ctx.graph_report.add_near_miss(NAME, root, AUTOCAST_NOTE)
+            done |= region
             continue
         writer = write_between(gm, order, region, root)
         if writer is not None:

@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.eltwise_chain import erase_unused, insert_call, known_equal, order_of, write_between
+from flashfuse.passes.eltwise_chain import (autocast_nodes, erase_unused, in_autocast, insert_call, known_equal,
+                                            order_of, write_between)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -122,7 +123,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
             continue
         root = node
         bv = val(base)
-        if kind == "sum" and len(node.users) == 1:
+        # under autocast sum runs in fp32 and mean in the input dtype: sum/n -> mean would change the dtype
+        if kind == "sum" and len(node.users) == 1 and not in_autocast(autocast_nodes(gm), steps):
             div = next(iter(node.users))
             if bv.dtype.is_floating_point and val(div) is not None and val(div).dtype == bv.dtype \
                     and div.args[0] is node and _divisor_matches(div, base, dims):

@@ -16,8 +16,9 @@ import torch.fx as fx
 
 from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.eltwise_chain import (INDUCTOR_NOTE, erase_unused, insert_call, kernel_fusions_enabled,
-                                            known_equal, order_of, same_shape, shape_str, write_between)
+from flashfuse.passes.eltwise_chain import (AUTOCAST_NOTE, INDUCTOR_NOTE, autocast_nodes, erase_unused, in_autocast,
+                                            insert_call, kernel_fusions_enabled, known_equal, order_of, same_shape,
+                                            shape_str, write_between)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -157,6 +158,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                 cd = channel_dim_of(xv, av)
         except NotPrelu as why:
             ctx.graph_report.add_near_miss(NAME, node, str(why))
+            continue
+        if in_autocast(autocast_nodes(gm), [node] + inner):
+            ctx.graph_report.add_near_miss(NAME, node, AUTOCAST_NOTE)
             continue
         if inner:
             writer = write_between(gm, order_of(gm), inner, node)

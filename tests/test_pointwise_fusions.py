@@ -14,10 +14,13 @@ import torch.nn.functional as F
 from flashfuse.explain import explain
 from flashfuse.testing import assert_close_to_eager
 
-EAGER = {"remainder": "eager"}
-INDUCTOR_ALWAYS = {"remainder": "inductor", "norm_policy": "always"}
-CONFIGS = [pytest.param(EAGER, id="eager"), pytest.param(INDUCTOR_ALWAYS, id="inductor-always")]
 FUSIONS = ("bias_gelu", "prelu", "matmul_transpose", "global_pool", "eltwise_chain")
+# Only these passes (in the default order), so that these tests see these fusions alone; the last test
+# runs the full default pass list.
+MINE = {"passes": list(FUSIONS)}
+EAGER = {"remainder": "eager", **MINE}
+INDUCTOR_ALWAYS = {"remainder": "inductor", "norm_policy": "always", **MINE}
+CONFIGS = [pytest.param(EAGER, id="eager"), pytest.param(INDUCTOR_ALWAYS, id="inductor-always")]
 
 
 def counts(report) -> dict[str, int]:
@@ -391,15 +394,15 @@ def test_inductor_auto_leaves_pointwise_kernels_to_inductor_but_simplifies_graph
         return c, x.mean(-1).mean(-1), x @ x.transpose(-2, -1).contiguous()
 
     args = (rand(2, 9, 12), rand(2, 9, 9), rand(2, 9, 9))
-    auto = expect(f, *args, options={"remainder": "inductor"}, matmul_transpose=1, global_pool=1)
+    auto = expect(f, *args, options={"remainder": "inductor", **MINE}, matmul_transpose=1, global_pool=1)
     for fusion in ("bias_gelu", "prelu", "eltwise_chain"):
         assert "left to Inductor" in near_miss(auto, fusion)
     expect(f, *args, options=INDUCTOR_ALWAYS, bias_gelu=1, prelu=1, eltwise_chain=1, matmul_transpose=1,
            global_pool=1)
-    expect(f, *args, options={"remainder": "inductor", "norm_policy": "never"}, matmul_transpose=1,
+    expect(f, *args, options={"remainder": "inductor", "norm_policy": "never", **MINE}, matmul_transpose=1,
            global_pool=1)
     # the eager remainder always applies, whatever the policy
-    expect(f, *args, options={"remainder": "eager", "norm_policy": "never"}, bias_gelu=1, prelu=1,
+    expect(f, *args, options={"remainder": "eager", "norm_policy": "never", **MINE}, bias_gelu=1, prelu=1,
            eltwise_chain=1, matmul_transpose=1, global_pool=1)
 
 
@@ -416,7 +419,9 @@ def test_all_fusions_together_match_eager_under_inductor():
 
     torch.manual_seed(7)
     args = (rand(2, 5, 12), rand(2, 5, 9), rand(2, 5, 9))
-    check(Block(), *args, options=INDUCTOR_ALWAYS, bias_gelu=1, prelu=1, eltwise_chain=1, global_pool=1)
+    # every default pass (attention, norms, ...) runs here: the pointwise fusions must coexist with them
+    check(Block(), *args, options={"remainder": "inductor", "norm_policy": "always"}, bias_gelu=1, prelu=1,
+          eltwise_chain=1, global_pool=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -444,3 +449,28 @@ def test_inplace_write_inside_a_region_blocks_fusion():
         torch.testing.assert_close(got, want)
         for a, b in zip(got_args, want_args):
             torch.testing.assert_close(a, b)
+
+
+def test_autocast_regions_are_left_alone():
+    W, b = torch.randn(12, 9), torch.randn(9)
+
+    def inside(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = F.gelu(x @ W + b)
+            return h * 2.0 + h * h - b
+
+    def outside(x, y):
+        return F.gelu(x @ W + b) * 2.0 + y * y - y
+
+    x, y = rand(4, 12), rand(4, 9)
+    report = expect(inside, x)
+    assert "autocast" in near_miss(report, "bias_gelu") and "autocast" in near_miss(report, "eltwise_chain")
+    compiled = torch.compile(inside, backend=__import__("flashfuse").backend(**EAGER))
+    torch.testing.assert_close(compiled(x), inside(x))
+    # autocast around the compiled call (guarded by Dynamo): nothing fused either
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = expect(outside, x, y)
+        assert "autocast" in near_miss(report, "bias_gelu")
+        compiled = torch.compile(outside, backend=__import__("flashfuse").backend(**EAGER))
+        torch.testing.assert_close(compiled(x, y), outside(x, y))
