@@ -474,3 +474,58 @@ def test_autocast_regions_are_left_alone():
         assert "autocast" in near_miss(report, "bias_gelu")
         compiled = torch.compile(outside, backend=__import__("flashfuse").backend(**EAGER))
         torch.testing.assert_close(compiled(x, y), outside(x, y))
+
+
+# ------------------------------------------------------------------------------------------------
+# property test: random arithmetic chains, fused, equal eager (values and gradients)
+# ------------------------------------------------------------------------------------------------
+def _random_chain(draw_ops, n_leaves: int):
+    """A function of n_leaves tensors built from a list of (op, operand choice) draws, and its op count.
+    Divisors are leaves (kept in [0.5, 2.5)) so that the comparison is well conditioned."""
+    import operator
+
+    def fn(*xs):
+        vals = list(xs)
+        acc = xs[0]
+        for op, i, c in draw_ops:
+            leaf = vals[i % n_leaves]
+            if op == "add":
+                acc = acc + leaf
+            elif op == "sub":
+                acc = acc - leaf * c
+            elif op == "mul":
+                acc = acc * leaf
+            elif op == "div":
+                acc = acc / leaf
+            elif op == "rsub":
+                acc = c - acc
+            elif op == "neg":
+                acc = -acc
+            elif op == "square":
+                acc = acc * 0.5 if c > 1 else operator.pow(acc, 2)
+            elif op == "scale":
+                acc = acc * c + leaf
+        return acc
+
+    return fn
+
+
+def test_random_chains_match_eager():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    ops_strategy = st.lists(st.tuples(st.sampled_from(["add", "sub", "mul", "div", "rsub", "neg", "square", "scale"]),
+                                      st.integers(0, 3), st.sampled_from([0.5, 1.5, 2.0, 3.0])),
+                            min_size=3, max_size=7)
+
+    @hypothesis.settings(max_examples=20, deadline=None, derandomize=True)
+    @hypothesis.given(ops_strategy)
+    def run(draw_ops):
+        torch._dynamo.reset()
+        fn = _random_chain(draw_ops, 4)
+        xs = [torch.rand(3, 5, dtype=torch.float64).float() * 2 + 0.5 for _ in range(4)]
+        report = explain(fn, *xs, options=EAGER)
+        assert report.count("eltwise_chain") >= 1, str(report)
+        assert_close_to_eager(fn, *xs, options=EAGER, rtol=1e-4, atol=1e-5)
+
+    run()
