@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--code", action="store_true", help="also print each graph's code before/after")
     ex.add_argument("--draw", metavar="PATH", help="write a picture of the rewritten regions "
                                                     "(.svg, .png, .pdf or .dot)")
+    ex.add_argument("--fake", action="store_true", help="run on fake tensors: nothing is computed "
+                                                         "(falls back to real inputs where that fails)")
     ex.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                     help="a backend option, e.g. -o remainder=eager -o disable=attention "
                          "(VALUE is JSON, or a plain string; comma-separated for passes/disable)")
@@ -81,7 +83,7 @@ def _explain(args: argparse.Namespace) -> int:
     from flashfuse.explain import explain
 
     try:
-        report = explain(model, *call_args, options=options, **call_kwargs)
+        report = explain(model, *call_args, options=options, fake=args.fake, **call_kwargs)
     except Exception as exc:
         raise CliError(EXIT_RUN, _failure("running the model failed", exc)) from None
 

@@ -28,25 +28,46 @@ from flashfuse.report import GraphBreak, Report, _active
 _lowering_lock = threading.Lock()
 
 
-def explain(model_or_fn: Any, *args: Any, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Report:
+def explain(model_or_fn: Any, *args: Any, options: Mapping[str, Any] | None = None, fake: bool = False,
+            **kwargs: Any) -> Report:
     """Capture `model_or_fn(*args, **kwargs)` with Dynamo, run flashfuse's passes on every captured graph
     and return the Report: fusions with the user's source line and the specialization in words,
     near-misses with their reason, graph breaks, and each graph's code before and after the passes.
 
     `options` are flashfuse's backend options (`remainder`, `passes`, `disable`, ...), as for
     `torch.compile(model, backend="flashfuse", options=...)`. A model already wrapped by torch.compile
-    is explained as the original module."""
+    is explained as the original module.
+
+    By default the captured graphs run once, op by op, on the real inputs (one eager forward). With
+    `fake=True` a fake copy of the model runs on fake inputs: nothing is computed and no memory is
+    used, for models too big to run here. A pass that looks at constant values (a mask buffer) sees
+    none then; where the fake run fails (Python code that reads tensor values between graphs),
+    explain warns and runs on the real inputs."""
     config = Config.from_options(options)
     target = uncompiled(model_or_fn)
+    if fake:
+        try:
+            return _explain_once(config, target, args, kwargs, fake=True)
+        except Exception as exc:
+            logger.warning("explain(fake=True) failed (%s: %s); explaining on the real inputs",
+                           type(exc).__name__, exc)
+    return _explain_once(config, target, args, kwargs, fake=False)
+
+
+def _explain_once(config: Config, target: Any, args: tuple, kwargs: dict, fake: bool) -> Report:
     report = Report()
-    backend = _ExplainBackend(config, report)
+    backend = _ExplainBackend(config, report, fake=fake)
     breaks_seen = _graph_break_log()
     first_break = len(breaks_seen) if breaks_seen is not None else 0
     with _leave_no_trace(backend, target):
+        run_in: Any = contextlib.nullcontext()
+        if fake:
+            run_in, (target, args, kwargs) = _fake_copies(target, args, kwargs)
         compiled = torch.compile(target, backend=backend)
         _active.append(report)
         try:
-            compiled(*args, **kwargs)
+            with run_in:
+                compiled(*args, **kwargs)
         finally:
             _active.remove(report)
     if breaks_seen is not None:
@@ -73,25 +94,59 @@ class _ExplainBackend:
 
     __name__ = "flashfuse_explain"
 
-    def __init__(self, config: Config, report: Report) -> None:
+    def __init__(self, config: Config, report: Report, fake: bool = False) -> None:
         self.config = config
         self.report = report
+        self.fake = fake
         self.graph_of_break: dict[int, int] = {}  # id(GraphCompileReason) -> the graph it ended
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **_: Any) -> Callable:
         import flashfuse.kernels  # noqa: F401  (registers the flashfuse:: ops the passes emit)
         from flashfuse import pipeline
 
-        with _lowering_skipped(pipeline):
-            pipeline.compile_graph(gm, example_inputs, self.config)
-        graph_report = self.report.graphs[-1]
-        if graph_report.matches:
-            _record_normalized_graph(graph_report, gm, example_inputs)
+        with contextlib.ExitStack() as stack:
+            if self.fake:
+                example_inputs = _in_tracing_fake_mode(example_inputs)
+                # the passes trace in Dynamo's fake mode, not under the user-level one explain runs in
+                from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+                stack.enter_context(unset_fake_temporarily())
+            with _lowering_skipped(pipeline):
+                pipeline.compile_graph(gm, example_inputs, self.config)
+            graph_report = self.report.graphs[-1]
+            if graph_report.matches:
+                _record_normalized_graph(graph_report, gm, example_inputs)
         reason = getattr(gm, "compile_subgraph_reason", None)
         if reason is not None and getattr(reason, "graph_break", False):
             self.graph_of_break[id(reason)] = graph_report.index
             self.report.graph_breaks.append(_graph_break(reason, graph_report.index))
         return gm.forward
+
+
+def _fake_copies(target: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple[Any, tuple, dict]]:
+    """A fake tensor mode, and in it a copy of the model (parameters and buffers fake) and the inputs."""
+    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+    from torch.utils._pytree import tree_map_only
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # tensors a function closes over stay real
+    if isinstance(target, torch.nn.Module):
+        with FakeCopyMode(mode):
+            target = copy.deepcopy(target)
+    args, kwargs = tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+    return mode, (target, args, kwargs)
+
+
+def _in_tracing_fake_mode(example_inputs: list) -> list:
+    """Dynamo hands the backend fake inputs of explain's own fake mode; the passes' tracing must use
+    Dynamo's (mixing two fake modes is an error)."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    mode = detect_fake_mode()
+    if mode is None:
+        return example_inputs
+    with unset_fake_temporarily():
+        return [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
 
 @contextlib.contextmanager

@@ -86,6 +86,12 @@ def test_explain_json(capsys, factory_file):
     assert data["near_misses"][0]["reason"] == "the multiplier is 3, not 2"
 
 
+def test_explain_fake(capsys, factory_file):
+    code, out, err = run_main(capsys, "explain", f"{factory_file}:make", "--fake", *OPTS)
+    assert code == 0, err
+    assert "fused     relu_mul at toy_factories.py:6: relu(x) * 2 as one op, 4x8" in out
+
+
 @pytest.mark.parametrize("factory,count", [("make_single_tensor", 1), ("make_with_kwargs", 1)])
 def test_explain_accepts_other_input_shapes(capsys, factory_file, factory, count):
     code, out, err = run_main(capsys, "explain", f"{factory_file}:{factory}", "--json", *OPTS)

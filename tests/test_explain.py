@@ -177,6 +177,60 @@ def test_explain_a_function_with_kwargs():
     assert report.count("relu_mul") == 1
 
 
+# ---- fake=True: nothing computed ----
+
+REAL_RUNS = []
+
+
+@torch.library.custom_op("flashfuse_explain_test::counted_relu", mutates_args=())
+def counted_relu(x: torch.Tensor) -> torch.Tensor:
+    REAL_RUNS.append(1)  # only a real (not fake) execution gets here
+    return torch.relu(x)
+
+
+@counted_relu.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class CountedModel(ToyModel):
+    def forward(self, x):
+        return counted_relu(super().forward(x))
+
+
+def test_fake_explain_computes_nothing_and_reports_the_same():
+    model, x = CountedModel(), torch.randn(4, 8)
+    REAL_RUNS.clear()
+    fake_report = flashfuse.explain(model, x, options=toy.OPTIONS, fake=True)
+    assert REAL_RUNS == []
+    real_report = flashfuse.explain(model, x, options=toy.OPTIONS)
+    assert REAL_RUNS == [1]
+    assert str(fake_report) == str(real_report)
+    assert fake_report.count("relu_mul") == 1
+    assert fake_report.matches[0].source == f"{HERE}:{line_of('@fused-1')}"
+    assert _debug_get_cache_entry_list(ToyModel.forward) == []
+    assert _debug_get_cache_entry_list(CountedModel.forward) == []
+
+
+def test_fake_explain_of_the_nanogpt_block_matches_the_real_one():
+    model, (x,) = _load_example().make_block()
+    fake_report = flashfuse.explain(model, x, fake=True)
+    assert fake_report.count("attention") == 1
+    assert str(fake_report) == str(flashfuse.explain(model, x))
+
+
+def test_fake_explain_falls_back_to_real_inputs_when_python_reads_values(caplog):
+    def branchy(x):
+        y = torch.relu(x) * 2
+        if y.sum() > 0:  # a graph break; the Python between the graphs needs a real value
+            return y + 1
+        return y - 1
+
+    report = flashfuse.explain(branchy, torch.ones(3), options=toy.OPTIONS, fake=True)
+    assert report.count("relu_mul") == 1 and len(report.graph_breaks) == 1
+    assert any("explaining on the real inputs" in r.getMessage() for r in caplog.records)
+
+
 # ---- no leftover state ----
 
 class CountingBackend:
