@@ -32,7 +32,8 @@ NAME = "attention"
 MAX_HEAD_DIM = 256
 
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
-MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.einsum.default, aten.mm.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.einsum.default, aten.mm.default,
+              aten.baddbmm.default}
 # ops between the softmax and P·V that keep the probabilities' values (up to dtype)
 PASS_THROUGH = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
                 aten.alias.default, aten.type_as.default, aten.to.dtype_layout, aten.to.device,
@@ -213,6 +214,15 @@ class ScoreModBuilder:
                 all(_same(a, b) for a, b in zip(t.shape, self.score_shape)):
             if self.score_node is None or self.score_node is node:
                 self.score_node = node
+                if target == aten.baddbmm.default:  # beta * input + alpha * (q @ k)
+                    beta = node.kwargs.get("beta", 1)
+                    alpha = node.kwargs.get("alpha", 1)
+                    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
+                        raise NotFusable("baddbmm with a tensor alpha/beta", node)
+                    e = alpha * sm.score
+                    if beta != 0:  # torch ignores `input` (even NaN) when beta == 0
+                        e = e + beta * self._align(self.operand(node.args[0]), self.rank).num()
+                    return Value(e, self.rank, t.shape, False)
                 return Value(sm.score, self.rank, t.shape, False)
         try:
             return self._pointwise(node, t)
@@ -473,6 +483,8 @@ class ScoreModBuilder:
         if leftover:
             raise NotFusable("an index-only mask does not line up with the scores' axes", self.root)
         del nq, nk
+        # sympy folds nested Piecewise conditions into ITE(a, b, c); printers know And/Or/Not
+        expr = expr.replace(sympy.ITE, lambda a, b_, c: sympy.Or(sympy.And(a, b_), sympy.And(sympy.Not(a), c)))
         # drop side inputs that a materialized subtree made unused, and renumber the rest
         used = sm.side_ids(expr)
         expr = expr.xreplace({sm.side(old): sm.side(new) for new, old in enumerate(used)})
@@ -576,13 +588,41 @@ class Graph:
 # --------------------------------------------------------------------------------------------------
 # the pass
 # --------------------------------------------------------------------------------------------------
+def _manual_softmax(node: fx.Node):
+    """`e / e.sum(d, keepdim=True)` with `e = exp(x - x.amax(d, keepdim=True))` (or `exp(x)`): (x, d)."""
+    if node.op != "call_function" or node.target != aten.div.Tensor or len(node.args) != 2:
+        return None
+    e, s = node.args
+    if not (isinstance(e, fx.Node) and isinstance(s, fx.Node)) or s.target != aten.sum.dim_IntList:
+        return None
+    if len(s.args) < 3 or not s.args[2] or len(s.args[1]) != 1 or s.kwargs.get("dtype") is not None:
+        return None
+    d = s.args[1][0]
+    e2 = s.args[0]
+    if not all(isinstance(x, fx.Node) and x.target == aten.exp.default for x in (e, e2)):
+        return None
+    if e.args[0] is not e2.args[0]:
+        return None
+    x = e.args[0]
+    if x.op == "call_function" and x.target == aten.sub.Tensor and isinstance(x.args[1], fx.Node):
+        m = x.args[1]
+        if m.target == aten.amax.default and m.args[0] is x.args[0] and list(m.args[1]) == [d] and \
+                (m.args[2] if len(m.args) > 2 else False):
+            x = x.args[0]
+        elif m.target == operator.getitem and m.args[1] == 0 and m.args[0].target == aten.max.dim and \
+                m.args[0].args[0] is x.args[0] and m.args[0].args[1] == d and m.args[0].args[2]:
+            x = x.args[0]
+    return x, d
+
+
 @register_pass(NAME)
 def attention_pass(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in SOFTMAX_OPS:
+        manual = _manual_softmax(node)
+        if (node.op == "call_function" and node.target in SOFTMAX_OPS) or manual is not None:
             try:
-                desc = _fuse_one(gm, node, ctx)
+                desc = _fuse_one(gm, node, ctx, manual)
             except NotFusable as e:
                 ctx.graph_report.add_near_miss(NAME, e.node or node, str(e))
                 continue
@@ -595,13 +635,12 @@ def _softmax_dim(node: fx.Node) -> int:
     return node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
 
 
-def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext) -> str | None:
-    s_in = softmax.args[0]
+def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=None) -> str | None:
+    s_in, dim = manual if manual is not None else (softmax.args[0], _softmax_dim(softmax))
     sv = val(s_in)
     if sv is None:
         return None
     rank = sv.dim()
-    dim = _softmax_dim(softmax)
     if dim % rank != rank - 1:
         raise NotFusable(f"softmax over dim {dim}; keys are on dim -1", softmax)
 
@@ -647,8 +686,8 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext) -> str | N
     S = builder.score_node
 
     # Q, K from S;  V from P @ V
-    q_node, kt_node = _mm_operands(S, which="qk")
-    p_side, v_node = _mm_operands(pv, which="pv")
+    q_node, kt_node, _ = _mm_operands(S, which="qk")
+    p_side, v_node, out_perm = _mm_operands(pv, which="pv")
     if p_side is not chain[-1]:
         raise NotFusable("probabilities are the right operand of the matmul (P·V expected)", pv)
     qv, ktv, vv, ov = val(q_node), val(kt_node), val(v_node), val(pv)
@@ -662,9 +701,12 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext) -> str | N
     for what, x in (("head dim", d), ("value head dim", dv)):
         if x > MAX_HEAD_DIM:
             raise NotFusable(f"{what} {x} > {MAX_HEAD_DIM} is not supported by the kernel", S)
-    if not all(_same(a, b) for a, b in zip(qv.shape[:-2], ktv.shape[:-2])) or \
-            not all(_same(a, b) for a, b in zip(qv.shape[:-2], vv.shape[:-2])):
-        raise NotFusable("Q, K, V batch/head dims differ (broadcasting matmul)", S)
+    for other in (ktv, vv):
+        for i, (a, b) in enumerate(zip(qv.shape[:-2], other.shape[:-2])):
+            if not (_same(a, b) or _same(b, 1)):
+                raise NotFusable("Q, K, V batch/head dims differ (broadcasting matmul)", S)
+    if any(_same(a, 1) and not _same(b, 1) for x in (ktv, vv) for a, b in zip(qv.shape[:-2], x.shape[:-2])):
+        raise NotFusable("K/V have more batch/head entries than Q (broadcasting matmul)", S)
 
     g = Graph(gm, pv)
     # K as (.., Nk, d): undo the transpose if there is one, else take a transposed view
@@ -684,6 +726,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext) -> str | N
     for s in builder.sides:
         sides4.append(_to4d(g, s, rank))
     q4, k4, v4 = (_to4d(g, x, rank) for x in (q_node, k_base, v_base))
+    k4, v4 = (_broadcast_batch(g, x, val(q4)) for x in (k4, v4))
 
     # dropout seed, drawn from torch's generator so manual_seed reproduces it
     rng = None
@@ -703,7 +746,10 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext) -> str | N
     out = g.call(operator.getitem, att, 0)
     out_final = out
     if rank < 4:
-        out_final = g.call(aten.reshape.default, out, list(ov.shape))
+        canon_shape = list(ov.shape) if out_perm is None else [ov.shape[out_perm.index(i)] for i in range(rank)]
+        out_final = g.call(aten.reshape.default, out, canon_shape)
+    if out_perm is not None:
+        out_final = g.call(aten.permute.default, out_final, out_perm)
     out_dtype = ac_dtype or qv.dtype
     if ov.dtype != out_dtype and ac_dtype is None:
         out_final = g.call(aten.to.dtype, out_final, ov.dtype)
@@ -718,11 +764,14 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext) -> str | N
 
 
 def _mm_operands(node: fx.Node, which: str):
-    """(left, right) operands of a matmul as (.., M, K) and (.., K, N) views; einsum is permuted."""
+    """(left, right, out_perm): operands of a matmul as (.., M, K) and (.., K, N) views (einsum operands
+    are permuted) and the permutation from (.., M, N) to the node's output order (None if identity)."""
     if node.target in (aten.matmul.default, aten.bmm.default, aten.mm.default):
-        return node.args[0], node.args[1]
+        return node.args[0], node.args[1], None
+    if node.target == aten.baddbmm.default:
+        return node.args[1], node.args[2], None
     eq = _parse_einsum(node.args[0])
-    if eq is None:
+    if eq is None or len(node.args[1]) != 2:
         raise NotFusable(f"einsum '{node.args[0]}' is not a batched matmul flashfuse can read", node)
     a_s, b_s, out_s = eq
     a, b = node.args[1]
@@ -730,12 +779,20 @@ def _mm_operands(node: fx.Node, which: str):
     if len(contracted) != 1:
         raise NotFusable(f"einsum '{node.args[0]}' contracts {len(contracted)} dims (1 expected)", node)
     c = contracted[0]
-    i_l = [x for x in out_s if x in a_s and x not in b_s]
-    j_l = [x for x in out_s if x in b_s and x not in a_s]
-    batch = [x for x in out_s if x in a_s and x in b_s]
-    if len(i_l) != 1 or len(j_l) != 1 or out_s != "".join(batch) + i_l[0] + j_l[0] or \
+    i_l = [x for x in a_s if x in out_s and x not in b_s]
+    j_l = [x for x in b_s if x in out_s and x not in a_s]
+    # scores keep the output's dim order; for P·V the probabilities (left) are already in the scores' order
+    order = out_s if which == "qk" else a_s
+    batch = [x for x in order if x in a_s and x in b_s and x in out_s]
+    canonical = "".join(batch) + "".join(i_l) + "".join(j_l)
+    if len(i_l) != 1 or len(j_l) != 1 or sorted(out_s) != sorted(canonical) or \
             set(a_s) != set(batch + i_l + [c]) or set(b_s) != set(batch + j_l + [c]):
-        raise NotFusable(f"einsum '{node.args[0]}' is not of the form ..ik,..kj->..ij", node)
+        raise NotFusable(f"einsum '{node.args[0]}' is not a batched matmul (..ik,..kj->..ij)", node)
+    out_perm = None
+    if out_s != canonical:
+        if which == "qk":
+            raise NotFusable(f"einsum '{node.args[0]}' puts the scores' axes in another order", node)
+        out_perm = [canonical.index(x) for x in out_s]
     g = Graph(node.graph.owning_module, node)
     av, bv = val(a), val(b)
     perm_a = [a_s.index(x) for x in batch + i_l + [c]]
@@ -748,7 +805,7 @@ def _mm_operands(node: fx.Node, which: str):
         b2 = g.call(aten.permute.default, b, perm_b)
         b2.meta["val"] = bv.permute(perm_b)
         b = b2
-    return a, b
+    return a, b, out_perm
 
 
 def _to4d(g: Graph, node: fx.Node, rank: int) -> fx.Node:
@@ -765,6 +822,18 @@ def _to4d(g: Graph, node: fx.Node, rank: int) -> fx.Node:
         cur_t = cur_t.unsqueeze(d)
         cur.meta["val"] = cur_t
     return cur
+
+
+def _broadcast_batch(g: Graph, node: fx.Node, q4) -> fx.Node:
+    """K/V with a size-1 batch dim where Q has B: an expand view (stride 0). A size-1 head dim stays:
+    the kernel maps every query head onto it (MQA)."""
+    t = val(node)
+    if _same(t.shape[0], q4.shape[0]):
+        return node
+    sizes = [q4.shape[0], -1, -1, -1]
+    out = g.call(aten.expand.default, node, sizes)
+    out.meta["val"] = t.expand(q4.shape[0], *t.shape[1:])
+    return out
 
 
 def _autocast_dtype(gm: fx.GraphModule, at: fx.Node, device_type: str):

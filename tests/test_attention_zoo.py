@@ -428,6 +428,83 @@ def test_inductor_remainder():
 
 
 # ------------------------------------------------------------------------------------------------
+# more spellings: manual softmax, baddbmm, (B, N, H, d) einsum, broadcast MQA, learned temperature
+# ------------------------------------------------------------------------------------------------
+def test_manual_softmax_with_max_subtraction():
+    def f(q, k, v):
+        s = q @ k.mT * 0.25
+        e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+        return (e / e.sum(dim=-1, keepdim=True)) @ v
+    check(f, *qkv())
+
+
+def test_manual_softmax_with_max_values():
+    def f(q, k, v):
+        s = q @ k.mT * 0.25
+        e = (s - s.max(dim=-1, keepdim=True).values).exp()
+        return torch.matmul(e / e.sum(-1, keepdim=True), v)
+    check(f, *qkv())
+
+
+def test_baddbmm_scores():
+    def f(q, k, v):
+        b, h, n, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, -1, d) for x in (q, k, v))
+        s = torch.baddbmm(torch.empty(b * h, n, n), q3, k3.transpose(1, 2), beta=0.0, alpha=d ** -0.5)
+        return torch.bmm(s.softmax(-1), v3).view(b, h, n, d)
+    check(f, *qkv())
+
+
+def test_einsum_bnhd_layout_both_sides():
+    def f(q, k, v):  # (B, N, H, d) activations, as many codebases keep them
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.size(-1))
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+    check(f, *(t.transpose(1, 2).contiguous() for t in qkv()))
+
+
+def test_mqa_by_matmul_broadcast():
+    def f(q, k, v):  # k, v with one head, broadcast by the matmul
+        return F.softmax(q @ k.transpose(-2, -1) / 4, dim=-1) @ v
+    r = check(f, *qkv(hkv=1))
+    assert r.count("attention") == 1
+
+
+class Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.log_t = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, q, k, v):
+        return (q @ k.mT / self.log_t.exp()).softmax(-1) @ v
+
+
+def test_learned_temperature_gets_gradient():
+    check(Temperature(), *qkv())
+
+
+def test_inplace_masked_fill_and_where_tensor_constant():
+    def f(q, k, v):
+        n = q.size(-2)
+        s = q @ k.mT
+        s.div_(4.0)
+        s.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        s = torch.where(s > -1e4, s, torch.tensor(float("-inf")))
+        return s.softmax(-1) @ v
+    check(f, *qkv())
+
+
+def test_hf_gpt2_style_full_scale_and_where_mask():
+    def f(q, k, v):
+        n = q.size(-2)
+        w = torch.matmul(q, k.transpose(-1, -2))
+        w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype, device=w.device)
+        causal = torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n)
+        w = torch.where(causal, w.to(w.dtype), torch.finfo(w.dtype).min)
+        return torch.matmul(nn.functional.softmax(w, dim=-1).type(v.dtype), v)
+    check(f, *qkv())
+
+
+# ------------------------------------------------------------------------------------------------
 # negatives: left untouched, with the reason
 # ------------------------------------------------------------------------------------------------
 def _negative(fn, *inputs, reason: str):
