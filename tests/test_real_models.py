@@ -79,3 +79,99 @@ def test_hf_model_fused_and_equal_to_eager(factory):
         assert pa.grad is not None, name
         err = (pa.grad - pb.grad).norm()
         assert err <= 1e-4 * pb.grad.norm() + 1e-6 * total, (name, err.item(), pb.grad.norm().item())
+
+
+# ------------------------------------------------------------------------------------------------
+# nanoGPT-style and ViT-style models written here (timm/torchvision would pull another torch build)
+# ------------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+class _NanoBlock(nn.Module):
+    def __init__(self, c=32, h=4, block=32):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.c_attn, self.c_proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        self.h = h
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def attn(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab=67, c=32, layers=LAYERS):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, c), nn.Embedding(32, c)
+        self.blocks = nn.ModuleList(_NanoBlock(c) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(c)
+        self.head = nn.Linear(c, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln_f(x))
+
+
+class _ViTBlock(nn.Module):
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.norm1(x)
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        x = x + self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, dim=32, layers=LAYERS, patch=4, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.ModuleList(_ViTBlock(dim) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1) + self.pos
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+@pytest.mark.parametrize("factory, make_input", [
+    (NanoGPT, lambda: torch.randint(0, 67, (2, 19))),
+    (ViT, lambda: torch.randn(2, 3, 16, 16)),
+], ids=["nanogpt", "vit"])
+def test_handwritten_models_fused_and_equal_to_eager(factory, make_input):
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = make_input()
+    report = flashfuse.testing.assert_fused(model, x, options={"remainder": "eager"}, attention=LAYERS,
+                                            layer_norm=2 * LAYERS + 1)
+    assert report.count("attention") == LAYERS
+    flashfuse.testing.assert_close_to_eager(model, x, grads=True, options={"remainder": "eager"})
