@@ -129,6 +129,32 @@ def measure(mode, b, t, iters=10):
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
 
 
+def plot(rows, env, path):
+    """Bars: ms/step and peak GiB per mode, one group per b x seq."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    cfgs = sorted({(r["b"], r["t"]) for r in rows})
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "ms", "ms / training step"), (axes[1], "peak_gib", "peak memory (GiB)")):
+        w = 0.8 / len(modes)
+        for i, mode in enumerate(modes):
+            ys = [next((r.get(key) or 0 for r in rows if r["mode"] == mode and (r["b"], r["t"]) == c), 0)
+                  for c in cfgs]
+            ax.bar([j + i * w for j in range(len(cfgs))], ys, w, label=mode)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cfgs))], [f"{b} x {t}" for b, t in cfgs])
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.suptitle(f"GPT-2 small training step, bf16 autocast — {env['device']}, torch {env['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -168,6 +194,7 @@ def main():
             print(json.dumps(r), flush=True)
             torch._dynamo.reset()
     json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, "train_gpt.json"), "w"), indent=1)
+    plot(rows, env, os.path.join(args.out, "train_gpt.png"))
     print(f"\n{env}\n| b x seq | mode | ms/step | peak GiB | warm-up s |\n|---|---|---|---|---|")
     for r in rows:
         ms = f"{r['ms']:.1f}" if r.get("ms") else "OOM"
