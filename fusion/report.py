@@ -30,6 +30,21 @@ def _innermost_frame(node: fx.Node | None) -> tuple[str, str]:
     return f"{path}:{line}", text
 
 
+def module_of(node: fx.Node | None) -> str:
+    """The qualified name of the innermost nn.Module a node was traced in (`transformer.h.1.attn`;
+    '' for the top module or a plain function), from Dynamo's `nn_module_stack`."""
+    if node is None:
+        return ""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = re.sub(r"^L\['[^']*'\]", "", path)               # the frame's `self`
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)  # ._modules['h'] -> .h
+    path = re.sub(r"\[['\"]?([^'\"\]]*)['\"]?\]", r".\1", path)  # [0] / ['x'] -> .0 / .x
+    return path.strip(".")
+
+
 def source_of(node: fx.Node | None) -> str:
     """The user's `file:line` for an FX node, from the stack trace Dynamo recorded ('' if none)."""
     return _innermost_frame(node)[0]
@@ -65,6 +80,11 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _where(source: str, module: str) -> str:
+    where = f" at {short_source(source)}" if source else ""
+    return where + (f" in {module}" if module else "")
+
+
 @dataclasses.dataclass
 class Match:
     """One rewrite: which pass, where in the user's code, and the specialization in words."""
@@ -76,10 +96,10 @@ class Match:
     graph: int = 0
     nodes: list[str] = dataclasses.field(default_factory=list)
     code: str = ""  # the user's source line at `source`
+    module: str = ""  # the nn.Module it was found in, e.g. "transformer.h.1.attn"
 
     def __str__(self) -> str:
-        where = f" at {short_source(self.source)}" if self.source else ""
-        return f"{self.fusion}{where}: {self.description}"
+        return f"{self.fusion}{_where(self.source, self.module)}: {self.description}"
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -95,10 +115,10 @@ class NearMiss:
     graph: int = 0
     node: str = ""
     code: str = ""  # the user's source line at `source`
+    module: str = ""  # the nn.Module it was found in
 
     def __str__(self) -> str:
-        where = f" at {short_source(self.source)}" if self.source else ""
-        return f"{self.fusion}{where}: not fused: {self.reason}"
+        return f"{self.fusion}{_where(self.source, self.module)}: not fused: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -151,13 +171,14 @@ class GraphReport:
     def add_match(self, fusion: str, node: fx.Node | None, description: str, **details: Any) -> Match:
         source, code = _innermost_frame(node)
         m = Match(fusion, source, description, details, self.index,
-                  [node.name] if node is not None else [], code)
+                  [node.name] if node is not None else [], code, module_of(node))
         self.matches.append(m)
         return m
 
     def add_near_miss(self, fusion: str, node: fx.Node | None, reason: str) -> NearMiss:
         source, code = _innermost_frame(node)
-        nm = NearMiss(fusion, source, reason, self.index, node.name if node is not None else "", code)
+        nm = NearMiss(fusion, source, reason, self.index, node.name if node is not None else "", code,
+                      module_of(node))
         self.near_misses.append(nm)
         return nm
 

@@ -357,6 +357,8 @@ def test_nanogpt_attention_is_explained_with_its_source_and_specialization():
     lines, first = inspect.getsourcelines(example.CausalSelfAttention.forward)
     assert first <= int(line) < first + len(lines)  # a line of the user's attention code
     assert "p=0.1" in match.description  # the block is in training mode: dropout is part of the fusion
+    assert match.module == "attn"  # the submodule it was found in
+    assert f"attention at explain_toy.py:{line} in attn: " in str(report)
     data = json.loads(json.dumps(report.to_dict()))  # the real pass's details (sympy, dtypes) serialise
     assert data["matches"][0]["description"] == match.description
     assert data["counts"] == {"attention": 1}
@@ -374,3 +376,18 @@ def test_attention_near_miss_reason_is_reported():
     assert misses, str(report)
     assert all(n.reason for n in misses)
     assert any(n.source == f"{HERE}:{line_of('@attention-near-miss')}" for n in misses), str(report)
+
+
+@pytest.mark.parametrize("stack_entry,module", [
+    ("L['self'].transformer.h.1.attn", "transformer.h.1.attn"),
+    ("L['self']", ""),
+    ("L['self']._modules['h']._modules['0'].attn", "h.0.attn"),
+    ("L['self'].h[0].attn", "h.0.attn"),
+])
+def test_module_path_from_nn_module_stack(stack_entry, module):
+    from flashfuse.report import module_of
+
+    graph = torch.fx.Graph()
+    node = graph.placeholder("x")
+    node.meta["nn_module_stack"] = {"outer": ("L['self']", nn.Module), "inner": (stack_entry, nn.Linear)}
+    assert module_of(node) == module
