@@ -198,33 +198,61 @@ def _graph_break(reason: Any, graph_index: int | None) -> GraphBreak:
 def _leave_no_trace(backend: Any, target: Any) -> Iterator[None]:
     pgo_state = _save_pgo_state()
     buffers = _save_buffers(target)
+    codes_before = _codes_with_entries()
     cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
         with torch.random.fork_rng(devices=cuda_devices):
             yield
     finally:
-        forget_compiled_code(backend)
+        try:
+            forget_compiled_code(backend, codes_before)
+        except Exception as exc:  # Dynamo internals differ across torch versions: say so, do not fail
+            logger.warning("flashfuse: could not remove the code Dynamo compiled for this check (%s: %s); "
+                           "torch._dynamo.reset() clears it", type(exc).__name__, exc)
         _restore_pgo_state(pgo_state)
         _restore_buffers(buffers)
 
 
-def forget_compiled_code(backend: Any) -> int:
-    """Remove the Dynamo cache entries compiled with `backend` (compared by identity). Returns how many.
-
-    A code object whose entries are all `backend`'s is reset; one that also holds entries of another
-    backend (the user compiled the model before) keeps those, and ours are invalidated (they then never
-    match, but stay in the list until Dynamo frees the code)."""
+def _seen_codes() -> list:
     from torch._dynamo import convert_frame
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     seen = {}
     for ref in list(convert_frame.input_codes.seen) + list(convert_frame.output_codes.seen):
         code = ref()
         if code is not None:
             seen[id(code)] = code
+    return list(seen.values())
+
+
+def _codes_with_entries() -> set[int] | None:
+    """ids of the code objects that hold compiled code now (None if this torch cannot tell)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return {id(code) for code in _seen_codes() if _debug_get_cache_entry_list(code)}
+    except Exception:
+        return None
+
+
+def forget_compiled_code(backend: Any, codes_before: set[int] | None = None) -> int:
+    """Remove the Dynamo cache entries compiled with `backend` (compared by identity). Returns how many.
+
+    A code object whose entries are all `backend`'s is reset; one that also holds entries of another
+    backend (the user compiled the model before) keeps those, and ours are invalidated (they then never
+    match, but stay in the list until Dynamo frees the code). On a torch whose cache entries do not
+    record their backend, only code objects that held nothing before (`codes_before`) are reset."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
     removed = 0
-    for code in seen.values():
+    for code in _seen_codes():
         entries = _debug_get_cache_entry_list(code)
+        if not entries:
+            continue
+        if not all(hasattr(e, "backend") for e in entries):
+            if codes_before is not None and id(code) not in codes_before:
+                torch._C._dynamo.eval_frame.reset_code(code)
+                removed += len(entries)
+            continue
         ours = [e for e in entries if _entry_backend(e) is backend]
         if not ours:
             continue

@@ -266,6 +266,25 @@ def test_explain_keeps_the_users_compiled_code():
     assert len(_debug_get_cache_entry_list(ToyWithBreak.forward)) >= 1
 
 
+def test_cleanup_without_backend_on_cache_entries(monkeypatch):
+    # A torch whose cache entries do not record their backend: explain resets only the code objects
+    # that held no compiled code before it ran.
+    import types
+
+    from torch._dynamo import eval_frame
+
+    user_model, x = ToyWithBreak(), torch.randn(3)
+    counting = CountingBackend()
+    torch.compile(user_model, backend=counting)(x)
+    real_list = eval_frame._debug_get_cache_entry_list
+    monkeypatch.setattr(eval_frame, "_debug_get_cache_entry_list",
+                        lambda code: [types.SimpleNamespace() for _ in real_list(code)])
+    flashfuse.explain(ToyModel(), torch.randn(4, 8), options=toy.OPTIONS)
+    monkeypatch.undo()
+    assert real_list(ToyModel.forward) == []
+    assert len(real_list(ToyWithBreak.forward)) == 1
+
+
 def test_explain_does_not_teach_dynamo_dynamic_shapes():
     # Dynamo marks a size dynamic when it changes between compiles of a frame; explain's compile must
     # not count, or the user's first compile at another size would be dynamic.
