@@ -65,15 +65,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draw", metavar="PATH", help="also write a picture (.svg, .png or .dot)")
     parser.add_argument("--code", action="store_true", help="print each graph's code before and after")
+    parser.add_argument("--fake", action="store_true", help="explain on fake tensors (nothing computed)")
     args = parser.parse_args()
 
     model, inputs = make_block()
-    report = flashfuse.explain(model, *inputs)
+    report = flashfuse.explain(model, *inputs, fake=args.fake)
     print(report.format(code=args.code))
     print()
     print("fusions per pass:", report.counts())
     for m in report.matches:
-        print(f"  {m.fusion:<14} {m.source}  {m.description}")
+        print(f"  {m.fusion:<14} {m.source} ({m.module or 'top module'})  {m.description}")
     if args.draw:
         print("wrote", report.draw(args.draw))
 

@@ -6,7 +6,8 @@ How it works (see docs/decisions.md, "explain"):
   the same passes, the same remainder setting, so the same decisions) on the real example inputs:
   a pass may look at constant values (a `tril` mask buffer), which fake tensors would hide.
 - Lowering is skipped: each captured graph runs as Dynamo captured it, op by op (no Inductor, no
-  flashfuse kernels), so the run costs one eager forward.
+  flashfuse kernels), so the run costs one eager forward. `fake=True` runs a fake copy of the model on
+  fake inputs instead: nothing computed, no memory used.
 - Afterwards the Dynamo cache entries made for explain are removed, automatic-dynamic shape history is
   restored, and the model's buffers and the RNG state are put back, so a later `torch.compile` of the
   same model behaves as if explain had never run.
