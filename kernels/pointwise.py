@@ -11,9 +11,11 @@ separated by ``;`` give several outputs from one kernel. The gradient w.r.t. eac
 ``sum_k grad_k * d expr_k / d x_i`` by ``sympy.diff``: another pointwise op of the same kind (so the
 backward is one generated kernel too, and differentiable again).
 
-All inputs have the same shape and dtype (fp16, bf16 or fp32); the kernel computes in fp32 and writes
-outputs of the input dtype, in the inputs' layout when they all share one dense layout (channels_last
-stays channels_last, no copies), contiguous otherwise.
+All inputs have one dtype (fp16, bf16 or fp32) and broadcastable shapes; the kernel computes in fp32 and
+writes outputs of the input dtype and the broadcast shape. When all inputs have that shape and share one
+dense layout, the kernel indexes storage directly and the outputs keep that layout (channels_last stays
+channels_last); otherwise outputs are contiguous and each input is read through its own (broadcast)
+strides, so nothing is expanded or copied. A broadcast input's gradient is summed to its shape.
 """
 from __future__ import annotations
 
@@ -200,22 +202,36 @@ def _pow(base: sympy.Expr, e: sympy.Rational) -> str:
     return "(" + " * ".join([b] * n) + ")" if n > 1 else b
 
 
-def kernel_source(exprs: Sequence[sympy.Expr], n_inputs: int) -> str:
+def kernel_source(exprs: Sequence[sympy.Expr], n_inputs: int, rank: int | None = None) -> str:
+    """Triton source. rank None: every input is indexed by the output's flat index (same shape and
+    layout). rank R: the output is contiguous, each input is read through its own R strides (0 along
+    broadcast dims) from the R-dim index of the output element."""
     ins = [f"in{i}" for i in range(n_inputs)]
     outs = [f"out{k}" for k in range(len(exprs))]
+    params = ins + outs + ["n_elements"]
+    if rank is not None:
+        params += [f"size{d}" for d in range(1, rank)]
+        params += [f"st{i}_{d}" for i in range(n_inputs) for d in range(rank)]
     lines = [
         "import triton",
         "import triton.language as tl",
         "",
         "",
         "@triton.jit",
-        f"def pointwise_kernel({', '.join(ins + outs)}, n_elements, BLOCK: tl.constexpr):",
+        f"def pointwise_kernel({', '.join(params)}, BLOCK: tl.constexpr):",
         "    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
         "    mask = offs < n_elements",
     ]
+    if rank is not None:
+        lines.append("    rem = offs")
+        for d in range(rank - 1, 0, -1):
+            lines.append(f"    i{d} = rem % size{d}")
+            lines.append(f"    rem = rem // size{d}")
+        lines.append("    i0 = rem")
     for i in range(n_inputs):
+        where = "offs" if rank is None else " + ".join(f"i{d} * st{i}_{d}" for d in range(rank))
         # `other=1.0`: masked lanes never divide by zero
-        lines.append(f"    x{i} = tl.load(in{i} + offs, mask=mask, other=1.0).to(tl.float32)")
+        lines.append(f"    x{i} = tl.load(in{i} + ({where}), mask=mask, other=1.0).to(tl.float32)")
     for k, e in enumerate(exprs):
         if e.free_symbols:
             lines.append(f"    y{k} = {to_triton(e)}")
@@ -229,10 +245,10 @@ _CACHE_DIR = os.path.join(tempfile.gettempdir(), f"flashfuse_pointwise_{os.getui
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_kernel(exprs_text: str, n_inputs: int):
+def compiled_kernel(exprs_text: str, n_inputs: int, rank: int | None = None):
     """The Triton kernel for `exprs_text`, generated and imported once per process. Triton reads a
     kernel's source with `inspect`, so the source is written to a real file first."""
-    src = kernel_source(parse(exprs_text), n_inputs)
+    src = kernel_source(parse(exprs_text), n_inputs, rank)
     digest = hashlib.sha256(src.encode()).hexdigest()[:20]
     os.makedirs(_CACHE_DIR, exist_ok=True)
     path = os.path.join(_CACHE_DIR, f"pw_{digest}.py")
@@ -294,16 +310,41 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check(inputs: Sequence[torch.Tensor]) -> None:
+def _check(inputs: Sequence[torch.Tensor]) -> torch.Size:
+    """The output shape (the inputs' broadcast shape); raises unless dtypes and devices agree."""
     if not inputs:
         raise ValueError("flashfuse::pointwise needs at least one input")
     x = inputs[0]
     for t in inputs:
-        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
-            raise ValueError("flashfuse::pointwise inputs must share shape, dtype and device; got "
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError("flashfuse::pointwise inputs must share dtype and device; got "
                              f"{[(tuple(t.shape), t.dtype, t.device.type) for t in inputs]}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"flashfuse::pointwise does not support {x.dtype}")
+    try:
+        return torch.broadcast_shapes(*[t.shape for t in inputs])
+    except RuntimeError as e:
+        raise ValueError(f"flashfuse::pointwise: shapes {[tuple(t.shape) for t in inputs]} do not broadcast") from e
+
+
+def coalesce(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
+    """Drop size-1 dims and merge neighbours that every tensor walks as one dim (so the kernel does as
+    few divisions as possible). strides: per tensor, for `shape`. Returns (sizes, strides) of rank >= 1."""
+    dims = [d for d in range(len(shape)) if shape[d] != 1]
+    sizes: list[int] = []
+    out: list[list[int]] = [[] for _ in strides]
+    for d in dims:
+        if sizes and all(st[-1] == s[d] * shape[d] for st, s in zip(out, strides)):
+            sizes[-1] *= shape[d]
+            for st, s in zip(out, strides):
+                st[-1] = s[d]
+        else:
+            sizes.append(shape[d])
+            for st, s in zip(out, strides):
+                st.append(s[d])
+    if not sizes:
+        return [1], [[0] for _ in strides]
+    return sizes, out
 
 
 BLOCK = 1024
@@ -311,24 +352,31 @@ BLOCK = 1024
 
 @torch.library.custom_op("flashfuse::pointwise", mutates_args=())
 def pointwise(inputs: list[torch.Tensor], exprs: str) -> list[torch.Tensor]:
-    """Evaluate the `;`-separated expressions `exprs` over `inputs` (x0, x1, ...) elementwise."""
-    _check(inputs)
+    """Evaluate the `;`-separated expressions `exprs` over `inputs` (x0, x1, ...) elementwise, with
+    broadcasting (the outputs have the inputs' broadcast shape)."""
+    shape = _check(inputs)
     x = inputs[0]
     trees = parse(exprs)
-    same_layout = _same_dense_layout(inputs)
-    outs = [_new_output(x, same_layout) for _ in trees]
+    same_layout = _same_dense_layout(inputs, shape)
+    outs = [_new_output(x, shape, same_layout) for _ in trees]
     if not _use_triton(x):
         env = {f"x{i}": t.float() for i, t in enumerate(inputs)}
         for out, tree in zip(outs, trees):
-            out.copy_(evaluate(tree, env))  # copy_ broadcasts a constant
+            out.copy_(evaluate(tree, env))  # copy_ broadcasts (a constant, a smaller input)
         return outs
-    # same dense layout (e.g. all channels_last): index the storage directly, output in that layout
-    flat = list(inputs) if same_layout else [t.contiguous() for t in inputs]
-    n = x.numel()
-    if n:
-        kernel = compiled_kernel(exprs, len(inputs))
-        grid = (triton_cdiv(n, BLOCK),)
-        kernel[grid](*flat, *outs, n, BLOCK=BLOCK)
+    n = outs[0].numel()
+    if n == 0:
+        return outs
+    grid = (triton_cdiv(n, BLOCK),)
+    if same_layout:
+        # one shape, one dense layout (e.g. all channels_last): index the storage directly
+        compiled_kernel(exprs, len(inputs))[grid](*inputs, *outs, n, BLOCK=BLOCK)
+        return outs
+    # contiguous outputs; each input read through its broadcast strides (no expanded copies)
+    expanded = [t.expand(shape) for t in inputs]
+    sizes, strides = coalesce(list(shape), [list(t.stride()) for t in expanded])
+    kernel = compiled_kernel(exprs, len(inputs), len(sizes))
+    kernel[grid](*expanded, *outs, n, *sizes[1:], *[s for st in strides for s in st], BLOCK=BLOCK)
     return outs
 
 
@@ -336,11 +384,12 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _same_dense_layout(inputs: Sequence[torch.Tensor]) -> bool:
-    """All inputs have x's strides and x covers its memory densely: then element k of every input is at
-    storage offset k from its data pointer, whatever the layout."""
+def _same_dense_layout(inputs: Sequence[torch.Tensor], shape) -> bool:
+    """All inputs have the output's shape and x's strides, and x covers its memory densely: then element
+    k of every input is at storage offset k from its data pointer, whatever the layout."""
     x = inputs[0]
-    return _dense(x) and all(t.stride() == x.stride() for t in inputs[1:])
+    return (x.shape == shape and _dense(x)
+            and all(t.shape == shape and t.stride() == x.stride() for t in inputs[1:]))
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -356,18 +405,17 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _new_output(x: torch.Tensor, same_layout: bool) -> torch.Tensor:
+def _new_output(x: torch.Tensor, shape, same_layout: bool) -> torch.Tensor:
     if same_layout:
         return torch.empty_like(x, memory_format=torch.preserve_format)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
 
 
 @pointwise.register_fake
 def _pointwise_fake(inputs, exprs):
-    _check(inputs)
-    x = inputs[0]
-    same_layout = _same_dense_layout(inputs)
-    return [_new_output(x, same_layout) for _ in range(exprs.count(";") + 1)]
+    shape = _check(inputs)
+    same_layout = _same_dense_layout(inputs, shape)
+    return [_new_output(inputs[0], shape, same_layout) for _ in range(exprs.count(";") + 1)]
 
 
 def gradient_exprs(exprs: str, n_inputs: int, wanted: Sequence[int]) -> str:
@@ -385,6 +433,7 @@ def gradient_exprs(exprs: str, n_inputs: int, wanted: Sequence[int]) -> str:
 def _setup_context(ctx, inputs, output):
     tensors, exprs = inputs
     ctx.exprs = exprs
+    ctx.out_shape = output[0].shape
     ctx.wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
     ctx.save_for_backward(*tensors)
 
@@ -395,11 +444,12 @@ def _backward(ctx, grads):
     if not ctx.wanted:
         return result, None
     x = tensors[0]
-    gs = [g if g is not None else torch.zeros_like(x) for g in grads]
+    gs = [g if g is not None else x.new_zeros(ctx.out_shape) for g in grads]
     text = gradient_exprs(ctx.exprs, len(tensors), ctx.wanted)
     computed = torch.ops.flashfuse.pointwise(tensors + [g.to(x.dtype) for g in gs], text)
     for i, g in zip(ctx.wanted, computed):
-        result[i] = g
+        # a broadcast input's gradient is summed over the dims it was broadcast along
+        result[i] = g if g.shape == tensors[i].shape else g.sum_to_size(tensors[i].shape)
     return result, None
 
 

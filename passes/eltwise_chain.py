@@ -1,5 +1,6 @@
-"""Binary eltwise folding: a chain of >= 3 arithmetic ops over same-shaped tensors (and Python scalars),
-such as ``x1*b1 + x2*b2 - x3*b3``, becomes one generated pointwise kernel (``flashfuse::pointwise``).
+"""Binary eltwise folding: a chain of >= 3 arithmetic ops over tensors that broadcast into the chain's
+output (and Python scalars), such as ``x1*b1 + x2*b2 - x3*b3``, becomes one generated pointwise kernel
+(``flashfuse::pointwise``).
 
 The chain is read into a sympy expression (unevaluated: the tree exactly as the user wrote it), printed
 as text for the op, which prints it as Triton source; the gradient of each input is ``sympy.diff``.
@@ -55,6 +56,13 @@ def known_equal(a: Any, b: Any) -> bool:
 
 def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(known_equal(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def broadcasts_into(t: torch.Tensor, out: torch.Tensor) -> bool:
+    """t broadcasts to out's shape without changing it (provably: each dim 1 or equal)."""
+    if t.dim() > out.dim():
+        return False
+    return all(known_equal(a, 1) or known_equal(a, b) for a, b in zip(t.shape[::-1], out.shape[::-1]))
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -292,7 +300,9 @@ def grow_region(root: fx.Node, order: dict[fx.Node, int], absorb: Callable[[fx.N
 # the pass
 # ------------------------------------------------------------------------------------------------
 def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
-    """None if `node` can be part of a same-shape chain whose output looks like `like`."""
+    """None if `node` can be part of a chain whose output looks like `like`: its tensors broadcast into
+    `like`'s shape (the kernel evaluates every op at each output element, which gives the same values
+    as broadcasting op by op), one dtype and device, finite Python scalars."""
     if node.op != "call_function" or node.target not in ARITHMETIC:
         return "not an arithmetic op"
     out = val(node)
@@ -308,9 +318,8 @@ def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
             t = val(a)
             if t is None:
                 return f"`{node.name}` takes a non-tensor value `{a.name}`"
-            if not same_shape(t, ref):
-                return (f"an input of shape {shape_str(t)} broadcasts to {shape_str(ref)} in `{node.name}`: "
-                        "the generated kernel takes same-shaped inputs only")
+            if not broadcasts_into(t, ref):
+                return f"an input of shape {shape_str(t)} does not broadcast into {shape_str(ref)} in `{node.name}`"
             if t.dtype != ref.dtype:
                 return f"`{node.name}` mixes dtypes ({t.dtype} and {ref.dtype})"
             if t.device != ref.device:
@@ -319,8 +328,8 @@ def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
             return f"`{node.name}` takes the constant {a!r}"
     if node.target is aten.pow.Tensor_Scalar and not pow_exponent_ok(node.args[1]):
         return f"`{node.name}` raises to the power {node.args[1]!r} (kernel: integer or half powers up to 8)"
-    if not same_shape(out, ref):
-        return f"`{node.name}` broadcasts to {shape_str(out)}"
+    if not broadcasts_into(out, ref):
+        return f"`{node.name}` has shape {shape_str(out)}, which does not broadcast into {shape_str(ref)}"
     return None
 
 

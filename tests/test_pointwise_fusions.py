@@ -361,11 +361,31 @@ def test_eltwise_chain_keeps_the_order_of_operations():
     assert torch.equal(compiled(x, y), f(x, y))
 
 
+class AffineChain(nn.Module):
+    """Per-channel parameters broadcast against (N, C, H, W), and a 0-dim tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(5, 1, 1)), nn.Parameter(torch.randn(5, 1, 1))
+        self.b = nn.Parameter(torch.randn(7))
+        self.s = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x, y):
+        return x * self.w1 + y * self.w2 - self.b * self.s + x * y
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+def test_eltwise_chain_with_broadcast_parameters(options):
+    torch.manual_seed(9)
+    report = check(AffineChain(), rand(2, 5, 3, 7), rand(2, 5, 3, 7), options=options, eltwise_chain=1)
+    assert report.matches[0].details["inputs"] == 6
+
+
 def test_eltwise_chain_negatives():
-    # broadcast inputs: the chain would read (9,) vectors against (4, 9)
-    b1, b2, b3 = rand(9), rand(9), rand(9)
-    report = expect(lambda x, y, z: x * b1 + y * b2 - z * b3, rand(4, 9), rand(4, 9), rand(4, 9))
-    assert "broadcasts" in near_miss(report, "eltwise_chain")
+    # mixed dtypes (type promotion between fp16 and fp32 tensors): the chain stops at the promotion
+    x16 = rand(4, 9).half()
+    report = expect(lambda x, y, z: x * x16 + y - z, rand(4, 9), rand(4, 9), rand(4, 9))
+    assert "mixes dtypes" in near_miss(report, "eltwise_chain")
 
     # an intermediate with another user splits the chain below 3 ops
     def shared(a, b, c):

@@ -23,7 +23,7 @@ def device() -> str:
 
 
 def randn(*shape, dtype=torch.float32, dev=None, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dev or device(), dtype)
+    return (torch.randn(tuple(shape), dtype=torch.float64) * scale).to(dev or device(), dtype)
 
 
 def assert_close64(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype, what: str = ""):
@@ -99,7 +99,7 @@ def test_pointwise_several_outputs_non_contiguous_inputs_and_double_backward():
 
 def test_pointwise_rejects_mixed_shapes_and_dtypes():
     with pytest.raises(ValueError):
-        ops.pointwise([randn(3, 4), randn(4)], "add(x0,x1)")
+        ops.pointwise([randn(3, 4), randn(5)], "add(x0,x1)")
     with pytest.raises(ValueError):
         ops.pointwise([randn(3, 4), randn(3, 4, dtype=torch.float16)], "add(x0,x1)")
 
@@ -341,3 +341,32 @@ def test_pointwise_zero_and_high_power_gradients():
     assert torch.equal(g0, torch.zeros_like(g0))
     x64 = x1.detach().double()
     torch.testing.assert_close(g1.double(), -8 * x64 ** -9, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pointwise_broadcasting_vs_float64(dtype):
+    torch.manual_seed(8)
+    text = "sub(add(mul(x0,x1),mul(x2,x3)),x4)"
+    shapes = [(2, 5, 3, 7), (5, 1, 1), (2, 5, 3, 7), (7,), ()]
+    xs = [randn(*s, dtype=dtype) for s in shapes]
+    xs[0] = randn(2, 7, 3, 5, dtype=dtype).transpose(1, 3)   # a strided full-size input
+    leaves = [x.clone().requires_grad_() for x in xs]
+    (y,) = ops.pointwise(leaves, text)
+    x64 = [x.double().requires_grad_() for x in xs]
+    y64 = x64[0] * x64[1] + x64[2] * x64[3] - x64[4]
+    assert y.shape == y64.shape and y.is_contiguous()
+    assert_close64(y, y64, dtype, "forward")
+    g = randn(*y.shape, dtype=dtype)
+    grads = torch.autograd.grad(y, leaves, g)
+    grads64 = torch.autograd.grad(y64, x64, g.double())
+    for i, (a, e) in enumerate(zip(grads, grads64)):
+        assert a.shape == xs[i].shape
+        rt = 1e-2 if dtype == torch.float16 else 1e-5  # broadcast grads are sums over many elements
+        torch.testing.assert_close(a.double(), e, rtol=rt, atol=rt * 10, msg=f"grad of x{i}")
+
+
+def test_coalesce_merges_dims_walked_together():
+    # contiguous (2, 3, 4) and a broadcast (1, 3, 4) -> the last two dims merge for both
+    sizes, strides = pw.coalesce([2, 3, 4], [[12, 4, 1], [0, 4, 1]])
+    assert sizes == [2, 12] and strides == [[12, 1], [0, 1]]
+    assert pw.coalesce([1, 1], [[1, 1]]) == ([1], [[0]])
