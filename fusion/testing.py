@@ -21,7 +21,18 @@ import torch.utils._pytree as pytree
 
 from flashfuse.report import Report
 
-__all__ = ["assert_close_to_eager", "assert_fused", "known_fusion_names", "UnknownFusionError"]
+__all__ = ["assert_close_to_eager", "assert_fused", "known_fusion_names", "testing_options", "UnknownFusionError"]
+
+
+# flashfuse.testing pins down what flashfuse *can* fuse, the same on every machine. Under the backend's
+# default norm_policy="auto" the norm and pointwise passes decide by measured speed (left to Inductor on
+# CPU, size-dependent on GPU), which would make a unit test pass on one machine and fail on another.
+TESTING_DEFAULTS: dict[str, Any] = {"norm_policy": "always"}
+
+
+def testing_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The backend options flashfuse.testing uses: TESTING_DEFAULTS under the caller's options."""
+    return {**TESTING_DEFAULTS, **dict(options or {})}
 
 
 class UnknownFusionError(TypeError, ValueError):
@@ -49,6 +60,10 @@ def assert_fused(model: Any, *inputs: Any, options: Mapping[str, Any] | None = N
     """Explain `model(*inputs)` and check the exact number of rewrites per fusion name, e.g.
     `assert_fused(model, x, attention=1, layer_norm=2)`. Fusions not named are not checked.
 
+    `options` are backend options; `norm_policy` defaults to "always" here (see TESTING_DEFAULTS), so
+    the counts do not depend on the machine. `options={"norm_policy": "auto"}` checks this machine's
+    own decision, as `torch.compile(model, backend="flashfuse")` would make it.
+
     Raises AssertionError listing every fusion, near-miss (with its reason), note and graph break when
     a count differs; UnknownFusionError for a keyword that names no fusion. Returns the Report."""
     from flashfuse.explain import explain
@@ -58,13 +73,14 @@ def assert_fused(model: Any, *inputs: Any, options: Mapping[str, Any] | None = N
     for name, count in expected.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise TypeError(f"assert_fused: {name}={count!r}: the expected count must be an int >= 0")
+    options = testing_options(options)
     report = explain(model, *inputs, options=options)
     # after explain: a pass may report fusion names other than its own (seen in the report)
     _check_names(expected, known_fusion_names() | {m.fusion for m in report.matches}
                  | {n.fusion for n in report.near_misses})
     got = {name: report.count(name) for name in expected}
     if got != dict(expected):
-        raise AssertionError(_mismatch_message(expected, got, report))
+        raise AssertionError(_mismatch_message(expected, got, report, options))
     return report
 
 
@@ -79,11 +95,13 @@ def _check_names(expected: Mapping[str, int], known: set[str]) -> None:
                                  f"known fusions: {sorted(known)}")
 
 
-def _mismatch_message(expected: Mapping[str, int], got: Mapping[str, int], report: Report) -> str:
+def _mismatch_message(expected: Mapping[str, int], got: Mapping[str, int], report: Report,
+                      options: Mapping[str, Any]) -> str:
     def counts(d: Mapping[str, int]) -> str:
         return ", ".join(f"{k}={v}" for k, v in d.items())
 
-    lines = [f"flashfuse: expected {counts(expected)}; got {counts(got)}"]
+    lines = [f"flashfuse: expected {counts(expected)}; got {counts(got)}",
+             f"options: {dict(options)}"]
     lines.append("fused:" if report.matches else "fused: nothing")
     lines += [f"  graph {m.graph}: {m}" for m in report.matches]
     lines.append("near-misses:" if report.near_misses else "near-misses: none")
@@ -117,6 +135,8 @@ def assert_close_to_eager(model: Any, *inputs: Any, grads: bool = True, rtol: fl
     """Compile `model` with flashfuse and check that its outputs (any pytree) and, with `grads=True`,
     the gradients of the floating-point inputs and of the parameters match eager PyTorch.
 
+    `options` are backend options, with `norm_policy` defaulting to "always" as in assert_fused, so the
+    numerics of every fusion assert_fused counts are checked.
     Both runs use copies of the model and the inputs: the caller's objects are not changed. A module
     is compared in eval mode unless `train=True`: dropout draws different random numbers in a fused
     kernel than in eager, so training-mode outputs of a model with dropout cannot match.
@@ -125,7 +145,7 @@ def assert_close_to_eager(model: Any, *inputs: Any, grads: bool = True, rtol: fl
     from flashfuse.explain import _leave_no_trace, uncompiled
 
     model = uncompiled(model)
-    backend = Backend(**dict(options or {}))
+    backend = Backend(**testing_options(options))
     eager_model, compiled_model = _copy_model(model, train), _copy_model(model, train)
     eager_inputs, compiled_inputs = _copy_inputs(inputs, grads), _copy_inputs(inputs, grads)
 

@@ -133,6 +133,26 @@ def test_real_attention_pass_on_the_nanogpt_block():
     assert_close_to_eager(model, x[:, :8], options={"passes": ["attention"], "remainder": "eager"})
 
 
+def test_norm_counts_do_not_depend_on_the_machine():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("explain_toy_for_norms",
+                                                  os.path.join(EXAMPLES_DIR, "explain_toy.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model, (x,) = example.make_block()
+    options = {"passes": ["attention", "layer_norm"]}
+    # norm_policy defaults to "always" in flashfuse.testing: both LayerNorms count, on CPU as on GPU
+    assert_fused(model, x, options=options, attention=1, layer_norm=2)
+    # "auto" is the backend's own choice: on a CPU graph under Inductor the norms are left to Inductor
+    with pytest.raises(AssertionError) as info:
+        assert_fused(model, x, options={**options, "norm_policy": "auto"}, attention=1, layer_norm=2)
+    message = str(info.value)
+    assert "expected attention=1, layer_norm=2; got attention=1, layer_norm=0" in message
+    assert "'norm_policy': 'auto'" in message
+    assert "not fused: norm_policy='auto'" in message
+
+
 # ---- the pytest plugin ----
 
 PLUGIN_TESTS = textwrap.dedent('''
