@@ -549,3 +549,15 @@ def test_random_chains_match_eager():
         assert_close_to_eager(fn, *xs, options=EAGER, rtol=1e-4, atol=1e-5)
 
     run()
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_new", "gelu_fast", "gelu_python", "gelu_accurate"])
+def test_hugging_face_gelu_activations(name):
+    activations = pytest.importorskip("transformers.activations")
+    act = activations.ACT2FN[name]
+    check(act, rand(3, 11), bias_gelu=1)
+
+
+def test_hugging_face_quick_gelu_is_not_gelu():
+    activations = pytest.importorskip("transformers.activations")
+    expect(activations.ACT2FN["quick_gelu"], rand(3, 11))  # x * sigmoid(1.702 x): a different function
