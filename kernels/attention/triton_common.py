@@ -3,7 +3,7 @@ preprocess, and a kernel that materialises the dropout keep mask (for tests and 
 import triton
 import triton.language as tl
 
-PHILOX_ROUNDS = 7  # Philox4x32-7, as in curand and FlashAttention
+PHILOX_ROUNDS = tl.constexpr(7)  # Philox4x32-7, as in curand and FlashAttention
 
 
 @triton.jit

@@ -92,6 +92,10 @@ def _kernel(mod, name: str, block_d: int):
     fn = getattr(mod, name)
     if INTERPRET:
         return fn, {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
+    forced = os.environ.get(f"FLASHFUSE_ATTN_CFG_{name[len('attn_'):].upper()}")  # "bm,bn,warps,stages"
+    if forced:  # a fixed configuration (benchmarks/attention_tune.py)
+        bm, bn, w, s = (int(x) for x in forced.split(","))
+        return fn, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     if os.environ.get("FLASHFUSE_ATTN_AUTOTUNE", "1") == "0":  # first config only (fast test runs)
         bm, bn, w, s = {"attn_fwd": _FWD_CONFIGS, "attn_bwd_dkdv": _DKDV_CONFIGS,
                         "attn_bwd_dq": _DQ_CONFIGS}[name][_dclass(block_d)][0]

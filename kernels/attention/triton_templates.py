@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from flashfuse.kernels.attention.triton_common import dropout_keep, _tanh
 
-EXP_SCALE: tl.constexpr = @EXP_SCALE@
-LSE_SCALE: tl.constexpr = @LSE_SCALE@
+EXP_SCALE = tl.constexpr(@EXP_SCALE@)
+LSE_SCALE = tl.constexpr(@LSE_SCALE@)
 '''
 
 FORWARD = '''
@@ -142,28 +142,31 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     MASKED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
                     DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
+    # Works on transposed tiles (keys x queries) so that P^T and dS^T come out of the dots in the layout
+    # the dV and dK products consume: no register transposes. The score code is elementwise and only
+    # sees q_idx / kv_idx broadcast the other way round.
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_idx = offs_n[None, :]
+    kv_idx = offs_n[:, None]
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_idx = offs_m[:, None]
+        q_idx = offs_m[None, :]
         row_ok = offs_m < Nq
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse * LSE_SCALE)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        qk = tl.dot(k, qT, input_precision=DOT_PREC)
 @LOAD_SIDES@
         s = @VALUE@
         if MASKED:
             s = tl.where(@KEEP_LINEAR@ & (kv_idx < Nk) & (q_idx < Nq), s, float("-inf"))
 @KEEP_OTHER@
-        p = tl.math.exp2((s - lse[:, None]) * EXP_SCALE)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        p = tl.math.exp2((s - lse[None, :]) * EXP_SCALE)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         if DROPOUT:
             keep = dropout_keep(seed, rng_off, off_bh, q_idx, kv_idx, Nk, dropout_p)
             scale = 1.0 / (1.0 - dropout_p)
@@ -171,10 +174,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             dp = tl.where(keep, dp * scale, 0.0)
         else:
             pd = p
-        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision=DOT_PREC)
-        dl = p * (dp - delta[:, None])
+        dv = tl.dot(pd.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dl = p * (dp - delta[None, :])
         ds = dl * (@DSCORE@)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+        dk = tl.dot(ds.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
     return dk, dv
 
 
