@@ -8,95 +8,141 @@
 The norm runs over the last dim; weight/bias hold one value per element of it (any shape of that numel).
 `mid_dtype` is a rounding the user's code applied between the normalization and the weight (LLaMA's
 `.to(input_dtype)`), `out_dtype` the dtype the replaced subgraph produced.
+
+Registered with a plain `torch.library.Library` (schema + CPU/CUDA kernels + fake + an Autograd kernel
+that is a `torch.autograd.Function`) rather than `torch.library.custom_op`: on the H100 the custom_op
+wrappers cost ~1 ms of host time per forward+backward, several times the kernels' own time at these
+sizes (docs/perf-notes.md, "Norms"); this path is ~3x lighter and traces the same under aot_autograd.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
 from flashfuse.kernels.norms.impl import norm_backward, norm_forward
 
-Tensor = torch.Tensor
+_lib = torch.library.Library("flashfuse", "FRAGMENT")
+
+_NORM_ARGS = "Tensor? weight, Tensor? bias, float eps, ScalarType? mid_dtype, ScalarType out_dtype"
 
 
-@torch.library.custom_op("flashfuse::norm_backward", mutates_args=())
-def norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], dh: Optional[Tensor], eps: float,
-                     is_rms: bool, has_bias: bool, mid_dtype: Optional[torch.dtype],
-                     dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _register(name: str, schema: str, kernel, fake) -> None:
+    _lib.define(f"{name}{schema}")
+    for key in ("CPU", "CUDA"):
+        _lib.impl(name, kernel, key)
+    torch.library.register_fake(f"flashfuse::{name}", fake, lib=_lib)
+
+
+# ---------------------------------------------------------------------------------------------- backward op
+def _backward_kernel(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype):
     return norm_backward(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype)
 
 
-@norm_backward_op.register_fake
-def _(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype):
+def _backward_fake(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype):
     dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device)
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     db = x.new_empty(x.shape[-1] if has_bias else 0, dtype=torch.float32)
     return dx, dw, db
 
 
+_register("norm_backward", "(Tensor dy, Tensor x, Tensor? weight, Tensor? dh, float eps, bool is_rms, "
+          "bool has_bias, ScalarType? mid_dtype, ScalarType dx_dtype) -> (Tensor, Tensor, Tensor)",
+          _backward_kernel, _backward_fake)
+
+
 def _grads(ctx, dy, dh):
-    x, weight = ctx.saved_tensors[0], ctx.saved_tensors[1] if ctx.has_weight else None
+    saved = ctx.saved_tensors
+    x, weight = saved[0], (saved[1] if ctx.has_weight else None)
     if dy is None:
         dy = torch.zeros(x.shape, dtype=ctx.out_dtype, device=x.device)
-    dx, dw, db = torch.ops.flashfuse.norm_backward(dy, x, weight, dh, ctx.eps, ctx.is_rms, ctx.has_bias,
-                                                   ctx.mid_dtype, ctx.dx_dtype)
-    dw = dw if ctx.has_weight else None
+    dx, dw, db = torch.ops.flashfuse.norm_backward.default(dy, x, weight, dh, ctx.eps, ctx.is_rms, ctx.has_bias,
+                                                           ctx.mid_dtype, ctx.dx_dtype)
+    dw = dw if ctx.has_weight and ctx.needs_input_grad[ctx.weight_index] else None
     db = db.to(ctx.bias_dtype).reshape(ctx.bias_shape) if ctx.has_bias else None
     return dx, dw, db
 
 
-def _save(ctx, x, weight, bias, eps, mid_dtype, out_dtype, is_rms, dx_dtype):
+def _save(ctx, x, weight, bias, eps, mid_dtype, out_dtype, is_rms, dx_dtype, weight_index):
+    ctx.set_materialize_grads(False)  # an unused output (h) gets no zero-filled gradient
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
     if ctx.has_bias:
         ctx.bias_dtype, ctx.bias_shape = bias.dtype, bias.shape
     ctx.eps, ctx.mid_dtype, ctx.out_dtype, ctx.is_rms, ctx.dx_dtype = eps, mid_dtype, out_dtype, is_rms, dx_dtype
-    ctx.save_for_backward(x, weight) if weight is not None else ctx.save_for_backward(x)
+    ctx.weight_index = weight_index
+    if weight is not None:
+        ctx.save_for_backward(x, weight)
+    else:
+        ctx.save_for_backward(x)
 
 
 def define_norm_ops(name: str, is_rms: bool):
-    """Define flashfuse::<name> and flashfuse::add_<name>; returns both op objects."""
+    """Define flashfuse::<name> and flashfuse::add_<name>; returns both op overloads."""
 
-    @torch.library.custom_op(f"flashfuse::{name}", mutates_args=())
-    def norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-             mid_dtype: Optional[torch.dtype], out_dtype: torch.dtype) -> Tensor:
+    # ------------------------------------------------------------------ y = norm(x)
+    def norm_kernel(x, weight, bias, eps, mid_dtype, out_dtype):
         return norm_forward(x, None, weight, bias, eps, is_rms, mid_dtype, out_dtype)[0]
 
-    @norm.register_fake
-    def _(x, weight, bias, eps, mid_dtype, out_dtype):
+    def norm_fake(x, weight, bias, eps, mid_dtype, out_dtype):
         return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
-    def setup_norm(ctx, inputs, output):
-        x, weight, bias, eps, mid_dtype, out_dtype = inputs
-        _save(ctx, x, weight, bias, eps, mid_dtype, out_dtype, is_rms, x.dtype)
+    _register(name, f"(Tensor x, {_NORM_ARGS}) -> Tensor", norm_kernel, norm_fake)
+    op = getattr(torch.ops.flashfuse, name).default
 
-    def backward_norm(ctx, dy):
-        dx, dw, db = _grads(ctx, dy, None)
-        return dx, dw, db, None, None, None
+    class NormFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, eps, mid_dtype, out_dtype):
+            _save(ctx, x, weight, bias, eps, mid_dtype, out_dtype, is_rms, x.dtype, weight_index=1)
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(x, weight, bias, eps, mid_dtype, out_dtype)
 
-    norm.register_autograd(backward_norm, setup_context=setup_norm)
+        @staticmethod
+        def backward(ctx, dy):
+            if dy is None:
+                return None, None, None, None, None, None
+            dx, dw, db = _grads(ctx, dy, None)
+            return dx, dw, db, None, None, None
 
-    @torch.library.custom_op(f"flashfuse::add_{name}", mutates_args=())
-    def add_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                 mid_dtype: Optional[torch.dtype], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def norm_autograd(x, weight, bias, eps, mid_dtype, out_dtype):
+        if not torch.is_grad_enabled():  # inference, or inside an aot_autograd-compiled forward
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(x, weight, bias, eps, mid_dtype, out_dtype)
+        return NormFunction.apply(x, weight, bias, eps, mid_dtype, out_dtype)
+
+    _lib.impl(name, norm_autograd, "Autograd")
+
+    # ------------------------------------------------------------------ (y, h) = norm(x + residual), h
+    def add_kernel(x, residual, weight, bias, eps, mid_dtype, out_dtype):
         return norm_forward(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype)
 
-    @add_norm.register_fake
-    def _(x, residual, weight, bias, eps, mid_dtype, out_dtype):
+    def add_fake(x, residual, weight, bias, eps, mid_dtype, out_dtype):
         h_dtype = torch.promote_types(x.dtype, residual.dtype)
         return (torch.empty(x.shape, dtype=out_dtype, device=x.device),
                 torch.empty(x.shape, dtype=h_dtype, device=x.device))
 
-    def setup_add(ctx, inputs, output):
-        x, residual, weight, bias, eps, mid_dtype, out_dtype = inputs
-        h = output[1]
-        ctx.x_dtype, ctx.r_dtype = x.dtype, residual.dtype
-        _save(ctx, h, weight, bias, eps, mid_dtype, out_dtype, is_rms, h.dtype)
+    _register(f"add_{name}", f"(Tensor x, Tensor residual, {_NORM_ARGS}) -> (Tensor, Tensor)", add_kernel, add_fake)
+    add_op = getattr(torch.ops.flashfuse, f"add_{name}").default
 
-    def backward_add(ctx, dy, dh):
-        dx, dw, db = _grads(ctx, dy, dh)  # dx already holds dh: the gradient of h = x + residual
-        return dx.to(ctx.x_dtype), dx.to(ctx.r_dtype), dw, db, None, None, None
+    class AddNormFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, residual, weight, bias, eps, mid_dtype, out_dtype):
+            with torch._C._AutoDispatchBelowAutograd():
+                y, h = add_op(x, residual, weight, bias, eps, mid_dtype, out_dtype)
+            _save(ctx, h, weight, bias, eps, mid_dtype, out_dtype, is_rms, h.dtype, weight_index=2)
+            ctx.x_dtype, ctx.r_dtype = x.dtype, residual.dtype
+            return y, h
 
-    add_norm.register_autograd(backward_add, setup_context=setup_add)
-    return norm, add_norm
+        @staticmethod
+        def backward(ctx, dy, dh):
+            if dy is None:  # only h was used: its gradient goes straight to x and residual
+                return dh, dh, None, None, None, None, None
+            dx, dw, db = _grads(ctx, dy, dh)  # dx already holds dh: the gradient of h = x + residual
+            return dx.to(ctx.x_dtype), dx.to(ctx.r_dtype), dw, db, None, None, None
+
+    def add_autograd(x, residual, weight, bias, eps, mid_dtype, out_dtype):
+        if not torch.is_grad_enabled():
+            with torch._C._AutoDispatchBelowAutograd():
+                return add_op(x, residual, weight, bias, eps, mid_dtype, out_dtype)
+        return tuple(AddNormFunction.apply(x, residual, weight, bias, eps, mid_dtype, out_dtype))
+
+    _lib.impl(f"add_{name}", add_autograd, "Autograd")
+    return op, add_op
