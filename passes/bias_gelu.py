@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from flashfuse.passes import PassContext, register_pass
 from flashfuse.passes.eltwise_chain import (ARITHMETIC, AUTOCAST_NOTE, INDUCTOR_NOTE, autocast_nodes, erase_unused,
-                                            grow_region, in_autocast, insert_call, is_number, kernel_fusions_enabled,
+                                            grow_region, guarded, in_autocast, insert_call, is_number, kernel_fusions_enabled,
                                             known_equal, order_of, pow_exponent_ok, same_shape, shape_str, to_sympy,
                                             write_between)
 from flashfuse.passes.normalize import val
@@ -208,9 +208,9 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, root: fx.Node, region: set, x
     fused = insert_call(gm, root, torch.ops.flashfuse.bias_gelu.default, (inp, bias, kind), like=root)
     form = "tanh" if kind == "tanh" else "erf"
     what = f"{spelling} GELU ({form} form)" + (f" with {how} folded in" if bias is not None else "")
+    root.replace_all_uses_with(fused)
     ctx.graph_report.add_match(NAME, root, what + " -> one kernel", approximate=kind, bias=bias is not None,
                                spelling=spelling, shape=shape_str(val(root)))
-    root.replace_all_uses_with(fused)
     erase_unused(gm, erase)
     return True
 
@@ -221,40 +221,46 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
     enabled = kernel_fusions_enabled(ctx)
     done: set = set()
     rewrites = 0
-    for node in list(gm.graph.nodes):
-        if node in done or node.op != "call_function":
-            continue
+    def one(node: fx.Node) -> bool:
+        nonlocal order
         if node.target is aten.gelu.default:
             x = node.args[0]
             xv, out = val(x), val(node)
             kind = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            done.add(node)
             if xv is None or out is None or xv.dtype not in FLOAT_DTYPES or kind not in ("none", "tanh") \
                     or xv.dim() == 0:
                 ctx.graph_report.add_near_miss(NAME, node, f"gelu on {None if xv is None else xv.dtype} "
                                                            "of dim 0 or a dtype the kernel lacks (fp16/bf16/fp32, >= 1 dim)")
-                continue
-            done.add(node)
+                return False
             if not enabled:
                 ctx.graph_report.add_near_miss(NAME, node, INDUCTOR_NOTE)
-                continue
+                return False
             if _rewrite(gm, ctx, node, {node}, x, kind, "F.gelu"):
                 order = order_of(gm)
-                rewrites += 1
-        elif node.target in (aten.erf.default, aten.tanh.default):
-            found = _hand_written(gm, node, order, done)
-            done.add(node)
-            if found is None:
-                continue
-            if len(found) == 2:
-                root, reason = found
-                ctx.graph_report.add_near_miss(NAME, root, reason)
-                continue
-            root, region, x, kind = found
-            done |= region
-            if not enabled:
-                ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
-                continue
-            if _rewrite(gm, ctx, root, region, x, kind, "hand-written"):
-                order = order_of(gm)
-                rewrites += 1
+                return True
+            return False
+        found = _hand_written(gm, node, order, done)
+        done.add(node)
+        if found is None:
+            return False
+        if len(found) == 2:
+            root, reason = found
+            ctx.graph_report.add_near_miss(NAME, root, reason)
+            return False
+        root, region, x, kind = found
+        done.update(region)
+        if not enabled:
+            ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
+            return False
+        if _rewrite(gm, ctx, root, region, x, kind, "hand-written"):
+            order = order_of(gm)
+            return True
+        return False
+
+    for node in list(gm.graph.nodes):
+        if node in done or node.op != "call_function":
+            continue
+        if node.target in (aten.gelu.default, aten.erf.default, aten.tanh.default):
+            rewrites += guarded(ctx, NAME, node, lambda: one(node))
     return rewrites

@@ -155,6 +155,23 @@ def in_autocast(regions: set[fx.Node] | None, nodes: Iterable[fx.Node]) -> bool:
     return regions is None or any(n in regions for n in nodes)
 
 
+def guarded(ctx: PassContext, fusion: str, node: fx.Node, attempt: Callable[[], bool]) -> int:
+    """Run one candidate's match-and-rewrite. A bug while matching one candidate must not cost the
+    graph's other fusions (the pipeline drops them all when a pass raises): the candidate is left alone
+    with a near-miss. The rewrites redirect uses only as their last step, so an exception leaves the
+    graph valid (at most some unused inserted nodes, removed by dead-code elimination)."""
+    try:
+        return int(bool(attempt()))
+    except Exception as exc:
+        from flashfuse.log import logger
+
+        logger.warning("flashfuse: %s: candidate %s left alone after %s: %s", fusion, node.name,
+                       type(exc).__name__, exc)
+        ctx.graph_report.add_near_miss(fusion, node, f"left alone after an internal error in the pass: "
+                                                     f"{type(exc).__name__}: {exc}")
+        return 0
+
+
 def mutates(node: fx.Node) -> bool:
     """An op that writes to one of its inputs in place (kept by normalize when the target is an input
     or a view)."""
@@ -342,12 +359,14 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
     autocast = autocast_nodes(gm)
     done: set[fx.Node] = set()
     rewrites = 0
-    for root in reversed(list(gm.graph.nodes)):
+
+    def one(root: fx.Node) -> bool:
+        nonlocal order, done
         if root in done or root.op != "call_function" or root.target not in ARITHMETIC:
-            continue
+            return False
         like = val(root)
         if _chain_reason(root, None) is not None:
-            continue
+            return False
 
         def absorb(p: fx.Node) -> str | None:
             if p in done:
@@ -362,38 +381,43 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                 reason = next(iter(rejected.values()))
                 ctx.graph_report.add_near_miss(NAME, root, f"chain of {len(loose)} ops split: {reason}")
                 done |= loose
-            continue
+            return False
         if in_autocast(autocast, region):
             ctx.graph_report.add_near_miss(NAME, root, AUTOCAST_NOTE)
             done |= region
-            continue
+            return False
         writer = write_between(gm, order, region, root)
         if writer is not None:
             ctx.graph_report.add_near_miss(NAME, root, f"`{writer.name}` writes in place inside the chain "
                                                        "(fused, the chain would read after the write)")
             done |= region
-            continue
+            return False
         leaves: dict[fx.Node, sympy.Symbol] = {}
         expr = to_sympy(root, region, leaves, ARITHMETIC, evaluate=False)
         if len(leaves) > MAX_INPUTS:
             ctx.graph_report.add_near_miss(NAME, root, f"chain reads {len(leaves)} tensors (max {MAX_INPUTS})")
             done |= region
-            continue
+            return False
         if not leaves or not pw.printable(expr):
             done |= region
-            continue
+            return False
         text = pw.serialize(expr)
         done |= region
         if not enabled:
             ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
-            continue
+            return False
         inputs = list(leaves)
         fused = insert_call(gm, root, torch.ops.flashfuse.pointwise.default, (inputs, text), like=root)
         out = getitem(gm, fused, 0)
+        root.replace_all_uses_with(out)
         ctx.graph_report.add_match(NAME, root, f"{len(region)} pointwise ops over {len(inputs)} tensors "
                                    "-> one generated kernel", ops=len(region), inputs=len(inputs), expr=text)
-        root.replace_all_uses_with(out)
         erase_unused(gm, region)
         order = order_of(gm)
-        rewrites += 1
+        return True
+
+    for root in reversed(list(gm.graph.nodes)):
+        if root in done or root.op != "call_function" or root.target not in ARITHMETIC:
+            continue
+        rewrites += guarded(ctx, NAME, root, lambda: one(root))
     return rewrites

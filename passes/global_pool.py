@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.eltwise_chain import (autocast_nodes, erase_unused, in_autocast, insert_call, known_equal,
+from flashfuse.passes.eltwise_chain import (autocast_nodes, erase_unused, guarded, in_autocast, insert_call, known_equal,
                                             order_of, write_between)
 from flashfuse.passes.normalize import val
 
@@ -101,26 +101,24 @@ def _divisor_matches(div: fx.Node, base: fx.Node, dims: list[int]) -> bool:
 
 @register_pass(NAME)
 def run(gm: fx.GraphModule, ctx: PassContext) -> int:
-    rewrites = 0
     reported: set = set()
     done: set = set()
-    for node in reversed(list(gm.graph.nodes)):
-        if node in done or node.op != "call_function" or node.target not in REDUCTIONS:
-            continue
+
+    def one(node: fx.Node) -> bool:
         found, miss = _chain(node)
         if miss is not None:
             where, reason = miss
             if where not in reported:
                 ctx.graph_report.add_near_miss(NAME, where, reason)
                 reported.add(where)
-            continue
+            return False
         if found is None:
-            continue
+            return False
         base, kind, dims, keepdim, steps = found
         writer = write_between(gm, order_of(gm), steps, node)
         if writer is not None:
             ctx.graph_report.add_near_miss(NAME, node, f"`{writer.name}` writes in place between the reductions")
-            continue
+            return False
         root = node
         bv = val(base)
         # under autocast sum runs in fp32 and mean in the input dtype: sum/n -> mean would change the dtype
@@ -131,11 +129,16 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                 kind, root = "mean", div
         target = aten.mean.dim if kind == "mean" else aten.sum.dim_IntList
         new = insert_call(gm, root, target, (base, list(dims), keepdim), like=root)
+        root.replace_all_uses_with(new)
         what = f"{len(steps)} {_step(steps[0])[0]} steps" + (" and the division by their size" if root is not node else "")
         ctx.graph_report.add_match(NAME, root, f"{what} -> one {kind} over dims {tuple(dims)}", dims=tuple(dims),
                                    kind=kind, steps=len(steps))
-        root.replace_all_uses_with(new)
-        done |= set(steps)
+        done.update(steps)
         erase_unused(gm, [root] + steps)
-        rewrites += 1
+        return True
+
+    rewrites = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node not in done and node.op == "call_function" and node.target in REDUCTIONS:
+            rewrites += guarded(ctx, NAME, node, lambda: one(node))
     return rewrites

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.eltwise_chain import known_equal, mutates, order_of, shape_str
+from flashfuse.passes.eltwise_chain import guarded, known_equal, mutates, order_of, shape_str
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -65,28 +65,26 @@ def blas_reason(t: torch.Tensor, other: torch.Tensor, t_is_second: bool) -> str 
 @register_pass(NAME)
 def run(gm: fx.GraphModule, ctx: PassContext) -> int:
     order = order_of(gm)
-    rewrites = 0
-    for copy in list(gm.graph.nodes):
-        if not _is_copy(copy):
-            continue
+
+    def one(copy: fx.Node) -> bool:
         view = copy.args[0]
         if not isinstance(view, fx.Node) or view.op != "call_function" or view.target not in VIEWS:
-            continue
+            return False
         users = list(copy.users)
         mm_users = [u for u in users if u.op == "call_function" and u.target in MATMULS]
         if not mm_users:
-            continue
+            return False
         if len(mm_users) != len(users):
             other = next(u for u in users if u not in mm_users)
             ctx.graph_report.add_near_miss(NAME, copy, f"the copy `{copy.name}` of a transpose feeds a matmul but "
                                                        f"is also used by `{other.name}`")
-            continue
+            return False
         last = max(order[u] for u in mm_users)
         writer = next((n for n in gm.graph.nodes if order[copy] < order[n] < last and mutates(n)), None)
         if writer is not None:
             ctx.graph_report.add_near_miss(NAME, copy, f"`{writer.name}` writes in place between the copy and "
                                                        "the matmul (the view would see the write)")
-            continue
+            return False
         vv = val(view)
         reason = None
         for mm in mm_users:
@@ -97,12 +95,17 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                     reason = reason or (blas_reason(vv, ov, i == 1) if ov is not None else "the other operand is unknown")
         if reason is not None:
             ctx.graph_report.add_near_miss(NAME, copy, f"transpose kept as a copy: {reason}")
-            continue
+            return False
         for mm in mm_users:
             mm.args = tuple(view if a is copy else a for a in mm.args)
         ctx.graph_report.add_match(NAME, copy, f"{view.target.__name__.split('.')[0]} + {copy.target.__name__.split('.')[0]} "
                                    f"feeding {len(mm_users)} matmul(s) read as strides: copy of "
                                    f"{shape_str(vv)} removed", shape=shape_str(vv))
         gm.graph.erase_node(copy)
-        rewrites += 1
+        return True
+
+    rewrites = 0
+    for copy in list(gm.graph.nodes):
+        if _is_copy(copy):
+            rewrites += guarded(ctx, NAME, copy, lambda: one(copy))
     return rewrites

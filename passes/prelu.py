@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.eltwise_chain import (AUTOCAST_NOTE, INDUCTOR_NOTE, autocast_nodes, erase_unused, in_autocast,
+from flashfuse.passes.eltwise_chain import (AUTOCAST_NOTE, INDUCTOR_NOTE, autocast_nodes, erase_unused, guarded, in_autocast,
                                             insert_call, kernel_fusions_enabled, known_equal, order_of, same_shape,
                                             shape_str, write_between)
 from flashfuse.passes.normalize import val
@@ -138,14 +138,13 @@ def match(node: fx.Node):
 @register_pass(NAME)
 def run(gm: fx.GraphModule, ctx: PassContext) -> int:
     enabled = kernel_fusions_enabled(ctx)
-    rewrites = 0
-    for node in list(gm.graph.nodes):
-        if node.graph is not gm.graph:
-            continue
+    erased: set = set()
+
+    def one(node: fx.Node) -> bool:
         try:
             found = match(node)
             if found is None:
-                continue
+                return False
             x, a, cd, zero_grad, inner, spelling = found
             xv, av, out = val(x), val(a), val(node)
             if xv is None or av is None or out is None:
@@ -158,23 +157,29 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                 cd = channel_dim_of(xv, av)
         except NotPrelu as why:
             ctx.graph_report.add_near_miss(NAME, node, str(why))
-            continue
+            return False
         if in_autocast(autocast_nodes(gm), [node] + inner):
             ctx.graph_report.add_near_miss(NAME, node, AUTOCAST_NOTE)
-            continue
+            return False
         if inner:
             writer = write_between(gm, order_of(gm), inner, node)
             if writer is not None:
                 ctx.graph_report.add_near_miss(NAME, node, f"`{writer.name}` writes in place inside the PReLU")
-                continue
+                return False
         if not enabled:
             ctx.graph_report.add_near_miss(NAME, node, INDUCTOR_NOTE)
-            continue
+            return False
         fused = insert_call(gm, node, torch.ops.flashfuse.prelu.default, (x, a, max(cd, 0), zero_grad), like=node)
+        node.replace_all_uses_with(fused)
         where = "one slope" if cd < 0 else f"one slope per channel along dim {cd}"
         ctx.graph_report.add_match(NAME, node, f"{spelling} with {where} -> one kernel", spelling=spelling,
                                    channel_dim=cd, shape=shape_str(xv))
-        node.replace_all_uses_with(fused)
+        erased.update([node] + inner)
         erase_unused(gm, [node] + inner)
-        rewrites += 1
+        return True
+
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node not in erased and node.op == "call_function":
+            rewrites += guarded(ctx, NAME, node, lambda: one(node))
     return rewrites

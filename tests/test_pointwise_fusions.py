@@ -561,3 +561,20 @@ def test_hugging_face_gelu_activations(name):
 def test_hugging_face_quick_gelu_is_not_gelu():
     activations = pytest.importorskip("transformers.activations")
     expect(activations.ACT2FN["quick_gelu"], rand(3, 11))  # x * sigmoid(1.702 x): a different function
+
+
+def test_a_bug_in_one_candidate_does_not_cost_the_other_fusions(monkeypatch):
+    from flashfuse.passes import prelu as prelu_pass
+
+    def broken(node):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(prelu_pass, "channel_dim_of", lambda *a: broken(None))
+    a = torch.rand(5, 1, 1)
+
+    def f(x):
+        return torch.where(x > 0, x, a * x) * 2.0 + x * x - x, x.mean(-1).mean(-1)
+
+    report = expect(f, rand(2, 5, 3, 7), eltwise_chain=1, global_pool=1)
+    assert "internal error" in near_miss(report, "prelu")
+    assert_close_to_eager(f, rand(2, 5, 3, 7), options=EAGER)
