@@ -76,8 +76,8 @@ def _explain_once(config: Config, target: Any, args: tuple, kwargs: dict, fake: 
         # the backend never sees them), in the order Dynamo met them.
         report.graph_breaks = [_graph_break(reason, backend.graph_of_break.get(id(reason)))
                                for reason in breaks_seen[first_break:]]
-    if logger.isEnabledFor(20):
-        logger.info("explain:\n%s", report.format())
+    if logger.isEnabledFor(10):  # the pipeline already logs each fusion at info
+        logger.debug("explain:\n%s", report.format())
     return report
 
 

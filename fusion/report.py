@@ -380,7 +380,7 @@ def _label(node: fx.Node) -> str:
     return f"{node.name}\\n{what}{shape}" + (f"\\n{src}" if src else "")
 
 
-def _add_region(pydot: Any, parent: Any, prefix: str, region: list[fx.Node], color: str) -> int:
+def _add_region(pydot: Any, parent: Any, prefix: str, region: list[fx.Node], color: str) -> None:
     """Draw `region` (highlighted) with its direct inputs and users (grey) into `parent`."""
     region = region[:_MAX_DRAWN_NODES]
     members = set(region)
@@ -404,7 +404,6 @@ def _add_region(pydot: Any, parent: Any, prefix: str, region: list[fx.Node], col
         for user in n.users:
             if (user in members or user in context) and (n in members or user in members):
                 parent.add_edge(pydot.Edge(nid(n), nid(user)))
-    return len(drawn)
 
 
 def _draw_report(report: Report, path: str) -> str:
@@ -413,7 +412,7 @@ def _draw_report(report: Report, path: str) -> str:
         raise ValueError(f"flashfuse: Report.draw({path!r}): the extension picks the format; "
                          f"expected one of {['.' + f for f in _DRAW_FORMATS]}")
     pydot = _import_pydot()
-    dot = pydot.Dot("flashfuse", graph_type="digraph", rankdir="TB", compound="true", fontsize="12",
+    dot = pydot.Dot("flashfuse", graph_type="digraph", rankdir="TB", fontsize="12",
                     label='"flashfuse: rewritten regions, before and after the passes"', labelloc="t")
     drawn_any = False
     for g in report.graphs:
@@ -431,8 +430,9 @@ def _draw_report(report: Report, path: str) -> str:
         after_cluster = pydot.Cluster(f"graph{g.index}_after", label='"after"', color="forestgreen")
         _add_region(pydot, before_cluster, f"g{g.index}b", removed, "mistyrose")
         _add_region(pydot, after_cluster, f"g{g.index}a", added, "palegreen")
-        outer.add_subgraph(before_cluster)
+        # given in this order, dot places "before" on the left (the other order came out reversed)
         outer.add_subgraph(after_cluster)
+        outer.add_subgraph(before_cluster)
         dot.add_subgraph(outer)
     if not drawn_any:
         dot.add_node(pydot.Node("nothing", label='"nothing was fused"', shape="plaintext"))
