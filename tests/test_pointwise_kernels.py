@@ -3,7 +3,6 @@ references on fresh random inputs with odd sizes, fp32 and fp16 (bf16 on GPU onl
 backward; plus the CPU reference implementations and the op registrations (torch.library.opcheck)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import sympy
