@@ -60,7 +60,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     T = 256 if device == "cuda" else 24
-    model = Block().to(device).eval()
+    model = Block(block_size=T).to(device).eval()
     x = torch.randn(2, T, 64, device=device)
     print(f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'Triton interpreter'}), "
           f"torch {torch.__version__}")

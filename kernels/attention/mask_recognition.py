@@ -14,7 +14,8 @@ import torch
 
 from flashfuse.kernels.attention import score_mod as sm
 
-_CACHE: dict = {}
+_CACHE: dict = {}     # per side tensor state -> recognized predicate (or False)
+_RESULTS: dict = {}   # per (score_mod, side states, sizes) -> (new text, kept indices)
 _MAX_CACHE = 256
 
 
@@ -57,10 +58,24 @@ def _key(t: torch.Tensor):
 def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
     """(score_mod, sides, kept) with recognized mask sides replaced by index predicates; `kept` lists the
     indices of the original sides that remain, in order."""
+    if not sides:
+        return score_mod, sides, []
+    # this runs on every call of the op: the common case must cost a dict lookup, not sympy work
+    rkey = (score_mod, tuple(_key(t) for t in sides), nq, nk,
+            tuple(needs_grad) if needs_grad is not None else None,
+            tuple(t.requires_grad for t in sides))
+    hit = _RESULTS.get(rkey)
+    if hit is None:
+        if len(_RESULTS) > _MAX_CACHE:
+            _RESULTS.clear()
+        hit = _RESULTS[rkey] = _specialize(score_mod, sides, nq, nk, needs_grad)
+    text, kept = hit
+    return text, [sides[i] for i in kept], list(kept)
+
+
+def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
     expr = sm.from_text(score_mod)
     keep_idx = list(range(len(sides)))
-    if not sides:
-        return score_mod, sides, keep_idx
     changed = False
     for i, t in enumerate(sides):
         if needs_grad is not None and needs_grad[i]:
@@ -93,7 +108,7 @@ def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
         keep_idx.remove(i)
         changed = True
     if not changed:
-        return score_mod, sides, keep_idx
+        return score_mod, tuple(keep_idx)
     mapping = {sm.side(old): sm.side(new) for new, old in enumerate(keep_idx)}
     expr = expr.xreplace(mapping)
-    return sm.to_text(expr), [sides[i] for i in keep_idx], keep_idx
+    return sm.to_text(expr), tuple(keep_idx)
