@@ -10,6 +10,8 @@ over another dim than the last, mean and variance over different dims.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -17,7 +19,7 @@ from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (Tail, aliases, check_size, choose, describe, dims_text, is_op,
                                          is_number, match_tail, needs_grad, parse_denominator, parse_scale,
                                          per_feature, reduce_dims, replace_norm, same_value, scaled_by,
-                                         strip_upcast)
+                                         strip_upcast, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -32,7 +34,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
             continue
         if node.target is aten.layer_norm.default:
             count += _library_form(gm, ctx, node)
-        elif node.target is aten.mean.dim:
+        elif node.target is aten.mean.dim or var_mean_part(node, 1) is not None:
             count += _hand_written(gm, ctx, node)
     if count:
         gm.graph.eliminate_dead_code()
@@ -83,7 +85,7 @@ def _library_form(gm, ctx, node: fx.Node) -> int:
     tail.weight = weight if weight is not None else tail.weight
     tail.bias = bias if bias is not None else tail.bias
     if (weight is not None or bias is not None) and tail.mid_dtype is not None:
-        return 0  # a rounding between the op's affine and a later one: not this kernel's formula
+        tail = Tail(node, weight, bias)  # a rounding after the op's own affine: keep the tail outside
     return _apply(gm, ctx, x, tail, float(eps), "aten.layer_norm", node)
 
 
@@ -96,10 +98,11 @@ def _centered(mu: fx.Node, x: fx.Node) -> list[fx.Node]:
 
 def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | None:
     """None when v is the biased variance of x over `dims`; otherwise why it is not."""
-    if is_op(v, aten.var.dim, aten.var.correction):
+    v = var_mean_part(v, 0) or v
+    if is_op(v, aten.var.dim, aten.var.correction, aten.var_mean.dim, aten.var_mean.correction):
         if not same_value(v.args[0], x):
             return "the variance is of another tensor than the mean"
-        if v.target is aten.var.correction:
+        if v.target in (aten.var.correction, aten.var_mean.correction):
             corr = v.kwargs.get("correction", 1)
             corr = 1 if corr is None else corr
         else:
@@ -129,7 +132,8 @@ def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | N
 
 
 def _hand_written(gm, ctx, mu: fx.Node) -> int:
-    x = mu.args[0]
+    vm = var_mean_part(mu, 1)
+    x = vm.args[0] if vm is not None else mu.args[0]
     if not isinstance(x, fx.Node) or val(x) is None or mu.kwargs.get("dtype") is not None:
         return 0
     cs = _centered(mu, x)
@@ -138,9 +142,7 @@ def _hand_written(gm, ctx, mu: fx.Node) -> int:
     dims, keepdim = reduce_dims(mu)
     reasons, found = [], []
     for c in cs:
-        for user, how, other in scaled_by(c):
-            if other in cs:
-                continue  # (x - mu) * (x - mu): the square, not the scaling
+        for user, how, other, pre_weight in _normalizing_uses(c, cs, val(x).shape):
             parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
             if parsed is None:
                 continue
@@ -152,13 +154,27 @@ def _hand_written(gm, ctx, mu: fx.Node) -> int:
             if why is not None:
                 reasons.append((user, why))
                 continue
-            found.append((user, eps))
+            found.append((user, eps, pre_weight))
     for user, why in reasons:
         ctx.graph_report.add_near_miss(FUSION, user, why)
-    return sum(_fuse_one(gm, ctx, x, dims, keepdim, normed, eps) for normed, eps in found)
+    return sum(_fuse_one(gm, ctx, x, dims, keepdim, normed, eps, w) for normed, eps, w in found)
 
 
-def _fuse_one(gm, ctx, x, dims, keepdim, normed, eps) -> int:
+def _normalizing_uses(c: fx.Node, cs: list[fx.Node], x_shape):
+    """(user, 'mul'|'div', scale-or-divisor, weight applied first or None) for `c * s`, `c / d` and the
+    weight-first spelling `w * (x - mu) / d` (Python evaluates it as `(w * c) / d`)."""
+    n = x_shape[-1]
+    for user, how, other in scaled_by(c):
+        if other in cs:
+            continue  # (x - mu) * (x - mu): the square, not the scaling
+        yield user, how, other, None
+        if how == "mul" and per_feature(other, n, x_shape) and tuple(val(user).shape) == tuple(x_shape):
+            for user2, how2, other2 in scaled_by(user):
+                if other2 is not c and other2 is not other:
+                    yield user2, how2, other2, other
+
+
+def _fuse_one(gm, ctx, x, dims, keepdim, normed, eps, pre_weight=None) -> int:
     rank = val(x).dim()
     if not keepdim:
         ctx.graph_report.add_near_miss(FUSION, normed, "the mean is reduced without keepdim")
@@ -169,7 +185,13 @@ def _fuse_one(gm, ctx, x, dims, keepdim, normed, eps) -> int:
         return 0
     if tuple(val(normed).shape) != tuple(val(x).shape):
         return 0
-    tail = match_tail(normed, val(x).shape[-1], val(x).shape)
+    if pre_weight is not None:
+        tail = match_tail(normed, val(x).shape[-1], val(x).shape, have_weight=True)
+        if tail.mid_dtype is not None:  # a rounding after the weight: the kernel rounds before it
+            tail = Tail(normed)
+        tail.weight = pre_weight
+    else:
+        tail = match_tail(normed, val(x).shape[-1], val(x).shape)
     spelling = "hand-written layer norm (" + ("x-mu)*rsqrt" if normed.target is aten.mul.Tensor else "x-mu)/sqrt") \
         + "(var+eps)"
     return _apply(gm, ctx, x, tail, eps, spelling, normed)

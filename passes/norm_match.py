@@ -49,16 +49,26 @@ def last_dim_size(node) -> int | None:
     return n if isinstance(n, int) else None
 
 
+def var_mean_part(node, index: int):
+    """For `getitem(var_mean(...), index)` the var_mean node (index 0: variance, 1: mean), else None."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
+            and node.args[1] == index and is_op(node.args[0], aten.var_mean.dim, aten.var_mean.correction):
+        return node.args[0]
+    return None
+
+
 def reduce_dims(node: fx.Node) -> tuple[list[int] | None, bool]:
-    """(positive dims, keepdim) of mean.dim / var.dim / var.correction; dims None when not a list of ints."""
+    """(positive dims, keepdim) of mean.dim / var.dim / var.correction / var_mean (or a getitem of it);
+    dims None when not a list of ints."""
+    node = var_mean_part(node, 0) or var_mean_part(node, 1) or node
     x = node.args[0]
     rank = val(x).dim()
-    if node.target is aten.var.correction:
+    if node.target in (aten.var.correction, aten.var_mean.correction):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.kwargs.get("keepdim", False)
     else:  # mean.dim(x, dims, keepdim=False, *, dtype) / var.dim(x, dims, unbiased=True, keepdim=False)
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        k = 2 if node.target is aten.mean.dim else 3
+        k = 2 if node.target is aten.mean.dim else 3  # var.dim / var_mean.dim: (x, dims, unbiased, keepdim)
         keepdim = node.args[k] if len(node.args) > k else node.kwargs.get("keepdim", False)
     if dims is None or not all(isinstance(d, int) for d in dims):
         return None, bool(keepdim)
