@@ -190,7 +190,7 @@ def _copy_inputs(inputs: tuple, grads: bool) -> tuple:
 
 def _gradients(outputs: Any, model: Any, inputs: tuple, seed: int) -> dict[str, torch.Tensor | None]:
     """d(sum of outputs * fixed random weights) / d(inputs and parameters), by name."""
-    leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    leaves = [t for t in _tensors_in(outputs) if t.requires_grad]
     named: dict[str, torch.Tensor] = {}
     for path, x in pytree.tree_flatten_with_path(inputs)[0]:
         if isinstance(x, torch.Tensor) and x.requires_grad:
@@ -207,25 +207,62 @@ def _gradients(outputs: Any, model: Any, inputs: tuple, seed: int) -> dict[str, 
     return dict(zip(named, found))
 
 
+_MAX_OBJECT_DEPTH = 6  # how deep _compare looks into plain objects (a KV cache's layers' tensors)
+
+
 def _compare(what: str, actual: Any, expected: Any, rtol: float | None, atol: float | None,
-             tf32: bool) -> None:
+             tf32: bool, depth: int = 0) -> None:
     actual_leaves, actual_spec = pytree.tree_flatten_with_path(actual)
     expected_leaves, expected_spec = pytree.tree_flatten_with_path(expected)
     if actual_spec != expected_spec:
         raise AssertionError(f"{what}: structure differs from eager: {actual_spec} vs {expected_spec}")
     for (path, a), (_, e) in zip(actual_leaves, expected_leaves):
         where = f"{what}{pytree.keystr(path)}"
-        if not isinstance(e, torch.Tensor):
-            if a != e:
-                raise AssertionError(f"{where}: {a!r} (flashfuse) != {e!r} (eager)")
-            continue
-        if not isinstance(a, torch.Tensor):
-            raise AssertionError(f"{where}: flashfuse gave {type(a).__name__}, eager a tensor")
-        r, t = _tolerance(e, rtol, atol, tf32)
-        try:
-            torch.testing.assert_close(a.detach(), e.detach(), rtol=r, atol=t)
-        except AssertionError as exc:
-            raise AssertionError(f"flashfuse differs from eager in {where} (rtol={r}, atol={t}):\n{exc}") from None
+        if isinstance(e, torch.Tensor):
+            _compare_tensors(where, a, e, rtol, atol, tf32)
+        elif type(a) is not type(e):
+            raise AssertionError(f"{where}: flashfuse gave a {type(a).__name__}, eager a {type(e).__name__}")
+        elif _is_plain_object(e) and depth < _MAX_OBJECT_DEPTH:
+            # an object pytree does not know (e.g. a transformers KV cache): compare its attributes
+            a_attrs, e_attrs = _attributes(a), _attributes(e)
+            if sorted(a_attrs) != sorted(e_attrs):
+                raise AssertionError(f"{where}: attributes differ from eager: {sorted(a_attrs)} vs "
+                                     f"{sorted(e_attrs)}")
+            for name, value in e_attrs.items():
+                _compare(f"{where}.{name}", a_attrs[name], value, rtol, atol, tf32, depth + 1)
+        elif a != e:
+            raise AssertionError(f"{where}: {a!r} (flashfuse) != {e!r} (eager)")
+
+
+def _tensors_in(x: Any, depth: int = 0) -> list[torch.Tensor]:
+    """Every tensor in a pytree, also inside plain objects (as _compare sees them), in a fixed order."""
+    found: list[torch.Tensor] = []
+    for leaf in pytree.tree_leaves(x):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif _is_plain_object(leaf) and depth < _MAX_OBJECT_DEPTH:
+            found += _tensors_in(list(_attributes(leaf).values()), depth + 1)
+    return found
+
+
+def _is_plain_object(x: Any) -> bool:
+    return (hasattr(x, "__dict__") and not isinstance(x, (type, torch.nn.Module)) and not callable(x)
+            and type(x).__eq__ is object.__eq__)  # identity equality: two runs never compare equal
+
+
+def _attributes(x: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(x).items() if not k.startswith("__")}
+
+
+def _compare_tensors(where: str, a: Any, e: torch.Tensor, rtol: float | None, atol: float | None,
+                     tf32: bool) -> None:
+    if not isinstance(a, torch.Tensor):
+        raise AssertionError(f"{where}: flashfuse gave {type(a).__name__}, eager a tensor")
+    r, t = _tolerance(e, rtol, atol, tf32)
+    try:
+        torch.testing.assert_close(a.detach(), e.detach(), rtol=r, atol=t)
+    except AssertionError as exc:
+        raise AssertionError(f"flashfuse differs from eager in {where} (rtol={r}, atol={t}):\n{exc}") from None
 
 
 def _tolerance(expected: torch.Tensor, rtol: float | None, atol: float | None, tf32: bool) -> tuple[float, float]:

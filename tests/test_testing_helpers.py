@@ -97,6 +97,24 @@ def test_assert_close_to_eager_catches_a_wrong_gradient():
         assert_close_to_eager(Toy(), torch.randn(4, 8), options=options)
 
 
+class Box:
+    """An output container pytree does not know (like a transformers KV cache)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self.note = "kept"
+
+
+def test_assert_close_to_eager_looks_into_plain_objects():
+    def boxed(x):
+        return Box([x + 1, torch.relu(x) * 2])
+
+    assert_close_to_eager(boxed, torch.randn(4), options=toy.OPTIONS)
+    options = {"passes": ["relu_mul_wrong_output"], "remainder": "eager"}
+    with pytest.raises(AssertionError, match=r"differs from eager in output\.tensors\[1\]"):
+        assert_close_to_eager(boxed, torch.randn(4), options=options)
+
+
 def test_assert_close_to_eager_tolerance_is_the_callers():
     options = {"passes": ["relu_mul_wrong_output"], "remainder": "eager"}
     assert_close_to_eager(Toy(), torch.randn(4, 8), options=options, grads=False, rtol=1e-2, atol=5e-3)
