@@ -28,6 +28,7 @@ aten = torch.ops.aten
 NAME = "eltwise_chain"
 MIN_OPS = 3
 MAX_INPUTS = 16
+MAX_OUTPUTS = 4   # the chain's result and up to 3 intermediates that other ops read too
 INDUCTOR_NOTE = "left to Inductor, which fuses this pointwise chain itself (norm_policy='auto'; " \
                 "norm_policy='always' forces flashfuse's kernel)"
 
@@ -284,11 +285,13 @@ def to_sympy(root: fx.Node, region: set[fx.Node], leaves: dict[fx.Node, sympy.Sy
 
 
 def grow_region(root: fx.Node, order: dict[fx.Node, int], absorb: Callable[[fx.Node], str | None],
-                private: bool = True) -> tuple[set[fx.Node], dict[fx.Node, str]]:
+                private: bool = True,
+                shareable: Callable[[fx.Node], bool] | None = None) -> tuple[set[fx.Node], dict[fx.Node, str]]:
     """The pointwise region that ends at `root`: producers are absorbed while `absorb(p)` returns
-    None (else the reason why not) and, with `private`, all their users are already in the region.
-    Producers are visited latest first, so when one is popped all of its possible in-region users
-    have been decided. Returns (region, {rejected producer: reason})."""
+    None (else the reason why not) and, with `private`, all their users are already in the region,
+    unless `shareable(p)` says the fused op may return p's value too (its other users must then come
+    after `root`, where the fused op is). Producers are visited latest first, so when one is popped all
+    of its possible in-region users have been decided. Returns (region, {rejected producer: reason})."""
     region = {root}
     rejected: dict[fx.Node, str] = {}
     heap = [(-order[a], id(a), a) for a in node_args(root)]
@@ -302,7 +305,8 @@ def grow_region(root: fx.Node, order: dict[fx.Node, int], absorb: Callable[[fx.N
         reason = absorb(p)
         if reason is None and private:
             outside = [u for u in p.users if u not in region]
-            if outside:
+            if outside and not (shareable is not None and all(order.get(u, -1) > order[root] for u in outside)
+                                and shareable(p)):
                 reason = f"its intermediate `{p.name}` is also used by `{outside[0].name}`"
         if reason is not None:
             rejected[p] = reason
@@ -373,12 +377,22 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                 return "already fused"
             return _chain_reason(p, like)
 
-        region, rejected = grow_region(root, order, absorb)
+        n_shared = [0]
+
+        def shareable(p: fx.Node) -> bool:  # returned too, as an extra output of the root's shape
+            pv = val(p)
+            if pv is None or not same_shape(pv, like) or n_shared[0] + 1 >= MAX_OUTPUTS:
+                return False
+            n_shared[0] += 1
+            return True
+
+        region, rejected = grow_region(root, order, absorb, shareable=shareable)
         if len(region) < MIN_OPS:
             loose, _ = grow_region(root, order, lambda p: None if (
                 p.op == "call_function" and p.target in ARITHMETIC and p not in done) else "x", private=False)
-            if len(loose) >= MIN_OPS and rejected:
-                reason = next(iter(rejected.values()))
+            reasons = [r for n, r in rejected.items() if n in loose]  # arithmetic ops that were left out
+            if len(loose) >= MIN_OPS and reasons:
+                reason = reasons[0]
                 ctx.graph_report.add_near_miss(NAME, root, f"chain of {len(loose)} ops split: {reason}")
                 done |= loose
             return False
@@ -392,26 +406,32 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                                                        "(fused, the chain would read after the write)")
             done |= region
             return False
+        shared = sorted((n for n in region if n is not root and any(u not in region for u in n.users)),
+                        key=lambda n: order[n])
         leaves: dict[fx.Node, sympy.Symbol] = {}
-        expr = to_sympy(root, region, leaves, ARITHMETIC, evaluate=False)
+        exprs = [to_sympy(n, region, leaves, ARITHMETIC, evaluate=False) for n in [root] + shared]
         if len(leaves) > MAX_INPUTS:
             ctx.graph_report.add_near_miss(NAME, root, f"chain reads {len(leaves)} tensors (max {MAX_INPUTS})")
             done |= region
             return False
-        if not leaves or not pw.printable(expr):
+        if not leaves or not all(pw.printable(e) for e in exprs):
             done |= region
             return False
-        text = pw.serialize(expr)
+        text = ";".join(pw.serialize(e) for e in exprs)
         done |= region
         if not enabled:
             ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
             return False
         inputs = list(leaves)
         fused = insert_call(gm, root, torch.ops.flashfuse.pointwise.default, (inputs, text), like=root)
-        out = getitem(gm, fused, 0)
-        root.replace_all_uses_with(out)
+        outs = [getitem(gm, fused, k) for k in range(len(exprs))]
+        for k, s in enumerate(shared, start=1):  # their users outside the chain read the fused op's output
+            s.replace_all_uses_with(outs[k], delete_user_cb=lambda u: u not in region)
+        root.replace_all_uses_with(outs[0])
+        also = f" (also returns {len(shared)} intermediate(s) used elsewhere)" if shared else ""
         ctx.graph_report.add_match(NAME, root, f"{len(region)} pointwise ops over {len(inputs)} tensors "
-                                   "-> one generated kernel", ops=len(region), inputs=len(inputs), expr=text)
+                                   f"-> one generated kernel{also}", ops=len(region), inputs=len(inputs),
+                                   outputs=len(exprs), expr=text)
         erase_unused(gm, region)
         order = order_of(gm)
         return True

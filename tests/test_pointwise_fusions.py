@@ -347,6 +347,17 @@ def test_eltwise_chain_spellings(fn, n, ops, options):
     assert report.matches[0].details["inputs"] == n
 
 
+@pytest.mark.parametrize("options", CONFIGS)
+def test_eltwise_chain_returns_a_shared_intermediate_too(options):
+    def shared(a, b, c):
+        t = a * b
+        return t + c - a, t * 3   # t is read after the chain: the fused kernel writes it as well
+
+    report = check(shared, rand(3, 4), rand(3, 4), rand(3, 4), options=options, eltwise_chain=1)
+    assert report.matches[0].details["outputs"] == 2
+    assert "also returns 1 intermediate" in report.matches[0].description
+
+
 def test_eltwise_chain_rsub_div_alpha_pow_eager():
     xs = [rand(5, 9), rand(5, 9), rand(5, 9).abs() + 0.5]
     check(chain_rsub_div, *xs, eltwise_chain=1)
@@ -387,12 +398,13 @@ def test_eltwise_chain_negatives():
     report = expect(lambda x, y, z: x * x16 + y - z, rand(4, 9), rand(4, 9), rand(4, 9))
     assert "mixes dtypes" in near_miss(report, "eltwise_chain")
 
-    # an intermediate with another user splits the chain below 3 ops
-    def shared(a, b, c):
+    # an intermediate read by an op that the chain itself needs (a cycle if fused) splits the chain
+    def used_before(a, b, c):
         t = a * b
-        return t + c - a, t
+        u = t.sum()
+        return (t + c) - u
 
-    report = expect(shared, rand(3, 4), rand(3, 4), rand(3, 4))
+    report = expect(used_before, rand(3, 4), rand(3, 4), rand(3, 4))
     assert "also used" in near_miss(report, "eltwise_chain")
 
     # two ops are not a chain
