@@ -19,7 +19,7 @@ from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (Tail, aliases, check_size, choose, describe, dims_text, is_op,
                                          is_number, match_tail, needs_grad, parse_denominator, parse_scale,
                                          per_feature, reduce_dims, replace_norm, same_value, scaled_by,
-                                         strip_upcast, var_mean_part)
+                                         strip_upcast, RUNTIME_EPS, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -42,7 +42,10 @@ def run(gm: fx.GraphModule, ctx) -> int:
     return count
 
 
-def _apply(gm, ctx, x, tail: Tail, eps: float, spelling: str, anchor: fx.Node) -> int:
+def _apply(gm, ctx, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
+    if isinstance(eps, fx.Node):
+        ctx.graph_report.add_near_miss(FUSION, anchor, RUNTIME_EPS)
+        return 0
     x = strip_upcast(x)
     why = check_size(x)
     if why is not None:

@@ -110,14 +110,24 @@ def cast_dtype(node: fx.Node) -> torch.dtype | None:
 
 
 # ---------------------------------------------------------------------------------------------- rsqrt / eps
+def is_runtime_scalar(a) -> bool:
+    """A Python number only known at run time (`tensor.item()`, a SymFloat input under dynamic=True)."""
+    return isinstance(a, fx.Node) and (is_op(a, aten.item.default) or
+                                       isinstance(a.meta.get("val"), (torch.SymFloat, torch.SymInt)))
+
+
+RUNTIME_EPS = ("eps is a run-time scalar (Dynamo made the float attribute a graph input, e.g. under "
+               "dynamic=True); the kernel takes eps as a constant")
+
+
 def parse_eps_add(a: fx.Node):
-    """`v + eps` -> (v, eps); anything else -> (a, 0.0)."""
+    """`v + eps` -> (v, eps); anything else -> (a, 0.0). eps is an fx.Node when it is a run-time scalar."""
     if is_op(a, aten.add.Tensor, aten.add.Scalar) and not a.kwargs and len(a.args) == 2:
         lhs, rhs = a.args
-        if isinstance(lhs, fx.Node) and is_number(rhs):
-            return lhs, float(rhs)
-        if isinstance(rhs, fx.Node) and is_number(lhs):
-            return rhs, float(lhs)
+        if isinstance(lhs, fx.Node) and (is_number(rhs) or is_runtime_scalar(rhs)):
+            return lhs, (float(rhs) if is_number(rhs) else rhs)
+        if isinstance(rhs, fx.Node) and (is_number(lhs) or is_runtime_scalar(lhs)):
+            return rhs, (float(lhs) if is_number(lhs) else lhs)
     return a, 0.0
 
 

@@ -464,3 +464,34 @@ def test_gpu_block_bf16(remainder):
     y = torch.randn(4, 37, n, device="cuda", dtype=torch.bfloat16)
     rep = check_against_eager(model, [x, y], remainder, tol=1.5e-2)
     assert rep.count("layer_norm") == 1 and rep.count("rms_norm") == 1 and rep.count("residual_norm") == 1, str(rep)
+
+
+def test_dynamic_shapes():
+    """Symbolic row counts: still one kernel, right numbers for two batch sizes. A float attribute that
+    dynamic=True turns into a graph input (LLaMA's eps) is a near-miss, not a guess."""
+    model = VarSqrtLN()
+    compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES), dynamic=True)
+    with capture_report() as rep:
+        for b in (2, 5):
+            x = rand(b, 3, N, seed=b)
+            assert rel_err(compiled(x), model(x)) < 1e-5
+    assert rep.count("layer_norm") >= 1, str(rep)
+    llama = LlamaRMSNorm(N)
+    compiled = torch.compile(llama, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES), dynamic=True)
+    with capture_report() as rep:
+        x = rand(2, 3, N)
+        torch.testing.assert_close(compiled(x), llama(x))
+    assert rep.count() == 0 and any("run-time scalar" in nm.reason for nm in rep.near_misses), str(rep)
+
+
+def test_transformers_llama_rms_norm_as_shipped():
+    modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    model = modeling_llama.LlamaRMSNorm(100, eps=1e-6).half()
+    with torch.no_grad():
+        model.weight.copy_(rand(100, seed=3))
+    x = rand(2, 7, 100, dtype=torch.float16)
+    rep = explain(model, x)
+    assert rep.count("rms_norm") == 1, str(rep)
+    assert "rounded to float16 before the weight" in rep.matches[0].description
+    compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES))
+    torch.testing.assert_close(compiled(x), model(x), atol=2e-3, rtol=2e-3)
