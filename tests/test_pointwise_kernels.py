@@ -272,6 +272,13 @@ def test_gpu_kernels_large(dtype):
     (y,) = ops.pointwise(xs, next(iter(EXPRS)))
     x64 = [x.double() for x in xs]
     assert_close64(y, x64[0] * x64[1] + x64[2] * x64[3] - x64[4] * x64[5], dtype, "pointwise")
+    # broadcast and strided inputs, two outputs
+    a = randn(16, 4097, 1023, dtype=dtype, dev=dev).transpose(1, 2)
+    w, b = randn(1023, 1, dtype=dtype, dev=dev), randn(4097, dtype=dtype, dev=dev)
+    y0, y1 = ops.pointwise([a, w, b], "add(mul(x0,x1),x2);mul(x0,x0)")
+    a64, w64, b64 = a.double(), w.double(), b.double()
+    assert_close64(y0, a64 * w64 + b64, dtype, "broadcast")
+    assert_close64(y1, a64 * a64, dtype, "second output")
     # bias_gelu
     x, b = randn(8, 511, 3073, dtype=dtype, dev=dev, scale=3.0), randn(3073, dtype=dtype, dev=dev)
     for approximate in ("none", "tanh"):
