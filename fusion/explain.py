@@ -60,7 +60,8 @@ def _explain_once(config: Config, target: Any, args: tuple, kwargs: dict, fake: 
     backend = _ExplainBackend(config, report, fake=fake)
     breaks_seen = _graph_break_log()
     first_break = len(breaks_seen) if breaks_seen is not None else 0
-    with _leave_no_trace(backend, target):
+    # On fake inputs nothing can change the caller's tensors, and saving them would cost memory.
+    with _leave_no_trace(backend, target, inputs=None if fake else (args, kwargs)):
         run_in: Any = contextlib.nullcontext()
         if fake:
             run_in, (target, args, kwargs) = _fake_copies(target, args, kwargs)
@@ -196,9 +197,12 @@ def _graph_break(reason: Any, graph_index: int | None) -> GraphBreak:
 # ---- leaving no trace in Dynamo, the model and the RNG ----
 
 @contextlib.contextmanager
-def _leave_no_trace(backend: Any, target: Any) -> Iterator[None]:
+def _leave_no_trace(backend: Any, target: Any, inputs: Any = None) -> Iterator[None]:
+    """Around a compile-and-run for inspection: afterwards remove `backend`'s compiled code, restore
+    Dynamo's shape history, the RNG, and the values of the model's buffers and of the `inputs`
+    tensors (a forward may update BatchNorm statistics or write into an input)."""
     pgo_state = _save_pgo_state()
-    buffers = _save_buffers(target)
+    buffers = _save_tensors(target, inputs)
     codes_before = _codes_with_entries()
     cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
@@ -211,7 +215,7 @@ def _leave_no_trace(backend: Any, target: Any) -> Iterator[None]:
             logger.warning("flashfuse: could not remove the code Dynamo compiled for this check (%s: %s); "
                            "torch._dynamo.reset() clears it", type(exc).__name__, exc)
         _restore_pgo_state(pgo_state)
-        _restore_buffers(buffers)
+        _restore_tensors(buffers)
 
 
 def _seen_codes() -> list:
@@ -293,15 +297,32 @@ def _restore_pgo_state(state: Any) -> None:
     pgo._CODE_STATE, pgo._INIT_CODE_STATE = state
 
 
-def _save_buffers(target: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Buffers a forward may update in place (BatchNorm running stats), to put back afterwards."""
-    if not isinstance(target, torch.nn.Module):
-        return []
-    return [(b, b.detach().clone()) for b in target.buffers()]
+def _save_tensors(target: Any, inputs: Any) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(tensor, version, copy) of the model's buffers and the input tensors, to put back afterwards."""
+    tensors: dict[int, torch.Tensor] = {}
+    if isinstance(target, torch.nn.Module):
+        tensors.update((id(b), b) for b in target.buffers())
+    if inputs is not None:
+        from torch.utils._pytree import tree_leaves
+
+        tensors.update((id(t), t) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor))
+    return [(t, t._version, t.detach().clone()) for t in tensors.values()
+            if type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)]
 
 
-def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _restore_tensors(saved: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
+    # Only what changed is written back: a write bumps the version counter, and autograd refuses a
+    # backward through a tensor saved for it whose version moved. The values are compared too, because
+    # some kernels update a buffer without bumping its version (batch_norm's running statistics).
     with torch.no_grad():
-        for buffer, value in saved:
-            if buffer.shape == value.shape:
-                buffer.copy_(value)
+        for tensor, version, value in saved:
+            if tensor.shape != value.shape:
+                continue
+            if tensor._version != version or not _same_values(tensor, value):
+                tensor.copy_(value)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if torch.equal(a, b):
+        return True
+    return bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else False

@@ -312,6 +312,28 @@ def test_explain_restores_buffers_and_rng():
     assert torch.equal(torch.get_rng_state(), rng_before)
 
 
+def test_explain_restores_inputs_written_in_place():
+    def writes_its_input(x):
+        x.mul_(3)
+        return torch.relu(x) * 2
+
+    x = torch.ones(4)
+    report = flashfuse.explain(writes_its_input, x, options=toy.OPTIONS)
+    assert report.count("relu_mul") == 1
+    assert torch.equal(x, torch.ones(4))
+
+
+def test_explain_does_not_touch_tensors_it_did_not_change():
+    # A tensor saved for backward must keep its version, or the user's backward fails afterwards.
+    model, x = ToyModel(), torch.randn(4, 8, requires_grad=True)
+    model.register_buffer("offset", torch.zeros(8))
+    loss = (model(x) * x).sum()  # x is saved for the backward of the product
+    versions = (x._version, model.offset._version)
+    flashfuse.explain(model, x, options=toy.OPTIONS)
+    assert (x._version, model.offset._version) == versions
+    loss.backward()
+
+
 # ---- drawing ----
 
 def test_draw_dot_shows_rewritten_region(tmp_path):
