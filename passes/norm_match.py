@@ -143,16 +143,19 @@ def parse_scale(s) -> tuple[fx.Node, float] | None:
 
 
 def parse_denominator(d) -> tuple[fx.Node, float] | str | None:
-    """d = sqrt(v + eps) -> (v, eps); eps outside the root -> the reason why that is not a norm."""
+    """d = sqrt(v + eps) -> (v, eps); eps outside the root, or a std, -> the reason why that is not a norm."""
     if is_op(d, aten.sqrt.default):
         return parse_eps_add(d.args[0])
     if is_op(d, aten.pow.Tensor_Scalar) and d.args[1] == 0.5:
         return parse_eps_add(d.args[0])
+    std_ops = (aten.std.dim, aten.std.correction)
     if is_op(d, aten.add.Tensor) and not d.kwargs and len(d.args) == 2:
-        root = [a for a in d.args if is_op(a, aten.sqrt.default)]
-        if root and any(is_number(a) for a in d.args):
+        root = [a for a in d.args if is_op(a, aten.sqrt.default, *std_ops)]
+        if root and any(is_number(a) or is_runtime_scalar(a) for a in d.args):
             return ("eps is added outside the square root, x / (sqrt(var) + eps): a different function "
                     "from the norm (the kernel computes x * rsqrt(var + eps))")
+    if is_op(d, *std_ops):
+        return "divides by std(x) with no eps inside the root; write x / sqrt(var + eps) to get the kernel"
     return None
 
 

@@ -146,6 +146,15 @@ class EpsOutsideLN(Affine):
         return (x - mu) / (std + 1e-5) * self.weight + self.bias
 
 
+class AnnotatedTransformerLN(Affine):
+    """The Annotated Transformer's LayerNorm: unbiased std, eps outside the root."""
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)
+        return self.weight * (x - mean) / (std + 1e-6) + self.bias
+
+
 class OtherAxisLN(nn.Module):
     def forward(self, x):
         mu = x.mean(1, keepdim=True)
@@ -212,9 +221,10 @@ def test_functional_layer_norm_with_weight_after_and_cast():
 @pytest.mark.parametrize("cls, reason", [
     (UnbiasedLN, "unbiased variance"),
     (EpsOutsideLN, "outside the square root"),
+    (AnnotatedTransformerLN, "outside the square root"),
     (OtherAxisLN, "statistics over dim 1"),
     (MixedAxesLN, "different axes"),
-], ids=["unbiased", "eps_outside", "other_axis", "mixed_axes"])
+], ids=["unbiased", "eps_outside", "annotated_transformer", "other_axis", "mixed_axes"])
 def test_layer_norm_negatives(cls, reason):
     x = rand(2, 5, N)
     model = cls()
