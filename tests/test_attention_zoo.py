@@ -504,6 +504,59 @@ def test_hf_gpt2_style_full_scale_and_where_mask():
     check(f, *qkv())
 
 
+def sp_scale_after_mask(q, k, v):
+    m = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).triu(1)
+    return ((q @ k.mT).masked_fill(m, float("-inf")) / 4).softmax(-1) @ v
+
+
+def sp_pretransposed_k(q, k, v):
+    kt = k.transpose(-1, -2).contiguous()  # K stored as (B, H, d, N)
+    return (q @ kt / 4).softmax(-1) @ v
+
+
+def sp_decode_step(q, k, v):
+    return (q[:, :, -1:] @ k.mT / 4).softmax(-1) @ v  # one query against the cache
+
+
+def sp_gemma_softcap_steps(q, k, v):
+    s = q @ k.mT * 0.25
+    s = s / 50.0
+    s = torch.tanh(s)
+    s = s * 50.0
+    return F.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def sp_heads_first_3d(q, k, v):
+    q, k, v = q[0], k[0], v[0]  # (H, N, d)
+    return (q @ k.transpose(1, 2) / 4).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [sp_scale_after_mask, sp_pretransposed_k, sp_decode_step, sp_gemma_softcap_steps,
+                                sp_heads_first_3d], ids=lambda f: f.__name__)
+def test_more_spellings(fn):
+    check(fn, *qkv())
+
+
+def test_causal_and_padding_masks_together():
+    def f(q, k, v, pad):
+        i = torch.arange(q.size(-2))
+        s = (q @ k.mT / 4).masked_fill(i[None, :] > i[:, None], float("-inf"))
+        s = s.masked_fill(~pad[:, None, None, :], float("-inf"))
+        return s.softmax(-1) @ v
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, -3:] = False
+    check(f, *qkv(), pad)
+
+
+def test_relative_position_bias_from_embedding_table():
+    def f(q, k, v, table):
+        i = torch.arange(q.size(-2))
+        rel = (i[None, :] - i[:, None]).clamp(-3, 3) + 3
+        bias = table[rel].permute(2, 0, 1)  # (H, N, N), gathered from a learned table
+        return ((q @ k.mT) * 0.25 + bias).softmax(-1) @ v
+    check(f, *qkv(), torch.randn(7, H))
+
+
 # ------------------------------------------------------------------------------------------------
 # negatives: left untouched, with the reason
 # ------------------------------------------------------------------------------------------------
