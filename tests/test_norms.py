@@ -505,3 +505,17 @@ def test_transformers_llama_rms_norm_as_shipped():
     assert "rounded to float16 before the weight" in rep.matches[0].description
     compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES))
     torch.testing.assert_close(compiled(x), model(x), atol=2e-3, rtol=2e-3)
+
+
+def test_inference_under_no_grad_both_remainders():
+    for remainder in ("eager", "inductor"):
+        torch._dynamo.reset()
+        model = ResidualLlama()
+        compiled = torch.compile(model, backend=flashfuse.backend(remainder=remainder, passes=NORM_PASSES,
+                                                                    norm_policy="always"))
+        x, y = rand(3, N, seed=1), rand(3, N, seed=2)
+        with torch.no_grad(), capture_report() as rep:
+            out = compiled(x, y)
+        assert rep.count("residual_norm") == 1, str(rep)
+        assert not out.requires_grad
+        assert rel_err(out, model(x, y)) < 1e-5
