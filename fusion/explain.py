@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
@@ -57,6 +58,7 @@ def explain(model_or_fn: Any, *args: Any, options: Mapping[str, Any] | None = No
 
 def _explain_once(config: Config, target: Any, args: tuple, kwargs: dict, fake: bool) -> Report:
     report = Report()
+    report.config = dataclasses.asdict(config)
     backend = _ExplainBackend(config, report, fake=fake)
     breaks_seen = _graph_break_log()
     first_break = len(breaks_seen) if breaks_seen is not None else 0

@@ -204,6 +204,7 @@ class Report:
     def __init__(self) -> None:
         self.graphs: list[GraphReport] = []
         self.graph_breaks: list[GraphBreak] = []
+        self.config: dict[str, Any] = {}  # the backend configuration explain ran the passes with
 
     def new_graph(self) -> GraphReport:
         g = GraphReport(index=len(self.graphs))
@@ -240,6 +241,7 @@ class Report:
             "counts": self.counts(),
             "matches": [m.to_dict() for m in self.matches],
             "near_misses": [n.to_dict() for n in self.near_misses],
+            "config": jsonable(self.config),
         }
 
     def to_json(self, **kwargs: Any) -> str:

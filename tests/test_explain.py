@@ -139,6 +139,7 @@ def test_to_dict_is_json_serialisable():
     assert data["graphs"][1]["matches"][0]["description"] == "relu(x) * 2 as one op, 3"
     assert "relu_times_two" in data["graphs"][0]["code_after"]
     assert data["graph_breaks"][0]["source"].endswith(f"test_explain.py:{line_of('@break')}")
+    assert data["config"]["passes"] == ["relu_mul"] and data["config"]["remainder"] == "eager"
 
 
 def test_to_dict_turns_pass_details_into_json():
