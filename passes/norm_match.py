@@ -106,6 +106,8 @@ def cast_dtype(node: fx.Node) -> torch.dtype | None:
             return node.args[1]
     if is_op(node, aten._to_copy.default) and set(node.kwargs) == {"dtype"}:
         return node.kwargs["dtype"]
+    if is_op(node, aten.type_as.default) and val(node) is not None:  # `out.type_as(x)`
+        return val(node).dtype
     return None
 
 
@@ -167,6 +169,21 @@ def aliases(x: fx.Node) -> list[fx.Node]:
         n = todo.pop()
         out.append(n)
         todo.extend(u for u in n.users if alias_root(u) is root and u is not n and u not in out)
+    return out
+
+
+def exact_copies(x: fx.Node) -> list[fx.Node]:
+    """Every node holding x's values exactly: x's root before any upcast (`x.float()` of fp16/bf16 loses
+    nothing) and every same-dtype or upcasting cast of it, however many times the user wrote `.float()`."""
+    root = strip_upcast(alias_root(x))
+    out, todo = [], [root]
+    while todo:
+        n = todo.pop()
+        if n in out:
+            continue
+        out.append(n)
+        todo.extend(u for u in n.users if cast_dtype(u) is not None and u.args[0] is n
+                    and strip_upcast(alias_root(u)) is root)
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import register_pass
-from flashfuse.passes.norm_match import (Tail, aliases, check_size, choose, describe, dims_text, is_op, is_number,
+from flashfuse.passes.norm_match import (Tail, check_size, exact_copies, choose, describe, dims_text, is_op, is_number,
                                          match_tail, needs_grad, parse_denominator, parse_scale, per_feature,
                                          reduce_dims, replace_norm, scaled_by, strip_upcast, RUNTIME_EPS)
 from flashfuse.passes.normalize import val
@@ -93,7 +93,8 @@ def _is_centered(x: fx.Node) -> bool:
 def _squared_input(sq) -> fx.Node | None:
     if is_op(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:
         return sq.args[0]
-    if is_op(sq, aten.mul.Tensor) and len(sq.args) == 2 and sq.args[0] is sq.args[1]:
+    if is_op(sq, aten.mul.Tensor) and len(sq.args) == 2 and isinstance(sq.args[0], fx.Node) \
+            and sq.args[1] in exact_copies(sq.args[0]) and val(sq.args[0]).dtype == val(sq.args[1]).dtype:
         return sq.args[0]
     if is_op(sq, aten.square.default):
         return sq.args[0]
@@ -105,7 +106,9 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
     if not isinstance(x, fx.Node) or val(x) is None or _is_centered(x) or ms.kwargs.get("dtype") is not None:
         return 0
     found, reason = None, None
-    for user, how, other in [t for xa in aliases(x) for t in scaled_by(xa)]:
+    # T5: the mean is of x.float() but the multiply is by x itself; Gemma writes x.float() twice
+    # (exact either way: upcasting loses nothing)
+    for user, how, other in [t for xa in exact_copies(x) for t in scaled_by(xa)]:
         parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
         if isinstance(parsed, str):
             reason = reason or (user, parsed)

@@ -285,6 +285,36 @@ class ModuleRMS(nn.Module):
         return self.norm(x)
 
 
+class T5LayerNorm(nn.Module):
+    """transformers' T5LayerNorm: the mean of squares of x.float(), the multiply by x itself."""
+
+    def __init__(self, hidden_size=N, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(rand(hidden_size, seed=11))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in [torch.float16, torch.bfloat16]:
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma: weight as (1 + w), the result cast back with type_as."""
+
+    def __init__(self, dim=N, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(0.1 * rand(dim, seed=12))
+
+    def forward(self, x):
+        output = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
 class EpsOutsideRMS(nn.Module):
     def forward(self, x):
         return x / (torch.sqrt(x.pow(2).mean(-1, keepdim=True)) + 1e-6)
@@ -295,8 +325,8 @@ class OtherAxisRMS(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6)
 
 
-RMS_SPELLINGS = [lambda: LlamaRMSNorm(N), DivSqrtRMS, ModuleRMS]
-RMS_IDS = ["llama", "div_sqrt", "nn_RMSNorm"]
+RMS_SPELLINGS = [lambda: LlamaRMSNorm(N), DivSqrtRMS, ModuleRMS, T5LayerNorm, GemmaRMSNorm]
+RMS_IDS = ["llama", "div_sqrt", "nn_RMSNorm", "t5", "gemma"]
 
 
 @pytest.mark.parametrize("make", RMS_SPELLINGS, ids=RMS_IDS)
@@ -326,6 +356,18 @@ def test_llama_rms_norm_fp16_keeps_the_rounding_before_the_weight():
     assert out.dtype == torch.float16
     # eager rounds the product w * round(xhat) once more; the kernel does the same in fp32 then rounds
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("make", [T5LayerNorm, GemmaRMSNorm], ids=["t5", "gemma"])
+def test_rms_norm_fp16_models_fuse_the_casts(make):
+    model = make().half()
+    x = rand(3, N, dtype=torch.float16)
+    rep = explain(model, x)
+    assert rep.count("rms_norm") == 1, str(rep)
+    code = rep.graphs[0].code_after
+    assert "aten.mul" not in code and "type_as" not in code and "aten.to" not in code.split("rms_norm")[1], code
+    compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES))
+    torch.testing.assert_close(compiled(x), model(x), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("cls, reason", [
