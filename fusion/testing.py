@@ -149,7 +149,7 @@ def assert_close_to_eager(model: Any, *inputs: Any, grads: bool = True, rtol: fl
     eager_model, compiled_model = _copy_model(model, train), _copy_model(model, train)
     eager_inputs, compiled_inputs = _copy_inputs(inputs, grads), _copy_inputs(inputs, grads)
 
-    with _leave_no_trace(backend, model):
+    with _leave_no_trace(backend, None):  # both runs use copies: only Dynamo's state and the RNG to restore
         torch.manual_seed(seed)
         expected = eager_model(*eager_inputs)
         torch.manual_seed(seed)
