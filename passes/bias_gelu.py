@@ -148,8 +148,9 @@ def _hand_written(gm: fx.GraphModule, func: fx.Node, order, done: set):
             kind, reason = match_gelu(expr, leaves[x])
             if kind is not None:
                 return root, region, x, kind
-            if reason is not None:
-                return root, reason
+            if reason is not None and near is None:
+                # GELU's form with another constant; a smaller region (`gelu * 3` -> `gelu`) may still match
+                near = (root, reason)
             continue
         # more than one input: is it a GELU whose intermediate is shared with another user?
         loose, _ = grow_region(root, order, absorb, private=False)

@@ -29,8 +29,8 @@ NAME = "eltwise_chain"
 MIN_OPS = 3
 MAX_INPUTS = 16
 MAX_OUTPUTS = 4   # the chain's result and up to 3 intermediates that other ops read too
-INDUCTOR_NOTE = "left to Inductor, which fuses this pointwise chain itself (norm_policy='auto'; " \
-                "norm_policy='always' forces flashfuse's kernel)"
+INDUCTOR_NOTE = ("left to Inductor, which fuses this pointwise chain itself (Inductor remainder with "
+                 "norm_policy 'auto' or 'never'; norm_policy='always' forces flashfuse's kernel)")
 
 # ------------------------------------------------------------------------------------------------
 # shared helpers

@@ -122,6 +122,15 @@ def test_linear_gelu_tanh_folds_linear_bias(options):
     assert "flashfuse.bias_gelu" in code and "aten.gelu" not in code
 
 
+def test_gelu_inside_a_larger_expression():
+    def f(x, r):
+        return 3.0 * (0.5 * x * (1 + torch.erf(x / math.sqrt(2)))) + r * 2.0
+
+    # the GELU is found inside `3 * gelu + r * 2`, and the rest becomes one chain around it
+    report = check(f, rand(4, 9), rand(4, 9), bias_gelu=1, eltwise_chain=1)
+    assert not [n for n in report.near_misses if n.fusion == "bias_gelu"]
+
+
 @pytest.mark.parametrize("spelling", ["wrong-constant", "wrong-erf"])
 def test_gelu_with_a_wrong_constant_is_a_different_function(spelling):
     torch.manual_seed(3)
