@@ -198,6 +198,10 @@ def test_analysis_splits_masks_and_folds_log2e():
     fill = sympy.Piecewise((-3.4028234663852886e38, KI > QI), (0.25 * S, True))
     consts = [abs(float(c)) for c in codegen.analyze(fill, 0).value_exp2.atoms(sympy.Float)]
     assert max(consts) <= codegen.FP32_MAX
+    # a soft cap is bounded: no running max (upper bound 5*log2(e) in exp2 units); a plain scale is not
+    assert abs(codegen.analyze(5.0 * sympy.tanh(S / 20), 0).static_max - 5 / math.log(2)) < 1e-9
+    assert codegen.analyze(0.25 * S, 0).static_max is None
+    assert codegen.analyze(200.0 * sympy.tanh(S / 800), 0).static_max is None  # range too wide for fp32
 
 
 def test_generated_module_is_cached_on_disk(tmp_path, monkeypatch):
@@ -301,13 +305,21 @@ def test_alibi_with_per_head_slope_side_and_scalar():
     _check(expr, q, k, v, sides=[slopes], scalars=[0.25])
     # slope as a constant per expression, index-only bias (folded into exp2)
     _check(0.25 * S - 0.5 * (QI - KI), q, k, v)
+    # a per-query temperature: a side broadcast over keys (loaded as a column)
+    temp = (0.5 + torch.rand(1, 1, 26, 1)).to(_dev())
+    _check(sm.side(0) * S, q, k, v, sides=[temp])
 
 
 def test_softcap_tanh():
     q, k, v = _qkv(1, 2, 2, 19, 37, 32, torch.float32)
     q = q * 3
     expr = 5.0 * sympy.tanh(S * 0.25 / 5.0)
+    assert codegen.analyze(expr, 0).static_max is not None
     _check(expr, q, k, v)
+    # with a causal mask and Nq > Nk: fully masked rows under the static max are NaN as well
+    expr = sympy.Piecewise((-OO, KI > QI + NK - NQ), (expr, True))
+    q2, k2, v2 = _qkv(1, 2, 2, 30, 20, 32, torch.float32, seed=3)
+    _check(expr, q2, k2, v2, dout_row_mask=(torch.arange(30) >= 10).view(1, 1, -1, 1))
 
 
 def test_learned_bias_gradients_broadcast_reduced():

@@ -115,6 +115,7 @@ class Analysis:
     fold: bool                 # value printed in the exp2 domain
     value_exp2: sympy.Basic    # value·log2(e) when folded, else value
     n_sides: int
+    static_max: float | None = None  # an upper bound of value_exp2 that makes the running max unneeded
 
 
 def _sides_in_value(e: sympy.Basic) -> set:
@@ -156,7 +157,49 @@ def analyze(expr: sympy.Basic, n_sides: int) -> Analysis:
             linear.append(c)
     fold = not _sides_in_value(value)
     value_exp2 = _clamp_floats(sympy.piecewise_fold(value * sympy.Float(1.0 / math.log(2.0)))) if fold else value
-    return Analysis(expr, value, sympy.And(*other), sympy.And(*linear), bounds, fold, value_exp2, n_sides)
+    an = Analysis(expr, value, sympy.And(*other), sympy.And(*linear), bounds, fold, value_exp2, n_sides)
+    an.static_max = _static_max(value_exp2, fold)
+    return an
+
+
+def _interval(e: sympy.Basic):
+    """Interval of a score-only expression (None when unbounded or not understood)."""
+    if e.is_Number:
+        return float(e), float(e)
+    if e == sm.score:
+        return None
+    if isinstance(e, sympy.tanh):
+        return -1.0, 1.0  # whatever the argument
+    if isinstance(e, sympy.Add):
+        lo = hi = 0.0
+        for a in e.args:
+            r = _interval(a)
+            if r is None:
+                return None
+            lo, hi = lo + r[0], hi + r[1]
+        return lo, hi
+    if isinstance(e, sympy.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        if coeff.is_Number and coeff != 1:
+            r = _interval(rest)
+            if r is None:
+                return None
+            a, b = float(coeff) * r[0], float(coeff) * r[1]
+            return min(a, b), max(a, b)
+    return None
+
+
+def _static_max(value_exp2: sympy.Basic, fold: bool):
+    """A bounded value (a soft cap c·tanh(s/c)) needs no online max: exp2(s - upper bound) cannot overflow,
+    and when the range is under ~120 in exp2 units it cannot underflow a whole row either. That removes
+    the row max, the rescale of the accumulator and one exp2 per row and key block."""
+    if value_exp2.free_symbols - {sm.score}:
+        return None
+    r = _interval(value_exp2)
+    if r is None:
+        return None
+    width = (r[1] - r[0]) * (1.0 if fold else 1.0 / math.log(2.0))
+    return r[1] if width < 120.0 else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,10 +366,18 @@ def inverse_bounds_code(bounds: list, indent: str) -> str:
 # 3. source generation
 # ---------------------------------------------------------------------------------------------------
 
-def _side_load(i: int) -> str:
-    return (f"        side{i} = tl.load(side{i}_ptr + off_b.to(tl.int64) * side{i}_sb + off_h.to(tl.int64) * side{i}_sh"
-            f" + q_idx * side{i}_sm + kv_idx * side{i}_sn, mask=(q_idx < Nq) & (kv_idx < Nk), other=0)"
-            f".to(tl.float32)")
+def _side_load(i: int, q_bcast: bool = False, kv_bcast: bool = False) -> str:
+    """Load of side i for the tile: a scalar, a row, a column or the full tile, by its broadcast dims,
+    so a per-head slope costs one load per tile, not BLOCK_M*BLOCK_N gathers of the same address."""
+    base = f"side{i}_ptr + off_b.to(tl.int64) * side{i}_sb + off_h.to(tl.int64) * side{i}_sh"
+    if q_bcast and kv_bcast:
+        return f"        side{i} = tl.load({base}).to(tl.float32)"
+    if q_bcast:
+        return f"        side{i} = tl.load({base} + kv_idx * side{i}_sn, mask=kv_idx < Nk, other=0).to(tl.float32)"
+    if kv_bcast:
+        return f"        side{i} = tl.load({base} + q_idx * side{i}_sm, mask=q_idx < Nq, other=0).to(tl.float32)"
+    return (f"        side{i} = tl.load({base} + q_idx * side{i}_sm + kv_idx * side{i}_sn,"
+            f" mask=(q_idx < Nq) & (kv_idx < Nk), other=0).to(tl.float32)")
 
 
 def _tile(e: sympy.Basic) -> str:
@@ -335,13 +386,17 @@ def _tile(e: sympy.Basic) -> str:
     return text if sm.score in e.free_symbols else f"(qk * 0.0 + {text})"
 
 
-def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grads: tuple) -> str:
+def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grads: tuple,
+                    side_layout: tuple = ()) -> str:
+    """side_layout: per side (broadcast over queries, broadcast over keys); default: full tiles."""
     from flashfuse.kernels.attention import triton_templates as tt
 
     expr = sm.from_text(score_mod_text)
     an = analyze(expr, n_sides)
     d_score = sympy.diff(an.value, sm.score)
     d_sides = {i: sympy.diff(an.value, sm.side(i)) for i, g in enumerate(side_grads) if g}
+
+    layout = tuple(side_layout) or ((False, False),) * n_sides
 
     def sides_of(*es):
         ids = set()
@@ -369,7 +424,7 @@ def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grad
             "@SIDE_PARAMS@": side_params, "@SIDE_ARGS@": side_params,
             "@SCALAR_PARAMS@": scalar_params, "@SCALAR_ARGS@": scalar_params,
             "@DSIDE_PARAMS@": dside_params, "@DSIDE_ARGS@": dside_params,
-            "@LOAD_SIDES@": "\n".join(_side_load(i) for i in load_ids),
+            "@LOAD_SIDES@": "\n".join(_side_load(i, *layout[i]) for i in load_ids),
             "@VALUE@": _tile(an.value_exp2), "@KEEP_LINEAR@": keep_linear, "@KEEP_OTHER@": keep_other,
             "@BOUNDS@": bounds_code(an.bounds, "    "), "@INV_BOUNDS@": inverse_bounds_code(an.bounds, "    "),
             "@DSCORE@": print_triton(d_score), "@DSIDE_STORES@": dside_stores,
@@ -381,6 +436,8 @@ def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grad
     header = tt.HEADER.replace("@EXPR_TEXT@", str(expr).replace("\n", " "))
     header = header.replace("@EXP_SCALE@", "1.0" if an.fold else repr(1.0 / math.log(2.0)))
     header = header.replace("@LSE_SCALE@", repr(1.0 / math.log(2.0)) if an.fold else "1.0")
+    header = header.replace("@USE_STATIC_MAX@", str(an.static_max is not None))
+    header = header.replace("@STATIC_MAX@", repr(float(an.static_max or 0.0)))
     fwd = fill(tt.FORWARD, sides_of(an.value))
     bwd = fill(tt.BACKWARD, sides_of(an.value, d_score, *d_sides.values()))
     return header + fwd + bwd

@@ -34,10 +34,12 @@ def cache_dir() -> Path:
     return path
 
 
-def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple = ()):
-    """The generated module of one specialization (generated, written and imported once)."""
+def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple = (), side_layout: tuple = ()):
+    """The generated module of one specialization (generated, written and imported once).
+    side_layout: per side, whether it broadcasts over queries and over keys (see `side_layout`)."""
     side_grads = tuple(bool(g) for g in side_grads) or (False,) * n_sides
-    key = (score_mod, n_sides, n_scalars, side_grads)
+    side_layout = tuple(side_layout) or ((False, False),) * n_sides
+    key = (score_mod, n_sides, n_scalars, side_grads, side_layout)
     mod = _MODULES.get(key)
     if mod is not None:
         return mod
@@ -45,7 +47,7 @@ def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple 
         mod = _MODULES.get(key)
         if mod is not None:
             return mod
-        src = codegen.generate_source(score_mod, n_sides, n_scalars, side_grads)
+        src = codegen.generate_source(score_mod, n_sides, n_scalars, side_grads, side_layout)
         digest = hashlib.sha256(src.encode()).hexdigest()[:24]
         name = f"flashfuse_attn_{digest}"
         path = cache_dir() / f"{name}.py"
@@ -65,19 +67,21 @@ def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple 
 
 # ---- configurations ----
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M is the query tile, BLOCK_N the key tile.
+# Chosen from benchmarks/attention_tune.py on an H100 (bf16; results/attention_tune.json): the first entry
+# is also the fixed choice under FLASHFUSE_ATTN_AUTOTUNE=0.
 _FWD_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (64, 64, 4, 3)],
     256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
 _DKDV_CONFIGS = {
-    64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-    128: [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    64: [(32, 64, 4, 3), (64, 64, 4, 3)],
+    128: [(16, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
     256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 _DQ_CONFIGS = {
-    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    64: [(128, 32, 4, 3), (64, 64, 4, 3)],
+    128: [(128, 32, 4, 3), (128, 128, 8, 2)],
     256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 INTERPRET_BLOCK = 16
@@ -129,6 +133,15 @@ def _side_args(sides, shape) -> list:
     return args
 
 
+def side_layout(sides) -> tuple:
+    """(broadcast over queries, broadcast over keys) of each side: part of the kernel specialization."""
+    out = []
+    for s in sides:
+        shape4 = (1,) * (4 - s.dim()) + tuple(s.shape)
+        out.append((shape4[2] == 1, shape4[3] == 1))
+    return tuple(out)
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -157,7 +170,7 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    mod = load_module(score_mod, len(sides), len(scalars))
+    mod = load_module(score_mod, len(sides), len(scalars), (), side_layout(sides))
     meta = _common_meta(q, v, dropout_p, rng, precision)
     kernel, blocks = _kernel(mod, "attn_fwd", meta["BLOCK_D"])
     rng_arg = rng if meta["DROPOUT"] else lse  # any pointer; never read without dropout
@@ -181,7 +194,7 @@ def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropo
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
                                                      for s, g in zip(sides, side_grads)]
-    mod = load_module(score_mod, len(sides), len(scalars), side_grads)
+    mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
     meta = _common_meta(q, v, dropout_p, rng, precision)
     delta = torch.empty_like(lse)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64

@@ -15,6 +15,9 @@ from flashfuse.kernels.attention.triton_common import dropout_keep, _tanh
 
 EXP_SCALE = tl.constexpr(@EXP_SCALE@)
 LSE_SCALE = tl.constexpr(@LSE_SCALE@)
+# a bounded value (soft cap): subtract its upper bound instead of keeping a running row max
+USE_STATIC_MAX = tl.constexpr(@USE_STATIC_MAX@)
+STATIC_MAX = tl.constexpr(@STATIC_MAX@)
 '''
 
 FORWARD = '''
@@ -45,13 +48,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         if MASKED:
             s = tl.where(@KEEP_LINEAR@ & (kv_idx < Nk), s, float("-inf"))
 @KEEP_OTHER@
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing kept so far: subtract 0 instead of -inf (no NaN), p and alpha are 0
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2((s - m_safe[:, None]) * EXP_SCALE)
-        alpha = tl.math.exp2((m_i - m_safe) * EXP_SCALE)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if USE_STATIC_MAX:
+            p = tl.math.exp2((s - STATIC_MAX) * EXP_SCALE)
+            l_i = l_i + tl.sum(p, 1)
+            m_new = m_i
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing kept so far: subtract 0 instead of -inf (no NaN), p and alpha are 0
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2((s - m_safe[:, None]) * EXP_SCALE)
+            alpha = tl.math.exp2((m_i - m_safe) * EXP_SCALE)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
         if DROPOUT:
             p = tl.where(dropout_keep(seed, rng_off, off_bh, q_idx, kv_idx, Nk, dropout_p), p, 0.0)
         if MASKED:
@@ -118,6 +126,8 @@ def attn_fwd(Q, K, V, Out, LSE, RNG,
                                offs_m, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, dropout_p,
                                @SIDE_ARGS@@SCALAR_ARGS@
                                True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
+    if USE_STATIC_MAX:
+        m_i = tl.full([BLOCK_M], STATIC_MAX, tl.float32)
     # rows with nothing kept: l = 0 and acc = 0 give NaN, as eager softmax of an all -inf row
     out = acc / l_i[:, None]
     if DROPOUT:
