@@ -16,6 +16,7 @@ logger = logging.getLogger("flashfuse")
 
 LEVELS = ("debug", "info", "warning", "error")
 _OFF = ("", "0", "off", "none", "false")
+_ON = ("1", "on", "true", "yes")  # plain "switch it on" means info
 _handler: logging.Handler | None = None
 
 
@@ -31,6 +32,7 @@ def configure(level: str | int | None) -> None:
         return
     if isinstance(level, str):
         name = level.strip().lower()
+        name = "info" if name in _ON else name
         if name not in LEVELS:
             raise ValueError(f"flashfuse: unknown log level {level!r}; expected one of {list(LEVELS)}")
         level = getattr(logging, name.upper())
@@ -48,7 +50,7 @@ def configure_from_env() -> None:
     try:
         configure(value)
     except ValueError:
-        warnings.warn(f"FLASHFUSE_LOG={value!r} ignored: expected one of {list(LEVELS)} (or off)",
+        warnings.warn(f"FLASHFUSE_LOG={value!r} ignored: expected one of {list(LEVELS)}, 1 (info) or 0 (off)",
                       stacklevel=2)
 
 

@@ -89,6 +89,10 @@ def test_configure_sets_level_and_one_handler(restore_logger):
     assert sum(isinstance(h, logging.StreamHandler) and h is log._handler for h in log.logger.handlers) == 1
     log.configure("off")
     assert log.logger.level == logging.NOTSET and log._handler is None
+    log.configure("1")
+    assert log.logger.level == logging.INFO
+    log.configure("0")
+    assert log.logger.level == logging.NOTSET
 
 
 def test_configure_rejects_unknown_level(restore_logger):
