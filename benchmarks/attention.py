@@ -55,12 +55,18 @@ def _make_impl(name, d, causal, n):
         return run
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex = torch.compile(flex_attention, dynamic=False)
+        global _FLEX
+        if _FLEX is None:  # one compiled wrapper: recompiles go dynamic after the first new length
+            _FLEX = torch.compile(flex_attention)
+        flex = _FLEX
         mask = None
         if causal:
             mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n, device="cuda")
         return lambda q, k, v: flex(q, k, v, block_mask=mask)
     raise ValueError(name)
+
+
+_FLEX = None
 
 
 def _bench(fn, grads=None):
@@ -75,6 +81,7 @@ def sweep(args):
     except AttributeError:
         pass
     rows = []
+    t0 = time.time()
     for d in args.d:
         for causal in (False, True) if args.causal == "both" else (args.causal == "yes",):
             for n in args.n:
@@ -85,6 +92,10 @@ def sweep(args):
                 for name in args.impls:
                     for mode in args.modes:
                         rec = dict(impl=name, d=d, n=n, b=b, h=h, causal=causal, mode=mode)
+                        if name == "flex" and args.deadline and time.time() - t0 > args.deadline:
+                            rec.update(ms=None, tflops=None, error="skipped: benchmark deadline")
+                            rows.append(rec)
+                            continue
                         try:
                             fn = _make_impl(name, d, causal, n)
                             if mode == "fwd":
@@ -108,6 +119,8 @@ def sweep(args):
                               flush=True)
                 del q, k, v, dout
                 torch.cuda.empty_cache()
+                if args.partial:  # keep what was measured if the run is cut short
+                    json.dump(dict(rows=rows), open(args.partial, "w"), indent=1)
     return rows
 
 
@@ -227,6 +240,8 @@ def main():
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     p.add_argument("--impls", nargs="+", default=["flashfuse", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"])
     p.add_argument("--plot", help="only plot this sweep JSON")
+    p.add_argument("--deadline", type=float, default=0, help="seconds after which flex cases are skipped")
+    p.add_argument("--partial", help="rewrite this JSON after every shape")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.plot:
