@@ -325,11 +325,15 @@ _DRAW_FORMATS = ("svg", "png", "pdf", "dot")
 _MAX_DRAWN_NODES = 120  # a region bigger than this is cut, with a note, so the picture stays readable
 
 
+class DrawingToolMissing(ImportError, RuntimeError):
+    """pydot or graphviz's `dot` program is not installed (an ImportError: a missing optional dependency)."""
+
+
 def _import_pydot():
     try:
         import pydot
     except ImportError as exc:
-        raise ImportError(
+        raise DrawingToolMissing(
             "flashfuse: Report.draw needs pydot (and graphviz's `dot` program for .svg/.png/.pdf): "
             "pip install pydot  (or pip install 'flashfuse[draw]'), and e.g. apt-get install graphviz"
         ) from exc
@@ -445,7 +449,7 @@ def _draw_report(report: Report, path: str) -> str:
     try:
         dot.write(path, format=ext)
     except FileNotFoundError as exc:  # pydot runs graphviz's `dot`; say so instead of a bare errno
-        raise RuntimeError(
+        raise DrawingToolMissing(
             f"flashfuse: Report.draw({path!r}) needs graphviz's `dot` program, which was not found "
             f"(install graphviz, e.g. apt-get install graphviz), or draw to a .dot file instead"
         ) from exc

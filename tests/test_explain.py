@@ -375,7 +375,7 @@ def test_draw_without_pydot_says_what_to_install(tmp_path, monkeypatch):
 def test_draw_without_graphviz_says_so(tmp_path, monkeypatch):
     pytest.importorskip("pydot")
     monkeypatch.setenv("PATH", str(tmp_path))  # no `dot` on the PATH
-    with pytest.raises(RuntimeError, match="graphviz"):
+    with pytest.raises(ImportError, match="needs graphviz's `dot` program"):
         Report().draw(tmp_path / "x.svg")
 
 
