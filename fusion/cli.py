@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ex = sub.add_parser("explain", help="explain a model built by a factory",
                         description="Build a model with FACTORY() -> (model, example_inputs), run "
-                                    "flashfuse's passes on it and print the report.")
+                                    "flashfuse's passes on it and print the report.",
+                        epilog="exit codes: 0 done, 2 bad command line/spec/option, 3 import failed or "
+                               "no such factory, 4 the factory failed or returned something else than "
+                               "(model, inputs), 5 running the model failed, 6 drawing failed")
     ex.add_argument("spec", help="pkg.module:factory or path/to/file.py:factory")
     ex.add_argument("--json", action="store_true", help="print the report as JSON")
     ex.add_argument("--code", action="store_true", help="also print each graph's code before/after")
