@@ -219,8 +219,11 @@ def main(argv=None) -> int:
         for m, n in SHAPES:
             pair = []
             for mode in ("fwd (cuda graph)", "fwd+bwd"):
-                ff = [r_ for r_ in results if (r_["op"], r_["impl"], r_["m"], r_["n"], r_["mode"]) == (op, "flashfuse", m, n, mode)]
-                ind = [r_ for r_ in results if (r_["op"], r_["impl"], r_["m"], r_["n"], r_["mode"]) == (op, base, m, n, mode)]
+                def pick(impl):
+                    return [r_ for r_ in results
+                            if (r_["op"], r_["impl"], r_["m"], r_["n"], r_["mode"]) == (op, impl, m, n, mode)]
+
+                ff, ind = pick("flashfuse"), pick(base)
                 if ff and ind:
                     pair.append(round(ff[0]["ms"] / ind[0]["ms"], 3))
             if len(pair) == 2:

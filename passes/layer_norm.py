@@ -10,8 +10,6 @@ over another dim than the last, mean and variance over different dims.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
