@@ -19,7 +19,7 @@ SQRT_1_2 = 1.0 / math.sqrt(2.0)
 SQRT_2_PI = math.sqrt(2.0 / math.pi)
 TANH_CUBIC = 0.044715
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-BLOCK = 1024
+BLOCK = 2048  # elements per program (a BLOCK_M x BLOCK_N tile)
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     # libdevice is not available in the interpreter: tanh from exp, with the Taylor series near 0
@@ -41,13 +41,23 @@ else:
 
 
 @triton.jit
-def _bias_gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, n_elements, N, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets and mask of this program's BLOCK_M x BLOCK_N tile of a contiguous (M, N) matrix, and its
+    column indices (the bias index: a 2-D tile needs no division per element)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    return rows[:, None] * N + cols[None, :], mask, cols
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs, mask, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        x += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        x += b[None, :]
     if TANH:
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         y = 0.5 * x * (1.0 + _tanh(inner))
@@ -57,14 +67,14 @@ def _bias_gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, n_elements, N, HAS_BIAS: tl.const
 
 
 @triton.jit
-def _bias_gelu_bwd_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, n_elements, N, HAS_BIAS: tl.constexpr,
-                          TANH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
+def _bias_gelu_bwd_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, M, N, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs, mask, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        x += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        x += b[None, :]
     if TANH:
         x2 = x * x
         t = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
@@ -74,6 +84,19 @@ def _bias_gelu_bwd_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, n_elements, N, HAS_BIAS: 
         pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
         d = cdf + x * pdf
     tl.store(dx_ptr + offs, (g * d).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(kernel, tensors, x: torch.Tensor, bias, approximate: str) -> None:
+    n = x.shape[-1]
+    m = x.numel() // n if n else 0
+    if m == 0 or n == 0:
+        return
+    block_n = min(triton.next_power_of_2(n), 1024)
+    block_m = max(1, BLOCK // block_n)
+    b = bias.contiguous() if bias is not None else tensors[0]
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    kernel[grid](*tensors[:-1], b, tensors[-1], m, n, HAS_BIAS=bias is not None, TANH=approximate == "tanh",
+                 BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -105,13 +128,8 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -
     if not _use_triton(x):
         pre = x.float() if bias is None else x.float() + bias.float()
         return torch.nn.functional.gelu(pre, approximate=approximate).to(x.dtype)
-    xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n = xc.numel()
-    if n:
-        b = bias.contiguous() if bias is not None else xc
-        _bias_gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            xc, b, y, n, x.shape[-1], HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK=BLOCK)
+    _launch(_bias_gelu_fwd_kernel, [x.contiguous(), y], x, bias, approximate)
     return y
 
 
@@ -129,13 +147,8 @@ def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch
     if not _use_triton(x):
         pre = x.float() if bias is None else x.float() + bias.float()
         return (grad.float() * reference_gelu_grad(pre, approximate)).to(x.dtype)
-    xc, gc = x.contiguous(), grad.contiguous().to(x.dtype)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n = xc.numel()
-    if n:
-        b = bias.contiguous() if bias is not None else xc
-        _bias_gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-            gc, xc, b, dx, n, x.shape[-1], HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK=BLOCK)
+    _launch(_bias_gelu_bwd_kernel, [grad.contiguous().to(x.dtype), x.contiguous(), dx], x, bias, approximate)
     return dx
 
 

@@ -21,12 +21,19 @@ BLOCK = 1024
 
 
 @triton.jit
-def _prelu_fwd_kernel(x_ptr, w_ptr, y_ptr, n_elements, C, INNER, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
+def _prelu_fwd_kernel(x_ptr, w_ptr, y_ptr, R, L, C, CHANNEL_IS_COLUMN: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_L: tl.constexpr):
+    # x as an (R, L) matrix: (outer, C) when the channels are contiguous (channel = column), else
+    # (outer * C, inner) (channel = row % C): one division per row, none per element
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask = (rows[:, None] < R) & (cols[None, :] < L)
+    offs = rows[:, None] * L + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    c = (offs // INNER) % C
-    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if CHANNEL_IS_COLUMN:
+        w = tl.load(w_ptr + cols, mask=cols < L, other=0.0).to(tl.float32)[None, :]
+    else:
+        w = tl.load(w_ptr + rows % C, mask=rows < R, other=0.0).to(tl.float32)[:, None]
     y = tl.where(x > 0, x, w * x)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -109,11 +116,15 @@ def prelu(x: torch.Tensor, weight: torch.Tensor, channel_dim: int, zero_grad: in
         return torch.where(xf > 0, xf, w * xf).to(x.dtype)
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n = xc.numel()
-    if n:
-        _, c, inner = layout(x.shape, weight.numel(), channel_dim)
-        _prelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](xc, weight.contiguous().reshape(-1), y, n, c, inner,
-                                                    BLOCK=BLOCK)
+    if xc.numel():
+        outer, c, inner = layout(x.shape, weight.numel(), channel_dim)
+        by_column = inner == 1
+        r, l = (outer, c) if by_column else (outer * c, inner)
+        block_l = min(triton.next_power_of_2(l), BLOCK)
+        block_r = max(1, BLOCK // block_l)
+        grid = (triton.cdiv(r, block_r), triton.cdiv(l, block_l))
+        _prelu_fwd_kernel[grid](xc, weight.contiguous().reshape(-1), y, r, l, c, CHANNEL_IS_COLUMN=by_column,
+                                BLOCK_R=block_r, BLOCK_L=block_l)
     return y
 
 

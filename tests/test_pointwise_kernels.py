@@ -376,3 +376,16 @@ def test_coalesce_merges_dims_walked_together():
     sizes, strides = pw.coalesce([2, 3, 4], [[12, 4, 1], [0, 4, 1]])
     assert sizes == [2, 12] and strides == [[12, 1], [0, 1]]
     assert pw.coalesce([1, 1], [[1, 1]]) == ([1], [[0]])
+
+
+@pytest.mark.parametrize("shape", [(3, 1500), (2055,)], ids=["wide-rows", "one-row"])
+def test_bias_gelu_tiles_cover_wide_and_single_rows(shape):
+    torch.manual_seed(10)
+    x, b, g = randn(*shape), randn(shape[-1]), randn(*shape)
+    for approximate in ("none", "tanh"):
+        y = ops.bias_gelu(x, b, approximate)
+        x64 = (x.double() + b.double()).requires_grad_()
+        y64 = F.gelu(x64, approximate=approximate)
+        assert_close64(y, y64, torch.float32, "forward")
+        (dx64,) = torch.autograd.grad(y64, [x64], g.double())
+        assert_close64(ops.bias_gelu_backward(g, x, b, approximate), dx64, torch.float32, "backward")
