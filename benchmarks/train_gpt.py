@@ -89,16 +89,22 @@ def make_step(mode, b, t, device="cuda"):
     torch.manual_seed(0)
     model = GPT(block_size=t, sdpa=(mode == "sdpa")).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    if mode == "inductor" or mode == "sdpa":
+    if mode in ("inductor", "sdpa"):
         fwd = torch.compile(model)
     elif mode == "flashfuse":
         fwd = torch.compile(model, backend="flashfuse")
+    elif mode == "flashfuse-cg":  # CUDA graphs: no host overhead per kernel launch
+        fwd = torch.compile(model, backend="flashfuse", mode="reduce-overhead")
+    elif mode == "inductor-cg":
+        fwd = torch.compile(model, mode="reduce-overhead")
     else:
         fwd = model
     idx = torch.randint(0, 50304, (b, t), device=device)
     tgt = torch.randint(0, 50304, (b, t), device=device)
 
     def step():
+        if mode.endswith("-cg"):
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fwd(idx, tgt)
         loss.backward()
