@@ -198,6 +198,8 @@ class PreluNet(nn.Module):
             return torch.where(x > 0, x, 0.1 * x)
         if s == "slope-2d":
             return torch.where(x > 0, x, self.a_2d * x)
+        if s == "slope-enlarges-x":
+            return torch.where(x > 0, x, self.a_channel[:, :, :, None, None] * x)  # (5,1,1,1,1) * (2,5,3,7)
         raise ValueError(s)
 
 
@@ -216,7 +218,8 @@ def test_prelu_more_spellings_eager(spelling):
         assert report.matches[0].details["channel_dim"] == 3
 
 
-@pytest.mark.parametrize("spelling,reason", [("leaky-number", "leaky ReLU"), ("slope-2d", "varies along 2 dims")])
+@pytest.mark.parametrize("spelling,reason", [("leaky-number", "leaky ReLU"), ("slope-2d", "varies along 2 dims"),
+                                             ("slope-enlarges-x", "broadcasts x")])
 def test_prelu_negatives(spelling, reason):
     model = PreluNet(spelling)
     report = expect(model, rand(2, 5, 3, 7))
