@@ -71,6 +71,8 @@ def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
     gm.graph.erase_node(norm)
     h.replace_all_uses_with(h_new)
     used = f"h also used by {others} later op(s)" if others else "h not used elsewhere"
-    ctx.graph_report.add_match(FUSION, h, f"flashfuse::{kind}: residual add fused into the norm ({used})",
-                               policy=reason, kind=kind)
+    text = f"flashfuse::{kind}: residual add fused into the norm ({used})"
+    if ctx.config.remainder != "eager":
+        text += f" [{reason}]"
+    ctx.graph_report.add_match(FUSION, h, text, policy=reason, kind=kind)
     return 1

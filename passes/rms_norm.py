@@ -52,6 +52,8 @@ def _apply(gm, ctx, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
         ctx.graph_report.add_near_miss(FUSION, anchor, reason)
         return 0
     text = describe(FUSION, x, tail, eps, spelling)
+    if ctx.config.remainder != "eager":  # say why flashfuse's kernel and not Inductor's
+        text += f" [{reason}]"
     replace_norm(gm, FUSION, x, tail, eps)
     ctx.graph_report.add_match(FUSION, anchor, text, policy=reason, eps=eps,
                                weight=tail.weight is not None, bias=tail.bias is not None)

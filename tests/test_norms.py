@@ -200,6 +200,7 @@ def test_layer_norm_inductor_remainder_always(cls):
     rep = check_against_eager(cls(), [rand(2, 3, N)], "inductor")
     assert rep.count("layer_norm") == 1, str(rep)
     assert "norm_policy='always'" in rep.matches[0].details["policy"]
+    assert "norm_policy='always'" in str(rep)  # the report says why flashfuse's kernel, not Inductor's
 
 
 def test_functional_layer_norm_with_weight_after_and_cast():
