@@ -197,3 +197,39 @@ def _backward(ctx, grad):
 
 
 prelu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad, x, weight, channel_dim, zero_grad = inputs
+    ctx.channel_dim, ctx.zero_grad = channel_dim, zero_grad
+    ctx.save_for_backward(grad, x, weight)
+
+
+def _backward_backward(ctx, gdx, gdw):
+    """Double backward (e.g. a gradient penalty), in torch ops. dx = g * slope(x) is linear in g and in
+    w; dw = sum of g * x over the slope branch is linear in g and in x. At x == 0 each spelling's own
+    branch choice is reproduced (see `zero_grad`)."""
+    grad, x, weight = ctx.saved_tensors
+    w = _broadcast_weight(x, weight, ctx.channel_dim).float()
+    xf, gf = x.float(), grad.float()
+    pos, neg = xf > 0, xf < 0
+    at_zero_is_w = ctx.zero_grad == ZERO_GRAD_SLOPE
+    uses_w = neg | ((xf == 0) & at_zero_is_w)        # where dx = w * g
+    d_grad = torch.zeros_like(gf)
+    d_x = torch.zeros_like(xf)
+    d_w = torch.zeros_like(w)
+    if gdx is not None:
+        slope = torch.where(pos, torch.ones_like(xf), torch.where(uses_w, w.expand_as(xf),
+                            torch.full_like(xf, 0.0 if ctx.zero_grad == ZERO_GRAD_ZERO else 1.0)))
+        d_grad = d_grad + gdx.float() * slope
+        contrib = torch.where(uses_w, gdx.float() * gf, torch.zeros_like(gf))
+        d_w = d_w + (contrib.sum_to_size(w.shape) if w.dim() else contrib.sum())
+    if gdw is not None:
+        gw = _broadcast_weight(x, gdw, ctx.channel_dim).float()
+        # dw's terms g * x come from the slope branch, which at x == 0 is taken only by the SLOPE spelling
+        d_grad = d_grad + torch.where(uses_w, gw * xf, torch.zeros_like(xf))
+        d_x = d_x + torch.where(uses_w, gw * gf, torch.zeros_like(xf))
+    return (d_grad.to(grad.dtype), d_x.to(x.dtype), d_w.reshape(weight.shape).to(weight.dtype), None, None)
+
+
+prelu_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)

@@ -389,3 +389,28 @@ def test_bias_gelu_tiles_cover_wide_and_single_rows(shape):
         assert_close64(y, y64, torch.float32, "forward")
         (dx64,) = torch.autograd.grad(y64, [x64], g.double())
         assert_close64(ops.bias_gelu_backward(g, x, b, approximate), dx64, torch.float32, "backward")
+
+
+@pytest.mark.parametrize("zero_grad", [ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE])
+def test_prelu_double_backward(zero_grad):
+    # a gradient penalty: d/d(x, w) of |d out / d x|^2, against the spellings in float64
+    torch.manual_seed(11)
+    x, w = randn(2, 5, 3, 7), torch.rand(5, device=device()) * 0.5
+    x.view(-1)[::9] = 0.0
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    v = randn(2, 5, 3, 7)
+    (gx,) = torch.autograd.grad((ops.prelu(xl, wl, 1, zero_grad) * v).sum(), [xl], create_graph=True)
+    (gx64,) = torch.autograd.grad((_prelu64(x64, w64, 1, zero_grad) * v.double()).sum(), [x64], create_graph=True)
+    torch.testing.assert_close(gx.double(), gx64, rtol=1e-5, atol=1e-6)
+    penalty, penalty64 = (gx * gx).sum() + gx.sum(), (gx64 * gx64).sum() + gx64.sum()
+    got = torch.autograd.grad(penalty, [xl, wl])
+    want = torch.autograd.grad(penalty64, [x64, w64], allow_unused=True)  # x only selects branches
+    for a, e, t in zip(got, want, [x64, w64]):
+        torch.testing.assert_close(a.double(), torch.zeros_like(t) if e is None else e, rtol=1e-5, atol=1e-5)
+    # and the slope's gradient through the weight gradient
+    (gw,) = torch.autograd.grad((ops.prelu(xl, wl, 1, zero_grad) * v).sum(), [wl], create_graph=True)
+    (gw64,) = torch.autograd.grad((_prelu64(x64, w64, 1, zero_grad) * v.double()).sum(), [w64], create_graph=True)
+    got = torch.autograd.grad((gw * gw).sum(), [xl])
+    want = torch.autograd.grad((gw64 * gw64).sum(), [x64])
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
