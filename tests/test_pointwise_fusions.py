@@ -602,3 +602,26 @@ def test_a_bug_in_one_candidate_does_not_cost_the_other_fusions(monkeypatch):
     report = expect(f, rand(2, 5, 3, 7), eltwise_chain=1, global_pool=1)
     assert "internal error" in near_miss(report, "prelu")
     assert_close_to_eager(f, rand(2, 5, 3, 7), options=EAGER)
+
+
+def test_dynamic_shapes():
+    import flashfuse
+    from flashfuse.report import last_reports
+
+    lin = nn.Linear(8, 6)
+    a = torch.rand(6)
+
+    def f(x, y):
+        h = F.gelu(lin(x))
+        p = torch.where(h > 0, h, a * h)
+        pooled = x.sum(-1).sum(-1) / (x.shape[-1] * x.shape[-2])   # a symbolic divisor
+        return p * y + y * 2.0 - p, pooled, x @ x.transpose(-2, -1).contiguous()
+
+    compiled = torch.compile(f, backend=flashfuse.backend(**EAGER), dynamic=True)
+    for t in (5, 7):
+        x, y = rand(2, t, 8), rand(2, t, 6)
+        for got, want in zip(compiled(x, y), f(x, y)):
+            torch.testing.assert_close(got, want)
+    report = last_reports[-1]
+    assert counts(report) == {"bias_gelu": 1, "prelu": 1, "matmul_transpose": 1, "global_pool": 1,
+                              "eltwise_chain": 1}, str(report)
