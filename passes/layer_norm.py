@@ -41,7 +41,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
 
 
 def _apply(gm, ctx, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
-    if isinstance(eps, fx.Node):
+    if isinstance(eps, fx.Node) and ctx.config.remainder != "eager":
         ctx.graph_report.add_near_miss(FUSION, anchor, RUNTIME_EPS)
         return 0
     x = strip_upcast(x)
@@ -57,7 +57,8 @@ def _apply(gm, ctx, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
     if ctx.config.remainder != "eager":  # say why flashfuse's kernel and not Inductor's
         text += f" [{reason}]"
     replace_norm(gm, FUSION, x, tail, eps)
-    ctx.graph_report.add_match(FUSION, anchor, text, policy=reason, eps=eps,
+    ctx.graph_report.add_match(FUSION, anchor, text, policy=reason,
+                               eps=eps if not isinstance(eps, fx.Node) else "run-time",
                                weight=tail.weight is not None, bias=tail.bias is not None)
     if tail.note:
         ctx.graph_report.add_near_miss(FUSION, anchor, tail.note)

@@ -119,7 +119,7 @@ def is_runtime_scalar(a) -> bool:
 
 
 RUNTIME_EPS = ("eps is a run-time scalar (Dynamo made the float attribute a graph input, e.g. under "
-               "dynamic=True); the kernel takes eps as a constant")
+               "dynamic=True); under the Inductor remainder the kernel takes eps only as a constant")
 
 
 def parse_eps_add(a: fx.Node):
@@ -314,7 +314,7 @@ def needs_grad(*nodes) -> bool:
 def fake_result(op, args):
     tensors = [val(a) for a in args if isinstance(a, fx.Node)]
     mode = detect_fake_mode(tensors)
-    fargs = [val(a) if isinstance(a, fx.Node) else a for a in args]
+    fargs = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]  # SymFloat eps too
     if mode is None:
         return None
     with mode:
@@ -350,14 +350,15 @@ def norm_op(kind: str):
 def replace_norm(gm: fx.GraphModule, kind: str, x: fx.Node, tail: Tail, eps: float) -> fx.Node:
     """Insert flashfuse::<kind>(x, w, b, eps, mid, out_dtype) before tail.last and use it instead."""
     out_dtype = val(tail.last).dtype
-    args = [x, tail.weight, tail.bias, float(eps), tail.mid_dtype, out_dtype]
+    args = [x, tail.weight, tail.bias, eps if isinstance(eps, fx.Node) else float(eps), tail.mid_dtype, out_dtype]
     new = insert_call(gm.graph, tail.last, norm_op(kind), args, tail.last)
     tail.last.replace_all_uses_with(new)
     return new
 
 
 def describe(kind: str, x: fx.Node, tail: Tail, eps: float, spelling: str) -> str:
-    parts = [f"{spelling} over the last dim ({last_dim_size(x)})", f"eps={eps:g}"]
+    eps_text = "eps read at run time" if isinstance(eps, fx.Node) else f"eps={eps:g}"
+    parts = [f"{spelling} over the last dim ({last_dim_size(x)})", eps_text]
     if tail.weight is not None:
         parts.append("weight")
     if tail.bias is not None:

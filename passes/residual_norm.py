@@ -51,20 +51,23 @@ def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
     if av.dtype != hv.dtype or bv.dtype != hv.dtype:
         ctx.graph_report.add_near_miss(FUSION, h, f"the residual add mixes dtypes {av.dtype} + {bv.dtype}")
         return 0
-    # The fused op writes h where the add stood: its inputs must be ready there and every other user of h
-    # must come after it.
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    ready = max(order[p] for p in (h, weight, bias) if isinstance(p, fx.Node))
-    anchor = next(n for n in gm.graph.nodes if order[n] == ready)
-    if any(order[u] <= ready for u in h.users if u is not norm):
-        ctx.graph_report.add_near_miss(FUSION, h, "h = x + y is used before the norm's weight is computed")
+    # The fused op writes h where the add stood, so every other user of h can read it; the norm's other
+    # inputs (weight, bias, a run-time eps) must be ready there: hoist their pure producers above it.
+    params = [p for p in (weight, bias, eps) if isinstance(p, fx.Node)]
+    if any(_depends_on(p, h) for p in params):
+        ctx.graph_report.add_near_miss(FUSION, h, "the norm's weight/bias/eps is computed from h itself")
         return 0
     ok, reason = choose(ctx, kind, hv.shape[-1], needs_grad(a, b, weight, bias))
     if not ok:
         ctx.graph_report.add_near_miss(FUSION, h, reason)
         return 0
+    anchor = h.next
+    if not all(_hoist_before(p, anchor) for p in params):
+        ctx.graph_report.add_near_miss(FUSION, h, "the norm's weight/bias/eps is computed by an impure op after "
+                                                  "h = x + y and cannot be moved before it")
+        return 0
     others = len(h.users) - 1
-    fused = insert_call(gm.graph, anchor.next, norm_op(kind), [a, b, weight, bias, eps, mid_dtype, out_dtype], norm)
+    fused = insert_call(gm.graph, anchor, norm_op(kind), [a, b, weight, bias, eps, mid_dtype, out_dtype], norm)
     h_new = insert_getitem(gm.graph, fused, 1)
     y = insert_getitem(gm.graph, fused, 0)
     norm.replace_all_uses_with(y)
@@ -76,3 +79,38 @@ def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
         text += f" [{reason}]"
     ctx.graph_report.add_match(FUSION, h, text, policy=reason, kind=kind)
     return 1
+
+
+def _depends_on(node: fx.Node, target: fx.Node) -> bool:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is target:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    """Whether a comes before b in the graph."""
+    n = a
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
+
+
+def _hoist_before(node: fx.Node, anchor: fx.Node) -> bool:
+    """Move `node` and whatever it needs above `anchor` (pure ops only). True when it is there now."""
+    if node.op in ("placeholder", "get_attr") or not _before(anchor, node):
+        return True
+    if node.op != "call_function" or node.is_impure():
+        return False
+    if not all(_hoist_before(i, anchor) for i in node.all_input_nodes):
+        return False
+    anchor.prepend(node)
+    return True
