@@ -1,6 +1,7 @@
 """flashfuse::bias_gelu — y = gelu(x + bias) in one pass over x (erf or tanh form), and its backward.
 
-x: (..., N) any float dtype of fp16/bf16/fp32; bias: (N,) of the same dtype, or None. The kernel
+x: (..., N) any float dtype of fp16/bf16/fp32; bias: (N,) (or (1, ..., 1, N), no more dims than x) of
+the same dtype, or None. The kernel
 computes in fp32 and writes y in x's dtype. The backward kernel returns d(loss)/d(x + bias); the bias
 gradient is its sum over the leading dims (a plain reduction, done by torch).
 """
@@ -93,7 +94,7 @@ def _launch(kernel, tensors, x: torch.Tensor, bias, approximate: str) -> None:
         return
     block_n = min(triton.next_power_of_2(n), 1024)
     block_m = max(1, BLOCK // block_n)
-    b = bias.contiguous() if bias is not None else tensors[0]
+    b = bias.reshape(-1).contiguous() if bias is not None else tensors[0]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     kernel[grid](*tensors[:-1], b, tensors[-1], m, n, HAS_BIAS=bias is not None, TANH=approximate == "tanh",
                  BLOCK_M=block_m, BLOCK_N=block_n)
@@ -108,9 +109,16 @@ def _check(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> N
         raise ValueError(f"flashfuse::bias_gelu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     if x.dim() == 0:
         raise ValueError("flashfuse::bias_gelu: x must have at least one dim")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != x.shape[-1] or bias.dtype != x.dtype):
-        raise ValueError(f"flashfuse::bias_gelu: bias must be ({x.shape[-1]},) of {x.dtype}, "
-                         f"got {tuple(bias.shape)} {bias.dtype}")
+    if bias is not None and not is_last_dim_vector(bias, x):
+        raise ValueError(f"flashfuse::bias_gelu: bias must be ({x.shape[-1]},) (or with leading 1s, no more "
+                         f"dims than x) of {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+
+
+def is_last_dim_vector(bias: torch.Tensor, x: torch.Tensor) -> bool:
+    """bias is a vector along x's last dim: shape (N,), (1, N), (1, 1, N), ... with at most x.dim() dims,
+    so that x + bias has x's shape."""
+    return (bias.dtype == x.dtype and 1 <= bias.dim() <= x.dim() and bias.shape[-1] == x.shape[-1]
+            and all(s == 1 for s in bias.shape[:-1]))
 
 
 def reference_gelu_grad(x: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -170,7 +178,7 @@ def _backward(ctx, grad):
     dx = torch.ops.flashfuse.bias_gelu_backward(grad, x, bias, ctx.approximate)
     dbias = None
     if ctx.has_bias and ctx.needs_input_grad[1]:
-        dbias = dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
+        dbias = dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype).reshape(bias.shape)
     return dx, dbias, None
 
 
@@ -195,7 +203,7 @@ def _backward_backward(ctx, ggrad):
     dgrad = (ggrad.float() * d1.detach()).to(grad.dtype)
     dpre = ggrad.float() * grad.float() * d2
     dx = dpre.to(x.dtype)
-    dbias = dpre.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype) if ctx.has_bias else None
+    dbias = dpre.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype).reshape(bias.shape) if ctx.has_bias else None
     return dgrad, dx, dbias, None
 
 

@@ -177,7 +177,8 @@ def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.N
             tv, bv = val(t), val(b)
             if tv is None or bv is None or tv.dtype != xv.dtype or bv.dtype != xv.dtype:
                 continue
-            if not same_shape(tv, xv) or bv.dim() != 1 or not known_equal(bv.shape[0], xv.shape[-1]):
+            if not same_shape(tv, xv) or not (1 <= bv.dim() <= xv.dim()) \
+                    or not known_equal(bv.shape[-1], xv.shape[-1]) or not all(known_equal(s, 1) for s in bv.shape[:-1]):
                 continue
             return t, b, "the bias add", None
     if x.target is aten.linear.default and len(x.args) == 3 and isinstance(x.args[2], fx.Node):

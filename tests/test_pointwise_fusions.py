@@ -625,3 +625,19 @@ def test_dynamic_shapes():
     report = last_reports[-1]
     assert counts(report) == {"bias_gelu": 1, "prelu": 1, "matmul_transpose": 1, "global_pool": 1,
                               "eltwise_chain": 1}, str(report)
+
+
+def test_bias_with_leading_ones_is_folded():
+    W, b = torch.randn(12, 9), torch.randn(1, 1, 9, requires_grad=True)
+
+    def f(x):
+        return F.gelu(x @ W + b, approximate="tanh")
+
+    report = check(f, rand(2, 4, 12), bias_gelu=1)
+    assert report.matches[0].details["bias"] is True
+    x = rand(2, 4, 12)
+    compiled = torch.compile(f, backend=__import__("flashfuse").backend(**EAGER))
+    (got,) = torch.autograd.grad((compiled(x) * x[..., :9]).sum(), [b])
+    (want,) = torch.autograd.grad((f(x) * x[..., :9]).sum(), [b])
+    assert got.shape == b.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
