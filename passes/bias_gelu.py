@@ -175,7 +175,7 @@ def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.N
             if not (isinstance(t, fx.Node) and isinstance(b, fx.Node)):
                 continue
             tv, bv = val(t), val(b)
-            if tv is None or bv is None or tv.dtype != xv.dtype or bv.dtype != xv.dtype:
+            if tv is None or bv is None or tv.dtype != xv.dtype or bv.dtype != xv.dtype or bv.device != xv.device:
                 continue
             if not same_shape(tv, xv) or not (1 <= bv.dim() <= xv.dim()) \
                     or not known_equal(bv.shape[-1], xv.shape[-1]) or not all(known_equal(s, 1) for s in bv.shape[:-1]):

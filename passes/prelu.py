@@ -149,6 +149,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
             xv, av, out = val(x), val(a), val(node)
             if xv is None or av is None or out is None:
                 raise NotPrelu("x or the slope is not a tensor")
+            if av.device != xv.device:
+                raise NotPrelu(f"the slope is on {av.device}, x on {xv.device}")
             if xv.dtype not in FLOAT_DTYPES or out.dtype != xv.dtype:
                 raise NotPrelu(f"computes in {out.dtype} from x of {xv.dtype} (kernel: fp16/bf16/fp32, no casts)")
             if not same_shape(out, xv):
