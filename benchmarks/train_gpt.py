@@ -120,7 +120,7 @@ def measure(mode, b, t, iters=10):
     step = make_step(mode, b, t)
     t0 = time.perf_counter()
     for _ in range(3):
-        loss = step()
+        loss = float(step())  # read now: a CUDA-graph output is overwritten by the next replay
     torch.cuda.synchronize()
     warm = time.perf_counter() - t0
     times = []
@@ -132,7 +132,7 @@ def measure(mode, b, t, iters=10):
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
     return {"mode": mode, "b": b, "t": t, "ms": statistics.median(times), "warmup_s": warm,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
 
 
 def plot(rows, env, path):
@@ -196,6 +196,9 @@ def main():
                 r = measure(mode, b, t)
             except torch.OutOfMemoryError:
                 r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None, "oom": True}
+            except Exception as exc:  # one failing mode must not lose the other rows
+                r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None,
+                     "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(r)
             print(json.dumps(r), flush=True)
             torch._dynamo.reset()

@@ -35,6 +35,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
         for name in config.enabled_passes():
             n = get_pass(name)(aten_gm, ctx)
             total += n
+            if n:
+                aten_gm.recompile()  # passes edit the graph; the next pass and the logs read the code
             if n and logger.isEnabledFor(10):
                 logger.debug("graph %d after pass %s (%d rewrites):\n%s", graph_report.index, name, n,
                              aten_gm.code)
