@@ -582,3 +582,14 @@ def test_inference_under_no_grad_both_remainders():
         assert rep.count("residual_norm") == 1, str(rep)
         assert not out.requires_grad
         assert rel_err(out, model(x, y)) < 1e-5
+
+
+def test_residual_norm_mixed_dtypes_is_a_near_miss():
+    x, y = rand(2, 3, N, dtype=torch.float16, seed=1), rand(2, 3, N, seed=2)  # fp16 + fp32 -> fp32 h
+    model = ResidualLN()
+    rep = explain(model, x, y)
+    assert rep.count("layer_norm") == 1 and rep.count("residual_norm") == 0, str(rep)
+    assert any("mixes dtypes" in nm.reason for nm in rep.near_misses), str(rep)
+    compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES))
+    for o, r in zip(compiled(x, y), model(x, y)):
+        assert rel_err(o, r) < 1e-5
