@@ -98,7 +98,7 @@ def match(node: fx.Node):
             cd = 1
         else:
             raise NotPrelu(f"prelu weight {shape_str(av)} against input {shape_str(xv)}")
-        return x, a, cd, ZERO_GRAD_SLOPE, [], "F.prelu"
+        return x, a, cd, ZERO_GRAD_SLOPE, [], "F.prelu / nn.PReLU"
     if node.target is aten.where.self and len(node.args) == 3:
         cond, t, f = node.args
         if not isinstance(cond, fx.Node) or cond.target not in _COMPARE or not _is_zero(cond.args[1]):
