@@ -135,7 +135,8 @@ def handwritten(args):
     scale = 1.0 / math.sqrt(d)
     q, k, v = [torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     tril = torch.tril(torch.ones(n, n, device="cuda")).view(1, 1, n, n)
-    slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda")
+    # bf16 like the scores: fp32 slopes would promote the scores to fp32 and `P @ v` would mix dtypes
+    slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda", dtype=torch.bfloat16)
     pos = torch.arange(n, device="cuda")
 
     def nanogpt(q, k, v):
@@ -212,11 +213,11 @@ def plot(json_path, out_dir):
     for i, mode in enumerate(modes):
         for j, (d, causal) in enumerate((d, c) for d in ds for c in (False, True)):
             ax = axes[i][j]
-            for impl in sorted({r["impl"] for r in rows}):
+            for c, impl in enumerate(sorted({r["impl"] for r in rows})):
                 pts = sorted((r["n"], r["tflops"]) for r in rows if r["impl"] == impl and r["d"] == d
                              and r["causal"] == causal and r["mode"] == mode and r["tflops"])
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+                if pts:  # one colour per implementation in every panel
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl, color=f"C{c}")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{mode}, d={d}, {'causal' if causal else 'non-causal'} (bf16, H100)")
             ax.set_xlabel("sequence length")
