@@ -305,10 +305,6 @@ def print_triton(e: sympy.Basic, names: dict | None = None) -> str:
     return p(e)
 
 
-def _print_scalar_bound(e: sympy.Basic) -> str:
-    return print_triton(e, {"q_idx": "m_end"})  # only Nq/Nk/q_idx appear
-
-
 def bounds_code(bounds: list, indent: str) -> str:
     """Per query block [m_lo, m_hi] (int scalars): kv ranges lo..hi (some kept), flo..fhi (all kept)."""
     zero = "(m_lo * 0)"  # an int32 scalar tensor
