@@ -9,6 +9,7 @@ dtypes, dropout and precision are constexpr/type specializations that Triton com
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -85,6 +86,15 @@ _DQ_CONFIGS = {
     256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 INTERPRET_BLOCK = 16
+
+
+def _quiet():
+    """The interpreter runs the kernels in numpy, which warns on the -inf/NaN arithmetic of masked rows
+    (exp2(-inf), 0/0 for fully masked rows); that arithmetic is intended."""
+    if not INTERPRET:
+        return contextlib.nullcontext()
+    import numpy as np
+    return np.errstate(all="ignore")
 
 
 def _dclass(block_d: int) -> int:
@@ -178,14 +188,23 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     def grid(m):
         return (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)
 
-    kernel[grid](q, k, v, out, lse, rng_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                 *_side_args(sides, (bsz, hq, nq, nk)), *[float(x) for x in scalars],
-                 hq, nq, nk, hq // hkv, float(dropout_p), **meta, **blocks)
+    with _quiet():
+        kernel[grid](q, k, v, out, lse, rng_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                     *_side_args(sides, (bsz, hq, nq, nk)), *[float(x) for x in scalars],
+                     hq, nq, nk, hq // hkv, float(dropout_p), **meta, **blocks)
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
                        precision):
+    """dq, dk, dv and the gradient of each side (None where `side_needs_grad` is off)."""
+    with _quiet():
+        return _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
+                                   side_needs_grad, precision)
+
+
+def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
+                        precision):
     _check(q, k, v)
     bsz, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
