@@ -557,6 +557,25 @@ def test_relative_position_bias_from_embedding_table():
     check(f, *qkv(), torch.randn(7, H))
 
 
+@pytest.mark.parametrize("where", ["ambient", "in_graph"])
+def test_autocast_dtypes_follow_eager(where):
+    """Pre-dispatch fake values do not show autocast's casts; the op must still see and return fp16."""
+    def f(q, k, v):
+        if where == "in_graph":
+            with torch.autocast("cpu", dtype=torch.float16):
+                return F.softmax(q @ k.mT / 4, dim=-1) @ v
+        return F.softmax(q @ k.mT / 4, dim=-1) @ v
+
+    q, k, v = qkv()
+    run, report = compile_and_report(f)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=where == "ambient"):
+        out = run(q, k, v)
+        ref = f(q, k, v)
+    assert report.count("attention") == 1
+    assert out.dtype == ref.dtype == torch.float16
+    assert rel_err(out.float(), ref.float()) < 1e-2
+
+
 # ------------------------------------------------------------------------------------------------
 # negatives: left untouched, with the reason
 # ------------------------------------------------------------------------------------------------
