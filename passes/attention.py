@@ -249,6 +249,19 @@ class ScoreModBuilder:
             stack.extend(n.all_input_nodes)
         return False
 
+    def _matmul_ancestor(self, node: fx.Node):
+        """The nearest matmul feeding `node` through elementwise-looking ops (for the near-miss reason)."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop(0)
+            if n in seen or n.op != "call_function":
+                continue
+            seen.add(n)
+            if n.target in MATMUL_OPS:
+                return n
+            stack.extend(n.all_input_nodes)
+        return None
+
     def _depends_on_score(self, node: fx.Node) -> bool:
         if self.score_node is None:
             return False
@@ -470,6 +483,11 @@ class ScoreModBuilder:
     def build(self) -> sympy.Basic:
         v = self.visit(self.root)
         if self.score_node is None:
+            mm = self._matmul_ancestor(self.root)
+            if mm is not None:
+                raise NotFusable(f"the scores {_shape_str(val(mm).shape)} of `{_op_name(mm)}`{_where(mm)} are "
+                                 f"broadcast to {_shape_str(self.score_shape)} before the softmax (a mask or bias "
+                                 f"of another shape)", mm)
             raise NotFusable("no Q·Kᵀ matmul of the scores' shape feeds the softmax", self.root)
         v = self._align(v, self.rank)
         names = {2: ("q_idx", "kv_idx"), 3: ("b", "q_idx", "kv_idx"), 4: ("b", "h", "q_idx", "kv_idx")}

@@ -623,6 +623,12 @@ def test_negative_post_softmax_masking():
     _negative(f, *qkv(), torch.rand(T, T) > 0.5, reason="not to a matmul with V")
 
 
+def test_negative_bias_broadcasts_scores_to_a_larger_shape():
+    def f(q, k, v, bias):  # one query head, bias with four heads: the softmax sees (B, 4, N, N)
+        return (q @ k.mT / 4 + bias).softmax(-1) @ v
+    _negative(f, *qkv(h=1), torch.randn(1, 4, T, T), reason="are broadcast to (2,4,11,11) before the softmax")
+
+
 def test_negative_head_dim_too_large():
     _negative(sp_at_transpose_mul, *qkv(b=1, h=1, nq=3, d=512), reason="head dim 512 > 256")
 
