@@ -576,6 +576,42 @@ def test_autocast_dtypes_follow_eager(where):
     assert rel_err(out.float(), ref.float()) < 1e-2
 
 
+def sp_rank2_single_sequence(q, k, v):
+    q, k, v = q[0, 0], k[0, 0], v[0, 0]  # (N, d)
+    return torch.softmax(q @ k.T * 0.25, -1) @ v
+
+
+def sp_rsqrt_tensor_scale(q, k, v):
+    return (q @ k.mT * torch.rsqrt(torch.tensor(float(q.size(-1))))).softmax(-1) @ v
+
+
+def sp_ones_like_tril(q, k, v):
+    s = q @ k.mT / 4
+    return s.masked_fill(torch.ones_like(s).tril() == 0, float("-inf")).softmax(-1) @ v
+
+
+def sp_mask_moved_to_device_minus_1e9(q, k, v):
+    m = torch.tril(torch.ones(q.size(-2), k.size(-2))).to(q.device)
+    return (q @ k.mT / 4).masked_fill(m == 0, -1e9).softmax(-1) @ v
+
+
+class BoolMaskBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.tril(torch.ones(32, 32, dtype=torch.bool)))
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        return (q @ k.mT / 4).masked_fill(~self.mask[:n, :n], float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [sp_rank2_single_sequence, sp_rsqrt_tensor_scale, sp_ones_like_tril,
+                                sp_mask_moved_to_device_minus_1e9, BoolMaskBuffer()],
+                         ids=lambda f: getattr(f, "__name__", type(f).__name__))
+def test_even_more_spellings(fn):
+    check(fn, *qkv())
+
+
 # ------------------------------------------------------------------------------------------------
 # negatives: left untouched, with the reason
 # ------------------------------------------------------------------------------------------------
