@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
 
 import sympy
 import torch
@@ -518,9 +517,6 @@ class _NotPointwise(Exception):
 # --------------------------------------------------------------------------------------------------
 # Q, K, V recovery
 # --------------------------------------------------------------------------------------------------
-_TRANSPOSE_LAST2 = "t"
-
-
 def _is_transpose_last2(node: fx.Node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
