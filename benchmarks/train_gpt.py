@@ -1,4 +1,5 @@
-"""Training-step benchmark (issue 7, H100): GPT-2 small with hand-written causal attention (masked_fill on
+"""Training-step benchmark (issue 7, H100): GPT-2 small (or, with --model, a BERT-large-style encoder with
+padding masks or a LLaMA-style GQA decoder, both from transformers configs) with hand-written causal attention (masked_fill on
 a tril buffer, dropout 0.1), bf16 autocast, fused AdamW. Milliseconds per step (median after warm-up) and
 peak memory for eager, Inductor, flashfuse and — as the bar — Inductor on the same model rewritten to
 F.scaled_dot_product_attention by hand. Also the compile (warm-up) time and the longest sequence that
@@ -6,7 +7,7 @@ trains at batch 1.
 
     python benchmarks/train_gpt.py --out DIR [--configs 8x1024,2x4096] [--modes eager,inductor,flashfuse,sdpa]
     python benchmarks/train_gpt.py --out DIR --longest 16384,32768,65536
-Writes DIR/train_gpt.json (and DIR/train_gpt_longest.json) and prints a table.
+Writes DIR/train_MODEL.json + .png (and DIR/train_MODEL_longest.json) and prints a table.
 """
 from __future__ import annotations
 
@@ -85,28 +86,70 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def make_step(mode, b, t, device="cuda"):
+def hf_model(name, t, sdpa, tiny=False):
+    """BERT-large-style encoder (padding masks) or LLaMA-style GQA decoder from transformers configs (no
+    weight downloads); eager attention unless `sdpa` (the by-hand bar)."""
+    import transformers
+
+    attn = "sdpa" if sdpa else "eager"
+    if name == "bert":
+        cfg = transformers.BertConfig(
+            vocab_size=30522, hidden_size=64 if tiny else 1024, num_hidden_layers=2 if tiny else 24,
+            num_attention_heads=4 if tiny else 16, intermediate_size=128 if tiny else 4096,
+            max_position_embeddings=max(512, t), attn_implementation=attn)
+        return transformers.BertForMaskedLM(cfg), 30522
+    if name == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=64 if tiny else 2048, num_hidden_layers=2 if tiny else 16,
+            num_attention_heads=4 if tiny else 32, num_key_value_heads=1 if tiny else 8,
+            intermediate_size=128 if tiny else 5632, max_position_embeddings=max(2048, t),
+            attn_implementation=attn, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return transformers.LlamaForCausalLM(cfg), 32000
+    raise ValueError(f"unknown model {name!r}: gpt2, bert or llama")
+
+
+def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False):
+    """One training step (forward, backward, fused AdamW) of `model_name` compiled as `mode`."""
     torch.manual_seed(0)
-    model = GPT(block_size=t, sdpa=(mode == "sdpa")).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    sdpa = mode == "sdpa"
+    if model_name == "gpt2":
+        model = (GPT(block_size=t, n_layer=2, n_head=4, n_embd=64, sdpa=sdpa) if tiny
+                 else GPT(block_size=t, sdpa=sdpa))
+        vocab = 50304
+    else:
+        model, vocab = hf_model(model_name, t, sdpa, tiny)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device == "cuda")
     if mode in ("inductor", "sdpa"):
         fwd = torch.compile(model)
     elif mode == "flashfuse":
         fwd = torch.compile(model, backend="flashfuse")
+    elif mode == "flashfuse-eager":  # flashfuse's kernels, everything else eager (quick to compile)
+        import flashfuse
+        fwd = torch.compile(model, backend=flashfuse.backend(remainder="eager"))
     elif mode == "flashfuse-cg":  # CUDA graphs: no host overhead per kernel launch
         fwd = torch.compile(model, backend="flashfuse", mode="reduce-overhead")
     elif mode == "inductor-cg":
         fwd = torch.compile(model, mode="reduce-overhead")
     else:
         fwd = model
-    idx = torch.randint(0, 50304, (b, t), device=device)
-    tgt = torch.randint(0, 50304, (b, t), device=device)
+    idx = torch.randint(0, vocab, (b, t), device=device)
+    tgt = torch.randint(0, vocab, (b, t), device=device)
+    mask = torch.ones(b, t, dtype=torch.long, device=device)
+    mask[b // 2:, -(t // 8):] = 0  # padding in half of the batch (BERT)
+
+    def loss_of():
+        if model_name == "gpt2":
+            return fwd(idx, tgt)
+        if model_name == "bert":
+            return fwd(input_ids=idx, attention_mask=mask, labels=tgt).loss
+        return fwd(input_ids=idx, labels=idx).loss
 
     def step():
         if mode.endswith("-cg"):
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fwd(idx, tgt)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -114,10 +157,10 @@ def make_step(mode, b, t, device="cuda"):
     return step
 
 
-def measure(mode, b, t, iters=10):
+def measure(mode, b, t, iters=10, model_name="gpt2"):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    step = make_step(mode, b, t)
+    step = make_step(mode, b, t, model_name=model_name)
     t0 = time.perf_counter()
     for _ in range(3):
         loss = float(step())  # read now: a CUDA-graph output is overwritten by the next replay
@@ -131,11 +174,11 @@ def measure(mode, b, t, iters=10):
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
-    return {"mode": mode, "b": b, "t": t, "ms": statistics.median(times), "warmup_s": warm,
+    return {"model": model_name, "mode": mode, "b": b, "t": t, "ms": statistics.median(times), "warmup_s": warm,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
 
 
-def plot(rows, env, path):
+def plot(rows, env, path, model="gpt2"):
     """Bars: ms/step and peak GiB per mode, one group per b x seq."""
     try:
         import matplotlib
@@ -156,7 +199,8 @@ def plot(rows, env, path):
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cfgs))], [f"{b} x {t}" for b, t in cfgs])
         ax.set_ylabel(label)
     axes[0].legend()
-    fig.suptitle(f"GPT-2 small training step, bf16 autocast — {env['device']}, torch {env['torch']}")
+    title = {"gpt2": "GPT-2 small", "bert": "BERT-large-style", "llama": "LLaMA-style GQA"}.get(model, model)
+    fig.suptitle(f"{title} training step, bf16 autocast — {env['device']}, torch {env['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -167,6 +211,7 @@ def main():
     ap.add_argument("--configs", default="8x1024,2x4096")
     ap.add_argument("--modes", default="eager,inductor,flashfuse,sdpa")
     ap.add_argument("--longest", default="")
+    ap.add_argument("--model", default="gpt2", help="gpt2 (hand-written nanoGPT), bert (HF, padding), llama (HF, GQA)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -180,20 +225,20 @@ def main():
         for t in (int(x) for x in args.longest.split(",")):
             for mode in args.modes.split(","):
                 try:
-                    r = measure(mode, 1, t, iters=3)
+                    r = measure(mode, 1, t, iters=3, model_name=args.model)
                 except torch.OutOfMemoryError:
                     r = {"mode": mode, "b": 1, "t": t, "ms": None, "peak_gib": None, "oom": True}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 torch._dynamo.reset()
-        json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, "train_gpt_longest.json"), "w"), indent=1)
+        json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, f"train_{args.model}_longest.json"), "w"), indent=1)
         return
     rows = []
     for cfg in args.configs.split(","):
         b, t = (int(x) for x in cfg.split("x"))
         for mode in args.modes.split(","):
             try:
-                r = measure(mode, b, t)
+                r = measure(mode, b, t, model_name=args.model)
             except torch.OutOfMemoryError:
                 r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None, "oom": True}
             except Exception as exc:  # one failing mode must not lose the other rows
@@ -202,8 +247,8 @@ def main():
             rows.append(r)
             print(json.dumps(r), flush=True)
             torch._dynamo.reset()
-    json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, "train_gpt.json"), "w"), indent=1)
-    plot(rows, env, os.path.join(args.out, "train_gpt.png"))
+    json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, f"train_{args.model}.json"), "w"), indent=1)
+    plot(rows, env, os.path.join(args.out, f"train_{args.model}.png"), args.model)
     print(f"\n{env}\n| b x seq | mode | ms/step | peak GiB | warm-up s |\n|---|---|---|---|---|")
     for r in rows:
         ms = f"{r['ms']:.1f}" if r.get("ms") else "OOM"
