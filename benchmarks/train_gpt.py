@@ -1,11 +1,11 @@
-"""Training-step benchmark (issue 7, H100): GPT-2 small (or, with --model, a BERT-large-style encoder with
-padding masks or a LLaMA-style GQA decoder, both from transformers configs) with hand-written causal attention (masked_fill on
-a tril buffer, dropout 0.1), bf16 autocast, fused AdamW. Milliseconds per step (median after warm-up) and
-peak memory for eager, Inductor, flashfuse and — as the bar — Inductor on the same model rewritten to
-F.scaled_dot_product_attention by hand. Also the compile (warm-up) time and the longest sequence that
-trains at batch 1.
+"""Training-step benchmark (issue 7, H100). Milliseconds per step (median after warm-up) and peak memory
+for eager, Inductor, flashfuse and, as the bar, Inductor on the same model with F.scaled_dot_product_attention;
+also the compile (warm-up) time and the longest sequence that trains at batch 1. All bf16 autocast, fused AdamW.
+  --model gpt2   GPT-2 small, hand-written causal attention (masked_fill on a tril buffer), dropout 0.1
+  --model bert   BERT-large-style encoder (transformers, eager attention) with padding masks
+  --model llama  LLaMA-style GQA decoder (transformers, eager attention)
 
-    python benchmarks/train_gpt.py --out DIR [--configs 8x1024,2x4096] [--modes eager,inductor,flashfuse,sdpa]
+    python benchmarks/train_gpt.py --out DIR [--model gpt2] [--configs 8x1024,2x4096] [--modes eager,inductor,flashfuse,sdpa]
     python benchmarks/train_gpt.py --out DIR --longest 16384,32768,65536
 Writes DIR/train_MODEL.json + .png (and DIR/train_MODEL_longest.json) and prints a table.
 """
