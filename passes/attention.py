@@ -13,6 +13,7 @@ Anything that cannot be proven leaves the graph unchanged and records a near-mis
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -754,6 +755,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
         q4, k4, v4 = (g.call(aten.to.dtype, x, ac_dtype) for x in (q4, k4, v4))
 
     text = sm.to_text(expr)
+    _check_kernel_can_print(text, len(builder.sides), S)
     precision = ctx.config.fp32_precision
     att = g.call(torch.ops.flashfuse.attention.default, q4, k4, v4, sides4, [], text, dropout_p, rng,
                  precision)
@@ -836,6 +838,25 @@ def _to4d(g: Graph, node: fx.Node, rank: int) -> fx.Node:
         cur_t = cur_t.unsqueeze(d)
         cur.meta["val"] = cur_t
     return cur
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_source_error(text: str, n_sides: int) -> str:
+    """'' if the Triton code generator can print this score_mod (forward and every gradient), else why."""
+    from flashfuse.kernels.attention import codegen
+
+    try:
+        codegen.generate_source(text, n_sides, 0, (True,) * n_sides)
+    except codegen.UnsupportedExpression as exc:
+        return str(exc)
+    return ""
+
+
+def _check_kernel_can_print(text: str, n_sides: int, node: fx.Node) -> None:
+    """Decide at compile time, not at the first call: an expression the kernel cannot print is not fused."""
+    err = _kernel_source_error(text, n_sides)
+    if err:
+        raise NotFusable(f"the score modification has a term the kernel generator cannot print ({err})", node)
 
 
 def _broadcast_batch(g: Graph, node: fx.Node, q4) -> fx.Node:

@@ -665,6 +665,12 @@ def test_negative_bias_broadcasts_scores_to_a_larger_shape():
     _negative(f, *qkv(h=1), torch.randn(1, 4, T, T), reason="are broadcast to (2,4,11,11) before the softmax")
 
 
+def test_negative_expression_the_kernel_cannot_print_is_decided_at_compile_time():
+    def f(q, k, v):  # |s| has no derivative the generator prints (score is not declared real)
+        return (q @ k.mT).abs().mul(0.25).softmax(-1) @ v
+    _negative(f, *qkv(), reason="kernel generator cannot print")
+
+
 def test_negative_head_dim_too_large():
     _negative(sp_at_transpose_mul, *qkv(b=1, h=1, nq=3, d=512), reason="head dim 512 > 256")
 
