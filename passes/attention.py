@@ -772,7 +772,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     pv.replace_all_uses_with(out_final)
     out_final.meta["val"] = ov
 
-    description = _describe(expr, builder, dropout_p, qv, ktv, vv, k_rep, rank)
+    description = _describe(gm, expr, builder, dropout_p, qv, ktv, k_rep, rank, ctx.example_inputs)
     ctx.graph_report.add_match(NAME, pv, description, score_mod=str(expr), dropout_p=dropout_p,
                                gqa=k_rep, head_dim=d, sides=list(builder.side_desc))
     # the original nodes are now dead; the pipeline's dead-code elimination removes them
@@ -891,25 +891,75 @@ def _autocast_dtype(gm: fx.GraphModule, at: fx.Node, device_type: str):
     return None
 
 
-def _describe(expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, vv, rep: int, rank: int) -> str:
+def _concrete_side(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.Tensor | None:
+    """The value of a side tensor that is a (sliced) graph input, from the real example inputs; None if it is
+    computed, or the inputs are fake. Used for the report only, never to decide what to compute."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    slices, n = [], node
+    while n.op == "call_function" and n.target == aten.slice.Tensor:
+        slices.append(n)
+        n = n.args[0]
+    if n.op != "placeholder":
+        return None
+    placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    i = placeholders.index(n)
+    if i >= len(example_inputs):
+        return None
+    t = example_inputs[i]
+    if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor):
+        return None
+    target = val(node)
+    for sl in reversed(slices):
+        dim = sl.args[1] if len(sl.args) > 1 else 0
+        size = target.shape[dim] if sl is node else None
+        start = sl.args[2] if len(sl.args) > 2 and isinstance(sl.args[2], int) else 0
+        end = sl.args[3] if len(sl.args) > 3 else None
+        if not isinstance(end, int) or sl is node:
+            hint = val(sl).shape[dim]
+            end = start + (hint if isinstance(hint, int) else int(hint.node.hint))
+        t = t.narrow(dim, start, min(end, t.shape[dim]) - start)
+        del size
+    return t
+
+
+def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs) -> list[str]:
+    """'causal (tril buffer ...)' for a mask input that is lower-triangular now, else kind and shape."""
+    from flashfuse.kernels.attention import mask_recognition
+
+    words = []
+    for i, (node, desc) in enumerate(zip(builder.sides, builder.side_desc)):
+        t = _concrete_side(gm, node, example_inputs)
+        pattern = None
+        if t is not None and t.dim() == 4 and mask_recognition._side_conditions(expr, i):
+            pattern = mask_recognition._nonzero_pattern(t, t.shape[2], t.shape[3])
+        if pattern is not None and torch.equal(pattern, torch.ones_like(pattern).tril(pattern.shape[1] - pattern.shape[0])):
+            words.append(f"causal (tril buffer {_shape_str(t.shape)}, verified at run time)")
+        else:
+            words.append(desc)
+    return words
+
+
+def _describe(gm, expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, rep: int, rank: int,
+              example_inputs) -> str:
+    """The specialization in words, e.g. 'causal, scale 0.125, dropout p=0.1, GQA 4:1, d=64'."""
     parts = []
-    text = str(expr)
     index_conds = [c for c in expr.atoms(sympy.core.relational.Relational) if _is_index_only(c)
                    and c.free_symbols & {sm.q_idx, sm.kv_idx}]
-    if index_conds:
-        kinds = set()
-        for c in index_conds:
-            diff = sympy.simplify(c.lhs - c.rhs)
-            if diff.free_symbols >= {sm.q_idx, sm.kv_idx} and len(index_conds) == 1:
-                kinds.add("causal")
-            else:
-                kinds.add("index mask")
-        if len(index_conds) >= 2:
-            kinds = {"sliding window / banded mask"}
-        parts.append(", ".join(sorted(kinds)) + f" ({len(index_conds)} index condition(s))")
-    parts += builder.side_desc
-    if expr.has(sympy.tanh):
-        parts.append("tanh softcap")
+    if len(index_conds) == 1 and index_conds[0].free_symbols >= {sm.q_idx, sm.kv_idx}:
+        parts.append("causal")
+    elif len(index_conds) >= 2:
+        parts.append("sliding window / banded mask")
+    elif index_conds:
+        parts.append("index mask")
+    parts += _side_words(gm, builder, expr, example_inputs)
+    unmasked = expr.args[-1].expr if isinstance(expr, sympy.Piecewise) else expr
+    coeff = unmasked.coeff(sm.score) if unmasked.is_Add or unmasked.is_Mul else None
+    if coeff is not None and coeff.is_Number and coeff != 0:
+        parts.append(f"scale {float(coeff):.4g}")
+    for t in expr.atoms(sympy.tanh):
+        cap = (expr.args[-1].expr if isinstance(expr, sympy.Piecewise) else expr).coeff(t)
+        parts.append(f"tanh softcap {float(cap):g}" if cap.is_Number and cap != 0 else "tanh softcap")
     if dropout_p:
         parts.append(f"dropout p={dropout_p:g}")
     if rep > 1:
@@ -920,5 +970,5 @@ def _describe(expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, vv, rep
     parts.append(f"d={qv.shape[-1]}")
     if rank != 4:
         parts.append(f"{rank}-D inputs")
-    parts.append(f"score = {text}")
+    parts.append(f"score = {expr}")
     return ", ".join(parts)
