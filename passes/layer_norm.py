@@ -14,10 +14,9 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import register_pass
-from flashfuse.passes.norm_match import (Tail, aliases, check_size, choose, describe, dims_text, is_op,
-                                         is_number, match_tail, needs_grad, parse_denominator, parse_scale,
-                                         per_feature, reduce_dims, replace_norm, same_value, scaled_by,
-                                         strip_upcast, RUNTIME_EPS, var_mean_part)
+from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, is_number, is_op, match_tail,
+                                         parse_denominator, parse_scale, per_feature, reduce_dims, same_value,
+                                         scaled_by, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -38,31 +37,6 @@ def run(gm: fx.GraphModule, ctx) -> int:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return count
-
-
-def _apply(gm, ctx, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
-    if isinstance(eps, fx.Node) and ctx.config.remainder != "eager":
-        ctx.graph_report.add_near_miss(FUSION, anchor, RUNTIME_EPS)
-        return 0
-    x = strip_upcast(x)
-    why = check_size(x)
-    if why is not None:
-        ctx.graph_report.add_near_miss(FUSION, anchor, why)
-        return 0
-    ok, reason = choose(ctx, FUSION, val(x).shape[-1], needs_grad(x, tail.weight, tail.bias))
-    if not ok:
-        ctx.graph_report.add_near_miss(FUSION, anchor, reason)
-        return 0
-    text = describe(FUSION, x, tail, eps, spelling)
-    if ctx.config.remainder != "eager":  # say why flashfuse's kernel and not Inductor's
-        text += f" [{reason}]"
-    replace_norm(gm, FUSION, x, tail, eps)
-    ctx.graph_report.add_match(FUSION, anchor, text, policy=reason,
-                               eps=eps if not isinstance(eps, fx.Node) else "run-time",
-                               weight=tail.weight is not None, bias=tail.bias is not None)
-    if tail.note:
-        ctx.graph_report.add_near_miss(FUSION, anchor, tail.note)
-    return 1
 
 
 # ---------------------------------------------------------------------------------------------- aten.layer_norm
@@ -90,7 +64,7 @@ def _library_form(gm, ctx, node: fx.Node) -> int:
     tail.bias = bias if bias is not None else tail.bias
     if (weight is not None or bias is not None) and tail.mid_dtype is not None:
         tail = Tail(node, weight, bias)  # a rounding after the op's own affine: keep the tail outside
-    return _apply(gm, ctx, x, tail, float(eps), "aten.layer_norm", node)
+    return apply_norm(gm, ctx, FUSION, x, tail, float(eps), "aten.layer_norm", node)
 
 
 # ---------------------------------------------------------------------------------------------- hand-written
@@ -198,4 +172,4 @@ def _fuse_one(gm, ctx, x, dims, keepdim, normed, eps, pre_weight=None) -> int:
         tail = match_tail(normed, val(x).shape[-1], val(x).shape)
     spelling = "hand-written layer norm (" + ("x-mu)*rsqrt" if normed.target is aten.mul.Tensor else "x-mu)/sqrt") \
         + "(var+eps)"
-    return _apply(gm, ctx, x, tail, eps, spelling, normed)
+    return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling, normed)

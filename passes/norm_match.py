@@ -381,3 +381,29 @@ def check_size(x: fx.Node) -> str | None:
     if n > MAX_N:
         return f"row length {n} > {MAX_N}, longer than the kernel keeps in registers"
     return None
+
+
+def apply_norm(gm, ctx, fusion: str, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
+    """Check the policy and preconditions for one matched norm, then replace it and report (both norm passes)."""
+    if isinstance(eps, fx.Node) and ctx.config.remainder != "eager":
+        ctx.graph_report.add_near_miss(fusion, anchor, RUNTIME_EPS)
+        return 0
+    x = strip_upcast(x)
+    why = check_size(x)
+    if why is not None:
+        ctx.graph_report.add_near_miss(fusion, anchor, why)
+        return 0
+    ok, reason = choose(ctx, fusion, val(x).shape[-1], needs_grad(x, tail.weight, tail.bias))
+    if not ok:
+        ctx.graph_report.add_near_miss(fusion, anchor, reason)
+        return 0
+    text = describe(fusion, x, tail, eps, spelling)
+    if ctx.config.remainder != "eager":  # say why flashfuse's kernel and not Inductor's
+        text += f" [{reason}]"
+    replace_norm(gm, fusion, x, tail, eps)
+    ctx.graph_report.add_match(fusion, anchor, text, policy=reason,
+                               eps=eps if not isinstance(eps, fx.Node) else "run-time",
+                               weight=tail.weight is not None, bias=tail.bias is not None)
+    if tail.note:
+        ctx.graph_report.add_near_miss(fusion, anchor, tail.note)
+    return 1

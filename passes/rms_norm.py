@@ -12,9 +12,8 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import register_pass
-from flashfuse.passes.norm_match import (Tail, check_size, exact_copies, choose, describe, dims_text, is_op, is_number,
-                                         match_tail, needs_grad, parse_denominator, parse_scale, per_feature,
-                                         reduce_dims, replace_norm, scaled_by, strip_upcast, RUNTIME_EPS)
+from flashfuse.passes.norm_match import (apply_norm, dims_text, exact_copies, is_number, is_op, match_tail,
+                                         parse_denominator, parse_scale, per_feature, reduce_dims, scaled_by)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -38,31 +37,6 @@ def run(gm: fx.GraphModule, ctx) -> int:
     return count
 
 
-def _apply(gm, ctx, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
-    if isinstance(eps, fx.Node) and ctx.config.remainder != "eager":
-        ctx.graph_report.add_near_miss(FUSION, anchor, RUNTIME_EPS)
-        return 0
-    x = strip_upcast(x)
-    why = check_size(x)
-    if why is not None:
-        ctx.graph_report.add_near_miss(FUSION, anchor, why)
-        return 0
-    ok, reason = choose(ctx, FUSION, val(x).shape[-1], needs_grad(x, tail.weight, tail.bias))
-    if not ok:
-        ctx.graph_report.add_near_miss(FUSION, anchor, reason)
-        return 0
-    text = describe(FUSION, x, tail, eps, spelling)
-    if ctx.config.remainder != "eager":  # say why flashfuse's kernel and not Inductor's
-        text += f" [{reason}]"
-    replace_norm(gm, FUSION, x, tail, eps)
-    ctx.graph_report.add_match(FUSION, anchor, text, policy=reason,
-                               eps=eps if not isinstance(eps, fx.Node) else "run-time",
-                               weight=tail.weight is not None, bias=tail.bias is not None)
-    if tail.note:
-        ctx.graph_report.add_near_miss(FUSION, anchor, tail.note)
-    return 1
-
-
 def _library_form(gm, ctx, node: fx.Node) -> int:
     args = list(node.args) + [None] * (4 - len(node.args))
     x, shape, weight, eps = args[0], args[1], node.kwargs.get("weight", args[2]), node.kwargs.get("eps", args[3])
@@ -84,7 +58,7 @@ def _library_form(gm, ctx, node: fx.Node) -> int:
         if tail.mid_dtype is not None:
             return 0
         tail.weight = weight
-    return _apply(gm, ctx, x, tail, float(eps), "aten.rms_norm", node)
+    return apply_norm(gm, ctx, FUSION, x, tail, float(eps), "aten.rms_norm", node)
 
 
 def _is_centered(x: fx.Node) -> bool:
@@ -139,7 +113,7 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
     tail = match_tail(normed, val(x).shape[-1], val(x).shape)
     spelling = "hand-written rms norm (x*rsqrt" if normed.target is aten.mul.Tensor else \
         "hand-written rms norm (x/sqrt"
-    return _apply(gm, ctx, x, tail, eps, spelling + "(mean(x^2)+eps))", normed)
+    return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling + "(mean(x^2)+eps))", normed)
 
 
 def _sqrt_args(div_node: fx.Node) -> list:
