@@ -13,6 +13,7 @@ Anything that cannot be proven leaves the graph unchanged and records a near-mis
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import operator
@@ -102,8 +103,7 @@ def _is_index_only(expr: sympy.Basic) -> bool:
 class ScoreModBuilder:
     """Walks the DAG from the softmax input back to S, building the score_mod expression."""
 
-    def __init__(self, gm: fx.GraphModule, softmax_in: fx.Node, score_shape):
-        self.gm = gm
+    def __init__(self, softmax_in: fx.Node, score_shape):
         self.score_node: fx.Node | None = None
         self.score_shape = tuple(score_shape)
         self.rank = len(score_shape)
@@ -210,8 +210,7 @@ class ScoreModBuilder:
         if node.op != "call_function":
             return self.side(node)
         target = node.target
-        if target in MATMUL_OPS and not self._index_only and t is not None and t.dim() == self.rank and \
-                all(_same(a, b) for a, b in zip(t.shape, self.score_shape)):
+        if not self._index_only and self._is_score_matmul(node):
             if self.score_node is None or self.score_node is node:
                 self.score_node = node
                 if target == aten.baddbmm.default:  # beta * input + alpha * (q @ k)
@@ -232,49 +231,26 @@ class ScoreModBuilder:
                                  f"not an elementwise op flashfuse understands", node)
             return self.side(node)
 
+    def _is_score_matmul(self, n: fx.Node) -> bool:
+        """A matmul whose output has the scores' shape: the candidate for S = Q·Kᵀ."""
+        t = val(n)
+        return n.op == "call_function" and n.target in MATMUL_OPS and t is not None and \
+            t.dim() == self.rank and all(_same(a, b) for a, b in zip(t.shape, self.score_shape))
+
     def _has_score_like_ancestor(self, node: fx.Node) -> bool:
         """Before S is found: does a matmul of the scores' shape feed this node?"""
         if self.score_node is not None:
             return False
-        seen, stack = set(), list(node.all_input_nodes)
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            t = val(n)
-            if n.op == "call_function" and n.target in MATMUL_OPS and t is not None and \
-                    t.dim() == self.rank and all(_same(a, b) for a, b in zip(t.shape, self.score_shape)):
-                return True
-            stack.extend(n.all_input_nodes)
-        return False
+        return any(_nearest_ancestor(i, self._is_score_matmul) is not None for i in node.all_input_nodes)
 
     def _matmul_ancestor(self, node: fx.Node):
-        """The nearest matmul feeding `node` through elementwise-looking ops (for the near-miss reason)."""
-        seen, stack = set(), [node]
-        while stack:
-            n = stack.pop(0)
-            if n in seen or n.op != "call_function":
-                continue
-            seen.add(n)
-            if n.target in MATMUL_OPS:
-                return n
-            stack.extend(n.all_input_nodes)
-        return None
+        """The nearest matmul feeding `node` (for the near-miss reason)."""
+        return _nearest_ancestor(node, lambda n: n.op == "call_function" and n.target in MATMUL_OPS)
 
     def _depends_on_score(self, node: fx.Node) -> bool:
         if self.score_node is None:
             return False
-        seen, stack = set(), [node]
-        while stack:
-            n = stack.pop()
-            if n is self.score_node:
-                return True
-            if n in seen:
-                continue
-            seen.add(n)
-            stack.extend(a for a in n.all_input_nodes)
-        return False
+        return _nearest_ancestor(node, lambda n: n is self.score_node) is not None
 
     def _pointwise(self, node: fx.Node, t) -> Value:
         target, args, kw = node.target, node.args, node.kwargs
@@ -515,6 +491,20 @@ class _NotPointwise(Exception):
     pass
 
 
+def _nearest_ancestor(node: fx.Node, pred):
+    """Breadth-first over `node` and its inputs: the nearest node satisfying `pred`, or None."""
+    seen, queue = set(), collections.deque([node])
+    while queue:
+        n = queue.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if pred(n):
+            return n
+        queue.extend(n.all_input_nodes)
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Q, K, V recovery
 # --------------------------------------------------------------------------------------------------
@@ -696,7 +686,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
         raise NotFusable(f"dropout p={dropout_p} drops everything", pv)
 
     # 3. backwards: the score modification
-    builder = ScoreModBuilder(gm, s_in, sv.shape)
+    builder = ScoreModBuilder(s_in, sv.shape)
     expr = builder.build()
     S = builder.score_node
 
@@ -909,17 +899,11 @@ def _concrete_side(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.T
     t = example_inputs[i]
     if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor):
         return None
-    target = val(node)
     for sl in reversed(slices):
         dim = sl.args[1] if len(sl.args) > 1 else 0
-        size = target.shape[dim] if sl is node else None
         start = sl.args[2] if len(sl.args) > 2 and isinstance(sl.args[2], int) else 0
-        end = sl.args[3] if len(sl.args) > 3 else None
-        if not isinstance(end, int) or sl is node:
-            hint = val(sl).shape[dim]
-            end = start + (hint if isinstance(hint, int) else int(hint.node.hint))
-        t = t.narrow(dim, start, min(end, t.shape[dim]) - start)
-        del size
+        length = val(sl).shape[dim]  # the slice's own output length (a size hint under dynamic shapes)
+        t = t.narrow(dim, start, length if isinstance(length, int) else int(length.node.hint))
     return t
 
 
