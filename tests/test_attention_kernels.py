@@ -438,6 +438,26 @@ def test_dropout_mask_keep_rate_and_determinism():
     assert not torch.equal(m1[0, 0], m1[0, 1]) and not torch.equal(m1[0, 0], m1[1, 0])
 
 
+def test_dropout_mask_does_not_depend_on_the_tile_and_neighbours_are_independent():
+    from flashfuse.kernels.attention import dropout
+    ti = _ti()
+    rng = torch.tensor([99, 3], dtype=torch.int64, device=_dev())
+    m16 = ti.dropout_mask(rng, 1, 2, 37, 45, 0.5, block=16)
+    assert torch.equal(m16, ti.dropout_mask(rng, 1, 2, 37, 45, 0.5, block=32))
+    assert torch.equal(m16, ti.dropout_mask(rng, 1, 2, 37, 45, 0.5, block=8))
+    # the 8 keys of one Philox draw use different bits: neighbours agree half of the time at p = 0.5
+    m = ti.dropout_mask(rng, 2, 2, 64, 256, 0.5).cpu()
+    same = (m[..., 1:] == m[..., :-1]).float()
+    n = same.numel()
+    assert abs(same.sum().item() - n / 2) < 3.3 * math.sqrt(n / 4)
+    assert _binomial_ok(m, 0.5)
+    # the rate actually applied is p rounded to 2^-16, and the rescale is its exact inverse
+    for p in (0.1, 0.2, 1 / 3):
+        assert abs(dropout.effective_p(p) - p) <= 2 ** -17
+        assert dropout.keep_scale(p) * (1 - dropout.effective_p(p)) == pytest.approx(1.0, abs=1e-15)
+    assert dropout.keep_threshold(0.0) == 2 ** 16 and dropout.keep_threshold(1.0) == 0
+
+
 def test_dropout_forward_and_grads_with_the_kernels_mask():
     q, k, v = _qkv(1, 2, 2, 33, 40, 16, torch.float32)
     rng = torch.tensor([42, 5], dtype=torch.int64, device=_dev())
@@ -464,6 +484,24 @@ def test_op_autograd_end_to_end():
         assert _rel(a.grad, r.grad) < 3e-5
 
 
+def test_op_layouts_match_the_fake_impls():
+    """Output and q/k/v gradients come back (B, N, H, D)-stored, as the fake impls promise, also for
+    inputs that are plain contiguous (B, H, N, D); opcheck compares fake and real on every dispatch path."""
+    from flashfuse.kernels.attention import op  # noqa: F401
+    q, k, v = _qkv(1, 2, 1, 9, 11, 16, torch.float32)
+    q, k, v = [t.contiguous().requires_grad_(True) for t in (q, k, v)]
+    text = sm.to_text(0.25 * S)
+    out, lse = torch.ops.flashfuse.attention(q, k, v, [], [], text, 0.0, None, "ieee")
+    assert out.stride() == (9 * 2 * 16, 16, 2 * 16, 1)
+    dq, dk, dv, _ = torch.ops.flashfuse.attention_backward(torch.randn_like(out), q, k, v, out, lse, [], [],
+                                                           text, 0.0, None, [], "ieee")
+    for g, t in ((dq, q), (dk, k), (dv, v)):
+        bsz, h, n, d = t.shape
+        assert g.stride() == (n * h * d, d, h * d, 1)
+    torch.library.opcheck(torch.ops.flashfuse.attention.default, (q, k, v, [], [], text, 0.0, None, "ieee"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # ---------------------------------------------------------------- GPU: realistic sizes
 
 gpu = pytest.mark.gpu
@@ -480,7 +518,8 @@ def _sdpa_ref(q, k, v, causal, dropout_mask=None, p=0.0):
         s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(nk - nq + 1), float("-inf"))
     pr = torch.softmax(s, -1)
     if dropout_mask is not None:
-        pr = pr * dropout_mask / (1 - p)
+        from flashfuse.kernels.attention import dropout
+        pr = pr * dropout_mask * dropout.keep_scale(p)
     return pr @ vd
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from flashfuse.kernels.attention import dropout
 from flashfuse.kernels.attention import score_mod as sm
 
 QUERY_BLOCK = 128
@@ -53,9 +54,11 @@ def _scores(qs, k, compute_dtype):
 
 
 def _dropout_mask(rng, shape, q0, p, device):
+    """The reference's own keep mask (not the kernels' bits), at the kernels' quantised rate."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(rng[0].item()) * 1000003 + q0)
-    return (torch.rand(shape, generator=gen) >= p).to(device)
+    bits = torch.randint(0, dropout.KEEP_RANGE, shape, generator=gen)
+    return (bits < dropout.keep_threshold(p)).to(device)
 
 
 def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float, rng,
@@ -77,7 +80,7 @@ def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float,
         if dropout_p > 0 and rng is not None:
             keep = (dropout_mask[:, :, q0:q0 + block] if dropout_mask is not None
                     else _dropout_mask(rng, p.shape, q0, dropout_p, p.device))
-            p = p * keep / (1.0 - dropout_p)
+            p = p * keep * dropout.keep_scale(dropout_p)
         out[:, :, q0:q0 + block] = torch.matmul(p, vx.to(compute)).to(q.dtype)
         lse[:, :, q0:q0 + block] = lse_blk.float()
     return out, lse
@@ -117,7 +120,7 @@ def attention_backward(dout, q, k, v, sides, scalars, score_mod: str, dropout_p:
         if dropout_p > 0 and rng is not None:
             keep = (dropout_mask[:, :, q0:q0 + block] if dropout_mask is not None
                     else _dropout_mask(rng, p.shape, q0, dropout_p, p.device))
-            scale_keep = keep.to(compute) / (1.0 - dropout_p)
+            scale_keep = keep.to(compute) * dropout.keep_scale(dropout_p)
             pd = p * scale_keep
         do = dout[:, :, q0:q0 + block].to(compute)
         dvx += pd.transpose(-2, -1) @ do

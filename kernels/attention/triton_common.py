@@ -7,16 +7,21 @@ PHILOX_ROUNDS = tl.constexpr(7)  # Philox4x32-7, as in curand and FlashAttention
 
 
 @triton.jit
-def dropout_keep(seed, rng_off, bh, q_idx, kv_idx, Nk, dropout_p):
-    """Keep flag of element (bh, q_idx, kv_idx): counter (q_idx*Nk + kv_idx, bh, offset lo, offset hi).
-    The same function runs in the forward, the backward and `dropout_mask`, so the bits agree."""
-    c0 = (q_idx * Nk + kv_idx).to(tl.uint32, bitcast=True)
+def dropout_keep(seed, rng_off, bh, offs_q, n0, Nk, keep_thresh, BLOCK_N: tl.constexpr):
+    """Keep flags (len(offs_q), BLOCK_N) of queries `offs_q` and keys n0 .. n0 + BLOCK_N - 1 (n0 % 8 == 0).
+    One Philox draw per (query, group of 8 keys): counter (q * cdiv(Nk, 8) + group, bh, offset lo, hi);
+    its 4 words give 8 16-bit numbers, kept below keep_thresh (see dropout.py). The forward, the backward
+    and `dropout_mask` all call this, so the bits agree whatever their tile sizes."""
+    groups = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+    c0 = (offs_q[:, None] * ((Nk + 7) // 8) + groups[None, :]).to(tl.uint32, bitcast=True)
     zero = tl.zeros_like(c0)
     c1 = zero + bh.to(tl.uint32, bitcast=True)
     c2 = zero + (rng_off & 0xFFFFFFFF).to(tl.uint32)
     c3 = zero + ((rng_off >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
-    return tl.uint_to_uniform_float(r0) >= dropout_p
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (offs_q.shape[0], BLOCK_N // 2))
+    halves = tl.join(words & 0xFFFF, words >> 16)
+    return tl.reshape(halves, (offs_q.shape[0], BLOCK_N)).to(tl.int32) < keep_thresh
 
 
 @triton.jit
@@ -54,7 +59,7 @@ def attn_bwd_preprocess(Out, dOut, LSE, Delta, stride_ob, stride_oh, stride_om, 
 
 
 @triton.jit
-def dropout_mask_kernel(Mask, RNG, H, Nq, Nk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def dropout_mask_kernel(Mask, RNG, H, Nq, Nk, keep_thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     off_bh = tl.program_id(2)
@@ -62,6 +67,6 @@ def dropout_mask_kernel(Mask, RNG, H, Nq, Nk, dropout_p, BLOCK_M: tl.constexpr, 
     rng_off = tl.load(RNG + 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, rng_off, off_bh, offs_m[:, None], offs_n[None, :], Nk, dropout_p)
+    keep = dropout_keep(seed, rng_off, off_bh, offs_m, pid_n * BLOCK_N, Nk, keep_thresh, BLOCK_N)
     ptrs = Mask + off_bh.to(tl.int64) * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))

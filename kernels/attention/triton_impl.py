@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import triton
 
-from flashfuse.kernels.attention import codegen, triton_common
+from flashfuse.kernels.attention import codegen, dropout, triton_common
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCK = threading.Lock()
@@ -163,6 +163,11 @@ def _common_meta(q, v, dropout_p, rng, precision):
                 DOT_PREC=dot_prec, DROPOUT=bool(dropout_p > 0 and rng is not None), FAST_MATH=fast)
 
 
+def _dropout_args(p: float) -> tuple:
+    """(keep threshold, rescale factor) of the kernels' 16-bit dropout draws (dropout.py)."""
+    return dropout.keep_threshold(p), dropout.keep_scale(p)
+
+
 def _check(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("flashfuse attention expects 4-D q, k, v")
@@ -176,7 +181,7 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     _check(q, k, v)
     bsz, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    out = torch.empty(bsz, nq, hq, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = torch.empty(bsz, nq, hq, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)  # op.py's layout
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -191,7 +196,7 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     with _quiet():
         kernel[grid](q, k, v, out, lse, rng_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                      *_side_args(sides, (bsz, hq, nq, nk)), *[float(x) for x in scalars],
-                     hq, nq, nk, hq // hkv, float(dropout_p), **meta, **blocks)
+                     hq, nq, nk, hq // hkv, *_dropout_args(dropout_p), **meta, **blocks)
     return out, lse
 
 
@@ -209,7 +214,9 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
     bsz, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     side_grads = tuple(bool(g) for g in side_needs_grad)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # (B, N, H, D) storage: the layout op.py promises (the kernels take any strides)
+    dq, dk, dv = [torch.empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3], dtype=t.dtype, device=t.device)
+                  .transpose(1, 2) for t in (q, k, v)]
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
                                                      for s, g in zip(sides, side_grads)]
@@ -230,13 +237,13 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
     kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"])
     kernel[lambda m: (triton.cdiv(nk, m["BLOCK_N"]), bsz * hkv)](
         q, k, v, dout, lse, delta, dk, dv, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *dk.stride(), *dv.stride(), *side_args, *scalar_args, hq, hkv, nq, nk, hq // hkv, float(dropout_p),
+        *dk.stride(), *dv.stride(), *side_args, *scalar_args, hq, hkv, nq, nk, hq // hkv, *_dropout_args(dropout_p),
         **meta, **blocks)
     kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
     kernel[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)](
         q, k, v, dout, lse, delta, dq, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dq.stride(), *side_args, *scalar_args, *dside_full.values(), hq, nq, nk, hq // hkv,
-        float(dropout_p), **meta, **blocks)
+        *_dropout_args(dropout_p), **meta, **blocks)
 
     dsides = []
     for i, (s, g) in enumerate(zip(sides, side_grads)):
@@ -251,12 +258,16 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
     return dq, dk, dv, dsides
 
 
-def dropout_mask(rng: torch.Tensor, B: int, H: int, Nq: int, Nk: int, p: float, device=None) -> torch.Tensor:
-    """The keep mask (B, H, Nq, Nk) bool that the kernels draw for `rng` = [seed, offset] (same bits)."""
+def dropout_mask(rng: torch.Tensor, B: int, H: int, Nq: int, Nk: int, p: float, device=None,
+                 block: int = 0) -> torch.Tensor:
+    """The keep mask (B, H, Nq, Nk) bool that the kernels draw for `rng` = [seed, offset] (same bits,
+    whatever the tile size `block`, a multiple of 8)."""
     device = device if device is not None else rng.device
     rng = rng.to(device=device, dtype=torch.int64)
     mask = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
-    blk = 16 if INTERPRET else 64
+    blk = block or (16 if INTERPRET else 64)
+    if blk % 8:
+        raise ValueError(f"dropout_mask: block={blk} is not a multiple of 8")
     triton_common.dropout_mask_kernel[(triton.cdiv(Nq, blk), triton.cdiv(Nk, blk), B * H)](
-        mask, rng, H, Nq, Nk, float(p), BLOCK_M=blk, BLOCK_N=blk)
+        mask, rng, H, Nq, Nk, dropout.keep_threshold(p), BLOCK_M=blk, BLOCK_N=blk)
     return mask.bool()

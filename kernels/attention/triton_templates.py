@@ -23,7 +23,7 @@ STATIC_MAX = tl.constexpr(@STATIC_MAX@)
 FORWARD = '''
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_m, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, dropout_p,
+               offs_m, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, keep_thresh, keep_scale,
                @SIDE_PARAMS@@SCALAR_PARAMS@
                MASKED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -61,7 +61,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(dropout_keep(seed, rng_off, off_bh, q_idx, kv_idx, Nk, dropout_p), p, 0.0)
+            p = tl.where(dropout_keep(seed, rng_off, off_bh, offs_m, start_n, Nk, keep_thresh, BLOCK_N), p, 0.0)
         if MASKED:
             v = tl.load(v_ptrs, mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0)
         elif DV == BLOCK_DV:
@@ -78,7 +78,7 @@ def attn_fwd(Q, K, V, Out, LSE, RNG,
              stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
              @SIDE_PARAMS@@SCALAR_PARAMS@
-             H, Nq, Nk, GROUP, dropout_p,
+             H, Nq, Nk, GROUP, keep_thresh, keep_scale,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
              DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -115,15 +115,15 @@ def attn_fwd(Q, K, V, Out, LSE, RNG,
     fs = tl.minimum(tl.maximum(fs, start), end)
     fe = tl.maximum(tl.minimum(fe, end), fs)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_m, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, dropout_p,
+                               offs_m, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, keep_thresh, keep_scale,
                                @SIDE_ARGS@@SCALAR_ARGS@
                                True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_m, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, dropout_p,
+                               offs_m, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, keep_thresh, keep_scale,
                                @SIDE_ARGS@@SCALAR_ARGS@
                                False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_m, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, dropout_p,
+                               offs_m, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, keep_thresh, keep_scale,
                                @SIDE_ARGS@@SCALAR_ARGS@
                                True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
     if USE_STATIC_MAX:
@@ -131,7 +131,7 @@ def attn_fwd(Q, K, V, Out, LSE, RNG,
     # rows with nothing kept: l = 0 and acc = 0 give NaN, as eager softmax of an all -inf row
     out = acc / l_i[:, None]
     if DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
+        out = out * keep_scale
     lse = m_i / LSE_SCALE + tl.math.log2(l_i) * 0.6931471805599453  # natural log
     # every score of the row is a huge fill (finfo.min): out is eager's uniform average, but m + log(l)
     # rounds to m, so the backward could not recover P; mark the row fully masked (no gradient) instead
@@ -147,10 +147,10 @@ BACKWARD = '''
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     stride_qm, stride_qd, stride_dom, stride_dod,
-                    offs_n, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, dropout_p,
+                    offs_n, n0, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, keep_thresh, keep_scale,
                     @SIDE_PARAMS@@SCALAR_PARAMS@
                     MASKED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                     DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
     # Works on transposed tiles (keys x queries) so that P^T and dS^T come out of the dots in the layout
     # the dV and dK products consume: no register transposes. The score code is elementwise and only
@@ -178,10 +178,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         p = tl.math.exp2((s - lse[None, :]) * EXP_SCALE)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         if DROPOUT:
-            keep = dropout_keep(seed, rng_off, off_bh, q_idx, kv_idx, Nk, dropout_p)
-            scale = 1.0 / (1.0 - dropout_p)
-            pd = tl.where(keep, p * scale, 0.0)
-            dp = tl.where(keep, dp * scale, 0.0)
+            # the kernel's keys are the rows here: draw the (queries x keys) tile and transpose it
+            keep = tl.trans(dropout_keep(seed, rng_off, off_bh, offs_m, n0, Nk, keep_thresh, BLOCK_N))
+            pd = tl.where(keep, p * keep_scale, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         else:
             pd = p
         dv = tl.dot(pd.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -197,7 +197,7 @@ def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG,
                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                   stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                   @SIDE_PARAMS@@SCALAR_PARAMS@
-                  H, HKV, Nq, Nk, GROUP, dropout_p,
+                  H, HKV, Nq, Nk, GROUP, keep_thresh, keep_scale,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                   DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -243,19 +243,19 @@ def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG,
         delta_base = Delta + off_bh.to(tl.int64) * Nq
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
-                                 offs_n, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, dropout_p,
+                                 offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, keep_thresh, keep_scale,
                                  @SIDE_ARGS@@SCALAR_ARGS@
-                                 True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PREC, DROPOUT, FAST_MATH)
+                                 True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
-                                 offs_n, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, dropout_p,
+                                 offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, keep_thresh, keep_scale,
                                  @SIDE_ARGS@@SCALAR_ARGS@
-                                 False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PREC, DROPOUT, FAST_MATH)
+                                 False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
-                                 offs_n, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, dropout_p,
+                                 offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, keep_thresh, keep_scale,
                                  @SIDE_ARGS@@SCALAR_ARGS@
-                                 True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PREC, DROPOUT, FAST_MATH)
+                                 True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
     tl.store(dK + off_b.to(tl.int64) * stride_dkb + off_hkv.to(tl.int64) * stride_dkh
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(dK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
@@ -266,7 +266,7 @@ def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG,
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  offs_m, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, dropout_p,
+                  offs_m, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, keep_thresh, keep_scale,
                   @SIDE_PARAMS@@SCALAR_PARAMS@@DSIDE_PARAMS@
                   MASKED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -300,8 +300,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
         p = tl.math.exp2((s - lse[:, None]) * EXP_SCALE)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
-            keep = dropout_keep(seed, rng_off, off_bh, q_idx, kv_idx, Nk, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            keep = dropout_keep(seed, rng_off, off_bh, offs_m, start_n, Nk, keep_thresh, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         dl = p * (dp - delta[:, None])
         ds = dl * (@DSCORE@)
 @DSIDE_STORES@
@@ -315,7 +315,7 @@ def attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, RNG,
                 stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                 @SIDE_PARAMS@@SCALAR_PARAMS@@DSIDE_PARAMS@
-                H, Nq, Nk, GROUP, dropout_p,
+                H, Nq, Nk, GROUP, keep_thresh, keep_scale,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                 DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -358,15 +358,15 @@ def attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, RNG,
     fs = tl.minimum(tl.maximum(fs, start), end)
     fe = tl.maximum(tl.minimum(fe, end), fs)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, dropout_p,
+                       offs_m, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, keep_thresh, keep_scale,
                        @SIDE_ARGS@@SCALAR_ARGS@@DSIDE_ARGS@
                        True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, dropout_p,
+                       offs_m, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, keep_thresh, keep_scale,
                        @SIDE_ARGS@@SCALAR_ARGS@@DSIDE_ARGS@
                        False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, dropout_p,
+                       offs_m, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, keep_thresh, keep_scale,
                        @SIDE_ARGS@@SCALAR_ARGS@@DSIDE_ARGS@
                        True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
     tl.store(dQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
