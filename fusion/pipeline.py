@@ -71,4 +71,37 @@ def lower(gm: fx.GraphModule, example_inputs: list, config: Config, mode: str | 
     patches = {}
     if mode and mode != "default":
         patches = dict(torch._inductor.list_mode_options(mode))
+    if torch._inductor.config.post_grad_custom_post_pass is None:
+        patches["post_grad_custom_post_pass"] = _ops_version_pass()
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+_OPS_VERSION = None
+
+
+def _ops_version_pass():
+    """Inductor's FX graph cache keys on the graph, not on the fake impls of the custom ops in it: after
+    an upgrade that changes an op's output strides, a cached graph would assert the old ones. A no-op
+    post-grad pass whose uuid hashes flashfuse's op sources puts that version into the cache key."""
+    global _OPS_VERSION
+    if _OPS_VERSION is None:
+        import hashlib
+        from pathlib import Path
+
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+
+        import flashfuse.kernels
+
+        digest = hashlib.sha256()
+        for path in sorted(Path(flashfuse.kernels.__file__).parent.rglob("*.py")):
+            digest.update(path.read_bytes())
+
+        class FlashfuseOpsVersion(CustomGraphPass):
+            def __call__(self, graph):  # changes nothing
+                return None
+
+            def uuid(self):
+                return "flashfuse-ops-" + digest.hexdigest()[:16]
+
+        _OPS_VERSION = FlashfuseOpsVersion()
+    return _OPS_VERSION

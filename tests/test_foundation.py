@@ -102,3 +102,31 @@ def test_demo_runs_and_fuses():
     res = subprocess.run([sys.executable, demo], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "fused attention blocks: 1" in res.stdout and "demo OK" in res.stdout
+
+
+def test_inductor_cache_key_carries_the_ops_version():
+    """Inductor's FX graph cache must not hand back a graph compiled against older fake impls of
+    flashfuse's ops (their output strides are asserted at run time): lowering adds a no-op post-grad
+    pass whose uuid hashes the op sources. The cache still works: the second compile is a hit."""
+    import math
+
+    from torch._dynamo.utils import counters
+
+    from flashfuse import pipeline
+
+    version = pipeline._ops_version_pass()
+    assert version.uuid().startswith("flashfuse-ops-") and version.uuid() == pipeline._ops_version_pass().uuid()
+
+    class Attn(nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v
+
+    q, k, v = [torch.randn(1, 2, 5, 8) for _ in range(3)]
+    seen = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(Attn(), backend="flashfuse")(q, k, v)
+        seen.append(dict(counters["inductor"]))
+    assert seen[0].get("fxgraph_cache_bypass", 0) == 0
+    assert seen[1].get("fxgraph_cache_hit", 0) == 1

@@ -37,9 +37,25 @@ def _has_triton_impl() -> bool:
         return False
 
 
+def empty_bnhd(shape, like: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, D) tensor stored (B, N, H, D)-contiguous: the layout of q/k/v split off a projection
+    (`view(B, N, H, D).transpose(1, 2)`), so the model's transpose back to (B, N, H*D) costs nothing.
+    The output and the q/k/v gradients use it."""
+    bsz, h, n, d = shape
+    return torch.empty(bsz, n, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def as_bnhd(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the layout of `empty_bnhd`; no copy when it already is (the kernels' usual case)."""
+    bsz, h, n, d = t.shape
+    if t.stride() == (n * h * d, d, h * d, 1) or t.numel() == 0:
+        return t
+    return empty_bnhd(t.shape, t).copy_(t)
+
+
 def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     bsz, hq, nq, _ = q.shape
-    return torch.empty(bsz, nq, hq, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+    return empty_bnhd((bsz, hq, nq, v.shape[-1]), q)
 
 
 @torch.library.custom_op("flashfuse::attention", mutates_args=())
@@ -51,16 +67,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
         out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
     else:
         out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
-    return _in_out_layout(out, q, v), lse.contiguous()
-
-
-def _in_out_layout(out: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The fake impl promises (B, Nq, Hq, Dv)-contiguous storage; compiled graphs rely on those strides.
-    Copies only when an implementation returned another layout (no allocation on the usual path)."""
-    bsz, hq, nq, dv = out.shape
-    if out.stride() == (nq * hq * dv, dv, hq * dv, 1):
-        return out
-    return _empty_out(q, v).copy_(out)
+    # the fake impl promises these layouts; compiled graphs rely on the strides
+    return as_bnhd(out), lse.contiguous()
 
 
 @attention.register_fake
@@ -89,14 +97,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     else:
         dq, dk, dv, dsides = reference.attention_backward(
             dout, q, k, v, sides, scalars, score_mod, dropout_p, rng, side_needs_grad)
-    return (dq.contiguous(), dk.contiguous(), dv.contiguous(),
+    return (as_bnhd(dq), as_bnhd(dk), as_bnhd(dv),
             [d.contiguous() for d, g in zip(dsides, side_needs_grad) if g])
 
 
 @attention_backward.register_fake
 def _(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision):
     dsides = [s.new_empty(s.shape) for s, g in zip(sides, side_needs_grad) if g]
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsides
+    return empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v), dsides
 
 
 def _setup_context(ctx, inputs, output):
