@@ -37,21 +37,24 @@ def _score_mod_text(d, causal):
     return sm.to_text(expr)
 
 
-def _make_impl(name, d, causal, n):
+def _make_impl(name, d, causal, n, dropout=0.0):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if name == "flashfuse":
         import flashfuse.kernels.attention.op  # noqa: F401
         text = _score_mod_text(d, causal)
-        return lambda q, k, v: torch.ops.flashfuse.attention(q, k, v, [], [], text, 0.0, None, "tf32")[0]
+        rng = torch.tensor([1234, 0], dtype=torch.int64, device="cuda") if dropout else None
+        return lambda q, k, v: torch.ops.flashfuse.attention(q, k, v, [], [], text, dropout, rng, "tf32")[0]
+    if dropout and name != "sdpa_flash":
+        raise NotImplementedError("dropout is compared against SDPA's flash backend only")
     if name.startswith("sdpa_"):
         backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
 
         def run(q, k, v):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
         return run
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -91,13 +94,13 @@ def sweep(args):
                 dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
                 for name in args.impls:
                     for mode in args.modes:
-                        rec = dict(impl=name, d=d, n=n, b=b, h=h, causal=causal, mode=mode)
+                        rec = dict(impl=name, d=d, n=n, b=b, h=h, causal=causal, mode=mode, dropout=args.dropout)
                         if name == "flex" and args.deadline and time.time() - t0 > args.deadline:
                             rec.update(ms=None, tflops=None, error="skipped: benchmark deadline")
                             rows.append(rec)
                             continue
                         try:
-                            fn = _make_impl(name, d, causal, n)
+                            fn = _make_impl(name, d, causal, n, args.dropout)
                             if mode == "fwd":
                                 with torch.no_grad():
                                     fn(q, k, v)
@@ -225,7 +228,7 @@ def plot(json_path, out_dir):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = os.path.join(out_dir, "attention_sweep.png")
+    path = os.path.join(out_dir, os.path.basename(json_path).replace(".json", ".png"))
     fig.savefig(path, dpi=110)
     print("wrote", path)
 
@@ -243,6 +246,8 @@ def main():
     p.add_argument("--plot", help="only plot this sweep JSON")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which flex cases are skipped")
     p.add_argument("--partial", help="rewrite this JSON after every shape")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="attention dropout p (flashfuse vs sdpa_flash); written to attention_sweep_dropout.json")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.plot:
@@ -253,7 +258,8 @@ def main():
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(env, flush=True)
     rows = sweep(args) if args.part == "sweep" else handwritten(args)
-    path = os.path.join(args.out, f"attention_{args.part}.json")
+    suffix = "_dropout" if args.part == "sweep" and args.dropout else ""
+    path = os.path.join(args.out, f"attention_{args.part}{suffix}.json")
     json.dump(dict(env=env, args=vars(args), rows=rows), open(path, "w"), indent=1)
     print("wrote", path)
     if args.part == "sweep":

@@ -108,13 +108,13 @@ def hf_model(name, t, sdpa, tiny=False):
     raise ValueError(f"unknown model {name!r}: gpt2, bert or llama")
 
 
-def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False):
+def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=0.1):
     """One training step (forward, backward, fused AdamW) of `model_name` compiled as `mode`."""
     torch.manual_seed(0)
     sdpa = mode == "sdpa"
     if model_name == "gpt2":
-        model = (GPT(block_size=t, n_layer=2, n_head=4, n_embd=64, sdpa=sdpa) if tiny
-                 else GPT(block_size=t, sdpa=sdpa))
+        model = (GPT(block_size=t, n_layer=2, n_head=4, n_embd=64, sdpa=sdpa, dropout=dropout) if tiny
+                 else GPT(block_size=t, sdpa=sdpa, dropout=dropout))
         vocab = 50304
     else:
         model, vocab = hf_model(model_name, t, sdpa, tiny)
@@ -157,10 +157,10 @@ def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False):
     return step
 
 
-def measure(mode, b, t, iters=10, model_name="gpt2"):
+def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    step = make_step(mode, b, t, model_name=model_name)
+    step = make_step(mode, b, t, model_name=model_name, dropout=dropout)
     t0 = time.perf_counter()
     for _ in range(3):
         loss = float(step())  # read now: a CUDA-graph output is overwritten by the next replay
@@ -174,7 +174,8 @@ def measure(mode, b, t, iters=10, model_name="gpt2"):
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
-    return {"model": model_name, "mode": mode, "b": b, "t": t, "ms": statistics.median(times), "warmup_s": warm,
+    return {"model": model_name, "mode": mode, "b": b, "t": t, "dropout": dropout,
+            "ms": statistics.median(times), "warmup_s": warm,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
 
 
@@ -212,6 +213,8 @@ def main():
     ap.add_argument("--modes", default="eager,inductor,flashfuse,sdpa")
     ap.add_argument("--longest", default="")
     ap.add_argument("--model", default="gpt2", help="gpt2 (hand-written nanoGPT), bert (HF, padding), llama (HF, GQA)")
+    ap.add_argument("--dropout", type=float, default=0.1, help="GPT-2's dropout (attention, residual, MLP)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -225,33 +228,35 @@ def main():
         for t in (int(x) for x in args.longest.split(",")):
             for mode in args.modes.split(","):
                 try:
-                    r = measure(mode, 1, t, iters=3, model_name=args.model)
-                except torch.OutOfMemoryError:
-                    r = {"mode": mode, "b": 1, "t": t, "ms": None, "peak_gib": None, "oom": True}
+                    r = measure(mode, 1, t, iters=3, model_name=args.model, dropout=args.dropout)
+                except torch.OutOfMemoryError as exc:
+                    r = {"mode": mode, "b": 1, "t": t, "ms": None, "peak_gib": None, "oom": True,
+                         "error": str(exc)[:200]}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 torch._dynamo.reset()
-        json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, f"train_{args.model}_longest.json"), "w"), indent=1)
+        json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, f"train_{args.model}{args.tag}_longest.json"), "w"), indent=1)
         return
     rows = []
     for cfg in args.configs.split(","):
         b, t = (int(x) for x in cfg.split("x"))
         for mode in args.modes.split(","):
             try:
-                r = measure(mode, b, t, model_name=args.model)
-            except torch.OutOfMemoryError:
-                r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None, "oom": True}
+                r = measure(mode, b, t, model_name=args.model, dropout=args.dropout)
+            except torch.OutOfMemoryError as exc:
+                r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None, "oom": True,
+                     "error": str(exc)[:200]}
             except Exception as exc:  # one failing mode must not lose the other rows
                 r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None,
                      "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(r)
             print(json.dumps(r), flush=True)
             torch._dynamo.reset()
-    json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, f"train_{args.model}.json"), "w"), indent=1)
-    plot(rows, env, os.path.join(args.out, f"train_{args.model}.png"), args.model)
+    json.dump({"env": env, "rows": rows}, open(os.path.join(args.out, f"train_{args.model}{args.tag}.json"), "w"), indent=1)
+    plot(rows, env, os.path.join(args.out, f"train_{args.model}{args.tag}.png"), args.model)
     print(f"\n{env}\n| b x seq | mode | ms/step | peak GiB | warm-up s |\n|---|---|---|---|---|")
     for r in rows:
-        ms = f"{r['ms']:.1f}" if r.get("ms") else "OOM"
+        ms = f"{r['ms']:.1f}" if r.get("ms") else ("OOM" if r.get("oom") else "error")
         pk = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         print(f"| {r['b']} x {r['t']} | {r['mode']} | {ms} | {pk} | {r.get('warmup_s', 0):.1f} |")
 

@@ -547,10 +547,11 @@ def test_gpu_realistic(dtype, d, causal):
 
 
 @gpu
-def test_gpu_gqa_dropout_bf16():
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_gqa_dropout_bf16(d):
     ti = _ti()
     torch.manual_seed(0)
-    B, Hq, Hkv, N, d, p = 2, 8, 2, 777, 128, 0.1
+    B, Hq, Hkv, N, p = 2, 8, 2, 777, 0.1
     q = torch.randn(B, Hq, N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = [torch.randn(B, Hkv, N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
     rng = torch.tensor([2024, 0], dtype=torch.int64, device="cuda")

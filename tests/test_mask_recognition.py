@@ -42,3 +42,22 @@ def test_bottom_right_causal_cross():
     text = sm.to_text(sympy.Piecewise((-sympy.oo, sympy.Eq(sm.side(0), 0)), (sm.score, True)))
     new, sides, kept = mask_recognition.specialize(text, [m], 5, 11)
     assert kept == [] and sides == [] and "Nk" in new
+
+
+def test_a_recognized_mask_keeps_its_address_taken():
+    """A per-call mask (version 0) allocated where a recognized one used to live would hit its cache
+    entry; the entry holds the storage, so that address cannot be handed out while it is cached."""
+    text = sm.to_text(sympy.Piecewise((-sympy.oo, sympy.Eq(sm.side(0), 0)), (sm.score, True)))
+    causal = torch.ones(1, 1, 8, 8).tril()
+    _, _, kept = mask_recognition.specialize(text, [causal], 8, 8)
+    assert kept == []
+    ref = causal.untyped_storage()._weak_ref()
+    del causal
+    try:
+        assert not torch.UntypedStorage._expired(ref)
+    finally:
+        torch.UntypedStorage._free_weak_ref(ref)
+    padded = torch.ones(1, 1, 8, 8).tril()
+    padded[..., -3:] = 0.0
+    _, _, kept = mask_recognition.specialize(text, [padded], 8, 8)
+    assert kept == [0]

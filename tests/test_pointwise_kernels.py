@@ -307,7 +307,13 @@ def test_gpu_kernels_large(dtype):
 
 @pytest.mark.gpu
 def test_gpu_fusions_bf16_end_to_end():
-    from flashfuse.testing import assert_close_to_eager
+    """bf16 end to end against float64 eager. Not element-wise against bf16 eager: the PReLU kink turns
+    eager's own bf16 rounding of h into gradient jumps of a few 1e-2 on 0.2% of x's gradient. The check
+    is the norm-wise error, which must stay within twice eager bf16's own (or 1e-2)."""
+    import copy
+
+    from flashfuse.backend import Backend
+    from flashfuse.testing import assert_fused, testing_options
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -320,11 +326,30 @@ def test_gpu_fusions_bf16_end_to_end():
             h = self.prelu(h.transpose(1, 2)).transpose(1, 2)
             return h * y + y * 0.5 - h / 3, h.mean(-1).mean(-1)
 
+    torch.manual_seed(0)
     model = Block().cuda().to(torch.bfloat16)
     x = randn(4, 129, 256, dtype=torch.bfloat16, dev="cuda")
     y = randn(4, 129, 512, dtype=torch.bfloat16, dev="cuda")
+    g = [randn(4, 129, 512, dtype=torch.bfloat16, dev="cuda"), randn(4, dtype=torch.bfloat16, dev="cuda")]
+
+    def run(m, xs, grads):
+        xs = [t.detach().clone().requires_grad_() for t in xs]
+        outs = m(*xs)
+        torch.autograd.backward(outs, [gg.to(outs[0].dtype) for gg in grads])
+        return [o.detach().double() for o in outs] + [t.grad.double() for t in xs] + \
+            [p.grad.double() for p in m.parameters()]
+
+    ref = run(copy.deepcopy(model).double(), [x.double(), y.double()], g)
+    eager = run(copy.deepcopy(model), [x, y], g)
     for options in ({"remainder": "eager"}, {"remainder": "inductor", "norm_policy": "always"}):
-        assert_close_to_eager(model, x, y, options=options, rtol=3e-2, atol=3e-2)
+        torch._dynamo.reset()
+        assert_fused(model, x, y, options=options, bias_gelu=1, prelu=1)
+        torch._dynamo.reset()
+        backend = Backend(**testing_options(options))
+        got = run(torch.compile(copy.deepcopy(model), backend=backend), [x, y], g)
+        for i, (a, e, r) in enumerate(zip(got, eager, ref)):
+            err, eager_err = ((a - r).norm() / r.norm()).item(), ((e - r).norm() / r.norm()).item()
+            assert err <= max(2 * eager_err, 1e-2), (options, i, err, eager_err)
 
 
 def test_pointwise_keeps_a_shared_channels_last_layout():

@@ -6,6 +6,13 @@ and a buffer can be changed in place later. So the op checks the actual tensor e
 (cached on data pointer, `_version`, shape and strides): a side used only in conditions `side != 0` /
 `side == 0` whose nonzero pattern equals a candidate index predicate is replaced by that predicate.
 A mismatch (or any side needing a gradient) leaves the expression as it was: never a wrong number.
+
+Two things keep the cache sound. A recognized entry holds the side's storage, so no other tensor can
+be allocated at that address while the entry lives (a fresh mask of another batch landing on a freed
+mask's address, with the same `_version` 0, would otherwise hit). And nothing is recognized while a
+CUDA graph is being captured: the check reads the tensor (a host sync, illegal in capture), and a
+replay runs the captured kernel without calling back here, whatever the mask holds by then; captured
+calls take the general path, which loads the mask.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from flashfuse.kernels.attention import score_mod as sm
 
 _CACHE: dict = {}     # per side tensor state -> recognized predicate (or False)
 _RESULTS: dict = {}   # per (score_mod, side states, sizes) -> (new text, kept indices)
-_MAX_CACHE = 256
+_MAX_CACHE = 64
 
 
 def _candidates():
@@ -60,6 +67,8 @@ def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
     indices of the original sides that remain, in order."""
     if not sides:
         return score_mod, sides, []
+    if sides[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return score_mod, sides, list(range(len(sides)))
     # this runs on every call of the op: the common case must cost a dict lookup, not sympy work
     rkey = (score_mod, tuple(_key(t) for t in sides), nq, nk,
             tuple(needs_grad) if needs_grad is not None else None,
@@ -69,7 +78,7 @@ def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
         if len(_RESULTS) > _MAX_CACHE:
             _RESULTS.clear()
         hit = _RESULTS[rkey] = _specialize(score_mod, sides, nq, nk, needs_grad)
-    text, kept = hit
+    text, kept, _held = hit
     return text, [sides[i] for i in kept], list(kept)
 
 
@@ -101,14 +110,18 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
                         break
             if len(_CACHE) > _MAX_CACHE:
                 _CACHE.clear()
-            _CACHE[key] = pred
+            _CACHE[key] = (pred, t.untyped_storage() if pred is not False else None)
+        else:
+            pred = pred[0]
         if pred is False:
             continue
         expr = expr.xreplace({c: (pred if isinstance(c, sympy.Ne) else sympy.Not(pred)) for c in conds})
         keep_idx.remove(i)
         changed = True
     if not changed:
-        return score_mod, tuple(keep_idx)
+        return score_mod, tuple(keep_idx), ()
     mapping = {sm.side(old): sm.side(new) for new, old in enumerate(keep_idx)}
     expr = expr.xreplace(mapping)
-    return sm.to_text(expr), tuple(keep_idx)
+    # hold the recognized sides' storages: their addresses cannot be reused while this entry lives
+    held = tuple(t.untyped_storage() for i, t in enumerate(sides) if i not in keep_idx)
+    return sm.to_text(expr), tuple(keep_idx), held
