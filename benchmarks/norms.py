@@ -127,10 +127,14 @@ def bench_cudagraph(fn, x, r, w, b, backward: bool = False):
         out = fn(x, r, w, b)
         outs = list(out) if isinstance(out, tuple) else [out]
         grads = [torch.randn_like(o) for o in outs]
+        # drop the autograd graph of this call: its AccumulateGrad nodes belong to the default stream,
+        # and reusing them inside the capture (on a side stream) invalidates it
+        del out, outs
 
         def step():
             o = fn(x, r, w, b)
-            torch.autograd.grad(list(o) if isinstance(o, tuple) else [o], leaves, grads)
+            # allow_unused: RMSNorm takes a bias argument it does not read
+            torch.autograd.grad(list(o) if isinstance(o, tuple) else [o], leaves, grads, allow_unused=True)
 
         for _ in range(3):  # compile / autotune / lazy backward compilation outside the capture
             step()

@@ -743,6 +743,8 @@ def test_gpu_nanogpt_bf16_autocast_train(mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(reason="open (issue 7): on the H100 (torch 2.11, triton 3.6) the capture of a training "
+                          "step with the attention op is invalidated; forward-only capture works", strict=False)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gpu_cuda_graph_training_steps(dropout):
     """mode="reduce-overhead" over whole training steps: warm-up, capture and replays of forward and
