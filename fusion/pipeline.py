@@ -16,6 +16,16 @@ def _graph_is_cuda(example_inputs: list) -> bool:
     return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
 
 
+def _uses_cuda_graphs(config: Config, mode: str | None) -> bool:
+    """Whether Inductor will capture the lowered graph in CUDA graphs (mode="reduce-overhead", or its
+    config set by hand): ops must then behave the same in every call, capture and replays included."""
+    if config.remainder != "inductor":
+        return False
+    if mode and mode != "default" and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
+        return True
+    return bool(torch._inductor.config.triton.cudagraphs)
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
                   mode: str | None = None) -> Callable:
     report = current_report()
@@ -30,7 +40,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
         aten_gm = to_aten(gm, example_inputs)
         if logger.isEnabledFor(10):
             logger.debug("graph %d after normalize:\n%s", graph_report.index, aten_gm.code)
-        ctx = PassContext(config, graph_report, example_inputs, _graph_is_cuda(example_inputs))
+        ctx = PassContext(config, graph_report, example_inputs, _graph_is_cuda(example_inputs),
+                          _uses_cuda_graphs(config, mode))
         total = 0
         for name in config.enabled_passes():
             n = get_pass(name)(aten_gm, ctx)

@@ -33,6 +33,7 @@ class PassContext:
     graph_report: Any      # flashfuse.report.GraphReport
     example_inputs: list   # fake or real example inputs of the graph
     is_cuda: bool          # whether the graph computes on a CUDA device
+    cuda_graphs: bool = False  # whether the lowered graph will be captured in CUDA graphs (reduce-overhead)
 
 
 PassFn = Callable[[fx.GraphModule, PassContext], int]

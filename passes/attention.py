@@ -747,8 +747,9 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     text = sm.to_text(expr)
     _check_kernel_can_print(text, len(builder.sides), S)
     precision = ctx.config.fp32_precision
+    # under CUDA graphs a mask cannot be re-checked per call (replays skip the op's Python): keep it a tensor
     att = g.call(torch.ops.flashfuse.attention.default, q4, k4, v4, sides4, [], text, dropout_p, rng,
-                 precision)
+                 precision, not ctx.cuda_graphs)
     out = g.call(operator.getitem, att, 0)
     out_final = out
     if rank < 4:
@@ -762,7 +763,8 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     pv.replace_all_uses_with(out_final)
     out_final.meta["val"] = ov
 
-    description = _describe(gm, expr, builder, dropout_p, qv, ktv, k_rep, rank, ctx.example_inputs)
+    description = _describe(gm, expr, builder, dropout_p, qv, ktv, k_rep, rank, ctx.example_inputs,
+                            ctx.cuda_graphs)
     ctx.graph_report.add_match(NAME, pv, description, score_mod=str(expr), dropout_p=dropout_p,
                                gqa=k_rep, head_dim=d, sides=list(builder.side_desc))
     # the original nodes are now dead; the pipeline's dead-code elimination removes them
@@ -907,7 +909,7 @@ def _concrete_side(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.T
     return t
 
 
-def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs) -> list[str]:
+def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs: bool) -> list[str]:
     """'causal (tril buffer ...)' for a mask input that is lower-triangular now, else kind and shape."""
     from flashfuse.kernels.attention import mask_recognition
 
@@ -918,14 +920,15 @@ def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs) -> list[str]
         if t is not None and t.dim() == 4 and mask_recognition._side_conditions(expr, i):
             pattern = mask_recognition._nonzero_pattern(t, t.shape[2], t.shape[3])
         if pattern is not None and torch.equal(pattern, torch.ones_like(pattern).tril(pattern.shape[1] - pattern.shape[0])):
-            words.append(f"causal (tril buffer {_shape_str(t.shape)}, verified at run time)")
+            how = "loaded per tile: not re-checked under CUDA graphs" if cuda_graphs else "verified at run time"
+            words.append(f"causal (tril buffer {_shape_str(t.shape)}, {how})")
         else:
             words.append(desc)
     return words
 
 
 def _describe(gm, expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, rep: int, rank: int,
-              example_inputs) -> str:
+              example_inputs, cuda_graphs: bool = False) -> str:
     """The specialization in words, e.g. 'causal, scale 0.125, dropout p=0.1, GQA 4:1, d=64'."""
     parts = []
     index_conds = [c for c in expr.atoms(sympy.core.relational.Relational) if _is_index_only(c)
@@ -936,7 +939,7 @@ def _describe(gm, expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, rep
         parts.append("sliding window / banded mask")
     elif index_conds:
         parts.append("index mask")
-    parts += _side_words(gm, builder, expr, example_inputs)
+    parts += _side_words(gm, builder, expr, example_inputs, cuda_graphs)
     unmasked = expr.args[-1].expr if isinstance(expr, sympy.Piecewise) else expr
     coeff = unmasked.coeff(sm.score) if unmasked.is_Add or unmasked.is_Mul else None
     if coeff is not None and coeff.is_Number and coeff != 0:

@@ -484,6 +484,23 @@ def test_op_autograd_end_to_end():
         assert _rel(a.grad, r.grad) < 3e-5
 
 
+def test_op_without_mask_recognition_gives_the_same_numbers():
+    """recognize_masks=False (graphs captured in CUDA graphs) keeps a tril side as a loaded mask; given or
+    left at its default, the argument count the backward answers with matches the call."""
+    from flashfuse.kernels.attention import op  # noqa: F401
+    text = sm.to_text(sympy.Piecewise((-OO, sympy.Eq(sm.side(0), 0)), (0.25 * S, True)))
+    tril = torch.ones(1, 1, 12, 12).tril().to(_dev())
+    results = []
+    for extra in ([], [True], [False]):
+        q, k, v = [t.clone().requires_grad_(True) for t in _qkv(1, 2, 2, 12, 12, 16, torch.float32)]
+        out, _ = torch.ops.flashfuse.attention(q, k, v, [tril], [], text, 0.0, None, "ieee", *extra)
+        out.square().sum().backward()
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert _rel(a, b) < 1e-6
+
+
 def test_op_layouts_match_the_fake_impls():
     """Output and q/k/v gradients come back (B, N, H, D)-stored, as the fake impls promise, also for
     inputs that are plain contiguous (B, H, N, D); opcheck compares fake and real on every dispatch path."""

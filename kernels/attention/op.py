@@ -61,9 +61,12 @@ def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("flashfuse::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[torch.Tensor],
               scalars: list[float], score_mod: str, dropout_p: float, rng: Optional[torch.Tensor],
-              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+              precision: str, recognize_masks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`recognize_masks=False` keeps mask sides as tensors (no run-time recognition, mask_recognition.py):
+    the pass sets it for graphs captured in CUDA graphs, whose replays never call back here."""
     if use_triton(q) and _has_triton_impl():
-        score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
+        if recognize_masks:
+            score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
         out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
     else:
         out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
@@ -72,7 +75,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
 
 
 @attention.register_fake
-def _(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
+def _(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
     bsz, hq, nq, _ = q.shape
     return _empty_out(q, v), q.new_empty((bsz, hq, nq), dtype=torch.float32)
 
@@ -81,13 +84,16 @@ def _(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, sides: list[torch.Tensor],
                        scalars: list[float], score_mod: str, dropout_p: float,
-                       rng: Optional[torch.Tensor], side_needs_grad: list[bool],
-                       precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                       rng: Optional[torch.Tensor], side_needs_grad: list[bool], precision: str,
+                       recognize_masks: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Returns dq, dk, dv and the gradients of the sides whose `side_needs_grad` is set (in order)."""
     if use_triton(q) and _has_triton_impl():
         n_all = len(sides)
-        score_mod, sides, kept = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2],
-                                                             side_needs_grad)
+        kept = list(range(n_all))
+        if recognize_masks:
+            score_mod, sides, kept = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2],
+                                                                 side_needs_grad)
         needs = [side_needs_grad[i] for i in kept]
         dq, dk, dv, dkept = _triton().attention_backward(
             dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, needs, precision)
@@ -102,13 +108,18 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision):
+def _(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision,
+      recognize_masks=True):
     dsides = [s.new_empty(s.shape) for s, g in zip(sides, side_needs_grad) if g]
     return empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v), dsides
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, sides, scalars, score_mod, dropout_p, rng, precision = inputs
+    q, k, v, sides, scalars, score_mod, dropout_p, rng, precision = inputs[:9]
+    ctx.recognize_masks = inputs[9]
+    # the dispatcher drops a trailing argument equal to its default, and the backward must return one
+    # gradient per argument it was given
+    ctx.n_inputs = 9 if ctx.recognize_masks else 10
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *sides, *([rng] if rng is not None else []))
     ctx.n_sides = len(sides)
@@ -125,10 +136,11 @@ def _backward(ctx, dout, dlse):
     rng = saved[5 + ctx.n_sides] if ctx.has_rng else None
     scalars, score_mod, dropout_p, precision = ctx.meta
     dq, dk, dv, dsides_some = torch.ops.flashfuse.attention_backward(
-        dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, ctx.side_needs_grad, precision)
+        dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, ctx.side_needs_grad, precision,
+        ctx.recognize_masks)
     it = iter(dsides_some)
     dsides = [next(it) if g else None for g in ctx.side_needs_grad]
-    return dq, dk, dv, dsides, [None] * len(scalars), None, None, None, None
+    return (dq, dk, dv, dsides, [None] * len(scalars), None, None, None, None, None)[:ctx.n_inputs]
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
