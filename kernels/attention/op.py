@@ -23,13 +23,20 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _triton():
-    from flashfuse.kernels.attention import triton_impl  # imported lazily: triton is heavy
+_TRITON_IMPL = None
 
-    return triton_impl
+
+def _triton():
+    global _TRITON_IMPL
+    if _TRITON_IMPL is None:
+        from flashfuse.kernels.attention import triton_impl  # imported lazily: triton is heavy
+        _TRITON_IMPL = triton_impl
+    return _TRITON_IMPL
 
 
 def _has_triton_impl() -> bool:
+    if _TRITON_IMPL is not None:  # every call asks: the common answer costs one global lookup
+        return True
     try:
         _triton()
         return True

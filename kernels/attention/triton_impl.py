@@ -10,6 +10,7 @@ dtypes, dropout and precision are constexpr/type specializations that Triton com
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -152,17 +153,30 @@ def side_layout(sides) -> tuple:
     return tuple(out)
 
 
+# The helpers below run on every call: plain integer math and small caches keep the host time per launch
+# low (a training step is host-bound when each of its attention calls costs tens of microseconds).
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def _meta(dtype, d: int, dv: int, dropout: bool, precision: str) -> dict:
+    dot_prec = "ieee" if (dtype == torch.float32 and precision == "ieee") else "tf32"
+    fast = (not INTERPRET) and dtype in (torch.float16, torch.bfloat16)
+    return dict(D=d, DV=dv, BLOCK_D=_block_d(d), BLOCK_DV=_block_d(dv), DOT_PREC=dot_prec, DROPOUT=dropout,
+                FAST_MATH=fast)
 
 
 def _common_meta(q, v, dropout_p, rng, precision):
-    dot_prec = "ieee" if (q.dtype == torch.float32 and precision == "ieee") else "tf32"
-    fast = (not INTERPRET) and q.dtype in (torch.float16, torch.bfloat16)
-    return dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=_block_d(q.shape[-1]), BLOCK_DV=_block_d(v.shape[-1]),
-                DOT_PREC=dot_prec, DROPOUT=bool(dropout_p > 0 and rng is not None), FAST_MATH=fast)
+    return _meta(q.dtype, q.shape[-1], v.shape[-1], bool(dropout_p > 0 and rng is not None), precision)
 
 
+@functools.lru_cache(maxsize=64)
 def _dropout_args(p: float) -> tuple:
     """(keep threshold, rescale factor) of the kernels' 16-bit dropout draws (dropout.py)."""
     return dropout.keep_threshold(p), dropout.keep_scale(p)
@@ -191,7 +205,7 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     rng_arg = rng if meta["DROPOUT"] else lse  # any pointer; never read without dropout
 
     def grid(m):
-        return (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)
+        return (_cdiv(nq, m["BLOCK_M"]), bsz * hq)
 
     with _quiet():
         kernel[grid](q, k, v, out, lse, rng_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -224,7 +238,7 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
     meta = _common_meta(q, v, dropout_p, rng, precision)
     delta = torch.empty_like(lse)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64
-    triton_common.attn_bwd_preprocess[(triton.cdiv(nq, pre_block), bsz * hq)](
+    triton_common.attn_bwd_preprocess[(_cdiv(nq, pre_block), bsz * hq)](
         out, dout, lse, delta, *out.stride(), *dout.stride(), hq, nq,
         DV=meta["DV"], BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"])
     rng_arg = rng if meta["DROPOUT"] else lse
@@ -235,12 +249,12 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
                   for i, g in enumerate(side_grads) if g}
 
     kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"])
-    kernel[lambda m: (triton.cdiv(nk, m["BLOCK_N"]), bsz * hkv)](
+    kernel[lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv)](
         q, k, v, dout, lse, delta, dk, dv, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dk.stride(), *dv.stride(), *side_args, *scalar_args, hq, hkv, nq, nk, hq // hkv, *_dropout_args(dropout_p),
         **meta, **blocks)
     kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
-    kernel[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)](
+    kernel[lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq)](
         q, k, v, dout, lse, delta, dq, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dq.stride(), *side_args, *scalar_args, *dside_full.values(), hq, nq, nk, hq // hkv,
         *_dropout_args(dropout_p), **meta, **blocks)
@@ -268,6 +282,6 @@ def dropout_mask(rng: torch.Tensor, B: int, H: int, Nq: int, Nk: int, p: float, 
     blk = block or (16 if INTERPRET else 64)
     if blk % 8:
         raise ValueError(f"dropout_mask: block={blk} is not a multiple of 8")
-    triton_common.dropout_mask_kernel[(triton.cdiv(Nq, blk), triton.cdiv(Nk, blk), B * H)](
+    triton_common.dropout_mask_kernel[(_cdiv(Nq, blk), _cdiv(Nk, blk), B * H)](
         mask, rng, H, Nq, Nk, dropout.keep_threshold(p), BLOCK_M=blk, BLOCK_N=blk)
     return mask.bool()
