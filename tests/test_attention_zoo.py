@@ -764,8 +764,8 @@ def test_cuda_graph_mode_keeps_the_mask_a_tensor(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(reason="open (issue 7): on the H100 (torch 2.11, triton 3.6) the capture of a training "
-                          "step with the attention op is invalidated; forward-only capture works", strict=False)
+@pytest.mark.xfail(reason="open (issue 7): training steps under CUDA graphs fail on the H100 (torch 2.11, "
+                          "triton 3.6), see docs/perf-notes.md; forward-only capture works", strict=False)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gpu_cuda_graph_training_steps(dropout):
     """mode="reduce-overhead" over whole training steps: warm-up, capture and replays of forward and
