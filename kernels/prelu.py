@@ -6,7 +6,8 @@ same pass (fp32 partial sums per program, added by torch; no atomics, so it is d
 
 `zero_grad` says what dx is at exactly x == 0, where the spellings differ (the forward value is 0 for
 all): 0 -> a * g (`F.prelu`, `where(x > 0, x, a*x)`), 1 -> 0 (`relu(x) - a*relu(-x)`: relu'(0) = 0),
-2 -> g (`where(x >= 0, x, a*x)`).
+2 -> g (`where(x >= 0, x, a*x)`), 3 -> (1 + a) * g (`x.clamp(min=0) + a*x.clamp(max=0)`: both clamps pass
+the gradient at their bound).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE = 0, 1, 2
+ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE = 0, 1, 2, 3
 BLOCK = 1024
 
 
@@ -63,8 +64,10 @@ def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, C, INNER, K, k_p
             at_zero = wg
         elif ZERO_GRAD == 1:
             at_zero = tl.zeros_like(g)
-        else:
+        elif ZERO_GRAD == 2:
             at_zero = g
+        else:
+            at_zero = g + wg
         dx = tl.where(x > 0, g, tl.where(x < 0, wg, at_zero))
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
         acc += tl.sum(tl.where(x > 0, 0.0, g * x), axis=1)
@@ -90,8 +93,8 @@ def layout(x_shape, weight_numel: int, channel_dim: int) -> tuple[int, int, int]
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, channel_dim: int, zero_grad: int) -> None:
-    if zero_grad not in (0, 1, 2):
-        raise ValueError(f"flashfuse::prelu: zero_grad must be 0, 1 or 2, got {zero_grad}")
+    if zero_grad not in (0, 1, 2, 3):
+        raise ValueError(f"flashfuse::prelu: zero_grad must be 0, 1, 2 or 3, got {zero_grad}")
     if weight.numel() != 1:
         if not 0 <= channel_dim < x.dim() or x.shape[channel_dim] != weight.numel():
             raise ValueError(f"flashfuse::prelu: {weight.numel()} slopes do not match dim {channel_dim} of "
@@ -152,7 +155,7 @@ def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ch
     if not _use_triton(x):
         w = _broadcast_weight(x, weight, channel_dim).float()
         xf, gf = x.float(), grad.float()
-        at_zero = {0: w * gf, 1: torch.zeros_like(gf), 2: gf}[zero_grad]
+        at_zero = {0: w * gf, 1: torch.zeros_like(gf), 2: gf, 3: gf + w * gf}[zero_grad]
         dx = torch.where(xf > 0, gf, torch.where(xf < 0, w * gf, at_zero))
         contrib = torch.where(xf > 0, torch.zeros_like(gf), gf * xf)
         dw = contrib.sum_to_size(w.shape) if w.dim() else contrib.sum()
@@ -212,21 +215,23 @@ def _backward_backward(ctx, gdx, gdw):
     grad, x, weight = ctx.saved_tensors
     w = _broadcast_weight(x, weight, ctx.channel_dim).float()
     xf, gf = x.float(), grad.float()
-    pos, neg = xf > 0, xf < 0
-    at_zero_is_w = ctx.zero_grad == ZERO_GRAD_SLOPE
-    uses_w = neg | ((xf == 0) & at_zero_is_w)        # where dx = w * g
+    pos, neg, zero = xf > 0, xf < 0, xf == 0
+    # at x == 0, dx = (one_at_zero + w_at_zero * w) * g
+    w_at_zero = ctx.zero_grad in (ZERO_GRAD_SLOPE, ZERO_GRAD_ONE_PLUS_SLOPE)
+    one_at_zero = ctx.zero_grad in (ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE)
+    uses_w = neg | (zero & w_at_zero)                 # where dx has a w * g term
     d_grad = torch.zeros_like(gf)
     d_x = torch.zeros_like(xf)
     d_w = torch.zeros_like(w)
     if gdx is not None:
-        slope = torch.where(pos, torch.ones_like(xf), torch.where(uses_w, w.expand_as(xf),
-                            torch.full_like(xf, 0.0 if ctx.zero_grad == ZERO_GRAD_ZERO else 1.0)))
+        slope = (pos | (zero & one_at_zero)).float() + torch.where(uses_w, w.expand_as(xf), torch.zeros_like(xf))
         d_grad = d_grad + gdx.float() * slope
         contrib = torch.where(uses_w, gdx.float() * gf, torch.zeros_like(gf))
         d_w = d_w + (contrib.sum_to_size(w.shape) if w.dim() else contrib.sum())
     if gdw is not None:
         gw = _broadcast_weight(x, gdw, ctx.channel_dim).float()
-        # dw's terms g * x come from the slope branch, which at x == 0 is taken only by the SLOPE spelling
+        # dw's terms g * x come from the slope branch, which at x == 0 is taken by the SLOPE and
+        # ONE_PLUS_SLOPE spellings only
         d_grad = d_grad + torch.where(uses_w, gw * xf, torch.zeros_like(xf))
         d_x = d_x + torch.where(uses_w, gw * gf, torch.zeros_like(xf))
     return (d_grad.to(grad.dtype), d_x.to(x.dtype), d_w.reshape(weight.shape).to(weight.dtype), None, None)

@@ -9,9 +9,9 @@ with every constant within a relative 1e-6 (so `math.sqrt(2/math.pi)`, `0.797884
 `pow(x, 3)`, `x / math.sqrt(2)`, `x * 0.7071067811865476`, `x*(1+erf(..))/2` all match). A region with
 the right shape but another constant is a different function: recorded as a near-miss.
 
-The bias is folded when the GELU input is `t + b` with b a vector over the last dim (`x @ W + b`), or
-`linear(inp, W, b)` (then the linear runs without its bias and the kernel adds it), and that sum has
-no other user.
+The bias is folded when the GELU input is `t + b` with b a vector over the last dim (`x @ W + b`),
+`linear(inp, W, b)` or `addmm(b, x, W)` (then the linear / mm runs without its bias and the kernel adds
+it), and that sum has no other user.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def _tanh(a, kw, ev):
 
 GELU_OPS = dict(ARITHMETIC)
 GELU_OPS[aten.erf.default] = _erf
+GELU_OPS[aten.special_erf.default] = _erf  # torch.special.erf: an alias kept by the pre-dispatch trace
 GELU_OPS[aten.tanh.default] = _tanh
 
 
@@ -166,7 +167,7 @@ def _hand_written(gm: fx.GraphModule, func: fx.Node, order, done: set):
 
 def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.Node | None, str, fx.Node | None]:
     """(input, bias, how, linear-to-split) for the GELU input x: the bias is folded when x = t + b with b
-    a last-dim vector, or x = linear(inp, W, b), and x feeds only the GELU."""
+    a last-dim vector, or x = linear(inp, W, b) or addmm(b, t, W), and x feeds only the GELU."""
     xv = val(x)
     if any(u not in region for u in x.users) or x.op != "call_function":
         return x, None, "", None
@@ -185,6 +186,12 @@ def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.N
         bv = val(x.args[2])
         if bv is not None and bv.dim() == 1 and bv.dtype == xv.dtype:
             return x, x.args[2], "the linear's bias", x
+    # torch.addmm(b, x, W) (beta = alpha = 1) is `x @ W + b` in one op: split like the linear
+    if x.target is aten.addmm.default and len(x.args) == 3 and not x.kwargs and isinstance(x.args[0], fx.Node):
+        bv = val(x.args[0])
+        if bv is not None and 1 <= bv.dim() <= 2 and bv.dtype == xv.dtype and known_equal(bv.shape[-1], xv.shape[-1]) \
+                and all(known_equal(s, 1) for s in bv.shape[:-1]):
+            return x, x.args[0], "the addmm's bias", x
     return x, None, "", None
 
 
@@ -202,8 +209,11 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, root: fx.Node, region: set, x
                                                    "(fused, it would read after the write)")
         return False
     erase = set(region)
-    if linear is not None:
-        inp = insert_call(gm, root, aten.linear.default, tuple(linear.args[:2]), like=linear)
+    if linear is not None:  # the matmul without its bias: linear(inp, W) / mm(x, W) for addmm(b, x, W)
+        if linear.target is aten.addmm.default:
+            inp = insert_call(gm, root, aten.mm.default, tuple(linear.args[1:]), like=linear)
+        else:
+            inp = insert_call(gm, root, aten.linear.default, tuple(linear.args[:2]), like=linear)
         erase.add(linear)
     elif bias is not None:
         erase.add(x)
@@ -263,6 +273,6 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
     for node in list(gm.graph.nodes):
         if node in done or node.op != "call_function":
             continue
-        if node.target in (aten.gelu.default, aten.erf.default, aten.tanh.default):
+        if node.target in (aten.gelu.default, aten.erf.default, aten.special_erf.default, aten.tanh.default):
             rewrites += guarded(ctx, NAME, node, lambda: one(node))
     return rewrites

@@ -251,6 +251,13 @@ ARITHMETIC: dict[Any, Callable] = {
     aten.neg.default: _neg,
     aten.reciprocal.default: _reciprocal,
     aten.pow.Tensor_Scalar: _pow,
+    # the NumPy-style aliases (torch.multiply, torch.subtract, torch.divide, torch.true_divide,
+    # torch.negative) stay as their own ops in the pre-dispatch graph: the same functions
+    aten.multiply.Tensor: _mul, aten.multiply.Scalar: _mul,
+    aten.subtract.Tensor: _sub, aten.subtract.Scalar: _sub,
+    aten.divide.Tensor: _div, aten.divide.Scalar: _div,
+    aten.true_divide.Tensor: _div, aten.true_divide.Scalar: _div,
+    aten.negative.default: _neg,
 }
 _KWARGS_OK = {"alpha"}
 

@@ -5,6 +5,7 @@ Spellings: `aten.layer_norm` (nn.LayerNorm, F.layer_norm) and the hand-written f
     var = x.var(-1, unbiased=False, keepdim=True)  |  var(correction=0)  |  (x - mu).pow(2).mean(-1, keepdim=True)
     y = (x - mu) / sqrt(var + eps)  |  (x - mu) * rsqrt(var + eps)
     y = y * weight + bias                          (optional, either order of operands; casts around it)
+`x.mean(-1).unsqueeze(-1)` / `[..., None]` count as the keepdim reductions (norm_match.restore_keepdim).
 Left alone, with the reason as a near-miss: unbiased variance, eps outside the square root, statistics
 over another dim than the last, mean and variance over different dims.
 """
@@ -15,8 +16,8 @@ import torch.fx as fx
 
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, is_number, is_op, match_tail,
-                                         parse_denominator, parse_scale, per_feature, reduce_dims, same_value,
-                                         scaled_by, var_mean_part)
+                                         parse_denominator, parse_scale, per_feature, reduce_dims, restore_keepdim,
+                                         same_value, scaled_by, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -25,6 +26,7 @@ FUSION = "layer_norm"
 
 @register_pass(FUSION)
 def run(gm: fx.GraphModule, ctx) -> int:
+    restore_keepdim(gm)  # `x.mean(-1).unsqueeze(-1)` -> `x.mean(-1, keepdim=True)`
     count = 0
     for node in list(gm.graph.nodes):
         if node.graph is None or node.op != "call_function":

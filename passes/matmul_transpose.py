@@ -21,8 +21,9 @@ from flashfuse.passes.normalize import val
 aten = torch.ops.aten
 NAME = "matmul_transpose"
 MATMULS = (aten.matmul.default, aten.mm.default, aten.bmm.default)
-VIEWS = (aten.transpose.int, aten.permute.default, aten.t.default, aten.mT.default, aten.swapaxes.default,
-         aten.swapdims.default, aten.movedim.int)
+# `W.T` of a 2-D tensor reaches the pre-dispatch graph as aten.numpy_T (a permute view)
+VIEWS = (aten.transpose.int, aten.permute.default, aten.t.default, aten.mT.default, aten.numpy_T.default,
+         aten.swapaxes.default, aten.swapdims.default, aten.movedim.int)
 
 
 def _is_copy(node: fx.Node) -> bool:

@@ -111,6 +111,40 @@ def cast_dtype(node: fx.Node) -> torch.dtype | None:
     return None
 
 
+def restore_keepdim(gm: fx.GraphModule) -> int:
+    """`x.mean(-1).unsqueeze(-1)` (also `[..., None]`, and the same for var) is `x.mean(-1, keepdim=True)`:
+    give each such unsqueeze the keepdim reduction in its place, so the matchers see one spelling. Same
+    values; a reduction with other users stays for them. Returns how many were replaced."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        red = node.args[0] if is_op(node, aten.unsqueeze.default) else None
+        if not is_op(red, aten.mean.dim, aten.var.dim, aten.var.correction) or val(node) is None \
+                or val(red.args[0]) is None:
+            continue
+        dims, keepdim = reduce_dims(red)
+        if keepdim or dims is None or len(dims) != 1 or node.args[1] % val(node).dim() != dims[0]:
+            continue
+        args, kwargs = list(red.args), dict(red.kwargs)
+        if red.target is aten.var.correction:
+            kwargs["keepdim"] = True
+        else:  # mean.dim(x, dims, keepdim) / var.dim(x, dims, unbiased, keepdim)
+            k = 2 if red.target is aten.mean.dim else 3
+            if red.target is aten.var.dim and len(args) < 3:
+                args.append(kwargs.pop("unbiased", True))
+            kwargs.pop("keepdim", None)
+            args = args[:k] + [True]
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(red.target, tuple(args), kwargs)
+        new.meta.update(red.meta)
+        new.meta["val"] = node.meta["val"]  # the unsqueezed value is the keepdim reduction
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if not red.users:
+            gm.graph.erase_node(red)
+        count += 1
+    return count
+
+
 # ---------------------------------------------------------------------------------------------- rsqrt / eps
 def is_runtime_scalar(a) -> bool:
     """A Python number only known at run time (`tensor.item()`, a SymFloat input under dynamic=True)."""
@@ -135,6 +169,13 @@ def parse_eps_add(a: fx.Node):
 
 def parse_scale(s) -> tuple[fx.Node, float] | None:
     """s = rsqrt(v + eps) (or pow(., -0.5), 1/sqrt(.)) -> (v, eps)."""
+    if is_op(s, aten.mul.Tensor) and len(s.args) == 2 and not s.kwargs:
+        # `1.0 / sqrt(.)` reaches ATen as `reciprocal(sqrt(.)) * 1.0`: a multiply by one scales nothing
+        a, b = s.args
+        if is_number(b) and b == 1:
+            s = a
+        elif is_number(a) and a == 1:
+            s = b
     if is_op(s, aten.rsqrt.default):
         return parse_eps_add(s.args[0])
     if is_op(s, aten.pow.Tensor_Scalar) and s.args[1] == -0.5:

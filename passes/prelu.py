@@ -1,4 +1,5 @@
-"""PReLU: `F.prelu` / `nn.PReLU` (aten.prelu), `where(x > 0, x, a*x)` and `relu(x) - a*relu(-x)` ->
+"""PReLU: `F.prelu` / `nn.PReLU` (aten.prelu), `where(x > 0, x, a*x)`, `relu(x) - a*relu(-x)` and
+`x.clamp(min=0) + a*x.clamp(max=0)` (clamp_min / clamp_max too) ->
 one `flashfuse::prelu` kernel (fwd, and a bwd that gives dx and the slope gradient in one pass).
 
 The slope a is a tensor: one value (any shape of numel 1) or one value per channel along exactly one
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
+from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
 from flashfuse.passes import PassContext, register_pass
 from flashfuse.passes.eltwise_chain import (AUTOCAST_NOTE, INDUCTOR_NOTE, autocast_nodes, erase_unused, guarded, in_autocast,
                                             insert_call, kernel_fusions_enabled, known_equal, order_of, same_shape,
@@ -82,6 +83,67 @@ def _is_zero(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
 
 
+def _clamp_part(node, positive: bool):
+    """(x, d/dx at x == 0) for the positive part max(x, 0) (`relu(x)`: 0, `clamp(x, min=0)` /
+    `clamp_min(x, 0)`: 1) or, with positive=False, the negative part min(x, 0) (`clamp(x, max=0)` /
+    `clamp_max(x, 0)`: 1; clamps pass the gradient at their bound); None otherwise."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    x = node.args[0]
+    if node.target is aten.relu.default:
+        return (x, 0) if positive else None
+    if node.target in (aten.clamp_min.default, aten.clamp_max.default):
+        bound = node.args[1] if len(node.args) > 1 else None
+        ok = _is_zero(bound) and (node.target is aten.clamp_min.default) == positive
+        return (x, 1) if ok else None
+    if node.target is aten.clamp.default:
+        args = list(node.args) + [None] * 2
+        lo, hi = node.kwargs.get("min", args[1]), node.kwargs.get("max", args[2])
+        ok = (_is_zero(lo) and hi is None) if positive else (lo is None and _is_zero(hi))
+        return (x, 1) if ok else None
+    return None
+
+
+# (d/dx at 0 of the positive part, of the slope part / a) -> zero_grad convention
+_SPLIT_ZERO_GRAD = {(0, 0): ZERO_GRAD_ZERO, (1, 0): ZERO_GRAD_ONE, (0, 1): ZERO_GRAD_SLOPE,
+                    (1, 1): ZERO_GRAD_ONE_PLUS_SLOPE}
+
+
+def _split_form(node: fx.Node):
+    """`relu(x) - a*relu(-x)` and `x.clamp(min=0) + a*x.clamp(max=0)` (any mix of relu / clamp forms):
+    the positive part plus the slope times the negative part. Returns what `match` returns, or None."""
+    lhs, rhs = node.args
+    if node.target is aten.sub.Tensor:   # P(x) - a * M(-x), M(-x) = max(-x, 0) = -min(x, 0)
+        candidates = [(lhs, rhs)]
+    else:                                # P(x) + a * min(x, 0), either operand first
+        candidates = [(lhs, rhs), (rhs, lhs)]
+    for pos, scaled in candidates:
+        p = _clamp_part(pos, True)
+        if p is None or not isinstance(scaled, fx.Node) or scaled.target is not aten.mul.Tensor:
+            continue
+        x, p_grad = p
+        for part in scaled.args:
+            if node.target is aten.sub.Tensor:
+                m = _clamp_part(part, True)
+                neg = m[0] if m is not None else None
+                if not (isinstance(neg, fx.Node) and neg.target is aten.neg.default and neg.args[0] is x):
+                    continue
+                inner = [pos, scaled, part, neg]
+            else:
+                m = _clamp_part(part, False)
+                if m is None or m[0] is not x:
+                    continue
+                inner = [pos, scaled, part]
+            try:
+                a = _slope_of(scaled, part)
+            except LookupError:
+                continue
+            _private(inner, node)
+            spelling = "relu(x) - a*relu(-x)" if node.target is aten.sub.Tensor else "x.clamp(min=0) + a*x.clamp(max=0)"
+            return x, a, None, _SPLIT_ZERO_GRAD[(p_grad, m[1])], inner, spelling
+    return None
+
+
 def match(node: fx.Node):
     """(x, a, channel_dim, zero_grad, intermediates, spelling) if `node` ends a PReLU; None if it does
     not look like one; raises NotPrelu with the reason if it looks like one but cannot be fused."""
@@ -114,24 +176,9 @@ def match(node: fx.Node):
             return None
         _private([cond, scaled], node)
         return x, a, None, zero_grad, [cond, scaled], "where(x > 0, x, a*x)"
-    if node.target is aten.sub.Tensor and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
-        pos, scaled = node.args
-        if not (isinstance(pos, fx.Node) and pos.target is aten.relu.default and isinstance(scaled, fx.Node)):
-            return None
-        x = pos.args[0]
-        if scaled.target is not aten.mul.Tensor:
-            return None
-        neg_relu = next((m for m in scaled.args if isinstance(m, fx.Node) and m.target is aten.relu.default
-                         and isinstance(m.args[0], fx.Node) and m.args[0].target is aten.neg.default
-                         and m.args[0].args[0] is x), None)
-        if neg_relu is None:
-            return None
-        try:
-            a = _slope_of(scaled, neg_relu)
-        except LookupError:
-            return None
-        _private([pos, scaled, neg_relu, neg_relu.args[0]], node)
-        return x, a, None, ZERO_GRAD_ZERO, [pos, scaled, neg_relu, neg_relu.args[0]], "relu(x) - a*relu(-x)"
+    if node.target in (aten.add.Tensor, aten.sub.Tensor) and len(node.args) == 2 \
+            and node.kwargs.get("alpha", 1) == 1:
+        return _split_form(node)
     return None
 
 

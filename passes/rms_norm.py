@@ -4,6 +4,8 @@ Spellings: `aten.rms_norm` (nn.RMSNorm, F.rms_norm) and the hand-written forms
     xf = x.float()                                       (optional upcast; the kernel reads x itself)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)   |   x / sqrt(mean(x * x) + eps)
     y = weight * y.to(input_dtype)                       (LLaMA: the rounding before the weight is kept)
+    weight * x * rsqrt(..)                               (weight first; `(w * x) * rsqrt(..)` in Python)
+`x.pow(2).mean(-1).unsqueeze(-1)` counts as the keepdim mean (norm_match.restore_keepdim).
 Left alone, with the reason as a near-miss: eps outside the square root, statistics over another dim.
 """
 from __future__ import annotations
@@ -12,8 +14,9 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import register_pass
-from flashfuse.passes.norm_match import (apply_norm, dims_text, exact_copies, is_number, is_op, match_tail,
-                                         parse_denominator, parse_scale, per_feature, reduce_dims, scaled_by)
+from flashfuse.passes.norm_match import (Tail, apply_norm, dims_text, exact_copies, is_number, is_op, match_tail,
+                                         parse_denominator, parse_scale, per_feature, reduce_dims, restore_keepdim,
+                                         scaled_by)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -22,6 +25,7 @@ FUSION = "rms_norm"
 
 @register_pass(FUSION)
 def run(gm: fx.GraphModule, ctx) -> int:
+    restore_keepdim(gm)  # `x.mean(-1).unsqueeze(-1)` -> `x.mean(-1, keepdim=True)`
     count = 0
     rms_op = getattr(aten, "rms_norm", None)
     for node in list(gm.graph.nodes):
@@ -85,20 +89,20 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
     found, reason = None, None
     # T5: the mean is of x.float() but the multiply is by x itself; Gemma writes x.float() twice
     # (exact either way: upcasting loses nothing)
-    for user, how, other in [t for xa in exact_copies(x) for t in scaled_by(xa)]:
+    for user, how, other, pre_weight in [t for xa in exact_copies(x) for t in _scaling_uses(xa, val(x).shape)]:
         parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
         if isinstance(parsed, str):
             reason = reason or (user, parsed)
             continue
         if parsed is None or parsed[0] is not ms:
             continue
-        found = (user, parsed[1])
+        found = (user, parsed[1], pre_weight)
         break
     if found is None:
         if reason is not None and any(a is ms for a in _sqrt_args(reason[0])):
             ctx.graph_report.add_near_miss(FUSION, reason[0], reason[1])
         return 0
-    normed, eps = found
+    normed, eps, pre_weight = found
     dims, keepdim = reduce_dims(ms)
     rank = val(x).dim()
     if not keepdim:
@@ -110,10 +114,29 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
         return 0
     if tuple(val(normed).shape) != tuple(val(x).shape):
         return 0
-    tail = match_tail(normed, val(x).shape[-1], val(x).shape)
+    if pre_weight is not None:
+        tail = match_tail(normed, val(x).shape[-1], val(x).shape, have_weight=True)
+        if tail.mid_dtype is not None:  # a rounding after the weight: the kernel rounds before it
+            tail = Tail(normed)
+        tail.weight = pre_weight
+    else:
+        tail = match_tail(normed, val(x).shape[-1], val(x).shape)
     spelling = "hand-written rms norm (x*rsqrt" if normed.target is aten.mul.Tensor else \
         "hand-written rms norm (x/sqrt"
     return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling + "(mean(x^2)+eps))", normed)
+
+
+def _scaling_uses(x: fx.Node, x_shape):
+    """(user, 'mul'|'div', scale-or-divisor, weight applied first or None) for `x * s`, `x / d` and the
+    weight-first spelling `w * x * rsqrt(ms + eps)` (Python evaluates it as `(w * x) * rsqrt(..)`)."""
+    n = x_shape[-1]
+    for user, how, other in scaled_by(x):
+        yield user, how, other, None
+        if how == "mul" and isinstance(other, fx.Node) and per_feature(other, n, x_shape) \
+                and tuple(val(user).shape) == tuple(x_shape):
+            for user2, how2, other2 in scaled_by(user):
+                if other2 is not x and other2 is not other:
+                    yield user2, how2, other2, other
 
 
 def _sqrt_args(div_node: fx.Node) -> list:
