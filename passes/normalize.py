@@ -9,6 +9,8 @@ In-place ops on temporaries (`att /= c`, `masked_fill_`) are turned into their f
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
@@ -18,14 +20,20 @@ from torch.fx.experimental.proxy_tensor import make_fx
 aten = torch.ops.aten
 
 # ops whose output aliases their input: an in-place op on such a value writes through to its base
-_VIEW_OPS = {
-    aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
-    aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
-    aten.squeeze.dims, aten.expand.default, aten.t.default, aten.mT.default, aten.alias.default,
-    aten.unflatten.int, aten.flatten.using_ints, aten.unbind.int, aten.split.Tensor, aten.chunk.default,
-    aten.diagonal.default, aten.as_strided.default, aten.narrow.default, aten.view_as.default,
-    aten.movedim.int, aten.swapaxes.default, aten.swapdims.default,
-}
+def _makes_fresh_tensor(node: fx.Node) -> bool:
+    """Whether `node` allocates its result (no alias of another tensor), read from the op's schema: a
+    list of known view ops would miss one (`x.T` is aten.numpy_T) and turn a write to an input into a
+    write to a copy. `getitem` asks the op that produced the tuple (split's pieces are views)."""
+    if node.op != "call_function":
+        return False
+    target, src = node.target, node
+    if target is operator.getitem and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        target = src.target if src.op == "call_function" else None
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return all(r.alias_info is None for r in target._schema.returns)
+
 
 
 def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
@@ -71,7 +79,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         if functional is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         base = node.args[0]
-        if base.op != "call_function" or base.target in _VIEW_OPS:
+        if not _makes_fresh_tensor(base):
             continue
         if any(order[u] > order[node] for u in base.users if u is not node):
             continue

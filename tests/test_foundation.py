@@ -130,3 +130,28 @@ def test_inductor_cache_key_carries_the_ops_version():
         seen.append(dict(counters["inductor"]))
     assert seen[0].get("fxgraph_cache_bypass", 0) == 0
     assert seen[1].get("fxgraph_cache_hit", 0) == 1
+
+
+@pytest.mark.parametrize("write", [
+    lambda x: x.T.add_(1.0),                 # aten.numpy_T: a view the old list of view ops missed
+    lambda x: x.mT.mul_(2.0),
+    lambda x: x.contiguous().sub_(3.0),      # contiguous of a contiguous tensor is x itself
+    lambda x: x.split(2, dim=0)[1].neg_(),   # split's pieces are views
+], ids=["T", "mT", "contiguous", "split"])
+def test_inplace_writes_through_views_of_an_input_reach_it(write):
+    """The normalize step turns in-place ops on temporaries into functional ones; through a view of an
+    input that would drop the user's write. Output and input must match eager for every spelling. (The
+    layer norm makes a pass rewrite the graph: only then is the normalized graph the one that runs.)"""
+    def f(x):
+        y = write(x)
+        return torch.nn.functional.layer_norm(y * 2, (4,))
+
+    for remainder in ("eager", "inductor"):
+        torch._dynamo.reset()
+        x_eager = torch.randn(4, 4)
+        x_comp = x_eager.clone()
+        want = f(x_eager)
+        backend = flashfuse.backend(remainder=remainder, norm_policy="always")
+        got = torch.compile(f, backend=backend)(x_comp)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(x_comp, x_eager)
