@@ -15,9 +15,9 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import register_pass
-from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, is_number, is_op, match_tail,
-                                         parse_denominator, parse_scale, per_feature, reduce_dims, restore_keepdim,
-                                         same_value, scaled_by, var_mean_part)
+from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, hand_written_tail, is_number, is_op,
+                                         match_tail, parse_denominator, parse_scale, per_feature, reduce_dims,
+                                         restore_keepdim, same_value, scaled_by, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -155,23 +155,9 @@ def _normalizing_uses(c: fx.Node, cs: list[fx.Node], x_shape):
 
 
 def _fuse_one(gm, ctx, x, dims, keepdim, normed, eps, pre_weight=None) -> int:
-    rank = val(x).dim()
-    if not keepdim:
-        ctx.graph_report.add_near_miss(FUSION, normed, "the mean is reduced without keepdim")
+    tail = hand_written_tail(ctx, FUSION, x, dims, keepdim, normed, pre_weight, "mean")
+    if tail is None:
         return 0
-    if dims != [rank - 1]:
-        ctx.graph_report.add_near_miss(FUSION, normed, f"statistics over {dims_text(dims)} of a {rank}-d tensor, "
-                                                       "not the last dim the kernel normalizes")
-        return 0
-    if tuple(val(normed).shape) != tuple(val(x).shape):
-        return 0
-    if pre_weight is not None:
-        tail = match_tail(normed, val(x).shape[-1], val(x).shape, have_weight=True)
-        if tail.mid_dtype is not None:  # a rounding after the weight: the kernel rounds before it
-            tail = Tail(normed)
-        tail.weight = pre_weight
-    else:
-        tail = match_tail(normed, val(x).shape[-1], val(x).shape)
     spelling = "hand-written layer norm (" + ("x-mu)*rsqrt" if normed.target is aten.mul.Tensor else "x-mu)/sqrt") \
         + "(var+eps)"
     return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling, normed)

@@ -426,6 +426,28 @@ def check_size(x: fx.Node) -> str | None:
     return None
 
 
+def hand_written_tail(ctx, fusion: str, x, dims, keepdim: bool, normed, pre_weight, statistic: str):
+    """The checks a hand-written norm shares (statistics over the last dim, with keepdim; the normalized
+    value has x's shape) and the tail after it, or None (with a near-miss where it says something)."""
+    rank = val(x).dim()
+    if not keepdim:
+        ctx.graph_report.add_near_miss(fusion, normed, f"the {statistic} is reduced without keepdim")
+        return None
+    if dims != [rank - 1]:
+        ctx.graph_report.add_near_miss(fusion, normed, f"statistics over {dims_text(dims)} of a {rank}-d tensor, "
+                                                       "not the last dim the kernel normalizes")
+        return None
+    if tuple(val(normed).shape) != tuple(val(x).shape):
+        return None
+    if pre_weight is None:
+        return match_tail(normed, val(x).shape[-1], val(x).shape)
+    tail = match_tail(normed, val(x).shape[-1], val(x).shape, have_weight=True)
+    if tail.mid_dtype is not None:  # a rounding after the weight: the kernel rounds before it
+        tail = Tail(normed)
+    tail.weight = pre_weight
+    return tail
+
+
 def apply_norm(gm, ctx, fusion: str, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
     """Check the policy and preconditions for one matched norm, then replace it and report (both norm passes)."""
     if isinstance(eps, fx.Node) and ctx.config.remainder != "eager":

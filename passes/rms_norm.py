@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import register_pass
-from flashfuse.passes.norm_match import (Tail, apply_norm, dims_text, exact_copies, is_number, is_op, match_tail,
+from flashfuse.passes.norm_match import (apply_norm, exact_copies, hand_written_tail, is_number, is_op, match_tail,
                                          parse_denominator, parse_scale, per_feature, reduce_dims, restore_keepdim,
                                          scaled_by)
 from flashfuse.passes.normalize import val
@@ -104,23 +104,9 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
         return 0
     normed, eps, pre_weight = found
     dims, keepdim = reduce_dims(ms)
-    rank = val(x).dim()
-    if not keepdim:
-        ctx.graph_report.add_near_miss(FUSION, normed, "the mean of squares is reduced without keepdim")
+    tail = hand_written_tail(ctx, FUSION, x, dims, keepdim, normed, pre_weight, "mean of squares")
+    if tail is None:
         return 0
-    if dims != [rank - 1]:
-        ctx.graph_report.add_near_miss(FUSION, normed, f"statistics over {dims_text(dims)} of a {rank}-d tensor, "
-                                                       "not the last dim the kernel normalizes")
-        return 0
-    if tuple(val(normed).shape) != tuple(val(x).shape):
-        return 0
-    if pre_weight is not None:
-        tail = match_tail(normed, val(x).shape[-1], val(x).shape, have_weight=True)
-        if tail.mid_dtype is not None:  # a rounding after the weight: the kernel rounds before it
-            tail = Tail(normed)
-        tail.weight = pre_weight
-    else:
-        tail = match_tail(normed, val(x).shape[-1], val(x).shape)
     spelling = "hand-written rms norm (x*rsqrt" if normed.target is aten.mul.Tensor else \
         "hand-written rms norm (x/sqrt"
     return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling + "(mean(x^2)+eps))", normed)
