@@ -763,18 +763,14 @@ def test_cuda_graph_mode_keeps_the_mask_a_tensor(mode):
     torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.xfail(reason="open (issue 7): training steps under CUDA graphs fail on the H100 (torch 2.11, "
-                          "triton 3.6), see docs/perf-notes.md; forward-only capture works", strict=False)
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_gpu_cuda_graph_training_steps(dropout):
-    """mode="reduce-overhead" over whole training steps: warm-up, capture and replays of forward and
-    backward. The tril mask must not be checked (a host sync) inside the capture, and the replays must
-    stay right whatever the mask holds: without dropout the accumulated gradients equal eager's."""
+def cuda_graph_training(backend: str, dropout: float) -> None:
+    """Four training steps under mode="reduce-overhead" (warm-up, capture, replays of forward and backward);
+    without dropout the accumulated gradients must equal eager's. Runs in a child process: a failed
+    capture leaves torch's CUDA generator in capture mode, which would break every later test."""
     torch.manual_seed(0)
     m = NanoGPTAttention(n_embd=256, n_head=4, block_size=512, dropout=dropout).cuda().train()
     ref_m = copy.deepcopy(m)
-    compiled = torch.compile(m, backend="flashfuse", mode="reduce-overhead")
+    compiled = torch.compile(m, backend=backend, mode="reduce-overhead")
     x = torch.randn(4, 384, 256, device="cuda")
     for _ in range(4):
         torch.compiler.cudagraph_mark_step_begin()
@@ -787,6 +783,25 @@ def test_gpu_cuda_graph_training_steps(dropout):
         ref_m(x).float().square().mean().backward()
     for (name, a), (_, b) in zip(m.named_parameters(), ref_m.named_parameters()):
         assert rel_err(a.grad, b.grad) < 2e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("backend", ["inductor", "flashfuse"])
+def test_gpu_cuda_graph_training_steps(backend, dropout):
+    """Inductor alone is the control: if it fails too, the setup is at fault, not flashfuse."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('zoo', sys.argv[1]); "
+            "zoo = importlib.util.module_from_spec(spec); spec.loader.exec_module(zoo); "
+            "zoo.cuda_graph_training(sys.argv[2], float(sys.argv[3]))")
+    run = subprocess.run([sys.executable, "-c", code, __file__, backend, str(dropout)], capture_output=True,
+                         text=True, timeout=600)
+    tail = (run.stdout + run.stderr).strip().splitlines()[-1:] or [""]
+    if run.returncode and backend == "flashfuse":
+        pytest.xfail(f"open (issue 7), see docs/perf-notes.md: {tail[0][:300]}")
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.gpu
