@@ -17,7 +17,7 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, hand_written_tail, is_number, is_op,
                                          match_tail, parse_denominator, parse_scale, per_feature, reduce_dims,
-                                         restore_keepdim, same_value, scaled_by, var_mean_part)
+                                         restore_keepdim, same_value, sum_as_mean, scaled_by, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -27,6 +27,7 @@ FUSION = "layer_norm"
 @register_pass(FUSION)
 def run(gm: fx.GraphModule, ctx) -> int:
     restore_keepdim(gm)  # `x.mean(-1).unsqueeze(-1)` -> `x.mean(-1, keepdim=True)`
+    sum_as_mean(gm)  # `x.sum(-1, keepdim=True) / n` -> `x.mean(-1, keepdim=True)`
     count = 0
     for node in list(gm.graph.nodes):
         if node.graph is None or node.op != "call_function":

@@ -145,6 +145,49 @@ def restore_keepdim(gm: fx.GraphModule) -> int:
     return count
 
 
+def sum_as_mean(gm: fx.GraphModule) -> int:
+    """`x.sum(dims, keepdim) / n` (or `* (1/n)`) with n the number of summed elements is `x.mean(dims,
+    keepdim)`: give the matchers that one spelling. Floating inputs only, outside autocast (there sum runs
+    in fp32 and mean in the input dtype); a sum with other users stays. Returns how many were replaced."""
+    from flashfuse.passes.eltwise_chain import autocast_nodes, in_autocast, known_equal
+
+    regions = False  # looked up once, when a candidate needs it
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not is_op(node, aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar) or node.kwargs:
+            continue
+        red, n = node.args[0], node.args[1]
+        if not is_op(red, aten.sum.dim_IntList) or red.kwargs or len(red.users) != 1 or len(red.args) < 2:
+            continue
+        x = red.args[0]
+        if val(x) is None or not val(x).is_floating_point() or val(node) is None \
+                or val(node).dtype != val(x).dtype or not is_number(n) or isinstance(n, bool):
+            continue
+        dims = red.args[1]
+        if not dims or not all(isinstance(d, int) for d in dims):
+            continue
+        size = math.prod(val(x).shape[d] for d in dims)
+        if node.target in (aten.div.Tensor, aten.div.Scalar):
+            if not known_equal(n, size):
+                continue
+        elif not (isinstance(n, float) and isinstance(size, int) and abs(n * size - 1.0) < 1e-12):
+            continue
+        if regions is False:
+            regions = autocast_nodes(gm)  # None: the whole graph runs under autocast
+        if in_autocast(regions, [red, node]):
+            continue
+        keepdim = bool(red.args[2]) if len(red.args) > 2 else False
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(aten.mean.dim, (x, list(dims), keepdim))
+        new.meta.update(red.meta)
+        new.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(red)
+        count += 1
+    return count
+
+
 # ---------------------------------------------------------------------------------------------- rsqrt / eps
 def is_runtime_scalar(a) -> bool:
     """A Python number only known at run time (`tensor.item()`, a SymFloat input under dynamic=True)."""

@@ -16,7 +16,7 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (apply_norm, exact_copies, hand_written_tail, is_number, is_op, match_tail,
                                          parse_denominator, parse_scale, per_feature, reduce_dims, restore_keepdim,
-                                         scaled_by)
+                                         scaled_by, sum_as_mean)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -26,6 +26,7 @@ FUSION = "rms_norm"
 @register_pass(FUSION)
 def run(gm: fx.GraphModule, ctx) -> int:
     restore_keepdim(gm)  # `x.mean(-1).unsqueeze(-1)` -> `x.mean(-1, keepdim=True)`
+    sum_as_mean(gm)  # `x.sum(-1, keepdim=True) / n` -> `x.mean(-1, keepdim=True)`
     count = 0
     rms_op = getattr(aten, "rms_norm", None)
     for node in list(gm.graph.nodes):

@@ -587,3 +587,44 @@ def test_eltwise_chain_negatives():
     idx = torch.arange(12).reshape(3, 4)
     check_not_fused(lambda a, b: a * idx + b - a, rand(3, 4), rand(3, 4, seed=1), fusion="eltwise_chain",
                     reason="mixes dtypes")
+
+
+# ---- statistics spelled as sums (session 2): sum / n is the mean when n is the number of summed elements
+class _LayerNormBySums(nn.Module):
+    def __init__(self, n=32):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(n)), nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        n = x.shape[-1]
+        mu = x.sum(-1, keepdim=True) / n
+        d = x - mu
+        var = (d * d).sum(dim=-1, keepdim=True) / n
+        return d / torch.sqrt(var + 1e-5) * self.w + self.b
+
+
+class _RMSNormBySum(nn.Module):
+    def __init__(self, n=32):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        ms = torch.sum(x.pow(2), -1, True) * (1.0 / x.shape[-1])
+        return self.w * (x * torch.rsqrt(ms + 1e-6))
+
+
+class _LayerNormWrongCount(nn.Module):
+    def forward(self, x):  # divides by n - 1: not the mean, not a layer norm
+        mu = x.sum(-1, keepdim=True) / (x.shape[-1] - 1)
+        d = x - x.mean(-1, keepdim=True)
+        return (d - mu) / torch.sqrt(d.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def test_statistics_spelled_as_sums():
+    x = torch.randn(3, 5, 32)
+    assert_fused(_LayerNormBySums(), x, layer_norm=1)
+    assert_close_to_eager(_LayerNormBySums(), x)
+    assert_fused(_RMSNormBySum(), x, rms_norm=1)
+    assert_close_to_eager(_RMSNormBySum(), x)
+    assert_fused(_LayerNormWrongCount(), x, layer_norm=0)
+    assert_close_to_eager(_LayerNormWrongCount(), x)
