@@ -17,7 +17,7 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, hand_written_tail, is_number, is_op,
                                          match_tail, parse_denominator, parse_scale, per_feature, reduce_dims,
-                                         restore_keepdim, same_value, sum_as_mean, scaled_by, var_mean_part)
+                                         run_norm_pass, same_value, scaled_by, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -26,20 +26,9 @@ FUSION = "layer_norm"
 
 @register_pass(FUSION)
 def run(gm: fx.GraphModule, ctx) -> int:
-    restore_keepdim(gm)  # `x.mean(-1).unsqueeze(-1)` -> `x.mean(-1, keepdim=True)`
-    sum_as_mean(gm)  # `x.sum(-1, keepdim=True) / n` -> `x.mean(-1, keepdim=True)`
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.graph is None or node.op != "call_function":
-            continue
-        if node.target is aten.layer_norm.default:
-            count += _library_form(gm, ctx, node)
-        elif node.target is aten.mean.dim or var_mean_part(node, 1) is not None:
-            count += _hand_written(gm, ctx, node)
-    if count:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return count
+    return run_norm_pass(gm, aten.layer_norm.default, lambda n: _library_form(gm, ctx, n),
+                         lambda n: n.target is aten.mean.dim or var_mean_part(n, 1) is not None,
+                         lambda n: _hand_written(gm, ctx, n))
 
 
 # ---------------------------------------------------------------------------------------------- aten.layer_norm

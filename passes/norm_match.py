@@ -145,6 +145,25 @@ def restore_keepdim(gm: fx.GraphModule) -> int:
     return count
 
 
+def run_norm_pass(gm: fx.GraphModule, library_target, library_form, is_anchor, hand_written) -> int:
+    """The loop LayerNorm and RMSNorm share: one spelling for the statistics first, then each library op
+    (`library_form(node)`) and each hand-written anchor (`hand_written(node)`) tried once."""
+    restore_keepdim(gm)  # `x.mean(-1).unsqueeze(-1)` -> `x.mean(-1, keepdim=True)`
+    sum_as_mean(gm)  # `x.sum(-1, keepdim=True) / n` -> `x.mean(-1, keepdim=True)`
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.graph is None or node.op != "call_function":
+            continue
+        if library_target is not None and node.target is library_target:
+            count += library_form(node)
+        elif is_anchor(node):
+            count += hand_written(node)
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
 def sum_as_mean(gm: fx.GraphModule) -> int:
     """`x.sum(dims, keepdim) / n` (or `* (1/n)`) with n the number of summed elements is `x.mean(dims,
     keepdim)`: give the matchers that one spelling. Floating inputs only, outside autocast (there sum runs

@@ -15,8 +15,8 @@ import torch.fx as fx
 
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (apply_norm, exact_copies, hand_written_tail, is_number, is_op, match_tail,
-                                         parse_denominator, parse_scale, per_feature, reduce_dims, restore_keepdim,
-                                         scaled_by, sum_as_mean)
+                                         parse_denominator, parse_scale, per_feature, reduce_dims, run_norm_pass,
+                                         scaled_by)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -25,21 +25,9 @@ FUSION = "rms_norm"
 
 @register_pass(FUSION)
 def run(gm: fx.GraphModule, ctx) -> int:
-    restore_keepdim(gm)  # `x.mean(-1).unsqueeze(-1)` -> `x.mean(-1, keepdim=True)`
-    sum_as_mean(gm)  # `x.sum(-1, keepdim=True) / n` -> `x.mean(-1, keepdim=True)`
-    count = 0
-    rms_op = getattr(aten, "rms_norm", None)
-    for node in list(gm.graph.nodes):
-        if node.graph is None or node.op != "call_function":
-            continue
-        if rms_op is not None and node.target is rms_op.default:
-            count += _library_form(gm, ctx, node)
-        elif node.target is aten.mean.dim:
-            count += _hand_written(gm, ctx, node)
-    if count:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return count
+    rms_op = getattr(aten, "rms_norm", None)  # older torch: no aten.rms_norm, only hand-written forms
+    return run_norm_pass(gm, rms_op.default if rms_op is not None else None, lambda n: _library_form(gm, ctx, n),
+                         lambda n: n.target is aten.mean.dim, lambda n: _hand_written(gm, ctx, n))
 
 
 def _library_form(gm, ctx, node: fx.Node) -> int:
