@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import flashfuse.kernels  # noqa: F401  (registers the ops)
 from flashfuse.kernels import pointwise as pw
-from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
+from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
 
 ops = torch.ops.flashfuse
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -213,12 +213,14 @@ def _prelu64(x, w, channel_dim, zero_grad):
     # reproduce the other spellings' gradient at 0 with the spellings themselves
     if zero_grad == ZERO_GRAD_ZERO:
         return F.relu(x) - wb * F.relu(-x)
+    if zero_grad == ZERO_GRAD_ONE_PLUS_SLOPE:
+        return x.clamp(min=0) + wb * x.clamp(max=0)
     return torch.where(x >= 0, x, wb * x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", PRELU_CASES, ids=lambda c: "x".join(map(str, c[0])))
-@pytest.mark.parametrize("zero_grad", [ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE])
+@pytest.mark.parametrize("zero_grad", [ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE])
 def test_prelu_vs_float64(case, zero_grad, dtype):
     torch.manual_seed(5)
     shape, w_shape, cd = case
@@ -416,7 +418,7 @@ def test_bias_gelu_tiles_cover_wide_and_single_rows(shape):
         assert_close64(ops.bias_gelu_backward(g, x, b, approximate), dx64, torch.float32, "backward")
 
 
-@pytest.mark.parametrize("zero_grad", [ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE])
+@pytest.mark.parametrize("zero_grad", [ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE])
 def test_prelu_double_backward(zero_grad):
     # a gradient penalty: d/d(x, w) of |d out / d x|^2, against the spellings in float64
     torch.manual_seed(11)
