@@ -17,7 +17,7 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, hand_written_tail, is_number, is_op,
                                          match_tail, parse_denominator, parse_scale, per_feature, reduce_dims,
-                                         run_norm_pass, same_value, scaled_by, var_mean_part)
+                                         run_norm_pass, same_value, scaling_uses, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -112,7 +112,7 @@ def _hand_written(gm, ctx, mu: fx.Node) -> int:
     dims, keepdim = reduce_dims(mu)
     reasons, found = [], []
     for c in cs:
-        for user, how, other, pre_weight in _normalizing_uses(c, cs, val(x).shape):
+        for user, how, other, pre_weight in scaling_uses(c, val(x).shape, skip=cs):
             parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
             if parsed is None:
                 continue
@@ -128,20 +128,6 @@ def _hand_written(gm, ctx, mu: fx.Node) -> int:
     for user, why in reasons:
         ctx.graph_report.add_near_miss(FUSION, user, why)
     return sum(_fuse_one(gm, ctx, x, dims, keepdim, normed, eps, w) for normed, eps, w in found)
-
-
-def _normalizing_uses(c: fx.Node, cs: list[fx.Node], x_shape):
-    """(user, 'mul'|'div', scale-or-divisor, weight applied first or None) for `c * s`, `c / d` and the
-    weight-first spelling `w * (x - mu) / d` (Python evaluates it as `(w * c) / d`)."""
-    n = x_shape[-1]
-    for user, how, other in scaled_by(c):
-        if other in cs:
-            continue  # (x - mu) * (x - mu): the square, not the scaling
-        yield user, how, other, None
-        if how == "mul" and per_feature(other, n, x_shape) and tuple(val(user).shape) == tuple(x_shape):
-            for user2, how2, other2 in scaled_by(user):
-                if other2 is not c and other2 is not other:
-                    yield user2, how2, other2, other
 
 
 def _fuse_one(gm, ctx, x, dims, keepdim, normed, eps, pre_weight=None) -> int:

@@ -159,8 +159,7 @@ def run_norm_pass(gm: fx.GraphModule, library_target, library_form, is_anchor, h
         elif is_anchor(node):
             count += hand_written(node)
     if count:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+        gm.graph.eliminate_dead_code()  # the pipeline recompiles after each pass that rewrote
     return count
 
 
@@ -303,6 +302,21 @@ def scaled_by(x: fx.Node) -> list[tuple[fx.Node, str, object]]:
         elif is_op(u, aten.div.Tensor) and len(u.args) == 2 and not u.kwargs and u.args[0] is x:
             out.append((u, "div", u.args[1]))
     return out
+
+
+def scaling_uses(c: fx.Node, x_shape, skip=()):
+    """(user, 'mul'|'div', scale-or-divisor, weight applied first or None) for `c * s`, `c / d` and the
+    weight-first spelling `w * c * s` / `w * c / d` (Python evaluates it as `(w * c) * s`). Users whose
+    other operand is in `skip` are not scalings (LayerNorm: `(x - mu) * (x - mu)` is the square)."""
+    n = x_shape[-1]
+    for user, how, other in scaled_by(c):
+        if other in skip:
+            continue
+        yield user, how, other, None
+        if how == "mul" and per_feature(other, n, x_shape) and tuple(val(user).shape) == tuple(x_shape):
+            for user2, how2, other2 in scaled_by(user):
+                if other2 is not c and other2 is not other:
+                    yield user2, how2, other2, other
 
 
 # ---------------------------------------------------------------------------------------------- the tail

@@ -29,8 +29,7 @@ def run(gm: fx.GraphModule, ctx) -> int:
         if node.op == "call_function" and node.target in norms:
             count += _fuse(gm, ctx, node, norms[node.target])
     if count:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+        gm.graph.eliminate_dead_code()  # the pipeline recompiles after each pass that rewrote
     return count
 
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (apply_norm, exact_copies, hand_written_tail, is_number, is_op, match_tail,
                                          parse_denominator, parse_scale, per_feature, reduce_dims, run_norm_pass,
-                                         scaled_by)
+                                         scaling_uses)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -78,7 +78,7 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
     found, reason = None, None
     # T5: the mean is of x.float() but the multiply is by x itself; Gemma writes x.float() twice
     # (exact either way: upcasting loses nothing)
-    for user, how, other, pre_weight in [t for xa in exact_copies(x) for t in _scaling_uses(xa, val(x).shape)]:
+    for user, how, other, pre_weight in [t for xa in exact_copies(x) for t in scaling_uses(xa, val(x).shape)]:
         parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
         if isinstance(parsed, str):
             reason = reason or (user, parsed)
@@ -99,19 +99,6 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
     spelling = "hand-written rms norm (x*rsqrt" if normed.target is aten.mul.Tensor else \
         "hand-written rms norm (x/sqrt"
     return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling + "(mean(x^2)+eps))", normed)
-
-
-def _scaling_uses(x: fx.Node, x_shape):
-    """(user, 'mul'|'div', scale-or-divisor, weight applied first or None) for `x * s`, `x / d` and the
-    weight-first spelling `w * x * rsqrt(ms + eps)` (Python evaluates it as `(w * x) * rsqrt(..)`)."""
-    n = x_shape[-1]
-    for user, how, other in scaled_by(x):
-        yield user, how, other, None
-        if how == "mul" and isinstance(other, fx.Node) and per_feature(other, n, x_shape) \
-                and tuple(val(user).shape) == tuple(x_shape):
-            for user2, how2, other2 in scaled_by(user):
-                if other2 is not x and other2 is not other:
-                    yield user2, how2, other2, other
 
 
 def _sqrt_args(div_node: fx.Node) -> list:
