@@ -22,6 +22,7 @@ import torch
 import triton
 
 from flashfuse.kernels.attention import codegen, dropout, triton_common
+from flashfuse.kernels.attention.op import empty_bnhd
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCK = threading.Lock()
@@ -195,7 +196,7 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     _check(q, k, v)
     bsz, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    out = torch.empty(bsz, nq, hq, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)  # op.py's layout
+    out = empty_bnhd((bsz, hq, nq, v.shape[-1]), q)
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -228,9 +229,7 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
     bsz, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     side_grads = tuple(bool(g) for g in side_needs_grad)
-    # (B, N, H, D) storage: the layout op.py promises (the kernels take any strides)
-    dq, dk, dv = [torch.empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3], dtype=t.dtype, device=t.device)
-                  .transpose(1, 2) for t in (q, k, v)]
+    dq, dk, dv = (empty_bnhd(t.shape, t) for t in (q, k, v))  # the layout op.py promises
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
                                                      for s, g in zip(sides, side_grads)]
@@ -280,8 +279,8 @@ def dropout_mask(rng: torch.Tensor, B: int, H: int, Nq: int, Nk: int, p: float, 
     rng = rng.to(device=device, dtype=torch.int64)
     mask = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
     blk = block or (16 if INTERPRET else 64)
-    if blk % 8:
-        raise ValueError(f"dropout_mask: block={blk} is not a multiple of 8")
+    if blk % dropout.KEYS_PER_DRAW:
+        raise ValueError(f"dropout_mask: block={blk} is not a multiple of {dropout.KEYS_PER_DRAW}")
     triton_common.dropout_mask_kernel[(_cdiv(Nq, blk), _cdiv(Nk, blk), B * H)](
         mask, rng, H, Nq, Nk, dropout.keep_threshold(p), BLOCK_M=blk, BLOCK_N=blk)
     return mask.bool()
