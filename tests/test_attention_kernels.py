@@ -484,6 +484,24 @@ def test_op_autograd_end_to_end():
         assert _rel(a.grad, r.grad) < 3e-5
 
 
+def test_op_autograd_node_only_when_something_needs_a_gradient():
+    """The Autograd kernel (op.py) skips the autograd.Function when nothing requires grad, and still builds
+    it when only a side (a learned bias) does."""
+    from flashfuse.kernels.attention import op  # noqa: F401
+    q, k, v = _qkv(1, 2, 2, 10, 10, 16, torch.float32)
+    bias = torch.randn(1, 2, 10, 10).to(_dev())
+    text = sm.to_text(0.25 * S + sm.side(0))
+    out, _ = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
+    assert out.grad_fn is None and not out.requires_grad
+    bias.requires_grad_(True)
+    out, _ = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
+    out.sum().backward()
+    ref = bias.detach().double().requires_grad_(True)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + ref
+    (torch.softmax(s, -1) @ v.double()).sum().backward()
+    assert _rel(bias.grad, ref.grad) < 3e-5
+
+
 def test_op_without_mask_recognition_gives_the_same_numbers():
     """recognize_masks=False (graphs captured in CUDA graphs) keeps a tril side as a loaded mask; given or
     left at its default, the argument count the backward answers with matches the call."""

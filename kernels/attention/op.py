@@ -65,12 +65,23 @@ def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return empty_bnhd((bsz, hq, nq, v.shape[-1]), q)
 
 
-@torch.library.custom_op("flashfuse::attention", mutates_args=())
+# Registered with a plain `torch.library.Library` (schema, CPU/CUDA kernels, fake, and an Autograd kernel that
+# is an `autograd.Function`) rather than `torch.library.custom_op`: on the H100 host custom_op's wrappers cost
+# ~230 us per call (benchmarks/host_time.py), more than the GPT-2 kernels themselves; same choice as the norms.
+_lib = torch.library.Library("flashfuse", "FRAGMENT")
+_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor[] sides, float[] scalars, str score_mod, "
+            "float dropout_p, Tensor? rng, str precision, bool recognize_masks=True) -> (Tensor, Tensor)")
+_lib.define("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] sides, "
+            "float[] scalars, str score_mod, float dropout_p, Tensor? rng, bool[] side_needs_grad, str precision, "
+            "bool recognize_masks=True) -> (Tensor, Tensor, Tensor, Tensor[])")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[torch.Tensor],
               scalars: list[float], score_mod: str, dropout_p: float, rng: Optional[torch.Tensor],
               precision: str, recognize_masks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """`recognize_masks=False` keeps mask sides as tensors (no run-time recognition, mask_recognition.py):
-    the pass sets it for graphs captured in CUDA graphs, whose replays never call back here."""
+    """The CPU/CUDA kernel of flashfuse::attention. `recognize_masks=False` keeps mask sides as tensors (no
+    run-time recognition, mask_recognition.py): the pass sets it for graphs captured in CUDA graphs, whose
+    replays never call back here."""
     if use_triton(q) and _has_triton_impl():
         if recognize_masks:
             score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
@@ -81,20 +92,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
     return as_bnhd(out), lse.contiguous()
 
 
-@attention.register_fake
-def _(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
+def _attention_fake(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
     bsz, hq, nq, _ = q.shape
     return _empty_out(q, v), q.new_empty((bsz, hq, nq), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashfuse::attention_backward", mutates_args=())
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, sides: list[torch.Tensor],
                        scalars: list[float], score_mod: str, dropout_p: float,
                        rng: Optional[torch.Tensor], side_needs_grad: list[bool], precision: str,
                        recognize_masks: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Returns dq, dk, dv and the gradients of the sides whose `side_needs_grad` is set (in order)."""
+    """The CPU/CUDA kernel of flashfuse::attention_backward: dq, dk, dv and the gradients of the sides whose
+    `side_needs_grad` is set (in order)."""
     if use_triton(q) and _has_triton_impl():
         n_all = len(sides)
         kept = list(range(n_all))
@@ -114,43 +124,66 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             [d.contiguous() for d, g in zip(dsides, side_needs_grad) if g])
 
 
-@attention_backward.register_fake
-def _(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision,
-      recognize_masks=True):
+def _attention_backward_fake(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
+                             precision, recognize_masks=True):
     dsides = [s.new_empty(s.shape) for s, g in zip(sides, side_needs_grad) if g]
     return empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v), dsides
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, sides, scalars, score_mod, dropout_p, rng, precision = inputs[:9]
-    ctx.recognize_masks = inputs[9]
-    # the dispatcher drops a trailing argument equal to its default, and the backward must return one
-    # gradient per argument it was given
-    ctx.n_inputs = 9 if ctx.recognize_masks else 10
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *sides, *([rng] if rng is not None else []))
-    ctx.n_sides = len(sides)
-    ctx.has_rng = rng is not None
-    ctx.side_needs_grad = [bool(s.requires_grad and s.is_floating_point()) for s in sides]
-    ctx.meta = (list(scalars), score_mod, dropout_p, precision)
-    ctx.mark_non_differentiable(lse)
+for _dispatch_key in ("CPU", "CUDA"):
+    _lib.impl("attention", attention, _dispatch_key)
+    _lib.impl("attention_backward", attention_backward, _dispatch_key)
+torch.library.register_fake("flashfuse::attention", _attention_fake, lib=_lib)
+torch.library.register_fake("flashfuse::attention_backward", _attention_backward_fake, lib=_lib)
+_attention_op = torch.ops.flashfuse.attention.default
+_attention_backward_op = torch.ops.flashfuse.attention_backward.default
 
 
-def _backward(ctx, dout, dlse):
-    saved = ctx.saved_tensors
-    q, k, v, out, lse = saved[:5]
-    sides = list(saved[5:5 + ctx.n_sides])
-    rng = saved[5 + ctx.n_sides] if ctx.has_rng else None
-    scalars, score_mod, dropout_p, precision = ctx.meta
-    dq, dk, dv, dsides_some = torch.ops.flashfuse.attention_backward(
-        dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, ctx.side_needs_grad, precision,
-        ctx.recognize_masks)
-    it = iter(dsides_some)
-    dsides = [next(it) if g else None for g in ctx.side_needs_grad]
-    return (dq, dk, dv, dsides, [None] * len(scalars), None, None, None, None, None)[:ctx.n_inputs]
+class _AttentionFunction(torch.autograd.Function):
+    """Autograd of flashfuse::attention. The sides are separate arguments so that a learned bias gets its
+    gradient (autograd does not look inside lists)."""
+
+    @staticmethod
+    def forward(ctx, meta, q, k, v, rng, *sides):
+        scalars, score_mod, dropout_p, precision, recognize_masks = meta
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = _attention_op(q, k, v, list(sides), list(scalars), score_mod, dropout_p, rng, precision,
+                                     recognize_masks)
+        ctx.meta = meta
+        ctx.has_rng = rng is not None
+        ctx.side_needs_grad = [bool(ctx.needs_input_grad[5 + i] and s.is_floating_point())
+                               for i, s in enumerate(sides)]
+        ctx.save_for_backward(q, k, v, out, lse, *sides, *([rng] if rng is not None else []))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        scalars, score_mod, dropout_p, precision, recognize_masks = ctx.meta
+        saved = ctx.saved_tensors
+        n_sides = len(ctx.side_needs_grad)
+        q, k, v, out, lse = saved[:5]
+        sides = list(saved[5:5 + n_sides])
+        rng = saved[5 + n_sides] if ctx.has_rng else None
+        dq, dk, dv, dsides_some = _attention_backward_op(
+            dout, q, k, v, out, lse, sides, list(scalars), score_mod, dropout_p, rng, ctx.side_needs_grad,
+            precision, recognize_masks)
+        it = iter(dsides_some)
+        dsides = [next(it) if g else None for g in ctx.side_needs_grad]
+        return (None, dq, dk, dv, None, *dsides)
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+def _attention_autograd(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
+    # inference, or inside an aot_autograd-compiled forward: no autograd node
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                         or any(s.requires_grad for s in sides))):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _attention_op(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks)
+    meta = (tuple(scalars), score_mod, dropout_p, precision, recognize_masks)
+    return tuple(_AttentionFunction.apply(meta, q, k, v, rng, *sides))
+
+
+_lib.impl("attention", _attention_autograd, "Autograd")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: str,
