@@ -23,11 +23,13 @@ import triton
 
 from flashfuse.kernels.attention import codegen, dropout, triton_common
 from flashfuse.kernels.attention.op import empty_bnhd
+from flashfuse.kernels.launch import CachedLaunch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCK = threading.Lock()
 _MODULES: dict = {}
 _TUNED: dict = {}
+_LAUNCHERS: dict = {}
 
 
 def cache_dir() -> Path:
@@ -127,6 +129,14 @@ def _kernel(mod, name: str, block_d: int):
     return tuned, {}
 
 
+def _launcher(kernel) -> CachedLaunch:
+    """One CachedLaunch per kernel object (plain or autotuned): launches without Triton's re-binding."""
+    launch = _LAUNCHERS.get(id(kernel))
+    if launch is None:
+        launch = _LAUNCHERS[id(kernel)] = CachedLaunch(kernel)  # holds `kernel`, so its id stays unique
+    return launch
+
+
 # ---- argument plumbing ----
 
 def _side_args(sides, shape) -> list:
@@ -209,9 +219,9 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
         return (_cdiv(nq, m["BLOCK_M"]), bsz * hq)
 
     with _quiet():
-        kernel[grid](q, k, v, out, lse, rng_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                     *_side_args(sides, (bsz, hq, nq, nk)), *[float(x) for x in scalars],
-                     hq, nq, nk, hq // hkv, *_dropout_args(dropout_p), **meta, **blocks)
+        _launcher(kernel)(grid, (q, k, v, out, lse, rng_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                                 *_side_args(sides, (bsz, hq, nq, nk)), *[float(x) for x in scalars],
+                                 hq, nq, nk, hq // hkv, *_dropout_args(dropout_p)), {**meta, **blocks})
     return out, lse
 
 
@@ -237,9 +247,9 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
     meta = _common_meta(q, v, dropout_p, rng, precision)
     delta = torch.empty_like(lse)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64
-    triton_common.attn_bwd_preprocess[(_cdiv(nq, pre_block), bsz * hq)](
-        out, dout, lse, delta, *out.stride(), *dout.stride(), hq, nq,
-        DV=meta["DV"], BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"])
+    _launcher(triton_common.attn_bwd_preprocess)(
+        (_cdiv(nq, pre_block), bsz * hq), (out, dout, lse, delta, *out.stride(), *dout.stride(), hq, nq),
+        dict(DV=meta["DV"], BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"]))
     rng_arg = rng if meta["DROPOUT"] else lse
     side_args = _side_args(sides, (bsz, hq, nq, nk))
     scalar_args = [float(x) for x in scalars]
@@ -248,15 +258,18 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
                   for i, g in enumerate(side_grads) if g}
 
     kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"])
-    kernel[lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv)](
-        q, k, v, dout, lse, delta, dk, dv, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *dk.stride(), *dv.stride(), *side_args, *scalar_args, hq, hkv, nq, nk, hq // hkv, *_dropout_args(dropout_p),
-        **meta, **blocks)
+    _launcher(kernel)(
+        lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv),
+        (q, k, v, dout, lse, delta, dk, dv, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+         *dk.stride(), *dv.stride(), *side_args, *scalar_args, hq, hkv, nq, nk, hq // hkv, *_dropout_args(dropout_p)),
+        {**meta, **blocks})
     kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
-    kernel[lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq)](
-        q, k, v, dout, lse, delta, dq, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *dq.stride(), *side_args, *scalar_args, *dside_full.values(), hq, nq, nk, hq // hkv,
-        *_dropout_args(dropout_p), **meta, **blocks)
+    _launcher(kernel)(
+        lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq),
+        (q, k, v, dout, lse, delta, dq, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+         *dq.stride(), *side_args, *scalar_args, *dside_full.values(), hq, nq, nk, hq // hkv,
+         *_dropout_args(dropout_p)),
+        {**meta, **blocks})
 
     dsides = []
     for i, (s, g) in enumerate(zip(sides, side_grads)):

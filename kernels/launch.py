@@ -1,0 +1,100 @@
+"""Launch a Triton kernel without Triton's per-call argument binding.
+
+`kernel[grid](*args, **constexprs)` binds and re-specializes every argument on every call, and an
+`autotune` wrapper adds its own layer: for the attention kernels' 30-60 arguments that is tens of
+microseconds of host time per launch on the H100 host (benchmarks/host_time.py), and a training step
+launches them four times per layer. A model calls each kernel with the same sizes step after step, so
+`CachedLaunch` lets the first call of each specialization go through Triton (compiling and autotuning as
+usual), keeps the compiled kernel it returns, and later calls launch that directly.
+
+The cache key holds everything Triton specializes a compiled kernel on: each tensor's dtype and 16-byte
+alignment, each integer's exact value (Triton specializes on == 1, divisibility by 16 and the integer
+width), the floats and the constexprs. The grid is computed on every call (it may depend on sizes that are
+not arguments, such as the batch). Autotune configs must not use pre-hooks (`reset_to_zero`,
+`restore_value`): the direct launch does not run them. Under Triton's interpreter, or when anything does not
+look as expected, calls take Triton's own path.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_MAX_ENTRIES = 256
+_RUNTIME = None
+
+
+def _runtime():
+    """(driver, a function returning Triton's launch hooks), looked up once. Profilers such as proton set
+    the hooks; `triton.knobs` is Triton >= 3.4, older versions keep them on CompiledKernel."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        from triton.runtime import driver
+        try:
+            from triton import knobs
+            knobs.runtime.launch_enter_hook  # noqa: B018 (present?)
+
+            def hooks():
+                return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        except (ImportError, AttributeError):
+            from triton.compiler.compiler import CompiledKernel
+
+            def hooks():
+                return (getattr(CompiledKernel, "launch_enter_hook", None),
+                        getattr(CompiledKernel, "launch_exit_hook", None))
+        _RUNTIME = (driver, hooks)
+    return _RUNTIME
+
+
+def spec_key(args) -> tuple:
+    """What Triton would specialize on, for positional launch arguments."""
+    return tuple((a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+class CachedLaunch:
+    """`CachedLaunch(kernel)(grid, args, constexprs)` == `kernel[grid](*args, **constexprs)`.
+
+    `kernel` is a JITFunction or a `triton.autotune` wrapper of one; `grid` takes the constexprs
+    (including the autotuned config's) and returns the launch grid."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.jit = getattr(kernel, "fn", kernel)  # the JITFunction under an autotuner
+        self.enabled = (os.environ.get("TRITON_INTERPRET") != "1"
+                        and os.environ.get("FLASHFUSE_CACHED_LAUNCH", "1") != "0"
+                        and hasattr(self.jit, "arg_names"))
+        self.entries: dict = {}
+
+    def __call__(self, grid, args, constexprs: dict):
+        if not self.enabled:
+            return self.kernel[grid](*args, **constexprs)
+        driver, hooks = _runtime()
+        device = driver.active.get_current_device()
+        key = (device, spec_key(args), tuple(constexprs.items()))
+        entry = self.entries.get(key)
+        if entry is not None:
+            compiled, chosen, tail = entry
+            g = grid(chosen) if callable(grid) else grid
+            grid_xyz = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
+            bound = (*args, *tail)
+            stream = driver.active.get_current_stream(device)
+            enter, leave = hooks()
+            meta = compiled.launch_metadata(grid_xyz, stream, *bound)
+            compiled.run(*grid_xyz, stream, compiled.function, compiled.packed_metadata, meta, enter, leave, *bound)
+            return compiled
+        compiled = self.kernel[grid](*args, **constexprs)  # Triton's own path: compiles, autotunes, launches
+        self._remember(key, compiled, args, constexprs)
+        return compiled
+
+    def _remember(self, key, compiled, args, constexprs):
+        config = getattr(self.kernel, "best_config", None)
+        chosen = {**constexprs, **(config.kwargs if config is not None else {})}
+        names = self.jit.arg_names
+        if (compiled is None or not hasattr(compiled, "packed_metadata") or len(args) > len(names)
+                or any(n not in chosen for n in names[len(args):])):
+            self.enabled = False  # not the Triton we know: keep Triton's path for good
+            return
+        tail = tuple(chosen[n] for n in names[len(args):])  # the constexprs, in signature order
+        if len(self.entries) >= _MAX_ENTRIES:
+            self.entries.clear()
+        self.entries[key] = (compiled, chosen, tail)

@@ -1,0 +1,121 @@
+"""CachedLaunch (kernels/launch.py): after the first launch of a specialization, later calls launch Triton's
+compiled kernel directly, with the arguments in the kernel's signature order. A fake Triton stands in for
+the GPU here; the real path is exercised by every GPU attention test."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flashfuse.kernels import launch
+
+
+class FakeCompiled:
+    packed_metadata = "packed"
+    function = "fn"
+
+    def __init__(self):
+        self.runs = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, gx, gy, gz, stream, function, packed, meta, enter, leave, *args):
+        self.runs.append(((gx, gy, gz), stream, args))
+
+
+class FakeKernel:
+    """A JITFunction-like kernel(x_ptr, n, scale, BLOCK, FLAG) whose Triton path records its calls."""
+    arg_names = ["x_ptr", "n", "scale", "BLOCK", "FLAG"]
+
+    def __init__(self, best_config=None):
+        self.slow_calls = []
+        self.compiled = {}
+        if best_config is not None:
+            self.best_config = best_config
+
+    def __getitem__(self, grid):
+        def call(*args, **kw):
+            self.slow_calls.append((args, kw))
+            key = (launch.spec_key(args), tuple(sorted(kw.items())))
+            return self.compiled.setdefault(key, FakeCompiled())
+        return call
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    driver = SimpleNamespace(active=SimpleNamespace(get_current_device=lambda: 0,
+                                                    get_current_stream=lambda d: 1234))
+    monkeypatch.setattr(launch, "_RUNTIME", (driver, lambda: (None, None)))
+
+
+def test_second_call_launches_compiled_kernel_in_signature_order(fake_runtime):
+    k = FakeKernel()
+    cl = launch.CachedLaunch(k)
+    x = torch.zeros(64)
+    grid = lambda m: (100 // m["BLOCK"], 3)  # noqa: E731
+    c1 = cl(grid, (x, 100, 0.5), {"BLOCK": 32, "FLAG": True})
+    assert len(k.slow_calls) == 1 and c1.runs == []
+    c2 = cl(grid, (x.clone(), 100, 0.5), {"BLOCK": 32, "FLAG": True})
+    assert c2 is c1 and len(k.slow_calls) == 1
+    (g, stream, args), = c1.runs
+    assert g == (3, 3, 1) and stream == 1234
+    assert args[1:] == (100, 0.5, 32, True) and isinstance(args[0], torch.Tensor)
+
+
+@pytest.mark.parametrize("change", ["int", "dtype", "alignment", "constexpr"])
+def test_a_new_specialization_takes_tritons_path(fake_runtime, change):
+    k = FakeKernel()
+    cl = launch.CachedLaunch(k)
+    x = torch.zeros(64)
+    cl((1,), (x, 16, 0.5), {"BLOCK": 32, "FLAG": True})
+    args, consts = (x, 16, 0.5), {"BLOCK": 32, "FLAG": True}
+    if change == "int":
+        args = (x, 17, 0.5)  # divisibility by 16 is a Triton specialization
+    elif change == "dtype":
+        args = (x.half(), 16, 0.5)
+    elif change == "alignment":
+        args = (x[1:], 16, 0.5)  # 4 bytes off: no longer 16-byte aligned
+    else:
+        consts = {"BLOCK": 64, "FLAG": True}
+    cl((1,), args, consts)
+    assert len(k.slow_calls) == 2
+
+
+def test_autotuned_constexprs_fill_the_signature(fake_runtime):
+    k = FakeKernel(best_config=SimpleNamespace(kwargs={"BLOCK": 128}))
+    cl = launch.CachedLaunch(k)
+    x = torch.zeros(8)
+    grid = lambda m: (1000 // m["BLOCK"],)  # noqa: E731
+    cl(grid, (x, 1000, 1.0), {"FLAG": False})
+    compiled = cl(grid, (x, 1000, 1.0), {"FLAG": False})
+    (g, _, args), = compiled.runs
+    assert g == (7, 1, 1) and args[3:] == (128, False)
+
+
+def test_the_grid_is_recomputed_each_call(fake_runtime):
+    """The grid may depend on sizes that are no argument (the batch): never cached with the kernel."""
+    k = FakeKernel()
+    cl = launch.CachedLaunch(k)
+    x = torch.zeros(8)
+    cl((1,), (x, 8, 1.0), {"BLOCK": 8, "FLAG": True})
+    compiled = cl((5, 2), (x, 8, 1.0), {"BLOCK": 8, "FLAG": True})
+    assert compiled.runs[0][0] == (5, 2, 1)
+
+
+def test_unknown_signature_falls_back_for_good(fake_runtime):
+    k = FakeKernel()
+    cl = launch.CachedLaunch(k)
+    x = torch.zeros(8)
+    cl((1,), (x, 8, 1.0), {"BLOCK": 8})  # FLAG missing: cannot bind the signature
+    cl((1,), (x, 8, 1.0), {"BLOCK": 8})
+    assert not cl.enabled and len(k.slow_calls) == 2
+
+
+def test_interpreter_always_takes_tritons_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    k = FakeKernel()
+    cl = launch.CachedLaunch(k)
+    for _ in range(2):
+        cl((1,), (torch.zeros(8), 8, 1.0), {"BLOCK": 8, "FLAG": True})
+    assert not cl.enabled and len(k.slow_calls) == 2
