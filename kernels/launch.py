@@ -98,3 +98,14 @@ class CachedLaunch:
         if len(self.entries) >= _MAX_ENTRIES:
             self.entries.clear()
         self.entries[key] = (compiled, chosen, tail)
+
+
+_LAUNCHERS: dict = {}
+
+
+def launcher(kernel) -> CachedLaunch:
+    """The CachedLaunch of `kernel` (a JITFunction or an autotuned one), one per kernel object."""
+    launch = _LAUNCHERS.get(id(kernel))
+    if launch is None:
+        launch = _LAUNCHERS[id(kernel)] = CachedLaunch(kernel)  # holds `kernel`, so its id stays unique
+    return launch

@@ -23,13 +23,12 @@ import triton
 
 from flashfuse.kernels.attention import codegen, dropout, triton_common
 from flashfuse.kernels.attention.op import empty_bnhd
-from flashfuse.kernels.launch import CachedLaunch
+from flashfuse.kernels.launch import launcher as _launcher
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCK = threading.Lock()
 _MODULES: dict = {}
 _TUNED: dict = {}
-_LAUNCHERS: dict = {}
 
 
 def cache_dir() -> Path:
@@ -127,14 +126,6 @@ def _kernel(mod, name: str, block_d: int):
         tuned = triton.autotune(configs=configs, key=["Nq", "Nk", "D", "DV", "DROPOUT"])(fn)
         _TUNED[key] = tuned
     return tuned, {}
-
-
-def _launcher(kernel) -> CachedLaunch:
-    """One CachedLaunch per kernel object (plain or autotuned): launches without Triton's re-binding."""
-    launch = _LAUNCHERS.get(id(kernel))
-    if launch is None:
-        launch = _LAUNCHERS[id(kernel)] = CachedLaunch(kernel)  # holds `kernel`, so its id stays unique
-    return launch
 
 
 # ---- argument plumbing ----

@@ -12,6 +12,7 @@ import os
 import torch
 import triton
 
+from flashfuse.kernels.launch import launcher
 from flashfuse.kernels.norms.triton_kernels import (MAX_N, MID_BF16, MID_FP16, MID_NONE, norm_bwd_kernel,
                                                     norm_fwd_kernel)
 
@@ -133,11 +134,12 @@ def norm_forward(x, residual, weight, bias, eps: float, is_rms: bool, mid_dtype,
                  MID=mid_code(mid_dtype), BLOCK_N=block_n)
     if x.is_cuda:
         with torch.cuda.device(x.device):
+            # launcher(): Triton's compiled kernel launched directly after the first call (kernels/launch.py)
             if _autotune_enabled():
-                _tuned_fwd()[lambda meta: (triton.cdiv(m, meta["ROWS"]),)](*args, **flags)
+                launcher(_tuned_fwd())(lambda meta: (triton.cdiv(m, meta["ROWS"]),), args, flags)
             else:
                 rows, warps = heuristic_fwd(block_n)
-                norm_fwd_kernel[(triton.cdiv(m, rows),)](*args, **flags, ROWS=rows, num_warps=warps)
+                launcher(norm_fwd_kernel)((triton.cdiv(m, rows),), args, {**flags, "ROWS": rows, "num_warps": warps})
     else:  # interpreter: one row per program is the fastest to interpret
         norm_fwd_kernel[(m,)](*args, **flags, ROWS=1)
     return y, h
@@ -198,9 +200,9 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
         if x.is_cuda:
             with torch.cuda.device(x.device):
                 if _autotune_enabled():
-                    _tuned_bwd()[(programs,)](*args, **flags)
+                    launcher(_tuned_bwd())((programs,), args, flags)
                 else:
-                    norm_bwd_kernel[(programs,)](*args, **flags, num_warps=heuristic_bwd(block_n))
+                    launcher(norm_bwd_kernel)((programs,), args, {**flags, "num_warps": heuristic_bwd(block_n)})
         else:
             norm_bwd_kernel[(programs,)](*args, **flags)
     else:
