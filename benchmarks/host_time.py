@@ -81,10 +81,10 @@ def _causal_text():
     return _CAUSAL
 
 
-def step_profile(n_steps: int, b: int, t: int):
+def step_profile(n_steps: int, b: int, t: int, mode: str = "flashfuse"):
     sys.path.insert(0, os.path.dirname(__file__))
     from train_gpt import make_step
-    step = make_step("flashfuse", b, t)
+    step = make_step(mode, b, t)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -101,8 +101,9 @@ def step_profile(n_steps: int, b: int, t: int):
     prof.disable()
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
-    stats.sort_stats("tottime").print_stats(35)
-    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(30)
+    torch._dynamo.reset()
     return wall, buf.getvalue()
 
 
@@ -113,17 +114,21 @@ def main():
     ap.add_argument("--b", type=int, default=8)
     ap.add_argument("--t", type=int, default=1024)
     ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--skip-calls", action="store_true")
+    ap.add_argument("--modes", default="flashfuse", help="train_gpt modes whose step is profiled")
     args = ap.parse_args()
-    calls = op_calls()
-    for name, us in calls.items():
-        print(f"{name:45s} {us:8.1f} us/call")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "per_call_us": calls}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if not args.skip_calls:
+        calls = result["per_call_us"] = op_calls()
+        for name, us in calls.items():
+            print(f"{name:45s} {us:8.1f} us/call")
     if not args.skip_step:
-        wall, text = step_profile(args.cprofile_steps, args.b, args.t)
-        print(f"GPT-2 {args.b}x{args.t} flashfuse step: {wall:.1f} ms (unprofiled)")
-        print(text)
-        result["step_ms"] = wall
-        result["cprofile"] = text
+        for mode in args.modes.split(","):
+            wall, text = step_profile(args.cprofile_steps, args.b, args.t, mode)
+            print(f"GPT-2 {args.b}x{args.t} {mode} step: {wall:.1f} ms (unprofiled, back to back)")
+            print(text)
+            result[f"step_ms_{mode}"] = wall
+            result[f"cprofile_{mode}"] = text
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "host_time.json"), "w") as f:
