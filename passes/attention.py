@@ -17,6 +17,7 @@ import collections
 import functools
 import math
 import operator
+import os
 
 import sympy
 import torch
@@ -917,10 +918,13 @@ def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs:
     for i, (node, desc) in enumerate(zip(builder.sides, builder.side_desc)):
         t = _concrete_side(gm, node, example_inputs)
         pattern = None
-        if t is not None and t.dim() == 4 and mask_recognition._side_conditions(expr, i):
+        if t is not None and t.dim() == 4 and mask_recognition.side_conditions(expr, i):
             pattern = mask_recognition._nonzero_pattern(t, t.shape[2], t.shape[3])
         if pattern is not None and torch.equal(pattern, torch.ones_like(pattern).tril(pattern.shape[1] - pattern.shape[0])):
-            how = "loaded per tile: not re-checked under CUDA graphs" if cuda_graphs else "verified at run time"
+            how = "verified at run time"
+            if cuda_graphs:  # the op reads FLASHFUSE_DEVICE_MASK_CHECK when it runs (kernels/attention/mask_check.py)
+                how = ("checked on the device at every replay" if os.environ.get("FLASHFUSE_DEVICE_MASK_CHECK") == "1"
+                       else "loaded per tile: not re-checked under CUDA graphs")
             words.append(f"causal (tril buffer {_shape_str(t.shape)}, {how})")
         else:
             words.append(desc)

@@ -763,6 +763,22 @@ def test_cuda_graph_mode_keeps_the_mask_a_tensor(mode):
     torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
 
 
+def test_cuda_graph_mode_with_the_device_mask_check_says_so(monkeypatch):
+    """FLASHFUSE_DEVICE_MASK_CHECK=1 (kernels/attention/mask_check.py): the report names the device check."""
+    monkeypatch.setenv("FLASHFUSE_DEVICE_MASK_CHECK", "1")
+    torch.manual_seed(0)
+    m = NanoGPTAttention(n_embd=32, n_head=4, block_size=16).eval()
+    x = torch.randn(2, 13, 32)
+    report = Report()
+    _active.append(report)
+    try:
+        out = torch.compile(m, backend="flashfuse", mode="reduce-overhead")(x)
+    finally:
+        _active.pop()
+    assert "checked on the device at every replay" in str(report.matches[0]), str(report)
+    torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
+
+
 def cuda_graph_training(backend: str, dropout: float) -> None:
     """Four training steps under mode="reduce-overhead" (warm-up, capture, replays of forward and backward);
     without dropout the last step's gradients must equal eager's. Gradients are set to None before each

@@ -35,7 +35,7 @@ def _candidates():
     )
 
 
-def _side_conditions(expr, i):
+def side_conditions(expr, i):
     """The conditions in which side i appears; None if it appears anywhere else."""
     s = sm.side(i)
     conds = [a for a in expr.atoms(sympy.Eq, sympy.Ne) if a.has(s)]
@@ -91,7 +91,7 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
             continue
         if t.is_floating_point() and t.requires_grad:
             continue
-        conds = _side_conditions(expr, i)
+        conds = side_conditions(expr, i)
         if not conds:
             continue
         key = (_key(t), nq, nk)

@@ -44,6 +44,14 @@ def _has_triton_impl() -> bool:
         return False
 
 
+def _device_mask_check():
+    """mask_check.py when FLASHFUSE_DEVICE_MASK_CHECK=1 (graphs captured in CUDA graphs), else None."""
+    if os.environ.get("FLASHFUSE_DEVICE_MASK_CHECK", "0") != "1":
+        return None
+    from flashfuse.kernels.attention import mask_check
+    return mask_check
+
+
 def empty_bnhd(shape, like: torch.Tensor) -> torch.Tensor:
     """A (B, H, N, D) tensor stored (B, N, H, D)-contiguous: the layout of q/k/v split off a projection
     (`view(B, N, H, D).transpose(1, 2)`), so the model's transpose back to (B, N, H*D) costs nothing.
@@ -83,9 +91,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
     run-time recognition, mask_recognition.py): the pass sets it for graphs captured in CUDA graphs, whose
     replays never call back here."""
     if use_triton(q) and _has_triton_impl():
+        checked = None
         if recognize_masks:
             score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
-        out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
+        elif sides and _device_mask_check() is not None:
+            checked = _device_mask_check().forward(_triton(), q, k, v, sides, scalars, score_mod, dropout_p, rng,
+                                                   precision)
+        if checked is not None:
+            out, lse = checked
+        else:
+            out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
     else:
         out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
     # the fake impl promises these layouts; compiled graphs rely on the strides
@@ -105,7 +120,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The CPU/CUDA kernel of flashfuse::attention_backward: dq, dk, dv and the gradients of the sides whose
     `side_needs_grad` is set (in order)."""
-    if use_triton(q) and _has_triton_impl():
+    checked = None
+    if use_triton(q) and _has_triton_impl() and not recognize_masks and sides and _device_mask_check() is not None:
+        checked = _device_mask_check().backward(_triton(), dout, q, k, v, out, lse, sides, scalars, score_mod,
+                                                dropout_p, rng, side_needs_grad, precision)
+    if checked is not None:
+        dq, dk, dv, dsides = checked
+    elif use_triton(q) and _has_triton_impl():
         n_all = len(sides)
         kept = list(range(n_all))
         if recognize_masks:

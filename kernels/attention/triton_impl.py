@@ -193,12 +193,18 @@ def _check(q, k, v):
         raise ValueError("flashfuse attention: head dims above 256 are not supported")
 
 
-def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
+def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag=None, flag_want=-1,
+                      into=None):
+    """out, lse. With `flag` (mask_check.py), the kernel runs only if flag[0] == `flag_want`; `into`
+    = (out, lse) written in place, so two variants launched together share their outputs."""
     _check(q, k, v)
     bsz, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    out = empty_bnhd((bsz, hq, nq, v.shape[-1]), q)
-    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
+    if into is not None:
+        out, lse = into
+    else:
+        out = empty_bnhd((bsz, hq, nq, v.shape[-1]), q)
+        lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     mod = load_module(score_mod, len(sides), len(scalars), (), side_layout(sides))
@@ -210,37 +216,54 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
         return (_cdiv(nq, m["BLOCK_M"]), bsz * hq)
 
     with _quiet():
-        _launcher(kernel)(grid, (q, k, v, out, lse, rng_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        _launcher(kernel)(grid, (q, k, v, out, lse, rng_arg, flag if flag is not None else lse,
+                                 *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                                  *_side_args(sides, (bsz, hq, nq, nk)), *[float(x) for x in scalars],
-                                 hq, nq, nk, hq // hkv, *_dropout_args(dropout_p)), {**meta, **blocks})
+                                 hq, nq, nk, hq // hkv, *_dropout_args(dropout_p)),
+                          {**meta, **blocks, "FLAG_WANT": flag_want})
     return out, lse
 
 
+def backward_preprocess(out, dout, lse):
+    """Delta = rowsum(dO ∘ O) per query row (B, H, Nq) fp32, the first step of the backward."""
+    bsz, hq, nq, dv = out.shape
+    delta = torch.empty_like(lse)
+    pre_block = INTERPRET_BLOCK if INTERPRET else 64
+    _launcher(triton_common.attn_bwd_preprocess)(
+        (_cdiv(nq, pre_block), bsz * hq), (out, dout, lse, delta, *out.stride(), *dout.stride(), hq, nq),
+        dict(DV=dv, BLOCK_M=pre_block, BLOCK_DV=_block_d(dv)))
+    return delta
+
+
 def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
-                       precision):
-    """dq, dk, dv and the gradient of each side (None where `side_needs_grad` is off)."""
+                       precision, flag=None, flag_want=-1, into=None):
+    """dq, dk, dv and the gradient of each side (None where `side_needs_grad` is off). `flag`, `flag_want`
+    as in attention_forward; `into` = (dq, dk, dv, delta) written in place / read (`backward_preprocess`),
+    so two variants launched together share them."""
     with _quiet():
         return _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
-                                   side_needs_grad, precision)
+                                   side_needs_grad, precision, flag, flag_want, into)
 
 
 def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
-                        precision):
+                        precision, flag, flag_want, into):
     _check(q, k, v)
     bsz, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     side_grads = tuple(bool(g) for g in side_needs_grad)
-    dq, dk, dv = (empty_bnhd(t.shape, t) for t in (q, k, v))  # the layout op.py promises
+    if into is not None:
+        dq, dk, dv, delta = into
+    else:
+        dq, dk, dv = (empty_bnhd(t.shape, t) for t in (q, k, v))  # the layout op.py promises
+        delta = None
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
                                                      for s, g in zip(sides, side_grads)]
     mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
     meta = _common_meta(q, v, dropout_p, rng, precision)
-    delta = torch.empty_like(lse)
-    pre_block = INTERPRET_BLOCK if INTERPRET else 64
-    _launcher(triton_common.attn_bwd_preprocess)(
-        (_cdiv(nq, pre_block), bsz * hq), (out, dout, lse, delta, *out.stride(), *dout.stride(), hq, nq),
-        dict(DV=meta["DV"], BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"]))
+    if delta is None:
+        delta = backward_preprocess(out, dout, lse)
+    flag_arg = flag if flag is not None else lse
     rng_arg = rng if meta["DROPOUT"] else lse
     side_args = _side_args(sides, (bsz, hq, nq, nk))
     scalar_args = [float(x) for x in scalars]
@@ -251,16 +274,16 @@ def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, drop
     kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"])
     _launcher(kernel)(
         lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv),
-        (q, k, v, dout, lse, delta, dk, dv, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        (q, k, v, dout, lse, delta, dk, dv, rng_arg, flag_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
          *dk.stride(), *dv.stride(), *side_args, *scalar_args, hq, hkv, nq, nk, hq // hkv, *_dropout_args(dropout_p)),
-        {**meta, **blocks})
+        {**meta, **blocks, "FLAG_WANT": flag_want})
     kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
     _launcher(kernel)(
         lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq),
-        (q, k, v, dout, lse, delta, dq, rng_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        (q, k, v, dout, lse, delta, dq, rng_arg, flag_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
          *dq.stride(), *side_args, *scalar_args, *dside_full.values(), hq, nq, nk, hq // hkv,
          *_dropout_args(dropout_p)),
-        {**meta, **blocks})
+        {**meta, **blocks, "FLAG_WANT": flag_want})
 
     dsides = []
     for i, (s, g) in enumerate(zip(sides, side_grads)):

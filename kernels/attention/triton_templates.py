@@ -74,14 +74,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 
 
 @triton.jit
-def attn_fwd(Q, K, V, Out, LSE, RNG,
+def attn_fwd(Q, K, V, Out, LSE, RNG, Flag,
              stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
              @SIDE_PARAMS@@SCALAR_PARAMS@
              H, Nq, Nk, GROUP, keep_thresh, keep_scale,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-             DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
+             DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr, FLAG_WANT: tl.constexpr):
+    if FLAG_WANT >= 0:  # one of two variants launched together: the device mask check says which runs
+        if tl.load(Flag) != FLAG_WANT:
+            return
     # the last query blocks carry the most work under causal masks: launch them first
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -192,7 +195,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG,
+def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG, Flag,
                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                   stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -200,7 +203,10 @@ def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG,
                   H, HKV, Nq, Nk, GROUP, keep_thresh, keep_scale,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                  DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
+                  DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr, FLAG_WANT: tl.constexpr):
+    if FLAG_WANT >= 0:  # one of two variants launched together: the device mask check says which runs
+        if tl.load(Flag) != FLAG_WANT:
+            return
     start_n = tl.program_id(0)
     off_bhkv = tl.program_id(1)
     off_b = off_bhkv // HKV
@@ -310,7 +316,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, RNG,
+def attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, RNG, Flag,
                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
@@ -318,7 +324,10 @@ def attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, RNG,
                 H, Nq, Nk, GROUP, keep_thresh, keep_scale,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
+                DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr, FLAG_WANT: tl.constexpr):
+    if FLAG_WANT >= 0:  # one of two variants launched together: the device mask check says which runs
+        if tl.load(Flag) != FLAG_WANT:
+            return
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // H

@@ -1,0 +1,113 @@
+"""Mask recognition on the device, for calls that cannot check a mask on the host (CUDA graphs).
+
+Run-time recognition (mask_recognition.py) reads the mask on the host: a sync, illegal while a CUDA graph
+is captured, and a replay would reuse the captured answer whatever the mask holds by then. So graphs
+lowered for CUDA graphs call the op with `recognize_masks=False`, and used to load the mask on every tile
+and skip no key block. Here instead:
+1. `candidate` picks, from the expression and the shapes alone (no data read), the side that could be the
+   causal mask: used only as `side == 0` / `side != 0`, full (Nq, Nk) trailing dims, no gradient, Nq == Nk.
+2. `causal_check` launches a small kernel that reads that side and writes flag = 1 if its nonzero pattern
+   is `kv_idx <= q_idx` for every batch and head it has, else 0 (4 MB read for a 1024² fp32 tril buffer).
+3. Both kernel variants are launched: the causal one (the side replaced by the index predicate: key blocks
+   above the diagonal skipped, no mask loads) runs when flag == 1, the general one when flag == 0; the
+   other exits at once (`FLAG_WANT` in the templates). All of it is captured and replayed, so a mask changed
+   between replays is checked again: never a wrong number.
+Off unless FLASHFUSE_DEVICE_MASK_CHECK=1 until it has been measured on the GPU (docs/perf-notes.md).
+"""
+from __future__ import annotations
+
+import os
+
+import sympy
+import torch
+import triton
+import triton.language as tl
+
+from flashfuse.kernels.attention import mask_recognition
+from flashfuse.kernels.attention import score_mod as sm
+
+CAUSAL = sm.kv_idx <= sm.q_idx  # the predicate checked (== bottom-right alignment when Nq == Nk)
+
+
+def candidate(score_mod: str, sides: list, nq: int, nk: int, needs_grad) -> tuple | None:
+    """(side index, specialized score_mod, indices of the sides it keeps) or None. Reads no tensor data."""
+    if nq != nk or any(needs_grad):
+        return None
+    expr = sm.from_text(score_mod)
+    for i, t in enumerate(sides):
+        if t.dim() != 4 or tuple(t.shape[-2:]) != (nq, nk) or (t.is_floating_point() and t.requires_grad):
+            continue
+        conds = mask_recognition.side_conditions(expr, i)
+        if not conds:
+            continue
+        new = expr.xreplace({c: (CAUSAL if isinstance(c, sympy.Ne) else sympy.Not(CAUSAL)) for c in conds})
+        kept = [j for j in range(len(sides)) if j != i]
+        new = new.xreplace({sm.side(old): sm.side(pos) for pos, old in enumerate(kept)})
+        return i, sm.to_text(new), kept
+    return None
+
+
+@triton.jit
+def causal_check_kernel(Side, stride_b, stride_h, stride_m, stride_n, H1, Nq, Nk, Flag,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Flag[0] = 0 when any element of Side (B1, H1, Nq, Nk) has (side != 0) != (kv_idx <= q_idx)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H1
+    h = bh % H1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+    s = tl.load(Side + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + offs_m[:, None] * stride_m
+                + offs_n[None, :] * stride_n, mask=inside, other=0)
+    wrong = inside & ((s != 0) != (offs_n[None, :] <= offs_m[:, None]))
+    if tl.sum(wrong.to(tl.int32)) > 0:
+        tl.store(Flag, 0)
+
+
+def causal_check(side: torch.Tensor) -> torch.Tensor:
+    """An int32 tensor [1]: 1 if `side` (B1, H1, N, N) is nonzero exactly where kv_idx <= q_idx, else 0."""
+    flag = torch.ones(1, dtype=torch.int32, device=side.device)
+    b1, h1, nq, nk = side.shape
+    block = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+    if side.dtype == torch.bool:
+        side = side.view(torch.uint8)  # same bytes; a plain integer load everywhere
+    causal_check_kernel[(triton.cdiv(nq, block), triton.cdiv(nk, block), b1 * h1)](
+        side, *side.stride(), h1, nq, nk, flag, BLOCK_M=block, BLOCK_N=block)
+    return flag
+
+
+def forward(ti, q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
+    """(out, lse) from both variants under the device check, or None when no side qualifies.
+    `ti` is triton_impl (imported by the caller)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return None
+    cand = candidate(score_mod, sides, q.shape[2], k.shape[2], [False] * len(sides))
+    if cand is None:
+        return None
+    i, text, kept = cand
+    flag = causal_check(sides[i])
+    out, lse = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, 0)
+    ti.attention_forward(q, k, v, [sides[j] for j in kept], scalars, text, dropout_p, rng, precision, flag, 1,
+                         into=(out, lse))
+    return out, lse
+
+
+def backward(ti, dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision):
+    """(dq, dk, dv, side gradients) from both variants under the device check, or None (as `forward`)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return None
+    cand = candidate(score_mod, sides, q.shape[2], k.shape[2], side_needs_grad)
+    if cand is None:
+        return None
+    i, text, kept = cand
+    flag = causal_check(sides[i])
+    from flashfuse.kernels.attention.op import empty_bnhd
+    into = (empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v),
+            ti.backward_preprocess(out, dout, lse))
+    ti.attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
+                          [False] * len(sides), precision, flag, 0, into=into)
+    ti.attention_backward(dout, q, k, v, out, lse, [sides[j] for j in kept], scalars, text, dropout_p, rng,
+                          [False] * len(kept), precision, flag, 1, into=into)
+    return into[0], into[1], into[2], [None] * len(sides)
