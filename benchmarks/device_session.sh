@@ -13,13 +13,15 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "rc=$?"; grep -v "DEBUG" "$OUT/$name.log" | tail -6 | cut -c1-300
 }
-# 1. CUDA graphs over training steps (issue 7): flashfuse against plain Inductor as the control
-step cudagraph_training 120 env FLASHFUSE_ATTN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rx -m gpu \
-    tests/test_attention_zoo.py -k cuda_graph_training
-# 2. every GPU test (fixed first configs: compile time, not tuning)
-step pytest_gpu 170 env FLASHFUSE_ATTN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests
-# 3. the GPT-2 step and where its time goes
-step train_gpt2 100 python benchmarks/train_gpt.py --out "$OUT" --configs 8x1024 --modes flashfuse
-step profile_gpt2 80 python benchmarks/profile_step.py --mode flashfuse --b 8 --t 1024 --rows 30
-# 4. norms: forward+backward replayed from CUDA graphs, RMSNorm included (MEASURED_RATIO)
-step norms 100 python benchmarks/norms.py --out "$OUT" --ratio-from-graphs --budget-s 80
+# 1. every GPU test (fixed first configs), then the CUDA-graph training steps with the device mask check on
+#    (kernels/attention/mask_check.py: not yet compiled for a GPU, off by default until this passes)
+step pytest_gpu 200 env FLASHFUSE_ATTN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests \
+    -k "not cuda_graph_training"
+step cg_device_check 120 env FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_DEVICE_MASK_CHECK=1 python -m pytest -q \
+    -p no:cacheprovider -m gpu tests/test_attention_zoo.py -k "cuda_graph_training and flashfuse"
+# 2. GPT-2 under CUDA graphs without and with the device check (predicted ~28.7 -> ~24 ms: block skipping back)
+step train_cg 130 python benchmarks/train_gpt.py --out "$OUT" --configs 8x1024 --modes flashfuse-cg --tag _cg
+step train_cg_check 130 env FLASHFUSE_DEVICE_MASK_CHECK=1 python benchmarks/train_gpt.py --out "$OUT" \
+    --configs 8x1024 --modes flashfuse-cg --tag _cg_check
+# 3. the unattributed host time of the default mode: GIL hand-offs? (docs/perf-notes.md, "Session 3")
+step host_switch 100 python benchmarks/host_time.py --skip-calls --modes flashfuse --switch-interval 1e-5

@@ -93,6 +93,8 @@ def step_profile(n_steps: int, b: int, t: int, mode: str = "flashfuse"):
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / n_steps * 1e3
+    import threading
+    print(f"{mode}: Python threads during the steps: {[t.name for t in threading.enumerate()]}")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n_steps):
@@ -116,8 +118,13 @@ def main():
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--skip-calls", action="store_true")
     ap.add_argument("--modes", default="flashfuse", help="train_gpt modes whose step is profiled")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval (s) for the run: tests whether GIL hand-offs cost step time")
     args = ap.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "switch_interval_s": sys.getswitchinterval()}
     if not args.skip_calls:
         calls = result["per_call_us"] = op_calls()
         for name, us in calls.items():
