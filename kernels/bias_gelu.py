@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashfuse.kernels.registration import define, define_autograd
+
 APPROXIMATIONS = ("none", "tanh")
 SQRT_1_2 = 1.0 / math.sqrt(2.0)
 SQRT_2_PI = math.sqrt(2.0 / math.pi)
@@ -129,8 +131,7 @@ def reference_gelu_grad(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return 0.5 * (1 + torch.erf(x * SQRT_1_2)) + x * torch.exp(-0.5 * x * x) * INV_SQRT_2PI
 
 
-@torch.library.custom_op("flashfuse::bias_gelu", mutates_args=())
-def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
+def _bias_gelu_kernel(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
     """gelu(x + bias, approximate) with bias broadcast over the last dim."""
     _check(x, bias, approximate)
     if not _use_triton(x):
@@ -141,15 +142,13 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -
     return y
 
 
-@bias_gelu.register_fake
 def _bias_gelu_fake(x, bias, approximate):
     _check(x, bias, approximate)
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("flashfuse::bias_gelu_backward", mutates_args=())
-def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-                       approximate: str) -> torch.Tensor:
+def _bias_gelu_backward_kernel(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
+                               approximate: str) -> torch.Tensor:
     """grad * gelu'(x + bias): the gradient w.r.t. x (and, summed over the leading dims, the bias)."""
     _check(x, bias, approximate)
     if not _use_triton(x):
@@ -160,51 +159,63 @@ def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch
     return dx
 
 
-@bias_gelu_backward.register_fake
 def _bias_gelu_backward_fake(grad, x, bias, approximate):
     _check(x, bias, approximate)
     return x.new_empty(x.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, bias, approximate = inputs
-    ctx.approximate = approximate
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, bias)
+bias_gelu = define("bias_gelu", "(Tensor x, Tensor? bias, str approximate) -> Tensor", _bias_gelu_kernel,
+                   _bias_gelu_fake)
+bias_gelu_backward = define("bias_gelu_backward", "(Tensor grad, Tensor x, Tensor? bias, str approximate) -> Tensor",
+                            _bias_gelu_backward_kernel, _bias_gelu_backward_fake)
 
 
-def _backward(ctx, grad):
-    x, bias = ctx.saved_tensors
-    dx = torch.ops.flashfuse.bias_gelu_backward(grad, x, bias, ctx.approximate)
-    dbias = None
-    if ctx.has_bias and ctx.needs_input_grad[1]:
-        dbias = dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype).reshape(bias.shape)
-    return dx, dbias, None
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, approximate):
+        with torch._C._AutoDispatchBelowAutograd():
+            y = bias_gelu(x, bias, approximate)
+        ctx.approximate = approximate
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bias = ctx.saved_tensors
+        dx = bias_gelu_backward(grad, x, bias, ctx.approximate)  # differentiable again (double backward)
+        dbias = None
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            dbias = dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype).reshape(bias.shape)
+        return dx, dbias, None
 
 
-bias_gelu.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _setup_backward_context(ctx, inputs, output):
-    grad, x, bias, approximate = inputs
-    ctx.approximate = approximate
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(grad, x, bias)
-
-
-def _backward_backward(ctx, ggrad):
+class _BiasGeluBackward(torch.autograd.Function):
     """Double backward, in torch ops: d/dgrad = gelu'(pre) * ggrad; d/dpre = grad * gelu''(pre) * ggrad."""
-    grad, x, bias = ctx.saved_tensors
-    pre = x.float() if bias is None else x.float() + bias.float()
-    with torch.enable_grad():
-        p = pre.detach().requires_grad_()
-        d1 = reference_gelu_grad(p, ctx.approximate)
-        (d2,) = torch.autograd.grad(d1.sum(), p)
-    dgrad = (ggrad.float() * d1.detach()).to(grad.dtype)
-    dpre = ggrad.float() * grad.float() * d2
-    dx = dpre.to(x.dtype)
-    dbias = dpre.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype).reshape(bias.shape) if ctx.has_bias else None
-    return dgrad, dx, dbias, None
+
+    @staticmethod
+    def forward(ctx, grad, x, bias, approximate):
+        with torch._C._AutoDispatchBelowAutograd():
+            dx = bias_gelu_backward(grad, x, bias, approximate)
+        ctx.approximate = approximate
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(grad, x, bias)
+        return dx
+
+    @staticmethod
+    def backward(ctx, ggrad):
+        grad, x, bias = ctx.saved_tensors
+        pre = x.float() if bias is None else x.float() + bias.float()
+        with torch.enable_grad():
+            p = pre.detach().requires_grad_()
+            d1 = reference_gelu_grad(p, ctx.approximate)
+            (d2,) = torch.autograd.grad(d1.sum(), p)
+        dgrad = (ggrad.float() * d1.detach()).to(grad.dtype)
+        dpre = ggrad.float() * grad.float() * d2
+        dx = dpre.to(x.dtype)
+        dbias = dpre.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype).reshape(bias.shape) if ctx.has_bias else None
+        return dgrad, dx, dbias, None
 
 
-bias_gelu_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)
+define_autograd("bias_gelu", bias_gelu, _BiasGelu.apply)
+define_autograd("bias_gelu_backward", bias_gelu_backward, _BiasGeluBackward.apply)

@@ -30,6 +30,8 @@ from typing import Sequence
 import sympy
 import torch
 
+from flashfuse.kernels.registration import define, define_autograd
+
 # ------------------------------------------------------------------------------------------------
 # text <-> sympy
 # ------------------------------------------------------------------------------------------------
@@ -350,8 +352,7 @@ def coalesce(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> tuple[li
 BLOCK = 1024
 
 
-@torch.library.custom_op("flashfuse::pointwise", mutates_args=())
-def pointwise(inputs: list[torch.Tensor], exprs: str) -> list[torch.Tensor]:
+def _pointwise_kernel(inputs: list[torch.Tensor], exprs: str) -> list[torch.Tensor]:
     """Evaluate the `;`-separated expressions `exprs` over `inputs` (x0, x1, ...) elementwise, with
     broadcasting (the outputs have the inputs' broadcast shape)."""
     shape = _check(inputs)
@@ -411,7 +412,6 @@ def _new_output(x: torch.Tensor, shape, same_layout: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device)
 
 
-@pointwise.register_fake
 def _pointwise_fake(inputs, exprs):
     shape = _check(inputs)
     same_layout = _same_dense_layout(inputs, shape)
@@ -430,27 +430,36 @@ def gradient_exprs(exprs: str, n_inputs: int, wanted: Sequence[int]) -> str:
     return ";".join(out)
 
 
-def _setup_context(ctx, inputs, output):
-    tensors, exprs = inputs
-    ctx.exprs = exprs
-    ctx.out_shape = output[0].shape
-    ctx.wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
-    ctx.save_for_backward(*tensors)
+pointwise = define("pointwise", "(Tensor[] inputs, str exprs) -> Tensor[]", _pointwise_kernel, _pointwise_fake)
 
 
-def _backward(ctx, grads):
-    tensors = list(ctx.saved_tensors)
-    result: list = [None] * len(tensors)
-    if not ctx.wanted:
-        return result, None
-    x = tensors[0]
-    gs = [g if g is not None else x.new_zeros(ctx.out_shape) for g in grads]
-    text = gradient_exprs(ctx.exprs, len(tensors), ctx.wanted)
-    computed = torch.ops.flashfuse.pointwise(tensors + [g.to(x.dtype) for g in gs], text)
-    for i, g in zip(ctx.wanted, computed):
-        # a broadcast input's gradient is summed over the dims it was broadcast along
-        result[i] = g if g.shape == tensors[i].shape else g.sum_to_size(tensors[i].shape)
-    return result, None
+class _Pointwise(torch.autograd.Function):
+    """The inputs are separate arguments: autograd does not look inside lists."""
+
+    @staticmethod
+    def forward(ctx, exprs, *tensors):
+        with torch._C._AutoDispatchBelowAutograd():
+            outs = pointwise(list(tensors), exprs)
+        ctx.exprs = exprs
+        ctx.out_shape = outs[0].shape
+        ctx.wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[1 + i]]
+        ctx.save_for_backward(*tensors)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        tensors = list(ctx.saved_tensors)
+        result: list = [None] * len(tensors)
+        if not ctx.wanted:
+            return (None, *result)
+        x = tensors[0]
+        gs = [g if g is not None else x.new_zeros(ctx.out_shape) for g in grads]
+        text = gradient_exprs(ctx.exprs, len(tensors), ctx.wanted)
+        computed = pointwise(tensors + [g.to(x.dtype) for g in gs], text)  # differentiable again
+        for i, g in zip(ctx.wanted, computed):
+            # a broadcast input's gradient is summed over the dims it was broadcast along
+            result[i] = g if g.shape == tensors[i].shape else g.sum_to_size(tensors[i].shape)
+        return (None, *result)
 
 
-pointwise.register_autograd(_backward, setup_context=_setup_context)
+define_autograd("pointwise", pointwise, lambda inputs, exprs: list(_Pointwise.apply(exprs, *inputs)))

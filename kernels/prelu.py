@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashfuse.kernels.registration import define, define_autograd
+
 ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE = 0, 1, 2, 3
 BLOCK = 1024
 
@@ -109,8 +111,7 @@ def _broadcast_weight(x: torch.Tensor, weight: torch.Tensor, channel_dim: int) -
     return weight.reshape(shape)
 
 
-@torch.library.custom_op("flashfuse::prelu", mutates_args=())
-def prelu(x: torch.Tensor, weight: torch.Tensor, channel_dim: int, zero_grad: int) -> torch.Tensor:
+def _prelu_kernel(x: torch.Tensor, weight: torch.Tensor, channel_dim: int, zero_grad: int) -> torch.Tensor:
     """where(x > 0, x, weight * x) with weight's numel slopes along `channel_dim` (or one slope)."""
     _check(x, weight, channel_dim, zero_grad)
     if not _use_triton(x):
@@ -131,7 +132,6 @@ def prelu(x: torch.Tensor, weight: torch.Tensor, channel_dim: int, zero_grad: in
     return y
 
 
-@prelu.register_fake
 def _prelu_fake(x, weight, channel_dim, zero_grad):
     _check(x, weight, channel_dim, zero_grad)
     return x.new_empty(x.shape)
@@ -147,9 +147,8 @@ def _blocks(c: int, inner: int, k: int) -> tuple[int, int]:
     return block_c, block_k
 
 
-@torch.library.custom_op("flashfuse::prelu_backward", mutates_args=())
-def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, channel_dim: int,
-                   zero_grad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prelu_backward_kernel(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, channel_dim: int,
+                           zero_grad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) of flashfuse::prelu; dweight has weight's shape and dtype."""
     _check(x, weight, channel_dim, zero_grad)
     if not _use_triton(x):
@@ -181,31 +180,45 @@ def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ch
     return dx, dw
 
 
-@prelu_backward.register_fake
 def _prelu_backward_fake(grad, x, weight, channel_dim, zero_grad):
     _check(x, weight, channel_dim, zero_grad)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, channel_dim, zero_grad = inputs
-    ctx.channel_dim, ctx.zero_grad = channel_dim, zero_grad
-    ctx.save_for_backward(x, weight)
+prelu = define("prelu", "(Tensor x, Tensor weight, int channel_dim, int zero_grad) -> Tensor", _prelu_kernel,
+               _prelu_fake)
+prelu_backward = define("prelu_backward", "(Tensor grad, Tensor x, Tensor weight, int channel_dim, int zero_grad) "
+                        "-> (Tensor, Tensor)", _prelu_backward_kernel, _prelu_backward_fake)
 
 
-def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    dx, dw = torch.ops.flashfuse.prelu_backward(grad, x, weight, ctx.channel_dim, ctx.zero_grad)
-    return dx, dw, None, None
+class _Prelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, channel_dim, zero_grad):
+        with torch._C._AutoDispatchBelowAutograd():
+            y = prelu(x, weight, channel_dim, zero_grad)
+        ctx.channel_dim, ctx.zero_grad = channel_dim, zero_grad
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dx, dw = prelu_backward(grad, x, weight, ctx.channel_dim, ctx.zero_grad)  # differentiable again
+        return dx, dw, None, None
 
 
-prelu.register_autograd(_backward, setup_context=_setup_context)
+class _PreluBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, x, weight, channel_dim, zero_grad):
+        with torch._C._AutoDispatchBelowAutograd():
+            dx, dw = prelu_backward(grad, x, weight, channel_dim, zero_grad)
+        ctx.channel_dim, ctx.zero_grad = channel_dim, zero_grad
+        ctx.save_for_backward(grad, x, weight)
+        return dx, dw
 
-
-def _setup_backward_context(ctx, inputs, output):
-    grad, x, weight, channel_dim, zero_grad = inputs
-    ctx.channel_dim, ctx.zero_grad = channel_dim, zero_grad
-    ctx.save_for_backward(grad, x, weight)
+    @staticmethod
+    def backward(ctx, gdx, gdw):
+        return _backward_backward(ctx, gdx, gdw)
 
 
 def _backward_backward(ctx, gdx, gdw):
@@ -237,4 +250,5 @@ def _backward_backward(ctx, gdx, gdw):
     return (d_grad.to(grad.dtype), d_x.to(x.dtype), d_w.reshape(weight.shape).to(weight.dtype), None, None)
 
 
-prelu_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)
+define_autograd("prelu", prelu, _Prelu.apply)
+define_autograd("prelu_backward", prelu_backward, lambda *args: tuple(_PreluBackward.apply(*args)))

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from flashfuse.kernels import registration
 from flashfuse.kernels.attention import mask_recognition, reference
 
 
@@ -73,15 +74,12 @@ def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return empty_bnhd((bsz, hq, nq, v.shape[-1]), q)
 
 
-# Registered with a plain `torch.library.Library` (schema, CPU/CUDA kernels, fake, and an Autograd kernel that
-# is an `autograd.Function`) rather than `torch.library.custom_op`: on the H100 host custom_op's wrappers cost
-# ~230 us per call (benchmarks/host_time.py), more than the GPT-2 kernels themselves; same choice as the norms.
-_lib = torch.library.Library("flashfuse", "FRAGMENT")
-_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor[] sides, float[] scalars, str score_mod, "
-            "float dropout_p, Tensor? rng, str precision, bool recognize_masks=True) -> (Tensor, Tensor)")
-_lib.define("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] sides, "
-            "float[] scalars, str score_mod, float dropout_p, Tensor? rng, bool[] side_needs_grad, str precision, "
-            "bool recognize_masks=True) -> (Tensor, Tensor, Tensor, Tensor[])")
+# Registered with a plain torch.library.Library, not custom_op (kernels/registration.py says why).
+_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor[] sides, float[] scalars, str score_mod, float dropout_p, "
+           "Tensor? rng, str precision, bool recognize_masks=True) -> (Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] sides, "
+                    "float[] scalars, str score_mod, float dropout_p, Tensor? rng, bool[] side_needs_grad, "
+                    "str precision, bool recognize_masks=True) -> (Tensor, Tensor, Tensor, Tensor[])")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[torch.Tensor],
@@ -151,13 +149,9 @@ def _attention_backward_fake(dout, q, k, v, out, lse, sides, scalars, score_mod,
     return empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v), dsides
 
 
-for _dispatch_key in ("CPU", "CUDA"):
-    _lib.impl("attention", attention, _dispatch_key)
-    _lib.impl("attention_backward", attention_backward, _dispatch_key)
-torch.library.register_fake("flashfuse::attention", _attention_fake, lib=_lib)
-torch.library.register_fake("flashfuse::attention_backward", _attention_backward_fake, lib=_lib)
-_attention_op = torch.ops.flashfuse.attention.default
-_attention_backward_op = torch.ops.flashfuse.attention_backward.default
+_attention_op = registration.define("attention", _SCHEMA, attention, _attention_fake)
+_attention_backward_op = registration.define("attention_backward", _BACKWARD_SCHEMA, attention_backward,
+                                             _attention_backward_fake)
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -194,17 +188,12 @@ class _AttentionFunction(torch.autograd.Function):
         return (None, dq, dk, dv, None, *dsides)
 
 
-def _attention_autograd(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
-    # inference, or inside an aot_autograd-compiled forward: no autograd node
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                         or any(s.requires_grad for s in sides))):
-        with torch._C._AutoDispatchBelowAutograd():
-            return _attention_op(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks)
+def _attention_differentiable(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
     meta = (tuple(scalars), score_mod, dropout_p, precision, recognize_masks)
     return tuple(_AttentionFunction.apply(meta, q, k, v, rng, *sides))
 
 
-_lib.impl("attention", _attention_autograd, "Autograd")
+registration.define_autograd("attention", _attention_op, _attention_differentiable)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: str,

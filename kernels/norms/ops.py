@@ -9,27 +9,19 @@ The norm runs over the last dim; weight/bias hold one value per element of it (a
 `mid_dtype` is a rounding the user's code applied between the normalization and the weight (LLaMA's
 `.to(input_dtype)`), `out_dtype` the dtype the replaced subgraph produced.
 
-Registered with a plain `torch.library.Library` (schema + CPU/CUDA kernels + fake + an Autograd kernel
-that is a `torch.autograd.Function`) rather than `torch.library.custom_op`: on the H100 the custom_op
-wrappers cost ~1 ms of host time per forward+backward, several times the kernels' own time at these
-sizes (docs/perf-notes.md, "Norms"); this path is ~3x lighter and traces the same under aot_autograd.
+Registered through kernels/registration.py (a plain `torch.library.Library` and an Autograd kernel that is
+a `torch.autograd.Function`), not `torch.library.custom_op`: on the H100 the custom_op wrappers cost ~1 ms of
+host time per forward+backward, several times the kernels' own time at these sizes (docs/perf-notes.md,
+"Norms"); this path is ~3x lighter and traces the same under aot_autograd.
 """
 from __future__ import annotations
 
 import torch
 
 from flashfuse.kernels.norms.impl import norm_backward, norm_forward
-
-_lib = torch.library.Library("flashfuse", "FRAGMENT")
+from flashfuse.kernels.registration import define, define_autograd
 
 _NORM_ARGS = "Tensor? weight, Tensor? bias, float eps, ScalarType? mid_dtype, ScalarType out_dtype"
-
-
-def _register(name: str, schema: str, kernel, fake) -> None:
-    _lib.define(f"{name}{schema}")
-    for key in ("CPU", "CUDA"):
-        _lib.impl(name, kernel, key)
-    torch.library.register_fake(f"flashfuse::{name}", fake, lib=_lib)
 
 
 # ---------------------------------------------------------------------------------------------- backward op
@@ -44,7 +36,7 @@ def _backward_fake(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype
     return dx, dw, db
 
 
-_register("norm_backward", "(Tensor dy, Tensor x, Tensor? weight, Tensor? dh, float eps, bool is_rms, "
+define("norm_backward", "(Tensor dy, Tensor x, Tensor? weight, Tensor? dh, float eps, bool is_rms, "
           "bool has_bias, ScalarType? mid_dtype, ScalarType dx_dtype) -> (Tensor, Tensor, Tensor)",
           _backward_kernel, _backward_fake)
 
@@ -85,8 +77,7 @@ def define_norm_ops(name: str, is_rms: bool):
     def norm_fake(x, weight, bias, eps, mid_dtype, out_dtype):
         return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
-    _register(name, f"(Tensor x, {_NORM_ARGS}) -> Tensor", norm_kernel, norm_fake)
-    op = getattr(torch.ops.flashfuse, name).default
+    op = define(name, f"(Tensor x, {_NORM_ARGS}) -> Tensor", norm_kernel, norm_fake)
 
     class NormFunction(torch.autograd.Function):
         @staticmethod
@@ -102,13 +93,7 @@ def define_norm_ops(name: str, is_rms: bool):
             dx, dw, db = _grads(ctx, dy, None)
             return dx, dw, db, None, None, None
 
-    def norm_autograd(x, weight, bias, eps, mid_dtype, out_dtype):
-        if not torch.is_grad_enabled():  # inference, or inside an aot_autograd-compiled forward
-            with torch._C._AutoDispatchBelowAutograd():
-                return op(x, weight, bias, eps, mid_dtype, out_dtype)
-        return NormFunction.apply(x, weight, bias, eps, mid_dtype, out_dtype)
-
-    _lib.impl(name, norm_autograd, "Autograd")
+    define_autograd(name, op, NormFunction.apply)
 
     # ------------------------------------------------------------------ (y, h) = norm(x + residual), h
     def add_kernel(x, residual, weight, bias, eps, mid_dtype, out_dtype):
@@ -119,8 +104,8 @@ def define_norm_ops(name: str, is_rms: bool):
         return (torch.empty(x.shape, dtype=out_dtype, device=x.device),
                 torch.empty(x.shape, dtype=h_dtype, device=x.device))
 
-    _register(f"add_{name}", f"(Tensor x, Tensor residual, {_NORM_ARGS}) -> (Tensor, Tensor)", add_kernel, add_fake)
-    add_op = getattr(torch.ops.flashfuse, f"add_{name}").default
+    add_op = define(f"add_{name}", f"(Tensor x, Tensor residual, {_NORM_ARGS}) -> (Tensor, Tensor)", add_kernel,
+                    add_fake)
 
     class AddNormFunction(torch.autograd.Function):
         @staticmethod
@@ -138,11 +123,5 @@ def define_norm_ops(name: str, is_rms: bool):
             dx, dw, db = _grads(ctx, dy, dh)  # dx already holds dh: the gradient of h = x + residual
             return dx.to(ctx.x_dtype), dx.to(ctx.r_dtype), dw, db, None, None, None
 
-    def add_autograd(x, residual, weight, bias, eps, mid_dtype, out_dtype):
-        if not torch.is_grad_enabled():
-            with torch._C._AutoDispatchBelowAutograd():
-                return add_op(x, residual, weight, bias, eps, mid_dtype, out_dtype)
-        return tuple(AddNormFunction.apply(x, residual, weight, bias, eps, mid_dtype, out_dtype))
-
-    _lib.impl(f"add_{name}", add_autograd, "Autograd")
+    define_autograd(f"add_{name}", add_op, lambda *args: tuple(AddNormFunction.apply(*args)))
     return op, add_op
