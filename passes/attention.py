@@ -931,13 +931,25 @@ def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs:
     return words
 
 
+def _is_causal_condition(c) -> bool:
+    """c is `kv_idx <= q_idx + d` (a kept condition) or `kv_idx > q_idx + d` (a masked one), d in {0, Nk - Nq}:
+    the future is masked. Windows, anti-causal and non-linear index conditions are not."""
+    from flashfuse.kernels.attention.codegen import linear_bound
+
+    lb = linear_bound(c)
+    if lb is None or lb.alpha != 1:
+        return False
+    offsets = (0, sm.Nk - sm.Nq) if lb.upper else (1, sm.Nk - sm.Nq + 1)
+    return any(sympy.simplify(lb.beta - d) == 0 for d in offsets)
+
+
 def _describe(gm, expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, rep: int, rank: int,
               example_inputs, cuda_graphs: bool = False) -> str:
     """The specialization in words, e.g. 'causal, scale 0.125, dropout p=0.1, GQA 4:1, d=64'."""
     parts = []
     index_conds = [c for c in expr.atoms(sympy.core.relational.Relational) if _is_index_only(c)
                    and c.free_symbols & {sm.q_idx, sm.kv_idx}]
-    if len(index_conds) == 1 and index_conds[0].free_symbols >= {sm.q_idx, sm.kv_idx}:
+    if len(index_conds) == 1 and _is_causal_condition(index_conds[0]):
         parts.append("causal")
     elif len(index_conds) >= 2:
         parts.append("sliding window / banded mask")

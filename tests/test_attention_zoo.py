@@ -846,3 +846,24 @@ def test_gpu_spellings_fp16(fn):
     ref = fn(q.float(), k.float(), v.float())
     assert report.count("attention") == 1
     assert rel_err(out.float(), ref) < 1e-2
+
+
+@pytest.mark.parametrize("mask_of,word", [
+    (lambda i: i[None, :] > i[:, None], "causal"),
+    (lambda i: i[None, :] < i[:, None], "index mask"),           # anti-causal: the past is masked
+    (lambda i: (i[:, None] - i[None, :]) ** 2 > 4, "index mask"),  # a symmetric window, not causal
+    (lambda i: (i[:, None] - i[None, :]).abs() > 2, "index mask"),
+])
+def test_the_report_calls_only_future_masks_causal(mask_of, word):
+    def fn(q, k, v):
+        i = torch.arange(q.shape[-2])
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        return torch.softmax(s.masked_fill(mask_of(i), float("-inf")), -1) @ v
+
+    q, k, v = qkv(b=1, h=2, nq=9, d=16)
+    run, report = compile_and_report(fn)
+    out = run(q, k, v)
+    desc = str(report.matches[0])
+    assert report.count("attention") == 1 and word in desc, desc
+    assert ("causal" in desc) == (word == "causal"), desc
+    torch.testing.assert_close(out, fn(q, k, v), rtol=1e-4, atol=1e-5)

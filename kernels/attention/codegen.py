@@ -74,13 +74,16 @@ class LinearBound:
     beta: sympy.Basic
 
 
-def _linear_bound(rel: sympy.Basic):
+def linear_bound(rel: sympy.Basic):
     if not isinstance(rel, (sympy.StrictLessThan, sympy.LessThan, sympy.StrictGreaterThan, sympy.GreaterThan)):
         return None
     e = sympy.expand(rel.lhs - rel.rhs)
     if not e.free_symbols <= {sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk}:
         return None
-    poly = sympy.Poly(e, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk)
+    try:
+        poly = sympy.Poly(e, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk)
+    except sympy.PolynomialError:  # |q_idx - kv_idx| <= w and the like: a mask, not a bound
+        return None
     if poly.total_degree() > 1:
         return None
     bk = e.coeff(sm.kv_idx)
@@ -149,7 +152,7 @@ def analyze(expr: sympy.Basic, n_sides: int) -> Analysis:
     conj = list(keep.args) if isinstance(keep, sympy.And) else ([] if keep is sympy.true else [keep])
     bounds, linear, other = [], [], []
     for c in conj:
-        lb = _linear_bound(c)
+        lb = linear_bound(c)
         if lb is None:
             other.append(c)
         else:
@@ -255,6 +258,8 @@ def print_triton(e: sympy.Basic, names: dict | None = None) -> str:
             return "(" + s + ")"
         if isinstance(x, sympy.Pow):
             base, ex = x.args
+            if x.is_number:  # e.g. 2**(1/3), left unevaluated by sympy
+                return f"({float(x)!r})"
             if ex.is_Integer:
                 n = int(ex)
                 if n == 0:
@@ -265,6 +270,9 @@ def print_triton(e: sympy.Basic, names: dict | None = None) -> str:
                 return f"tl.sqrt(({p(base)}).to(tl.float32))"
             if ex == -sympy.Rational(1, 2):
                 return f"tl.rsqrt(({p(base)}).to(tl.float32))"
+            if base.is_number and base > 0:  # ALiBi slopes 2**(-h-1): a literal base has no .to()
+                scale = "" if base == 2 else f" * {math.log2(float(base))!r}"
+                return f"tl.exp2(({p(ex)}).to(tl.float32){scale})"
             return f"tl.exp({p(ex)} * tl.log(({p(base)}).to(tl.float32)))"
         if isinstance(x, sympy.Piecewise):
             out = None
