@@ -70,7 +70,7 @@ def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | N
     """None when v is the biased variance of x over `dims`; otherwise why it is not."""
     v = var_mean_part(v, 0) or v
     if is_op(v, aten.var.dim, aten.var.correction, aten.var_mean.dim, aten.var_mean.correction):
-        if not same_value(v.args[0], x):
+        if not (same_value(v.args[0], x) or v.args[0] in cs):  # var(x - mean) == var(x)
             return "the variance is of another tensor than the mean"
         if v.target in (aten.var.correction, aten.var_mean.correction):
             corr = v.kwargs.get("correction", 1)
