@@ -272,7 +272,7 @@ def print_triton(e: sympy.Basic, names: dict | None = None) -> str:
                 return f"tl.rsqrt(({p(base)}).to(tl.float32))"
             if base.is_number and base > 0:  # ALiBi slopes 2**(-h-1): a literal base has no .to()
                 scale = "" if base == 2 else f" * {math.log2(float(base))!r}"
-                return f"tl.exp2(({p(ex)}).to(tl.float32){scale})"
+                return f"tl.math.exp2(({p(ex)}).to(tl.float32){scale})"
             return f"tl.exp({p(ex)} * tl.log(({p(base)}).to(tl.float32)))"
         if isinstance(x, sympy.Piecewise):
             out = None
