@@ -595,30 +595,55 @@ class Graph:
 # the pass
 # --------------------------------------------------------------------------------------------------
 def _manual_softmax(node: fx.Node):
-    """`e / e.sum(d, keepdim=True)` with `e = exp(x - x.amax(d, keepdim=True))` (or `exp(x)`): (x, d)."""
+    """`e / e.sum(d, keepdim=True)` (or `e.sum(d).unsqueeze(d)`) with `e = exp(x - x.amax(d, keepdim=True))`
+    (or `exp(x)`): (x, d)."""
     if node.op != "call_function" or node.target != aten.div.Tensor or len(node.args) != 2:
         return None
     e, s = node.args
-    if not (isinstance(e, fx.Node) and isinstance(s, fx.Node)) or s.target != aten.sum.dim_IntList:
+    if not (isinstance(e, fx.Node) and isinstance(s, fx.Node)) or val(e) is None:
         return None
-    if len(s.args) < 3 or not s.args[2] or len(s.args[1]) != 1 or s.kwargs.get("dtype") is not None:
+    rank = val(e).dim()
+    if s.target == aten.unsqueeze.default and isinstance(s.args[0], fx.Node):  # sum without keepdim, put back
+        d_back, s = s.args[1] % max(rank, 1), s.args[0]
+        if s.target != aten.sum.dim_IntList or (len(s.args) > 2 and s.args[2]):
+            return None
+    else:
+        d_back = None
+        if s.target != aten.sum.dim_IntList or len(s.args) < 3 or not s.args[2]:
+            return None
+    if len(s.args[1]) != 1 or s.kwargs.get("dtype") is not None:
         return None
-    d = s.args[1][0]
+    d = s.args[1][0] % max(rank, 1)
+    if d_back is not None and d_back != d:
+        return None
     e2 = s.args[0]
     if not all(isinstance(x, fx.Node) and x.target == aten.exp.default for x in (e, e2)):
         return None
     if e.args[0] is not e2.args[0]:
         return None
-    x = e.args[0]
-    if x.op == "call_function" and x.target == aten.sub.Tensor and isinstance(x.args[1], fx.Node):
-        m = x.args[1]
-        if m.target == aten.amax.default and m.args[0] is x.args[0] and list(m.args[1]) == [d] and \
-                (m.args[2] if len(m.args) > 2 else False):
-            x = x.args[0]
-        elif m.target == operator.getitem and m.args[1] == 0 and m.args[0].target == aten.max.dim and \
-                m.args[0].args[0] is x.args[0] and m.args[0].args[1] == d and m.args[0].args[2]:
-            x = x.args[0]
-    return x, d
+    return _strip_row_max(e.args[0], d), d
+
+
+def _strip_row_max(x, d: int):
+    """x0 when `x = x0 - x0.amax(d, keepdim=True)` (or `x0.max(d, keepdim=True)[0]`, detached or not): a shift
+    per row, which a softmax over d cancels; else x itself."""
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target == aten.sub.Tensor
+            and len(x.args) == 2 and isinstance(x.args[1], fx.Node) and x.kwargs.get("alpha", 1) == 1):
+        return x
+    x0, m = x.args
+    while m.op == "call_function" and m.target in (aten.detach.default, aten.alias.default):
+        m = m.args[0]
+    rank = val(x0).dim() if val(x0) is not None else 0
+    if rank == 0 or d % rank != rank - 1:
+        return x
+    if m.target == aten.amax.default and m.args[0] is x0 and len(m.args[1]) == 1 and \
+            m.args[1][0] % rank == rank - 1 and (m.args[2] if len(m.args) > 2 else False):
+        return x0
+    if m.target == operator.getitem and m.args[1] == 0 and m.args[0].target == aten.max.dim and \
+            m.args[0].args[0] is x0 and m.args[0].args[1] % rank == rank - 1 and \
+            (m.args[0].args[2] if len(m.args[0].args) > 2 else False):
+        return x0
+    return x
 
 
 @register_pass(NAME)
@@ -643,6 +668,7 @@ def _softmax_dim(node: fx.Node) -> int:
 
 def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=None) -> str | None:
     s_in, dim = manual if manual is not None else (softmax.args[0], _softmax_dim(softmax))
+    s_in = _strip_row_max(s_in, dim)  # `s - s.amax(-1, keepdim=True).detach()`: the softmax cancels it
     sv = val(s_in)
     if sv is None:
         return None

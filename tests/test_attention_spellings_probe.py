@@ -650,13 +650,6 @@ XFAIL: dict[str, str] = {
     "einsum_ellipsis": (
         "_parse_einsum (passes/attention.py) returns None for any equation with '...': near-miss \"einsum "
         "'...id,...jd->...ij' is not a batched matmul flashfuse can read\""),
-    "stable_max_subtracted_then_softmax": (
-        "lucidrains' `sim - sim.amax(-1, keepdim=True).detach()` before softmax (a softmax-invariant row shift): "
-        "ScoreModBuilder._visit rejects the non-elementwise detach/amax on the scores: '`detach` ... between the "
-        "scores and the softmax is not an elementwise op flashfuse understands'"),
-    "manual_softmax_sum_unsqueeze": (
-        "manual softmax `e / e.sum(-1).unsqueeze(-1)`: _manual_softmax requires sum(..., keepdim=True); the div "
-        "is not seen as a softmax at all, so there is no near-miss"),
     "exp_minus_logsumexp": (
         "`exp(s - logsumexp(s, -1, keepdim=True))` is not a softmax spelling the pass looks for "
         "(SOFTMAX_OPS / _manual_softmax); silent, no near-miss"),

@@ -867,3 +867,26 @@ def test_the_report_calls_only_future_masks_causal(mask_of, word):
     assert report.count("attention") == 1 and word in desc, desc
     assert ("causal" in desc) == (word == "causal"), desc
     torch.testing.assert_close(out, fn(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def sp_row_max_shift_detached(q, k, v):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    s = s - s.amax(-1, keepdim=True).detach()  # lucidrains: a per-row shift the softmax cancels
+    return s.softmax(-1) @ v
+
+
+def sp_column_max_shift(q, k, v):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    return (s - s.amax(-2, keepdim=True)).softmax(-1) @ v  # per column: changes the softmax over keys
+
+
+def sp_row_max_shift_then_tanh(q, k, v):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    return torch.tanh(s - s.amax(-1, keepdim=True)).softmax(-1) @ v  # not a plain shift of the softmax input
+
+
+@pytest.mark.parametrize("fn,expected", [(sp_row_max_shift_detached, 1), (sp_column_max_shift, 0),
+                                         (sp_row_max_shift_then_tanh, 0)], ids=lambda x: getattr(x, "__name__", x))
+def test_a_row_max_shift_is_dropped_only_where_the_softmax_cancels_it(fn, expected):
+    q, k, v = qkv(b=2, h=2, nq=11, d=16)
+    check(fn, q, k, v, expected=expected)
