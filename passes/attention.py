@@ -563,14 +563,26 @@ def _gqa_base(node: fx.Node):
     return node, 1
 
 
-def _parse_einsum(eq: str):
+def _parse_einsum(eq: str, ranks=None):
+    """(a, b, out) subscripts of a two-operand einsum; `...` is spelled out with fresh letters when the
+    operand ranks are given (both operands must then hold the same number of `...` dims)."""
     eq = eq.replace(" ", "")
-    if "..." in eq or "->" not in eq:
+    if "->" not in eq:
         return None
     lhs, out = eq.split("->")
     ins = lhs.split(",")
     if len(ins) != 2:
         return None
+    if "..." in eq:
+        if ranks is None or len(ranks) != 2:
+            return None
+        counts = {r - len(x.replace("...", "")) for x, r in zip(ins, ranks) if "..." in x}
+        if len(counts) != 1 or not all("..." in x for x in ins) or eq.count("...") != 3:
+            return None
+        n = counts.pop()
+        fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)[:max(n, 0)]
+        ins = [x.replace("...", fresh) for x in ins]
+        out = out.replace("...", fresh)
     a, b = ins
     if any(len(set(s)) != len(s) for s in (a, b, out)):
         return None
@@ -805,7 +817,8 @@ def _mm_operands(node: fx.Node, which: str):
         return node.args[0], node.args[1], None
     if node.target == aten.baddbmm.default:
         return node.args[1], node.args[2], None
-    eq = _parse_einsum(node.args[0])
+    ranks = [val(x).dim() if isinstance(x, fx.Node) and val(x) is not None else None for x in node.args[1]]
+    eq = _parse_einsum(node.args[0], ranks if None not in ranks else None)
     if eq is None or len(node.args[1]) != 2:
         raise NotFusable(f"einsum '{node.args[0]}' is not a batched matmul flashfuse can read", node)
     a_s, b_s, out_s = eq

@@ -647,9 +647,6 @@ XFAIL: dict[str, str] = {
         "scores from a 3-D bmm viewed to (B, H, N, N) before the softmax: ScoreModBuilder._view only follows "
         "views of index-only values, so the viewed scores become a side tensor and build() reports a misleading "
         "'the scores (8,11,11) of `bmm` are broadcast to (2,4,11,11) before the softmax'"),
-    "einsum_ellipsis": (
-        "_parse_einsum (passes/attention.py) returns None for any equation with '...': near-miss \"einsum "
-        "'...id,...jd->...ij' is not a batched matmul flashfuse can read\""),
     "exp_minus_logsumexp": (
         "`exp(s - logsumexp(s, -1, keepdim=True))` is not a softmax spelling the pass looks for "
         "(SOFTMAX_OPS / _manual_softmax); silent, no near-miss"),
