@@ -5,7 +5,9 @@ Dynamo's graph spells one operation many ways (`q @ k`, `torch.matmul`, `q.matmu
 ATen op each while keeping the composite ops the passes look for (`aten.matmul`, `aten.softmax`,
 `aten.dropout`, `aten.einsum`, `aten.layer_norm`) instead of decomposing them. Every node then carries
 its fake value in `node.meta["val"]`, and the user's stack trace is kept for the report.
-In-place ops on temporaries (`att /= c`, `masked_fill_`) are turned into their functional form.
+In-place ops on temporaries (`att /= c`, `masked_fill_`) are turned into their functional form, and a 0-d
+constant computed from literals (`np.sqrt(2 / np.pi)` traced by Dynamo) becomes a Python number where it
+multiplies, divides, adds to or subtracts from a tensor, so the passes see the number they match on.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     with torch.fx.traceback.preserve_node_meta(), fake_mode:
         traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True)(*fake_inputs)
     functionalize_inplace(traced)
+    fold_scalar_constants(traced)
     return traced
 
 
@@ -87,6 +90,60 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         changed += 1
     if changed:
         gm.recompile()
+    return changed
+
+
+# pure ops evaluated on 0-d constants (real tensors held by the graph module), and where the result goes
+_CONST_OPS = {aten.lift_fresh_copy.default, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default,
+              aten.neg.default, aten.exp.default, aten.log.default, aten.pow.Tensor_Scalar, aten.mul.Tensor,
+              aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.clone.default, aten.detach.default,
+              aten._to_copy.default}
+_ARITH = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor}
+
+
+def fold_scalar_constants(gm: fx.GraphModule) -> int:
+    """Replace a floating 0-d constant by its Python value where it is the second operand of mul/div/add/sub
+    (or either operand of mul/add) with a floating tensor of rank >= 1: the same result dtype (a 0-d tensor
+    does not promote a dimensioned one of its category), the same number."""
+    consts: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = getattr(gm, node.target, None)
+            if isinstance(t, torch.Tensor) and t.dim() == 0 and not isinstance(t, FakeTensor) and not t.requires_grad:
+                consts[node] = t.detach()
+        elif node.op == "call_function" and node.target in _CONST_OPS:
+            if not any(a in consts for a in node.args if isinstance(a, fx.Node)):
+                continue
+            if not all(a in consts for a in node.all_input_nodes):
+                continue
+            try:
+                args = [consts[a] if isinstance(a, fx.Node) else a for a in node.args]
+                out = node.target(*args, **node.kwargs)
+            except Exception:  # anything unexpected: leave the node alone
+                continue
+            if isinstance(out, torch.Tensor) and out.dim() == 0:
+                consts[node] = out
+    changed = 0
+    for node, value in consts.items():
+        if not value.is_floating_point():
+            continue
+        for user in list(node.users):
+            if user.op != "call_function" or user.target not in _ARITH or user in consts or len(user.args) != 2:
+                continue
+            a, b = user.args
+            other = a if b is node else b
+            ov = val(other)
+            if ov is None or not ov.is_floating_point() or ov.dim() == 0 or a is b:
+                continue
+            if b is node:
+                user.args = (a, float(value))
+            elif user.target in (aten.mul.Tensor, aten.add.Tensor) and "alpha" not in user.kwargs:
+                user.args = (b, float(value))
+            else:
+                continue
+            changed += 1
+    if changed:
+        gm.recompile()  # the constants left unused go with the pipeline's dead-code elimination
     return changed
 
 

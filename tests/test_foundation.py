@@ -155,3 +155,37 @@ def test_inplace_writes_through_views_of_an_input_reach_it(write):
         got = torch.compile(f, backend=backend)(x_comp)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(x_comp, x_eager)
+
+
+def test_scalar_constants_computed_from_literals_become_numbers():
+    """Dynamo traces `np.sqrt(2 / np.pi)` to a 0-d float64 constant and its sqrt; normalize folds it into the
+    multiplication as a Python number (the passes match numbers), and only where the result is the same:
+    not against an integer tensor (a float64 0-d tensor would make that product float64, a float float32)."""
+    import numpy as np
+
+    from flashfuse.passes.normalize import to_aten
+
+    def f(x, n):
+        c = np.sqrt(2 / np.pi)
+        return x * c, c * x, x / c, n * c
+
+    x, n = torch.randn(3, 5), torch.arange(4)
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.append(to_aten(gm, example_inputs))
+        return gm
+
+    got = torch.compile(f, backend=capture)(x, n)
+    for a, b in zip(got[:3], f(x, n)[:3]):  # (n * c: Dynamo's own graph already differs from eager in dtype)
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+    outs = torch.fx.Interpreter(seen[0]).run(x, n)
+    for a, b in zip(outs, got):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+    arith = [nd for nd in seen[0].graph.nodes if nd.op == "call_function" and nd.target in
+             (torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor)]
+    folded = [nd for nd in arith if any(isinstance(a, float) for a in nd.args)]
+    assert len(folded) == 3 and all(abs(nd.args[1] - float(np.sqrt(2 / np.pi))) < 1e-15 for nd in folded)
+    assert len(arith) == 4  # n * c keeps the tensor constant

@@ -413,8 +413,7 @@ GELU_CASES = [
     ("megatron-bias-gelu", dict(bias_gelu=1)),
     ("megatron-erf-0.70710678", dict(bias_gelu=1)),
     ("erf-div-2-at-end", dict(bias_gelu=1)),
-    xfail("np.sqrt(2 / np.pi) is traced as a graph node (torch._dynamo.utils.wrapped_sqrt), a second leaf of "
-          "the region, so bias_gelu's sympy match sees 2 inputs; no near-miss", "numpy-constants", dict(bias_gelu=1)),
+    ("numpy-constants", dict(bias_gelu=1)),
     ("conv-gelu", dict(bias_gelu=1)),
     ("tanh-method-chain", dict(bias_gelu=1)),
 ]
