@@ -608,7 +608,9 @@ class Graph:
 # --------------------------------------------------------------------------------------------------
 def _manual_softmax(node: fx.Node):
     """`e / e.sum(d, keepdim=True)` (or `e.sum(d).unsqueeze(d)`) with `e = exp(x - x.amax(d, keepdim=True))`
-    (or `exp(x)`): (x, d)."""
+    (or `exp(x)`), `log_softmax(x, d).exp()` or `exp(x - x.logsumexp(d, keepdim=True))`: (x, d)."""
+    if node.op == "call_function" and node.target == aten.exp.default and isinstance(node.args[0], fx.Node):
+        return _exp_of_log_softmax(node.args[0])
     if node.op != "call_function" or node.target != aten.div.Tensor or len(node.args) != 2:
         return None
     e, s = node.args
@@ -634,6 +636,23 @@ def _manual_softmax(node: fx.Node):
     if e.args[0] is not e2.args[0]:
         return None
     return _strip_row_max(e.args[0], d), d
+
+
+def _exp_of_log_softmax(a: fx.Node):
+    """(x, d) when `a` is log_softmax(x, d) or x - x.logsumexp(d, keepdim=True), in x's own dtype."""
+    if a.op != "call_function":
+        return None
+    if a.target == aten._log_softmax.default and not a.args[2]:
+        return a.args[0], a.args[1]
+    if a.target == aten.log_softmax.int and a.kwargs.get("dtype", a.args[2] if len(a.args) > 2 else None) is None:
+        return a.args[0], a.args[1]
+    if a.target == aten.sub.Tensor and len(a.args) == 2 and isinstance(a.args[1], fx.Node) and \
+            a.kwargs.get("alpha", 1) == 1:
+        lse = a.args[1]
+        if lse.op == "call_function" and lse.target == aten.logsumexp.default and lse.args[0] is a.args[0] and \
+                len(lse.args[1]) == 1 and (lse.args[2] if len(lse.args) > 2 else False):
+            return a.args[0], lse.args[1][0]
+    return None
 
 
 def _strip_row_max(x, d: int):

@@ -647,11 +647,6 @@ XFAIL: dict[str, str] = {
         "scores from a 3-D bmm viewed to (B, H, N, N) before the softmax: ScoreModBuilder._view only follows "
         "views of index-only values, so the viewed scores become a side tensor and build() reports a misleading "
         "'the scores (8,11,11) of `bmm` are broadcast to (2,4,11,11) before the softmax'"),
-    "exp_minus_logsumexp": (
-        "`exp(s - logsumexp(s, -1, keepdim=True))` is not a softmax spelling the pass looks for "
-        "(SOFTMAX_OPS / _manual_softmax); silent, no near-miss"),
-    "log_softmax_exp": (
-        "`F.log_softmax(s, -1).exp()`: aten._log_softmax is not in SOFTMAX_OPS; silent, no near-miss"),
     "sagan_v_times_p_transposed": (
         "SAGAN/BigGAN `bmm(V, P.permute(0, 2, 1))` (output (B, C, N) = (P·Vᵀ)ᵀ): the forward walk stops at "
         "'probabilities go to `permute` ..., not to a matmul with V'"),
