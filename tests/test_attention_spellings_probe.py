@@ -639,14 +639,6 @@ POSITIVE = {
 }
 
 XFAIL: dict[str, str] = {
-    "bloom_baddbmm_alibi": (
-        "BLOOM's real layout: baddbmm on (B*H, N, N), `.view(B, H, N, N)` for the 4-D softmax, `.view(B*H, N, N)` "
-        "back for the bmm; the forward walk (passes/attention.py _fuse_one) stops at the view: 'probabilities go "
-        "to `view` ..., not to a matmul with V' (view/reshape/_unsafe_view are not in PASS_THROUGH)"),
-    "bmm_scores_viewed_to_4d": (
-        "scores from a 3-D bmm viewed to (B, H, N, N) before the softmax: ScoreModBuilder._view only follows "
-        "views of index-only values, so the viewed scores become a side tensor and build() reports a misleading "
-        "'the scores (8,11,11) of `bmm` are broadcast to (2,4,11,11) before the softmax'"),
     "sagan_v_times_p_transposed": (
         "SAGAN/BigGAN `bmm(V, P.permute(0, 2, 1))` (output (B, C, N) = (P·Vᵀ)ᵀ): the forward walk stops at "
         "'probabilities go to `permute` ..., not to a matmul with V'"),

@@ -890,3 +890,29 @@ def sp_row_max_shift_then_tanh(q, k, v):
 def test_a_row_max_shift_is_dropped_only_where_the_softmax_cancels_it(fn, expected):
     q, k, v = qkv(b=2, h=2, nq=11, d=16)
     check(fn, q, k, v, expected=expected)
+
+
+@pytest.mark.parametrize("tail,expected", [(lambda s: s.softmax(-1), 1), (lambda s: s.sum(-1), 0)],
+                         ids=["softmax", "no_softmax"])
+def test_head_batch_unfolds_only_around_a_softmax(tail, expected):
+    """passes/head_batch.py rewrites view(bmm(..), (B, H, M, N)) to a 4-D matmul only when a softmax is
+    downstream; the rewritten graph computes the same numbers."""
+    from flashfuse.passes.head_batch import unfold_head_batch
+    from flashfuse.passes.normalize import to_aten
+
+    def fn(q3, k3):
+        return tail(torch.bmm(q3, k3.transpose(1, 2)).view(2, 3, 5, 7))
+
+    q3, k3 = torch.randn(6, 5, 4), torch.randn(6, 7, 4)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((to_aten(gm, example_inputs), list(example_inputs)))  # Dynamo's input order
+        return gm
+
+    torch.compile(fn, backend=capture)(q3, k3)
+    gm, inputs = graphs[0]
+    assert unfold_head_batch(gm) == expected
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert (torch.ops.aten.bmm.default in targets) == (expected == 0)
+    torch.testing.assert_close(torch.fx.Interpreter(gm).run(*inputs)[0], fn(q3, k3))

@@ -1,0 +1,144 @@
+"""Attention written with the heads folded into the batch (BLOOM, fairseq, torch's MHA internals): the scores
+come from a 3-D `bmm`/`baddbmm` on (B*H, M, K) and are viewed to (B, H, M, N) for the mask and the softmax,
+and the probabilities are viewed back to (B*H, M, N) for the `bmm` with V. Before the attention pass runs,
+those two spots are rewritten to 4-D matmuls on reshaped operands, which is the same arithmetic:
+
+    view(bmm(a, b), (B, H, M, N))                 -> matmul(a.reshape(B, H, M, K), b.reshape(B, H, K, N))
+    view(baddbmm(c, a, b, beta, alpha), (B, H..)) -> alpha * matmul(...) + beta * c.reshape(B, H, ...)
+    bmm(view(P, (B*H, M, N)), v)                  -> matmul(P, v.reshape(B, H, N, D)).reshape(B*H, M, D)
+
+Only where a softmax is downstream (scores) or upstream (probabilities), so other bmm's are left as written.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from flashfuse.passes.normalize import val
+
+aten = torch.ops.aten
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+# between a softmax and the probabilities' view: ops that keep the values (casts, dropout)
+KEEPS_VALUES = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+                aten.alias.default, aten.type_as.default, aten.detach.default, aten.dropout.default}
+
+
+def _known(cond) -> bool:
+    return bool(statically_known_true(cond))
+
+
+def _call(gm: fx.GraphModule, before: fx.Node, target, *args) -> fx.Node:
+    """A node computing target(*args) before `before`, with its fake value."""
+    with gm.graph.inserting_before(before):
+        n = gm.graph.call_function(target, args)
+    fake_args = [val(a) if isinstance(a, fx.Node) else a for a in args]
+    n.meta["val"] = target(*fake_args)
+    n.meta["stack_trace"] = before.meta.get("stack_trace")
+    return n
+
+
+def _split_heads(view: fx.Node, folded: fx.Node):
+    """(B, H) when `view` turns `folded` (G, M, N) into (B, H, M, N) with B * H == G; else None."""
+    src, out = val(folded), val(view)
+    if src is None or out is None or src.dim() != 3 or out.dim() != 4:
+        return None
+    if not (_known(out.shape[0] * out.shape[1] == src.shape[0]) and _known(out.shape[2] == src.shape[1])
+            and _known(out.shape[3] == src.shape[2])):
+        return None
+    return out.shape[0], out.shape[1]
+
+
+def _feeds_softmax(node: fx.Node, limit: int = 48) -> bool:
+    """A softmax within `limit` nodes downstream (through any ops: the attention pass decides the rest)."""
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target in SOFTMAXES:
+                return True
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
+def _from_softmax(node: fx.Node) -> bool:
+    while node.op == "call_function" and node.target in KEEPS_VALUES:
+        node = node.args[0]
+    return node.op == "call_function" and node.target in SOFTMAXES
+
+
+def unfold_head_batch(gm: fx.GraphModule) -> int:
+    """Rewrite the two spots above; returns how many were rewritten."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        # scores: view(bmm / baddbmm) to 4-D
+        if node.target in VIEWS and isinstance(node.args[0], fx.Node):
+            mm = node.args[0]
+            if mm.op != "call_function" or mm.target not in (aten.bmm.default, aten.baddbmm.default):
+                continue
+            if len(mm.users) != 1 or not _feeds_softmax(node):
+                continue
+            bh = _split_heads(node, mm)
+            if bh is None:
+                continue
+            changed += _unfold_scores(gm, node, mm, *bh)
+        # probabilities: bmm(view(P 4-D -> 3-D), v)
+        elif node.target == aten.bmm.default and isinstance(node.args[0], fx.Node):
+            pv = node.args[0]
+            if pv.op != "call_function" or pv.target not in VIEWS or len(pv.users) != 1:
+                continue
+            p4 = pv.args[0]
+            if not isinstance(p4, fx.Node) or not _from_softmax(p4):
+                continue
+            bh = _split_heads(p4, pv)
+            if bh is None:
+                continue
+            changed += _unfold_probabilities(gm, node, p4, *bh)
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return changed
+
+
+def _unfold_scores(gm, view: fx.Node, mm: fx.Node, b, h) -> int:
+    if mm.target == aten.bmm.default:
+        a, k, c, beta, alpha = mm.args[0], mm.args[1], None, 0, 1
+    else:
+        c, a, k = mm.args[:3]
+        beta, alpha = mm.kwargs.get("beta", 1), mm.kwargs.get("alpha", 1)
+        if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
+            return 0
+    av, kv = val(a), val(k)
+    a4 = _call(gm, view, aten.reshape.default, a, [b, h, av.shape[1], av.shape[2]])
+    k4 = _call(gm, view, aten.reshape.default, k, [b, h, kv.shape[1], kv.shape[2]])
+    out = _call(gm, view, aten.matmul.default, a4, k4)
+    if alpha != 1:
+        out = _call(gm, view, aten.mul.Tensor, out, alpha)
+    if beta != 0:  # torch ignores the input (even NaN) when beta == 0
+        cv = val(c)
+        if cv is None:
+            return 0
+        if cv.dim() == 3 and not _known(cv.shape[0] == 1):
+            c = _call(gm, view, aten.reshape.default, c, [b, h, cv.shape[1], cv.shape[2]])
+        if beta != 1:
+            c = _call(gm, view, aten.mul.Tensor, c, beta)
+        out = _call(gm, view, aten.add.Tensor, out, c)
+    view.replace_all_uses_with(out)
+    return 1
+
+
+def _unfold_probabilities(gm, bmm: fx.Node, p4: fx.Node, b, h) -> int:
+    v = bmm.args[1]
+    vv, ov = val(v), val(bmm)
+    if vv is None or ov is None:
+        return 0
+    v4 = _call(gm, bmm, aten.reshape.default, v, [b, h, vv.shape[1], vv.shape[2]])
+    out4 = _call(gm, bmm, aten.matmul.default, p4, v4)
+    out = _call(gm, bmm, aten.reshape.default, out4, list(ov.shape))
+    bmm.replace_all_uses_with(out)
+    return 1
