@@ -639,9 +639,6 @@ POSITIVE = {
 }
 
 XFAIL: dict[str, str] = {
-    "sagan_v_times_p_transposed": (
-        "SAGAN/BigGAN `bmm(V, P.permute(0, 2, 1))` (output (B, C, N) = (P·Vᵀ)ᵀ): the forward walk stops at "
-        "'probabilities go to `permute` ..., not to a matmul with V'"),
     "gqa_5d_broadcast": (
         "GQA by viewing Q as (B, Hkv, g, N, d) and broadcasting K/V over g gives 5-D scores: "
         "ScoreModBuilder.build 'scores of rank 5; flashfuse handles rank 2 to 4'"),

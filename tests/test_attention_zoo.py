@@ -894,10 +894,10 @@ def test_a_row_max_shift_is_dropped_only_where_the_softmax_cancels_it(fn, expect
 
 @pytest.mark.parametrize("tail,expected", [(lambda s: s.softmax(-1), 1), (lambda s: s.sum(-1), 0)],
                          ids=["softmax", "no_softmax"])
-def test_head_batch_unfolds_only_around_a_softmax(tail, expected):
-    """passes/head_batch.py rewrites view(bmm(..), (B, H, M, N)) to a 4-D matmul only when a softmax is
+def test_layouts_are_rewritten_only_around_a_softmax(tail, expected):
+    """passes/attention_layouts.py rewrites view(bmm(..), (B, H, M, N)) to a 4-D matmul only when a softmax is
     downstream; the rewritten graph computes the same numbers."""
-    from flashfuse.passes.head_batch import unfold_head_batch
+    from flashfuse.passes.attention_layouts import rewrite_layouts
     from flashfuse.passes.normalize import to_aten
 
     def fn(q3, k3):
@@ -912,7 +912,25 @@ def test_head_batch_unfolds_only_around_a_softmax(tail, expected):
 
     torch.compile(fn, backend=capture)(q3, k3)
     gm, inputs = graphs[0]
-    assert unfold_head_batch(gm) == expected
+    assert rewrite_layouts(gm) == expected
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert (torch.ops.aten.bmm.default in targets) == (expected == 0)
     torch.testing.assert_close(torch.fx.Interpreter(gm).run(*inputs)[0], fn(q3, k3))
+
+
+
+def sp_probabilities_right_without_softmax(q, k, v):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    return v.transpose(-2, -1) @ torch.sigmoid(s).transpose(-2, -1)  # no softmax: left as written
+
+
+def sp_probabilities_right(q, k, v):
+    p = ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1)
+    return v.transpose(-2, -1) @ p.transpose(-2, -1)  # (P·V)ᵀ, SAGAN's order
+
+
+@pytest.mark.parametrize("fn,expected", [(sp_probabilities_right, 1), (sp_probabilities_right_without_softmax, 0)],
+                         ids=lambda x: getattr(x, "__name__", x))
+def test_probabilities_on_the_right_of_the_matmul(fn, expected):
+    q, k, v = qkv(b=2, h=2, nq=10, d=16)
+    check(fn, q, k, v, expected=expected)

@@ -1,13 +1,17 @@
-"""Attention written with the heads folded into the batch (BLOOM, fairseq, torch's MHA internals): the scores
-come from a 3-D `bmm`/`baddbmm` on (B*H, M, K) and are viewed to (B, H, M, N) for the mask and the softmax,
-and the probabilities are viewed back to (B*H, M, N) for the `bmm` with V. Before the attention pass runs,
-those two spots are rewritten to 4-D matmuls on reshaped operands, which is the same arithmetic:
+"""Attention layouts the attention pass does not read directly, rewritten before it runs into ones it does,
+with the same arithmetic. Only around a softmax, so other matmuls are left as written.
+
+Heads folded into the batch (BLOOM, fairseq, torch's MHA internals): the scores come from a 3-D
+`bmm`/`baddbmm` on (B*H, M, K) and are viewed to (B, H, M, N) for the mask and the softmax, and the
+probabilities are viewed back to (B*H, M, N) for the `bmm` with V:
 
     view(bmm(a, b), (B, H, M, N))                 -> matmul(a.reshape(B, H, M, K), b.reshape(B, H, K, N))
     view(baddbmm(c, a, b, beta, alpha), (B, H..)) -> alpha * matmul(...) + beta * c.reshape(B, H, ...)
     bmm(view(P, (B*H, M, N)), v)                  -> matmul(P, v.reshape(B, H, N, D)).reshape(B*H, M, D)
 
-Only where a softmax is downstream (scores) or upstream (probabilities), so other bmm's are left as written.
+Probabilities on the right (SAGAN / BigGAN self-attention, output (B, C, N)):
+
+    bmm(v, P.permute(0, 2, 1))                    -> matmul(P, v.transpose(-2, -1)).transpose(-2, -1)
 """
 from __future__ import annotations
 
@@ -70,39 +74,54 @@ def _from_softmax(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SOFTMAXES
 
 
-def unfold_head_batch(gm: fx.GraphModule) -> int:
-    """Rewrite the two spots above; returns how many were rewritten."""
+def rewrite_layouts(gm: fx.GraphModule) -> int:
+    """Rewrite the spots above; returns how many were rewritten."""
     changed = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        # scores: view(bmm / baddbmm) to 4-D
-        if node.target in VIEWS and isinstance(node.args[0], fx.Node):
-            mm = node.args[0]
-            if mm.op != "call_function" or mm.target not in (aten.bmm.default, aten.baddbmm.default):
-                continue
-            if len(mm.users) != 1 or not _feeds_softmax(node):
-                continue
-            bh = _split_heads(node, mm)
-            if bh is None:
-                continue
-            changed += _unfold_scores(gm, node, mm, *bh)
-        # probabilities: bmm(view(P 4-D -> 3-D), v)
-        elif node.target == aten.bmm.default and isinstance(node.args[0], fx.Node):
-            pv = node.args[0]
-            if pv.op != "call_function" or pv.target not in VIEWS or len(pv.users) != 1:
-                continue
-            p4 = pv.args[0]
-            if not isinstance(p4, fx.Node) or not _from_softmax(p4):
-                continue
-            bh = _split_heads(p4, pv)
-            if bh is None:
-                continue
-            changed += _unfold_probabilities(gm, node, p4, *bh)
+        if node.op == "call_function":
+            changed += _scores_viewed_to_4d(gm, node) or _probabilities_viewed_to_3d(gm, node) or \
+                _probabilities_on_the_right(gm, node)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return changed
+
+
+def _scores_viewed_to_4d(gm, node: fx.Node) -> int:
+    """view(bmm / baddbmm (G, M, N)) to (B, H, M, N), a softmax downstream."""
+    if node.target not in VIEWS or not isinstance(node.args[0], fx.Node):
+        return 0
+    mm = node.args[0]
+    if mm.op != "call_function" or mm.target not in (aten.bmm.default, aten.baddbmm.default):
+        return 0
+    if len(mm.users) != 1 or not _feeds_softmax(node):
+        return 0
+    bh = _split_heads(node, mm)
+    return _unfold_scores(gm, node, mm, *bh) if bh is not None else 0
+
+
+def _probabilities_viewed_to_3d(gm, node: fx.Node) -> int:
+    """bmm(view(P (B, H, M, N) -> (B*H, M, N)), v), P from a softmax."""
+    if node.target != aten.bmm.default or not isinstance(node.args[0], fx.Node):
+        return 0
+    pv = node.args[0]
+    if pv.op != "call_function" or pv.target not in VIEWS or len(pv.users) != 1:
+        return 0
+    p4 = pv.args[0]
+    if not isinstance(p4, fx.Node) or not _from_softmax(p4):
+        return 0
+    bh = _split_heads(p4, pv)
+    return _unfold_probabilities(gm, node, p4, *bh) if bh is not None else 0
+
+
+def _probabilities_on_the_right(gm, node: fx.Node) -> int:
+    """bmm / matmul(v, P with its last two dims swapped), P from a softmax."""
+    if node.target not in (aten.bmm.default, aten.matmul.default) or not isinstance(node.args[1], fx.Node):
+        return 0
+    pt = node.args[1]
+    if not _swaps_last_two(pt) or len(pt.users) != 1 or not _from_softmax(pt.args[0]):
+        return 0
+    return _probabilities_left(gm, node, pt.args[0])
 
 
 def _unfold_scores(gm, view: fx.Node, mm: fx.Node, b, h) -> int:
@@ -141,4 +160,29 @@ def _unfold_probabilities(gm, bmm: fx.Node, p4: fx.Node, b, h) -> int:
     out4 = _call(gm, bmm, aten.matmul.default, p4, v4)
     out = _call(gm, bmm, aten.reshape.default, out4, list(ov.shape))
     bmm.replace_all_uses_with(out)
+    return 1
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    """transpose(x, -2, -1) / permute(x, (..., r-1, r-2)) of a rank >= 2 tensor."""
+    if node.op != "call_function" or not isinstance(node.args[0], fx.Node) or val(node.args[0]) is None:
+        return False
+    r = val(node.args[0]).dim()
+    if r < 2:
+        return False
+    if node.target == aten.transpose.int:
+        return sorted(d % r for d in node.args[1:3]) == [r - 2, r - 1]
+    if node.target == aten.permute.default:
+        return [d % r for d in node.args[1]] == list(range(r - 2)) + [r - 1, r - 2]
+    return False
+
+
+def _probabilities_left(gm, mm: fx.Node, p: fx.Node) -> int:
+    v = mm.args[0]
+    if not isinstance(v, fx.Node) or val(v) is None or val(v).dim() != val(p).dim():
+        return 0
+    vt = _call(gm, mm, aten.transpose.int, v, -2, -1)
+    out = _call(gm, mm, aten.matmul.default, p, vt)
+    out = _call(gm, mm, aten.transpose.int, out, -2, -1)
+    mm.replace_all_uses_with(out)
     return 1
