@@ -217,14 +217,23 @@ RUNTIME_EPS = ("eps is a run-time scalar (Dynamo made the float attribute a grap
                "dynamic=True); under the Inductor remainder the kernel takes eps only as a constant")
 
 
+EPS_TENSOR = ("eps is a 0-d tensor (a registered buffer?), not a number: the norm kernels take eps as a "
+              "constant; write it as a Python float")
+
+
 def parse_eps_add(a: fx.Node):
-    """`v + eps` -> (v, eps); anything else -> (a, 0.0). eps is an fx.Node when it is a run-time scalar."""
+    """`v + eps` -> (v, eps); anything else -> (a, 0.0). eps is an fx.Node when it is a run-time scalar.
+    A 0-d tensor eps -> EPS_TENSOR (the reason it is not fused)."""
     if is_op(a, aten.add.Tensor, aten.add.Scalar) and not a.kwargs and len(a.args) == 2:
         lhs, rhs = a.args
         if isinstance(lhs, fx.Node) and (is_number(rhs) or is_runtime_scalar(rhs)):
             return lhs, (float(rhs) if is_number(rhs) else rhs)
         if isinstance(rhs, fx.Node) and (is_number(lhs) or is_runtime_scalar(lhs)):
             return rhs, (float(lhs) if is_number(lhs) else lhs)
+        vals = [val(t) for t in (lhs, rhs)]
+        if all(v is not None for v in vals) and sorted(v.dim() == 0 for v in vals) == [False, True] and \
+                all(v.is_floating_point() for v in vals):
+            return EPS_TENSOR
     return a, 0.0
 
 

@@ -88,7 +88,7 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
         found = (user, parsed[1], pre_weight)
         break
     if found is None:
-        if reason is not None and any(a is ms for a in _sqrt_args(reason[0])):
+        if reason is not None and (any(a is ms for a in _sqrt_args(reason[0])) or _reaches(reason[0], ms)):
             ctx.graph_report.add_near_miss(FUSION, reason[0], reason[1])
         return 0
     normed, eps, pre_weight = found
@@ -99,6 +99,16 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
     spelling = "hand-written rms norm (x*rsqrt" if normed.target is aten.mul.Tensor else \
         "hand-written rms norm (x/sqrt"
     return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling + "(mean(x^2)+eps))", normed)
+
+
+def _reaches(node: fx.Node, target: fx.Node, depth: int = 4) -> bool:
+    """`target` feeds `node` within `depth` steps (the divisor or scale is built from this mean of squares)."""
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+        if target in frontier:
+            return True
+    return False
 
 
 def _sqrt_args(div_node: fx.Node) -> list:

@@ -593,3 +593,30 @@ def test_residual_norm_mixed_dtypes_is_a_near_miss():
     compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES))
     for o, r in zip(compiled(x, y), model(x, y)):
         assert rel_err(o, r) < 1e-5
+
+
+class _EpsBufferNorm(torch.nn.Module):
+    """eps registered as a 0-d buffer: a tensor the kernels cannot take as their constant."""
+
+    def __init__(self, rms: bool):
+        super().__init__()
+        self.rms = rms
+        self.register_buffer("eps", torch.tensor(1e-5))
+
+    def forward(self, x):
+        if self.rms:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        mu = x.mean(-1, keepdim=True)
+        return (x - mu) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_an_eps_buffer_is_a_named_near_miss(rms):
+    from flashfuse.testing import assert_close_to_eager, assert_fused
+
+    model, x = _EpsBufferNorm(rms), torch.randn(2, 3, 24)
+    fusion = "rms_norm" if rms else "layer_norm"
+    report = assert_fused(model, x, options={"remainder": "eager"}, **{fusion: 0})
+    reasons = [n.reason for n in report.near_misses if n.fusion == fusion]
+    assert any("eps is a 0-d tensor" in r for r in reasons), str(report)
+    assert_close_to_eager(model, x, options={"remainder": "eager"})
