@@ -850,6 +850,8 @@ def _mm_operands(node: fx.Node, which: str):
     c = contracted[0]
     i_l = [x for x in a_s if x in out_s and x not in b_s]
     j_l = [x for x in b_s if x in out_s and x not in a_s]
+    if which == "qk" and len(i_l) == 1 and len(j_l) == 1 and out_s.index(i_l[0]) > out_s.index(j_l[0]):
+        a, b, a_s, b_s, i_l, j_l = b, a, b_s, a_s, j_l, i_l  # written (k, q): the same scores
     # scores keep the output's dim order; for P·V the probabilities (left) are already in the scores' order
     order = out_s if which == "qk" else a_s
     batch = [x for x in order if x in a_s and x in b_s and x in out_s]

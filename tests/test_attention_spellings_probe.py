@@ -645,9 +645,6 @@ XFAIL: dict[str, str] = {
     "bert_head_mask": (
         "HF head_mask `probs * head_mask` (1, H, 1, 1) between dropout and P·V: 'probabilities go to `mul` ..., "
         "not to a matmul with V' (a per-(b, h) scale of the output could be folded after the op)"),
-    "einsum_k_first": (
-        "einsum with the operands written (k, q): 'bhjd,bhid->bhij': _mm_operands(which='qk') raises "
-        "\"puts the scores' axes in another order\" instead of swapping the operands"),
 }
 
 
