@@ -38,8 +38,21 @@ def _makes_fresh_tensor(node: fx.Node) -> bool:
 
 
 
+class NotRetraceable(Exception):
+    """The graph cannot be re-traced to ATen without changing what it computes."""
+
+
 def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
-    """Re-trace a Dynamo graph to a pre-dispatch ATen graph on fake tensors."""
+    """Re-trace a Dynamo graph to a pre-dispatch ATen graph on fake tensors.
+
+    Refused (NotRetraceable, so the pipeline compiles the graph as Dynamo gave it) when the graph calls a
+    higher-order op: re-tracing inlines e.g. a custom autograd.Function's forward under no_grad and drops
+    its own backward (HF BLOOM's GeLUFunction: every gradient upstream of it came out wrong)."""
+    hops = sorted({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                   if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)})
+    if hops:
+        raise NotRetraceable(f"the graph calls {', '.join(hops)} (a custom autograd.Function, checkpointing, ...): "
+                             "re-tracing it to ATen would drop what the op means for autograd")
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         from torch._subclasses.fake_tensor import FakeTensorMode

@@ -60,11 +60,12 @@ def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
     if not ok:
         ctx.graph_report.add_near_miss(FUSION, h, reason)
         return 0
-    anchor = h.next
-    if not all(_hoist_before(p, anchor) for p in params):
+    # above h itself: a producer may be h.next (Gemma's `1 + weight` cast right after the add)
+    if not all(_hoist_before(p, h) for p in params):
         ctx.graph_report.add_near_miss(FUSION, h, "the norm's weight/bias/eps is computed by an impure op after "
                                                   "h = x + y and cannot be moved before it")
         return 0
+    anchor = h.next
     others = len(h.users) - 1
     fused = insert_call(gm.graph, anchor, norm_op(kind), [a, b, weight, bias, eps, mid_dtype, out_dtype], norm)
     h_new = insert_getitem(gm.graph, fused, 1)

@@ -189,3 +189,42 @@ def test_scalar_constants_computed_from_literals_become_numbers():
     folded = [nd for nd in arith if any(isinstance(a, float) for a in nd.args)]
     assert len(folded) == 3 and all(abs(nd.args[1] - float(np.sqrt(2 / np.pi))) < 1e-15 for nd in folded)
     assert len(arith) == 4  # n * c keeps the tensor constant
+
+
+class _ScaledGrad(torch.autograd.Function):
+    """Forward identity, backward 3x: a custom backward that only the Function itself knows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 3 * g
+
+
+def test_a_custom_autograd_function_keeps_its_backward():
+    """Re-tracing to ATen would inline the Function's forward under no_grad and drop its backward (HF
+    BLOOM's GeLUFunction gave wrong gradients): such graphs are compiled as Dynamo gave them, with a note."""
+    from flashfuse.report import Report, _active
+
+    def f(x, w):
+        return torch.nn.functional.layer_norm(_ScaledGrad.apply(x) * w, (6,))
+
+    for remainder in ("eager", "inductor"):
+        torch._dynamo.reset()
+        x = torch.randn(4, 6, requires_grad=True)
+        w = torch.randn(6, requires_grad=True)
+        report = Report()
+        _active.append(report)
+        try:
+            out = torch.compile(f, backend=flashfuse.backend(remainder=remainder, norm_policy="always"))(x, w)
+        finally:
+            _active.pop()
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, w), g)
+        want = torch.autograd.grad(f(x, w), (x, w), g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        notes = [n for gr in report.graphs for n in gr.notes]
+        assert any("autograd_function_apply" in n for n in notes), str(report)

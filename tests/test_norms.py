@@ -620,3 +620,28 @@ def test_an_eps_buffer_is_a_named_near_miss(rms):
     reasons = [n.reason for n in report.near_misses if n.fusion == fusion]
     assert any("eps is a 0-d tensor" in r for r in reasons), str(report)
     assert_close_to_eager(model, x, options={"remainder": "eager"})
+
+
+class _ResidualGemmaNorm(torch.nn.Module):
+    """Gemma: the weight's `1 + w.float()` is computed right after the residual add (h.next)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(24))
+
+    def forward(self, x, y):
+        h = x + y
+        w = 1.0 + self.weight.float()
+        out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+        return out, h
+
+
+def test_residual_norm_with_the_weight_computed_right_after_the_add():
+    """The fused op's inputs are hoisted above the add (hoisting them before h.next, when h.next is one of
+    them, broke the graph's order and every pass was skipped for it)."""
+    from flashfuse.testing import assert_close_to_eager, assert_fused
+
+    model, x, y = _ResidualGemmaNorm(), torch.randn(2, 3, 24), torch.randn(2, 3, 24)
+    report = assert_fused(model, x, y, options={"remainder": "eager"}, residual_norm=1)
+    assert not any("passes skipped" in n for g in report.graphs for n in g.notes), str(report)
+    assert_close_to_eager(model, x, y, options={"remainder": "eager"})

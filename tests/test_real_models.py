@@ -36,12 +36,50 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg), {"rms_norm": 2 * LAYERS + 1}
 
 
+def _hf(config_name, model_name, norm, skipped_because=None, **kw):
+    """A tiny HF model with eager attention, from its config class (no weights downloaded).
+    `skipped_because`: the note of a graph flashfuse must leave alone (nothing fused, eager's numbers)."""
+    def factory():
+        cfg = getattr(transformers, config_name)(attn_implementation="eager", **kw)
+        return getattr(transformers, model_name)(cfg), {norm: 1}
+    factory.__name__ = model_name
+    factory.skipped_because = skipped_because
+    return factory
+
+
+# more architectures as they ship (a hidden set for the attention pass: layouts, masks and norms differ)
+_MORE_HF = [
+    # BLOOM's GeLUFunction is a custom autograd.Function: re-tracing would drop its backward (normalize.py)
+    _hf("BloomConfig", "BloomModel", "layer_norm", skipped_because="autograd_function_apply", vocab_size=101,
+        hidden_size=32, n_layer=LAYERS, n_head=4),
+    _hf("OPTConfig", "OPTModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32),
+    _hf("MistralConfig", "MistralModel", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64),
+    _hf("Qwen2Config", "Qwen2Model", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64),
+    _hf("GemmaConfig", "GemmaModel", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, intermediate_size=64, max_position_embeddings=64),
+    _hf("FalconConfig", "FalconModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4),
+    _hf("T5Config", "T5EncoderModel", "rms_norm", vocab_size=101, d_model=32, d_kv=8, d_ff=64, num_layers=LAYERS,
+        num_heads=4),
+    _hf("DistilBertConfig", "DistilBertModel", "layer_norm", vocab_size=101, dim=32, n_layers=LAYERS, n_heads=4,
+        hidden_dim=64, max_position_embeddings=64),
+    _hf("GPTNeoXConfig", "GPTNeoXModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    _hf("PhiConfig", "PhiModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+]
+
+
 def _first_tensor(out):
     return out.last_hidden_state if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None \
         else out.logits
 
 
-@pytest.mark.parametrize("factory", [_bert, _gpt2, _llama], ids=["bert", "gpt2", "llama_gqa"])
+@pytest.mark.parametrize("factory", [_bert, _gpt2, _llama, *_MORE_HF],
+                         ids=["bert", "gpt2", "llama_gqa", *[f.__name__ for f in _MORE_HF]])
 def test_hf_model_fused_and_equal_to_eager(factory):
     torch.manual_seed(0)
     model, norms = factory()
@@ -60,9 +98,14 @@ def test_hf_model_fused_and_equal_to_eager(factory):
         _active.pop()
     ref = _first_tensor(model(input_ids=ids, attention_mask=mask))
 
-    assert report.count("attention") == LAYERS, str(report)
-    for name, n in norms.items():
-        assert report.count(name) + report.count("residual_norm") >= 1, str(report)
+    skipped = getattr(factory, "skipped_because", None)
+    if skipped:
+        assert report.count("attention") == 0, str(report)
+        assert any(skipped in n for g in report.graphs for n in g.notes), str(report)
+    else:
+        assert report.count("attention") == LAYERS, str(report)
+        for name, n in norms.items():
+            assert report.count(name) + report.count("residual_norm") >= 1, str(report)
     keep = mask.bool()[..., None].expand_as(ref)  # padded positions: any value is fine
     rel = (out - ref)[keep].norm() / ref[keep].norm()
     assert rel < 1e-4, (rel, str(report))
