@@ -36,14 +36,16 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg), {"rms_norm": 2 * LAYERS + 1}
 
 
-def _hf(config_name, model_name, norm, skipped_because=None, **kw):
+def _hf(config_name, model_name, norm, skipped_because=None, attention=LAYERS, **kw):
     """A tiny HF model with eager attention, from its config class (no weights downloaded).
-    `skipped_because`: the note of a graph flashfuse must leave alone (nothing fused, eager's numbers)."""
+    `skipped_because`: the note of a graph flashfuse must leave alone (nothing fused, eager's numbers);
+    `attention`: the attention layers it has."""
     def factory():
         cfg = getattr(transformers, config_name)(attn_implementation="eager", **kw)
         return getattr(transformers, model_name)(cfg), {norm: 1}
     factory.__name__ = model_name
     factory.skipped_because = skipped_because
+    factory.attention = attention
     return factory
 
 
@@ -70,6 +72,31 @@ _MORE_HF = [
         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
     _hf("PhiConfig", "PhiModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    _hf("GPTJConfig", "GPTJModel", "layer_norm", vocab_size=101, n_embd=32, n_layer=LAYERS, n_head=4,
+        n_positions=64, rotary_dim=4),
+    _hf("Starcoder2Config", "Starcoder2Model", "layer_norm", vocab_size=101, hidden_size=32,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        max_position_embeddings=64),
+    _hf("AlbertConfig", "AlbertModel", "layer_norm", vocab_size=101, embedding_size=16, hidden_size=32,
+        num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    # encoder self-attention, decoder self-attention (causal) and cross-attention (Nq != Nk masks)
+    _hf("BartConfig", "BartModel", "layer_norm", attention=3 * LAYERS, vocab_size=101, d_model=32,
+        encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
+    _hf("CLIPTextConfig", "CLIPTextModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    # local (sliding window) and global layers
+    _hf("GPTNeoConfig", "GPTNeoModel", "layer_norm", vocab_size=101, hidden_size=32, num_layers=LAYERS,
+        num_heads=4, max_position_embeddings=64, attention_types=[[["global", "local"], 1]], window_size=8),
+    _hf("MptConfig", "MptModel", "layer_norm", vocab_size=101, d_model=32, n_layers=LAYERS, n_heads=4,
+        max_seq_len=64),  # ALiBi
+    _hf("DebertaV2Config", "DebertaV2Model", "layer_norm", vocab_size=101, hidden_size=32,
+        num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    _hf("OlmoConfig", "OlmoModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    _hf("Phi3Config", "Phi3Model", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+        pad_token_id=0),
 ]
 
 
@@ -103,7 +130,7 @@ def test_hf_model_fused_and_equal_to_eager(factory):
         assert report.count("attention") == 0, str(report)
         assert any(skipped in n for g in report.graphs for n in g.notes), str(report)
     else:
-        assert report.count("attention") == LAYERS, str(report)
+        assert report.count("attention") == getattr(factory, "attention", LAYERS), str(report)
         for name, n in norms.items():
             assert report.count(name) + report.count("residual_norm") >= 1, str(report)
     keep = mask.bool()[..., None].expand_as(ref)  # padded positions: any value is fine
