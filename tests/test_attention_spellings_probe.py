@@ -648,13 +648,13 @@ XFAIL: dict[str, str] = {
 }
 
 
-def _params():
-    for name in POSITIVE:
-        marks = [pytest.mark.xfail(reason=XFAIL[name], strict=True)] if name in XFAIL else []
+def _params(cases, xfails):
+    for name in cases:
+        marks = [pytest.mark.xfail(reason=xfails[name], strict=True)] if name in xfails else []
         yield pytest.param(name, id=name, marks=marks)
 
 
-@pytest.mark.parametrize("name", list(_params()))
+@pytest.mark.parametrize("name", list(_params(POSITIVE, XFAIL)))
 def test_attention_spelling(name):
     torch.manual_seed(0)
     model, inputs = POSITIVE[name]()
@@ -718,13 +718,7 @@ NEG_XFAIL: dict[str, str] = {
 }
 
 
-def _neg_params():
-    for name in NEGATIVE:
-        marks = [pytest.mark.xfail(reason=NEG_XFAIL[name], strict=True)] if name in NEG_XFAIL else []
-        yield pytest.param(name, id=name, marks=marks)
-
-
-@pytest.mark.parametrize("name", list(_neg_params()))
+@pytest.mark.parametrize("name", list(_params(NEGATIVE, NEG_XFAIL)))
 def test_not_attention_left_alone(name):
     torch.manual_seed(0)
     model, inputs = NEGATIVE[name]()
