@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flashfuse.testing import assert_close_to_eager, assert_fused
+from test_spellings_more import check, check_not_fused  # the same checks (eager remainder, every pass)
 
 EAGER = {"remainder": "eager"}
 N = 24     # normalized row length
@@ -34,22 +34,6 @@ def rand(*shape, seed=0, positive=False):
 
 def param(*shape, seed=0, base=0.0):
     return nn.Parameter(base + rand(*shape, seed=seed))
-
-
-def check(model, *inputs, **counts):
-    report = assert_fused(model, *inputs, options=EAGER, **counts)
-    assert not any("passes skipped" in note for g in report.graphs for note in g.notes), str(report)
-    assert_close_to_eager(model, *inputs, options=EAGER)
-    return report
-
-
-def check_not_fused(model, *inputs, fusion, reason=None, **others):
-    report = assert_fused(model, *inputs, options=EAGER, **{fusion: 0}, **others)
-    if reason is not None:
-        reasons = [n.reason for n in report.near_misses if n.fusion == fusion]
-        assert any(reason in r for r in reasons), str(report)
-    assert_close_to_eager(model, *inputs, options=EAGER)
-    return report
 
 
 class Fn(nn.Module):
