@@ -245,3 +245,36 @@ def test_handwritten_models_fused_and_equal_to_eager(factory, make_input):
                                             layer_norm=2 * LAYERS + 1)
     assert report.count("attention") == LAYERS
     flashfuse.testing.assert_close_to_eager(model, x, grads=True, options={"remainder": "eager"})
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_training_mode_fuses_attention_dropout(arch):
+    """Training mode with attention dropout: the dropout is drawn inside the fused op (one op per layer,
+    p in its description), and a step is reproducible under torch.manual_seed."""
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64,
+                                      attn_implementation="eager", attn_pdrop=0.1)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                       attn_implementation="eager", attention_dropout=0.1)
+        model = transformers.LlamaForCausalLM(cfg)
+    model.train()
+    ids = torch.randint(1, 101, (2, 12))
+    report = Report()
+    compiled = torch.compile(model, backend=flashfuse.backend(remainder="eager"))
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        _active.append(report)
+        try:
+            loss = compiled(input_ids=ids, labels=ids).loss
+        finally:
+            _active.pop()
+        loss.backward()
+        losses.append(loss.item())
+    fused = [m for m in report.matches if m.fusion == "attention"]
+    assert len(fused) == LAYERS and all("dropout p=0.1" in str(m) for m in fused), str(report)
+    assert losses[0] == losses[1] and torch.isfinite(torch.tensor(losses)).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
