@@ -278,3 +278,47 @@ def test_hf_training_mode_fuses_attention_dropout(arch):
     assert len(fused) == LAYERS and all("dropout p=0.1" in str(m) for m in fused), str(report)
     assert losses[0] == losses[1] and torch.isfinite(torch.tensor(losses)).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _hf_vision(config_name, model_name, attention, inputs, **kw):
+    def factory():
+        cfg = getattr(transformers, config_name)(attn_implementation="eager", **kw)
+        return getattr(transformers, model_name)(cfg), inputs()
+    factory.__name__ = model_name
+    factory.attention = attention
+    return factory
+
+
+def _image():
+    return (torch.randn(2, 3, 32, 32),)  # pixel_values
+
+
+_VISION_AUDIO = [
+    # shifted windows: a mask per window and a relative position bias table
+    _hf_vision("SwinConfig", "SwinModel", 4, _image, image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+               num_heads=[2, 4], window_size=4),
+    _hf_vision("BeitConfig", "BeitModel", LAYERS, _image, image_size=32, patch_size=8, hidden_size=32,
+               num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64, use_relative_position_bias=True),
+    _hf_vision("Dinov2Config", "Dinov2Model", LAYERS, _image, image_size=32, patch_size=8, hidden_size=32,
+               num_hidden_layers=LAYERS, num_attention_heads=4, mlp_ratio=2),
+    # keys and values from a spatially reduced sequence: Nq != Nk
+    _hf_vision("SegformerConfig", "SegformerModel", 2, _image, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+               hidden_sizes=[16, 32], num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2]),
+    _hf_vision("Wav2Vec2Config", "Wav2Vec2Model", LAYERS, lambda: (torch.randn(2, 400),),
+               hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64, conv_dim=(8, 8),
+               conv_stride=(4, 4), conv_kernel=(8, 8), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2),
+]
+
+
+@pytest.mark.parametrize("factory", _VISION_AUDIO, ids=[f.__name__ for f in _VISION_AUDIO])
+def test_hf_vision_and_audio_models_fused_and_equal_to_eager(factory):
+    from flashfuse.testing import assert_close_to_eager, assert_fused
+
+    torch.manual_seed(0)
+    model, inputs = factory()
+    model.eval()
+    options = {"remainder": "eager"}
+    assert_fused(model, *inputs, options=options, attention=factory.attention)
+    # element-wise, through convolutions and several attention layers: fp32 reassociation reaches ~2e-5
+    # on single gradient elements (Swin's patch embedding; the norm-wise error there is 3e-7)
+    assert_close_to_eager(model, *inputs, options=options, rtol=1e-3, atol=1e-4)
