@@ -45,11 +45,15 @@ class NotRetraceable(Exception):
 def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     """Re-trace a Dynamo graph to a pre-dispatch ATen graph on fake tensors.
 
-    Refused (NotRetraceable, so the pipeline compiles the graph as Dynamo gave it) when the graph calls a
-    higher-order op: re-tracing inlines e.g. a custom autograd.Function's forward under no_grad and drops
-    its own backward (HF BLOOM's GeLUFunction: every gradient upstream of it came out wrong)."""
+    A custom autograd.Function (Dynamo's `autograd_function_apply`) is kept whole (opaque_functions.py).
+    Any other higher-order op is refused (NotRetraceable, so the pipeline compiles the graph as Dynamo gave
+    it): re-tracing inlines such ops and can drop what they mean for autograd (a Function's own backward
+    dropped this way made every gradient upstream of HF BLOOM's GeLUFunction wrong)."""
+    from flashfuse.passes import opaque_functions
+
     hops = sorted({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
-                   if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)})
+                   if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
+                   and not _opaque_call(n)})
     if hops:
         raise NotRetraceable(f"the graph calls {', '.join(hops)} (a custom autograd.Function, checkpointing, ...): "
                              "re-tracing it to ATen would drop what the op means for autograd")
@@ -66,10 +70,20 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
 
     fake_inputs = [fakeify(x) for x in example_inputs]
     with torch.fx.traceback.preserve_node_meta(), fake_mode:
-        traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True)(*fake_inputs)
+        traced = make_fx(opaque_functions.Tracer(gm).run, pre_dispatch=True)(*fake_inputs)
+    opaque_functions.restore(traced)
     functionalize_inplace(traced)
     fold_scalar_constants(traced)
     return traced
+
+
+def _opaque_call(node: fx.Node) -> bool:
+    """A custom autograd.Function call whose inputs are all tensors: kept whole by the re-trace."""
+    from torch._functorch.autograd_function import autograd_function_apply
+
+    return node.target is autograd_function_apply and all(
+        isinstance(a, fx.Node) and isinstance(a.meta.get("example_value", a.meta.get("val")), torch.Tensor)
+        for a in node.args[2:])
 
 
 def functional_variant(op):

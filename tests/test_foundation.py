@@ -205,7 +205,8 @@ class _ScaledGrad(torch.autograd.Function):
 
 def test_a_custom_autograd_function_keeps_its_backward():
     """Re-tracing to ATen would inline the Function's forward under no_grad and drop its backward (HF
-    BLOOM's GeLUFunction gave wrong gradients): such graphs are compiled as Dynamo gave them, with a note."""
+    BLOOM's GeLUFunction gave wrong gradients): the Function is kept whole (passes/opaque_functions.py) and
+    the passes still rewrite the rest of the graph."""
     from flashfuse.report import Report, _active
 
     def f(x, w):
@@ -226,5 +227,33 @@ def test_a_custom_autograd_function_keeps_its_backward():
         want = torch.autograd.grad(f(x, w), (x, w), g)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
-        notes = [n for gr in report.graphs for n in gr.notes]
-        assert any("autograd_function_apply" in n for n in notes), str(report)
+        assert report.count("layer_norm") == 1, str(report)
+        code = report.graphs[0].code_after
+        assert "autograd_function_apply" in code and "flashfuse.layer_norm" in code, code
+
+
+def test_other_higher_order_ops_leave_the_graph_as_dynamo_gave_it():
+    """Activation checkpointing is a higher-order op too; it is not re-traced: nothing fused, a note, and
+    eager's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    from flashfuse.report import Report, _active
+
+    def block(x, w):
+        return torch.nn.functional.layer_norm(x * w, (6,))
+
+    def f(x, w):
+        return checkpoint(block, x, w, use_reentrant=False)
+
+    x, w = torch.randn(4, 6, requires_grad=True), torch.randn(6, requires_grad=True)
+    report = Report()
+    _active.append(report)
+    try:
+        out = torch.compile(f, backend=flashfuse.backend(remainder="eager", norm_policy="always"))(x, w)
+    finally:
+        _active.pop()
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(block(x, w), (x, w), g)):
+        torch.testing.assert_close(a, b)
+    notes = [n for gr in report.graphs for n in gr.notes]
+    assert report.count("layer_norm") == 0 and any("re-tracing" in n for n in notes), str(report)

@@ -1,0 +1,71 @@
+"""Custom autograd.Functions kept whole through normalize's re-trace to ATen.
+
+Dynamo captures `MyFunction.apply(x)` as the higher-order op `autograd_function_apply(fwd_graph, bwd_graph,
+*args)`. make_fx would inline its forward under no_grad and drop its backward (HF BLOOM's GeLUFunction:
+every gradient upstream came out wrong). So the re-trace records each such call as one opaque op,
+`flashfuse::opaque_function(args, key)`, whose fake impl runs the forward graph for shapes, and afterwards
+`restore` puts the original higher-order call back in its place: the passes work around it, and the
+remainder (eager, or Inductor through aot_autograd) sees the Function exactly as Dynamo gave it.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.fx as fx
+from torch._functorch.autograd_function import autograd_function_apply
+
+from flashfuse.kernels.registration import define
+
+_FUNCTIONS: dict[int, tuple] = {}  # key -> (forward graph, backward graph, kwargs of the call)
+_KEYS = itertools.count()
+
+
+def _kernel(args, key):
+    fwd, bwd, kwargs = _FUNCTIONS[key]
+    return list(autograd_function_apply(fwd, bwd, *args, **kwargs))
+
+
+def _fake(args, key):
+    fwd, _, _ = _FUNCTIONS[key]
+    output, _saved = fx.Interpreter(fwd).run(*args)
+    return list(output)
+
+
+_opaque = define("opaque_function", "(Tensor[] args, int key) -> Tensor[]", _kernel, _fake)
+
+
+class Tracer(fx.Interpreter):
+    """Runs a Dynamo graph for make_fx, calling the opaque op where the graph applies a custom Function."""
+
+    def call_function(self, target, args, kwargs):
+        if target is autograd_function_apply and all(isinstance(a, torch.Tensor) for a in args[2:]):
+            key = next(_KEYS)
+            _FUNCTIONS[key] = (args[0], args[1], dict(kwargs))
+            return tuple(_opaque(list(args[2:]), key))
+        return super().call_function(target, args, kwargs)
+
+
+def restore(gm: fx.GraphModule) -> int:
+    """Put every recorded custom Function back as Dynamo's higher-order call; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _opaque:
+            continue
+        tensors, key = node.args
+        fwd, bwd, kwargs = _FUNCTIONS[key]
+        names = []
+        for part, module in (("fwd", fwd), ("bwd", bwd)):
+            name = f"_flashfuse_function_{key}_{part}"
+            gm.add_submodule(name, module)
+            names.append(name)
+        with gm.graph.inserting_before(node):
+            f, b = (gm.graph.get_attr(n) for n in names)
+            call = gm.graph.call_function(autograd_function_apply, (f, b, *tensors), kwargs)
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
