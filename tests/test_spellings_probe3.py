@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_spellings_more import check, check_not_fused  # the same checks (eager remainder, every pass)
+from test_spellings_more import Fn, check, check_not_fused  # the same checks (eager remainder, every pass)
 
 EAGER = {"remainder": "eager"}
 N = 24     # normalized row length
@@ -36,15 +36,6 @@ def param(*shape, seed=0, base=0.0):
     return nn.Parameter(base + rand(*shape, seed=seed))
 
 
-class Fn(nn.Module):
-    def __init__(self, fn, **attrs):
-        super().__init__()
-        self.fn = fn
-        for name, a in attrs.items():
-            setattr(self, name, a)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
 
 
 def xfail(reason, *case):
