@@ -109,6 +109,16 @@ _SPLIT_ZERO_GRAD = {(0, 0): ZERO_GRAD_ZERO, (1, 0): ZERO_GRAD_ONE, (0, 1): ZERO_
                     (1, 1): ZERO_GRAD_ONE_PLUS_SLOPE}
 
 
+def _is_zero_tie(node, op) -> bool:
+    """`op(x, zeros)` (torch.maximum / minimum against a zero tensor), which splits the gradient at a tie."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is op and len(node.args) == 2):
+        return False
+    z = node.args[1]
+    return isinstance(z, fx.Node) and z.op == "call_function" and (
+        z.target in (aten.zeros_like.default, aten.new_zeros.default, aten.zeros.default)
+        or (z.target in (aten.full_like.default, aten.full.default) and _is_zero(z.args[1])))
+
+
 def _split_form(node: fx.Node):
     """`relu(x) - a*relu(-x)` and `x.clamp(min=0) + a*x.clamp(max=0)` (any mix of relu / clamp forms):
     the positive part plus the slope times the negative part. Returns what `match` returns, or None."""
@@ -118,6 +128,10 @@ def _split_form(node: fx.Node):
     else:                                # P(x) + a * min(x, 0), either operand first
         candidates = [(lhs, rhs), (rhs, lhs)]
     for pos, scaled in candidates:
+        if _is_zero_tie(pos, aten.maximum.default) and isinstance(scaled, fx.Node) and \
+                any(_is_zero_tie(part, aten.minimum.default) for part in scaled.args):
+            raise NotPrelu("torch.maximum/minimum against zeros give x == 0 half the gradient from each side; "
+                           "the kernel's conventions at 0 are 0, 1, a or 1 + a")
         p = _clamp_part(pos, True)
         if p is None or not isinstance(scaled, fx.Node) or scaled.target is not aten.mul.Tensor:
             continue

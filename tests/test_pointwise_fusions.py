@@ -641,3 +641,24 @@ def test_bias_with_leading_ones_is_folded():
     (want,) = torch.autograd.grad((f(x) * x[..., :9]).sum(), [b])
     assert got.shape == b.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_prelu_from_maximum_and_minimum_is_a_named_near_miss():
+    """`maximum(x, 0) + a * minimum(x, 0)`: at x == 0 torch.maximum/minimum each pass half the gradient, a
+    convention the kernel has not; not fused, and the report says why."""
+    from flashfuse.testing import assert_close_to_eager, assert_fused
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.full((4,), 0.25))
+
+        def forward(self, x):
+            z = torch.zeros_like(x)
+            return torch.maximum(x, z) + self.weight.view(1, -1, 1, 1) * torch.minimum(x, z)
+
+    x = torch.randn(2, 4, 3, 5)
+    x.view(-1)[:7] = 0.0  # ties, where the conventions differ
+    report = assert_fused(M(), x, options={"remainder": "eager"}, prelu=0)
+    assert any("half the gradient" in n.reason for n in report.near_misses if n.fusion == "prelu"), str(report)
+    assert_close_to_eager(M(), x, options={"remainder": "eager"})
