@@ -9,6 +9,10 @@ probabilities are viewed back to (B*H, M, N) for the `bmm` with V:
     view(baddbmm(c, a, b, beta, alpha), (B, H..)) -> alpha * matmul(...) + beta * c.reshape(B, H, ...)
     bmm(view(P, (B*H, M, N)), v)                  -> matmul(P, v.reshape(B, H, N, D)).reshape(B*H, M, D)
 
+A view of the probabilities to 4-D and straight back (fairseq, XGLM) is dropped:
+
+    view(view(P, (B, H, M, N)), (B*H, M, N))      -> P
+
 Probabilities on the right (SAGAN / BigGAN self-attention, output (B, C, N)):
 
     bmm(v, P.permute(0, 2, 1))                    -> matmul(P, v.transpose(-2, -1)).transpose(-2, -1)
@@ -79,12 +83,30 @@ def rewrite_layouts(gm: fx.GraphModule) -> int:
     changed = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
-            changed += _scores_viewed_to_4d(gm, node) or _probabilities_viewed_to_3d(gm, node) or \
-                _probabilities_on_the_right(gm, node)
+            changed += _round_trip_view(gm, node) or _scores_viewed_to_4d(gm, node) or \
+                _probabilities_viewed_to_3d(gm, node) or _probabilities_on_the_right(gm, node)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return changed
+
+
+def _round_trip_view(gm, node: fx.Node) -> int:
+    """view(view(P, (B, H, M, N)), (B*H, M, N)) back to P's own shape, P from a softmax (fairseq / XGLM keep
+    the 4-D view for output_attentions): the outer view is P itself."""
+    if node.target not in VIEWS or not isinstance(node.args[0], fx.Node):
+        return 0
+    inner = node.args[0]
+    if inner.op != "call_function" or inner.target not in VIEWS or len(inner.users) != 1:
+        return 0
+    p = inner.args[0]
+    pv, out = val(p) if isinstance(p, fx.Node) else None, val(node)
+    if pv is None or out is None or not _from_softmax(p) or pv.dim() != out.dim():
+        return 0
+    if not all(_known(a == b) for a, b in zip(pv.shape, out.shape)):
+        return 0
+    node.replace_all_uses_with(p)
+    return 1
 
 
 def _scores_viewed_to_4d(gm, node: fx.Node) -> int:

@@ -924,3 +924,18 @@ def sp_probabilities_right(q, k, v):
 def test_probabilities_on_the_right_of_the_matmul(fn, expected):
     q, k, v = qkv(b=2, h=2, nq=10, d=16)
     check(fn, q, k, v, expected=expected)
+
+
+def sp_probabilities_viewed_to_4d_and_back(q, k, v):
+    """fairseq / XGLM: 3-D scores and softmax; the probabilities viewed to 4-D (kept for output_attentions)
+    and straight back before the bmm with V."""
+    b, h, n, d = q.shape
+    q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, k, v))
+    p = torch.softmax(torch.bmm(q3, k3.transpose(1, 2)) * 0.25, dim=-1)
+    p = p.view(b, h, n, n).view(b * h, n, n)
+    return torch.bmm(p, v3).view(b, h, n, d)
+
+
+def test_probabilities_viewed_to_4d_and_straight_back():
+    q, k, v = qkv(b=2, h=2, nq=10, d=16)
+    check(sp_probabilities_viewed_to_4d_and_back, q, k, v)
