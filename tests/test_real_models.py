@@ -96,6 +96,15 @@ _MORE_HF = [
     _hf("Phi3Config", "Phi3Model", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
         pad_token_id=0),
+    # sliding-window layers and logit soft-capping
+    _hf("Gemma2Config", "Gemma2Model", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64,
+        sliding_window=8),
+    _hf("CohereConfig", "CohereModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+        pad_token_id=0),
+    _hf("BioGptConfig", "BioGptModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
 ]
 
 
