@@ -26,7 +26,6 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flashfuse.kernels.attention import score_mod as sm
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.attention_layouts import rewrite_layouts
 from flashfuse.passes.normalize import val
 from flashfuse.report import source_of, short_source
 
@@ -680,6 +679,8 @@ def _strip_row_max(x, d: int):
 
 @register_pass(NAME)
 def attention_pass(gm: fx.GraphModule, ctx: PassContext) -> int:
+    from flashfuse.passes.attention_layouts import rewrite_layouts  # it imports this module's op sets
+
     rewrite_layouts(gm)  # heads folded into the batch, probabilities on the right (attention_layouts.py)
     count = 0
     for node in list(gm.graph.nodes):

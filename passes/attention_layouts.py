@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from flashfuse.passes.attention import SOFTMAX_OPS
+from flashfuse.passes.eltwise_chain import known_equal
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 # between a softmax and the probabilities' view: ops that keep the values (casts, dropout)
 KEEPS_VALUES = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
                 aten.alias.default, aten.type_as.default, aten.detach.default, aten.dropout.default}
-
-
-def _known(cond) -> bool:
-    return bool(statically_known_true(cond))
 
 
 def _call(gm: fx.GraphModule, before: fx.Node, target, *args) -> fx.Node:
@@ -52,8 +48,8 @@ def _split_heads(view: fx.Node, folded: fx.Node):
     src, out = val(folded), val(view)
     if src is None or out is None or src.dim() != 3 or out.dim() != 4:
         return None
-    if not (_known(out.shape[0] * out.shape[1] == src.shape[0]) and _known(out.shape[2] == src.shape[1])
-            and _known(out.shape[3] == src.shape[2])):
+    if not (known_equal(out.shape[0] * out.shape[1], src.shape[0]) and known_equal(out.shape[2], src.shape[1])
+            and known_equal(out.shape[3], src.shape[2])):
         return None
     return out.shape[0], out.shape[1]
 
@@ -64,7 +60,7 @@ def _feeds_softmax(node: fx.Node, limit: int = 48) -> bool:
     while todo and len(seen) < limit:
         n = todo.pop()
         for u in n.users:
-            if u.op == "call_function" and u.target in SOFTMAXES:
+            if u.op == "call_function" and u.target in SOFTMAX_OPS:
                 return True
             if u not in seen:
                 seen.add(u)
@@ -75,7 +71,7 @@ def _feeds_softmax(node: fx.Node, limit: int = 48) -> bool:
 def _from_softmax(node: fx.Node) -> bool:
     while node.op == "call_function" and node.target in KEEPS_VALUES:
         node = node.args[0]
-    return node.op == "call_function" and node.target in SOFTMAXES
+    return node.op == "call_function" and node.target in SOFTMAX_OPS
 
 
 def rewrite_layouts(gm: fx.GraphModule) -> int:
@@ -103,7 +99,7 @@ def _round_trip_view(gm, node: fx.Node) -> int:
     pv, out = val(p) if isinstance(p, fx.Node) else None, val(node)
     if pv is None or out is None or not _from_softmax(p) or pv.dim() != out.dim():
         return 0
-    if not all(_known(a == b) for a, b in zip(pv.shape, out.shape)):
+    if not all(known_equal(a, b) for a, b in zip(pv.shape, out.shape)):
         return 0
     node.replace_all_uses_with(p)
     return 1
@@ -164,7 +160,7 @@ def _unfold_scores(gm, view: fx.Node, mm: fx.Node, b, h) -> int:
         cv = val(c)
         if cv is None:
             return 0
-        if cv.dim() == 3 and not _known(cv.shape[0] == 1):
+        if cv.dim() == 3 and not known_equal(cv.shape[0], 1):
             c = _call(gm, view, aten.reshape.default, c, [b, h, cv.shape[1], cv.shape[2]])
         if beta != 1:
             c = _call(gm, view, aten.mul.Tensor, c, beta)
