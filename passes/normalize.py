@@ -37,7 +37,6 @@ def _makes_fresh_tensor(node: fx.Node) -> bool:
     return all(r.alias_info is None for r in target._schema.returns)
 
 
-
 class NotRetraceable(Exception):
     """The graph cannot be re-traced to ATen without changing what it computes."""
 
@@ -53,7 +52,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
 
     hops = sorted({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
                    if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
-                   and not _opaque_call(n)})
+                   and not opaque_functions.kept_whole(n)})
     if hops:
         raise NotRetraceable(f"the graph calls {', '.join(hops)} (a custom autograd.Function, checkpointing, ...): "
                              "re-tracing it to ATen would drop what the op means for autograd")
@@ -75,15 +74,6 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     functionalize_inplace(traced)
     fold_scalar_constants(traced)
     return traced
-
-
-def _opaque_call(node: fx.Node) -> bool:
-    """A custom autograd.Function call whose inputs are all tensors: kept whole by the re-trace."""
-    from torch._functorch.autograd_function import autograd_function_apply
-
-    return node.target is autograd_function_apply and all(
-        isinstance(a, fx.Node) and isinstance(a.meta.get("example_value", a.meta.get("val")), torch.Tensor)
-        for a in node.args[2:])
 
 
 def functional_variant(op):

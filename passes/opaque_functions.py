@@ -35,15 +35,24 @@ def _fake(args, key):
 _opaque = define("opaque_function", "(Tensor[] args, int key) -> Tensor[]", _kernel, _fake)
 
 
+def kept_whole(node: fx.Node) -> bool:
+    """A custom autograd.Function call of a Dynamo graph whose inputs are all tensors: the calls the
+    re-trace keeps whole (normalize.to_aten refuses graphs with any other higher-order op)."""
+    return node.op == "call_function" and node.target is autograd_function_apply and all(
+        isinstance(a, fx.Node) and isinstance(a.meta.get("example_value", a.meta.get("val")), torch.Tensor)
+        for a in node.args[2:])
+
+
 class Tracer(fx.Interpreter):
     """Runs a Dynamo graph for make_fx, calling the opaque op where the graph applies a custom Function."""
 
-    def call_function(self, target, args, kwargs):
-        if target is autograd_function_apply and all(isinstance(a, torch.Tensor) for a in args[2:]):
-            key = next(_KEYS)
-            _FUNCTIONS[key] = (args[0], args[1], dict(kwargs))
-            return tuple(_opaque(list(args[2:]), key))
-        return super().call_function(target, args, kwargs)
+    def run_node(self, n: fx.Node):
+        if not kept_whole(n):
+            return super().run_node(n)
+        fwd, bwd, *tensors = self.fetch_args_kwargs_from_env(n)[0]
+        key = next(_KEYS)
+        _FUNCTIONS[key] = (fwd, bwd, dict(n.kwargs))
+        return tuple(_opaque(tensors, key))
 
 
 def restore(gm: fx.GraphModule) -> int:
