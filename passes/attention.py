@@ -17,7 +17,6 @@ import collections
 import functools
 import math
 import operator
-import os
 
 import sympy
 import torch
@@ -976,6 +975,7 @@ def _concrete_side(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.T
 def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs: bool) -> list[str]:
     """'causal (tril buffer ...)' for a mask input that is lower-triangular now, else kind and shape."""
     from flashfuse.kernels.attention import mask_recognition
+    from flashfuse.kernels.attention.op import device_mask_check_enabled
 
     words = []
     for i, (node, desc) in enumerate(zip(builder.sides, builder.side_desc)):
@@ -985,8 +985,8 @@ def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs:
             pattern = mask_recognition._nonzero_pattern(t, t.shape[2], t.shape[3])
         if pattern is not None and torch.equal(pattern, torch.ones_like(pattern).tril(pattern.shape[1] - pattern.shape[0])):
             how = "verified at run time"
-            if cuda_graphs:  # the op reads FLASHFUSE_DEVICE_MASK_CHECK when it runs (kernels/attention/mask_check.py)
-                how = ("checked on the device at every replay" if os.environ.get("FLASHFUSE_DEVICE_MASK_CHECK") == "1"
+            if cuda_graphs:  # the op reads the switch when it runs; the report says what it is now
+                how = ("checked on the device at every replay" if device_mask_check_enabled()
                        else "loaded per tile: not re-checked under CUDA graphs")
             words.append(f"causal (tril buffer {_shape_str(t.shape)}, {how})")
         else:

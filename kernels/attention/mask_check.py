@@ -16,8 +16,6 @@ Off unless FLASHFUSE_DEVICE_MASK_CHECK=1 until it has been measured on the GPU (
 """
 from __future__ import annotations
 
-import os
-
 import sympy
 import torch
 import triton
@@ -25,6 +23,8 @@ import triton.language as tl
 
 from flashfuse.kernels.attention import mask_recognition
 from flashfuse.kernels.attention import score_mod as sm
+from flashfuse.kernels.attention import triton_impl as ti
+from flashfuse.kernels.attention.op import empty_bnhd
 
 CAUSAL = sm.kv_idx <= sm.q_idx  # the predicate checked (== bottom-right alignment when Nq == Nk)
 
@@ -70,7 +70,7 @@ def causal_check(side: torch.Tensor) -> torch.Tensor:
     """An int32 tensor [1]: 1 if `side` (B1, H1, N, N) is nonzero exactly where kv_idx <= q_idx, else 0."""
     flag = torch.ones(1, dtype=torch.int32, device=side.device)
     b1, h1, nq, nk = side.shape
-    block = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+    block = ti.INTERPRET_BLOCK if ti.INTERPRET else 64
     if side.dtype == torch.bool:
         side = side.view(torch.uint8)  # same bytes; a plain integer load everywhere
     causal_check_kernel[(triton.cdiv(nq, block), triton.cdiv(nk, block), b1 * h1)](
@@ -78,32 +78,36 @@ def causal_check(side: torch.Tensor) -> torch.Tensor:
     return flag
 
 
-def forward(ti, q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
-    """(out, lse) from both variants under the device check, or None when no side qualifies.
-    `ti` is triton_impl (imported by the caller)."""
+def _launch_check(score_mod, q, k, sides, needs_grad):
+    """(flag, specialized score_mod, indices of the sides it keeps), the check launched; None when no side
+    qualifies (the caller then takes the general path alone)."""
     if q.numel() == 0 or k.numel() == 0:
         return None
-    cand = candidate(score_mod, sides, q.shape[2], k.shape[2], [False] * len(sides))
+    cand = candidate(score_mod, sides, q.shape[2], k.shape[2], needs_grad)
     if cand is None:
         return None
     i, text, kept = cand
-    flag = causal_check(sides[i])
+    return causal_check(sides[i]), text, kept
+
+
+def forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
+    """(out, lse) from both variants under the device check, or None when no side qualifies."""
+    checked = _launch_check(score_mod, q, k, sides, [False] * len(sides))
+    if checked is None:
+        return None
+    flag, text, kept = checked
     out, lse = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, 0)
     ti.attention_forward(q, k, v, [sides[j] for j in kept], scalars, text, dropout_p, rng, precision, flag, 1,
                          into=(out, lse))
     return out, lse
 
 
-def backward(ti, dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision):
+def backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision):
     """(dq, dk, dv, side gradients) from both variants under the device check, or None (as `forward`)."""
-    if q.numel() == 0 or k.numel() == 0:
+    checked = _launch_check(score_mod, q, k, sides, side_needs_grad)
+    if checked is None:
         return None
-    cand = candidate(score_mod, sides, q.shape[2], k.shape[2], side_needs_grad)
-    if cand is None:
-        return None
-    i, text, kept = cand
-    flag = causal_check(sides[i])
-    from flashfuse.kernels.attention.op import empty_bnhd
+    flag, text, kept = checked
     into = (empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v),
             ti.backward_preprocess(out, dout, lse))
     ti.attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,

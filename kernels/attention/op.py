@@ -45,9 +45,15 @@ def _has_triton_impl() -> bool:
         return False
 
 
-def _device_mask_check():
-    """mask_check.py when FLASHFUSE_DEVICE_MASK_CHECK=1 (graphs captured in CUDA graphs), else None."""
-    if os.environ.get("FLASHFUSE_DEVICE_MASK_CHECK", "0") != "1":
+def device_mask_check_enabled() -> bool:
+    """FLASHFUSE_DEVICE_MASK_CHECK=1: calls that do not recognize masks on the host (graphs captured in CUDA
+    graphs) check a tril side on the device instead (mask_check.py). Read when the op runs."""
+    return os.environ.get("FLASHFUSE_DEVICE_MASK_CHECK", "0") == "1"
+
+
+def _device_mask_check(recognize_masks: bool, sides):
+    """mask_check.py for a call that takes the device check, else None."""
+    if recognize_masks or not sides or not device_mask_check_enabled():
         return None
     from flashfuse.kernels.attention import mask_check
     return mask_check
@@ -89,15 +95,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
     run-time recognition, mask_recognition.py): the pass sets it for graphs captured in CUDA graphs, whose
     replays never call back here."""
     if use_triton(q) and _has_triton_impl():
-        checked = None
-        if recognize_masks:
-            score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
-        elif sides and _device_mask_check() is not None:
-            checked = _device_mask_check().forward(_triton(), q, k, v, sides, scalars, score_mod, dropout_p, rng,
-                                                   precision)
+        checker = _device_mask_check(recognize_masks, sides)
+        checked = checker.forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision) if checker else None
         if checked is not None:
             out, lse = checked
         else:
+            if recognize_masks:
+                score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
             out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
     else:
         out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
@@ -118,13 +122,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The CPU/CUDA kernel of flashfuse::attention_backward: dq, dk, dv and the gradients of the sides whose
     `side_needs_grad` is set (in order)."""
-    checked = None
-    if use_triton(q) and _has_triton_impl() and not recognize_masks and sides and _device_mask_check() is not None:
-        checked = _device_mask_check().backward(_triton(), dout, q, k, v, out, lse, sides, scalars, score_mod,
-                                                dropout_p, rng, side_needs_grad, precision)
+    triton = use_triton(q) and _has_triton_impl()
+    checker = _device_mask_check(recognize_masks, sides) if triton else None
+    checked = checker.backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
+                               precision) if checker else None
     if checked is not None:
         dq, dk, dv, dsides = checked
-    elif use_triton(q) and _has_triton_impl():
+    elif triton:
         n_all = len(sides)
         kept = list(range(n_all))
         if recognize_masks:
