@@ -37,8 +37,8 @@ def _backward_fake(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype
 
 
 define("norm_backward", "(Tensor dy, Tensor x, Tensor? weight, Tensor? dh, float eps, bool is_rms, "
-          "bool has_bias, ScalarType? mid_dtype, ScalarType dx_dtype) -> (Tensor, Tensor, Tensor)",
-          _backward_kernel, _backward_fake)
+       "bool has_bias, ScalarType? mid_dtype, ScalarType dx_dtype) -> (Tensor, Tensor, Tensor)",
+       _backward_kernel, _backward_fake)
 
 
 def _grads(ctx, dy, dh):
