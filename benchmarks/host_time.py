@@ -39,8 +39,8 @@ def per_call_us(fn, n=300, reps=5):
 
 
 def op_calls():
+    from flashfuse.kernels.attention import mask_recognition, triton_impl
     from flashfuse.kernels.attention import score_mod as sm
-    from flashfuse.kernels.attention import triton_impl
     text = sm.to_text(sympy.Piecewise((-sympy.oo, sympy.Eq(sm.side(0), 0)), (sympy.Float(0.125) * sm.score, True)))
     b, h, n, d = 1, 2, 64, 64
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -49,36 +49,22 @@ def op_calls():
     args = (q, k, v, [mask], [], text, 0.1, rng, "tf32")
     out, lse = torch.ops.flashfuse.attention(*args)
     dout = torch.randn_like(out)
+    causal, sides, _ = mask_recognition.specialize(text, [mask], n, n)  # what recognition makes of the tril
+    assert not sides, "tril mask not recognised"
     rows = {
         "op forward (dispatcher)": lambda: torch.ops.flashfuse.attention(*args),
         "op backward (dispatcher)": lambda: torch.ops.flashfuse.attention_backward(
             dout, q, k, v, out, lse, [mask], [], text, 0.1, rng, [False], "tf32"),
         "triton_impl forward (recognised causal)": lambda: triton_impl.attention_forward(
-            q, k, v, [], [], _causal_text(), 0.1, rng, "tf32"),
+            q, k, v, [], [], causal, 0.1, rng, "tf32"),
         "triton_impl backward (recognised causal)": lambda: triton_impl.attention_backward(
-            dout, q, k, v, out, lse, [], [], _causal_text(), 0.1, rng, [], "tf32"),
+            dout, q, k, v, out, lse, [], [], causal, 0.1, rng, [], "tf32"),
         "SDPA flash forward": lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True),
     }
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=0.1, is_causal=True)
     rows["SDPA flash backward"] = lambda: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True)
     return {name: per_call_us(fn) for name, fn in rows.items()}
-
-
-_CAUSAL = None
-
-
-def _causal_text():
-    """The score_mod text that run-time recognition turns the tril side into."""
-    global _CAUSAL
-    if _CAUSAL is None:
-        from flashfuse.kernels.attention import mask_recognition
-        from flashfuse.kernels.attention import score_mod as sm
-        text = sm.to_text(sympy.Piecewise((-sympy.oo, sympy.Eq(sm.side(0), 0)), (sympy.Float(0.125) * sm.score, True)))
-        mask = torch.tril(torch.ones(64, 64, device="cuda")).view(1, 1, 64, 64)
-        _CAUSAL, sides, _ = mask_recognition.specialize(text, [mask], 64, 64)
-        assert not sides, "tril mask not recognised"
-    return _CAUSAL
 
 
 def step_profile(n_steps: int, b: int, t: int, mode: str = "flashfuse"):
