@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_spellings_more import Fn, check, check_not_fused  # the same checks (eager remainder, every pass)
+from test_spellings_more import SQRT_2_OVER_PI, Fn, check, check_not_fused  # the same checks and constant
 
 EAGER = {"remainder": "eager"}
 N = 24     # normalized row length
@@ -332,7 +332,7 @@ def test_rms_norm(name, make, inputs, counts):
 
 
 # ================================================================================================ GELU
-SQ = math.sqrt(2.0 / math.pi)
+SQ = SQRT_2_OVER_PI
 
 
 class GeluCase(nn.Module):
