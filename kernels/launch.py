@@ -67,11 +67,14 @@ class CachedLaunch:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.jit = getattr(kernel, "fn", kernel)  # the JITFunction under an autotuner
+        # the JITFunction: the kernel itself, or the one under an autotuner (a JITFunction's own `.fn` is
+        # the plain Python function, which has no arg_names)
+        self.jit = kernel if hasattr(kernel, "arg_names") else getattr(kernel, "fn", kernel)
         self.enabled = (os.environ.get("TRITON_INTERPRET") != "1"
                         and os.environ.get("FLASHFUSE_CACHED_LAUNCH", "1") != "0"
                         and hasattr(self.jit, "arg_names"))
         self.entries: dict = {}
+        self.fallback_reason = None if self.enabled else "interpreter, FLASHFUSE_CACHED_LAUNCH=0 or no arg_names"
 
     def __call__(self, grid, args, constexprs: dict):
         if not self.enabled:
@@ -94,13 +97,23 @@ class CachedLaunch:
         self._remember(key, compiled, args, constexprs)
         return compiled
 
+    def entry(self, args, constexprs: dict):
+        """(compiled kernel, chosen constexprs, constexprs in signature order) of this specialization, once a
+        call has gone through; None before, or when the direct launch is off."""
+        if not self.enabled:
+            return None
+        driver, _ = _runtime()
+        return self.entries.get((driver.active.get_current_device(), spec_key(args), tuple(constexprs.items())))
+
     def _remember(self, key, compiled, args, constexprs):
         config = getattr(self.kernel, "best_config", None)
         chosen = {**constexprs, **(config.kwargs if config is not None else {})}
         names = self.jit.arg_names
-        if (compiled is None or not hasattr(compiled, "packed_metadata") or len(args) > len(names)
-                or any(n not in chosen for n in names[len(args):])):
+        missing = [n for n in names[len(args):] if n not in chosen]
+        if compiled is None or not hasattr(compiled, "packed_metadata") or len(args) > len(names) or missing:
             self.enabled = False  # not the Triton we know: keep Triton's path for good
+            self.fallback_reason = (f"compiled={type(compiled).__name__}, {len(args)} args for {len(names)} "
+                                    f"parameters, constexprs not given: {missing}")
             return
         tail = tuple(chosen[n] for n in names[len(args):])  # the constexprs, in signature order
         if len(self.entries) >= _MAX_ENTRIES:
@@ -117,3 +130,45 @@ def launcher(kernel) -> CachedLaunch:
     if launch is None:
         launch = _LAUNCHERS[id(kernel)] = CachedLaunch(kernel)  # holds `kernel`, so its id stays unique
     return launch
+
+
+class FixedLaunch:
+    """One launch site whose arguments keep one specialization call after call, which the caller
+    guarantees with a cache key of its own that covers everything `spec_key` looks at (the attention ops'
+    per-shape plans). The first call goes through CachedLaunch (compiling and autotuning as usual); later
+    calls skip the key too and go straight to the compiled kernel with the grid of that first call."""
+
+    __slots__ = ("cached", "grid", "constexprs", "direct")
+
+    def __init__(self, kernel, grid, constexprs: dict):
+        self.cached = launcher(kernel)
+        self.grid = grid
+        self.constexprs = constexprs
+        self.direct = None
+
+    def __call__(self, args):
+        direct = self.direct
+        if direct is None:
+            self.cached(self.grid, args, self.constexprs)
+            entry = self.cached.entry(args, self.constexprs)
+            if entry is not None:
+                compiled, chosen, tail = entry
+                g = self.grid(chosen) if callable(self.grid) else self.grid
+                self.direct = (compiled, (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1), tail)
+            return
+        compiled, grid_xyz, tail = direct
+        driver, hooks = _runtime()
+        stream = _current_stream(driver)
+        enter, leave = hooks()
+        bound = (*args, *tail)
+        meta = compiled.launch_metadata(grid_xyz, stream, *bound) if enter is not None else None
+        compiled.run(*grid_xyz, stream, compiled.function, compiled.packed_metadata, meta, enter, leave, *bound)
+
+
+def _current_stream(driver):
+    """The current stream of the current device, as Triton's driver gives it, by torch's own C call on CUDA
+    (what the driver does, without its two Python layers)."""
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get_raw is not None and torch.version.hip is None:
+        return get_raw(torch._C._cuda_getDevice())
+    return driver.active.get_current_stream(driver.active.get_current_device())

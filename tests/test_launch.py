@@ -119,3 +119,40 @@ def test_interpreter_always_takes_tritons_path(monkeypatch):
     for _ in range(2):
         cl((1,), (torch.zeros(8), 8, 1.0), {"BLOCK": 8, "FLAG": True})
     assert not cl.enabled and len(k.slow_calls) == 2
+
+
+def test_a_plain_jit_function_is_launched_directly(fake_runtime):
+    """A JITFunction has its own `.fn` (the Python function, no arg_names): the signature is the kernel's.
+    Taking `.fn` as under an autotuner used to switch the direct launch off for every plain kernel."""
+    k = FakeKernel()
+    k.fn = lambda x_ptr, n, scale, BLOCK, FLAG: None  # noqa: E731
+    cl = launch.CachedLaunch(k)
+    x = torch.zeros(8)
+    for _ in range(3):
+        cl((2,), (x, 8, 1.0), {"BLOCK": 8, "FLAG": True})
+    assert cl.enabled and len(k.slow_calls) == 1
+
+
+def test_fixed_launch_reuses_the_first_calls_kernel_and_grid(fake_runtime, monkeypatch):
+    monkeypatch.setattr(launch, "_current_stream", lambda driver: 99)
+    k = FakeKernel(best_config=SimpleNamespace(kwargs={"BLOCK": 128}))
+    fixed = launch.FixedLaunch(k, lambda m: (1000 // m["BLOCK"], 4), {"FLAG": True})
+    x = torch.zeros(8)
+    fixed((x, 1000, 1.0))
+    assert len(k.slow_calls) == 1
+    compiled = fixed.direct[0]
+    y = torch.zeros(8)
+    fixed((y, 1000, 1.0))
+    fixed((x, 1000, 1.0))
+    assert len(k.slow_calls) == 1
+    assert [(r[0], r[1]) for r in compiled.runs] == [((7, 4, 1), 99)] * 2
+    assert compiled.runs[0][2][0] is y and compiled.runs[0][2][3:] == (128, True)
+
+
+def test_fixed_launch_under_the_interpreter_always_takes_tritons_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    k = FakeKernel()
+    fixed = launch.FixedLaunch(k, (1,), {"BLOCK": 8, "FLAG": True})
+    for _ in range(2):
+        fixed((torch.zeros(8), 8, 1.0))
+    assert fixed.direct is None and len(k.slow_calls) == 2
