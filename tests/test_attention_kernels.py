@@ -254,6 +254,17 @@ def test_strided_inputs_and_dv_ne_d():
     _check(0.18 * S, q, k, v)
 
 
+def test_launch_plans_follow_layout_and_offset_changes():
+    """triton_impl keeps one launch plan per shape/stride/dtype/alignment key, with the strides baked in:
+    the same sizes seen contiguous, transposed and at an element offset (misaligned) must each get theirs."""
+    qc, kc, vc = _qkv(1, 2, 2, 19, 19, 16, torch.float32)
+    qs, ks, vs = _qkv(1, 2, 2, 19, 19, 16, torch.float32, strided=True, seed=1)
+    flat = torch.randn(1 + qc.numel(), generator=torch.Generator().manual_seed(2)).to(qc.device)
+    q_off = flat[1:].view(qc.shape)  # 4 bytes past the allocation: not 16-byte aligned
+    for q, k, v in ((qc, kc, vc), (qs, ks, vs), (q_off, kc, vc), (qc, kc, vc)):
+        _check(0.25 * S, q, k, v)
+
+
 def test_head_dim_64_fp16_causal():
     q, k, v = _qkv(1, 2, 2, 34, 34, 64, torch.float16)
     _check(sympy.Piecewise((-OO, KI > QI + NK - NQ), (0.125 * S, True)), q, k, v)

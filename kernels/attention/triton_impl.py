@@ -23,6 +23,7 @@ import triton
 
 from flashfuse.kernels.attention import codegen, dropout, triton_common
 from flashfuse.kernels.attention.op import empty_bnhd
+from flashfuse.kernels.launch import FixedLaunch
 from flashfuse.kernels.launch import launcher as _launcher
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -193,35 +194,87 @@ def _check(q, k, v):
         raise ValueError("flashfuse attention: head dims above 256 are not supported")
 
 
+# ---- per-shape launch plans ----
+# A training step calls each attention op with the same shapes, layouts and arguments step after step.
+# Everything derived from those (module, kernels, configs, strides, grids, constexprs) is worked out once per
+# plan key; a call then costs the key, the output allocations and the launches (launch.FixedLaunch). In
+# the GPT-2 step, the forward spent 138 µs and the backward 349 µs of host time per call before plans
+# (benchmarks/step_timing.py, H100 host).
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _tkey(t):
+    """What a plan depends on in a tensor argument: sizes, strides, dtype, device, 16-byte alignment."""
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15 == 0)
+
+
+def _plan(key, build):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = build()
+    return plan
+
+
+def _interleave(tensors, strides):
+    """[t0, *strides0, t1, *strides1, ...]: the sides' launch arguments."""
+    out = []
+    for t, st in zip(tensors, strides):
+        out.append(t)
+        out.extend(st)
+    return out
+
+
 def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag=None, flag_want=-1,
                       into=None):
     """out, lse. With `flag` (mask_check.py), the kernel runs only if flag[0] == `flag_want`; `into`
     = (out, lse) written in place, so two variants launched together share their outputs."""
-    _check(q, k, v)
-    bsz, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    if into is not None:
-        out, lse = into
-    else:
-        out = empty_bnhd((bsz, hq, nq, v.shape[-1]), q)
-        lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    key = ("fwd", score_mod, tuple(scalars), dropout_p, precision, flag_want,
+           None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
+           None if into is None else (_tkey(into[0]), _tkey(into[1])),
+           _tkey(q), _tkey(k), _tkey(v), *[_tkey(s) for s in sides])
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(key, lambda: _ForwardPlan(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
+                                               flag_want, into))
+    return plan(q, k, v, sides, rng, flag, into)
+
+
+class _ForwardPlan:
+    def __init__(self, q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag_want, into):
+        _check(q, k, v)
+        bsz, hq, nq, _ = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        self.out_shape, self.lse_shape = (bsz, hq, nq, v.shape[-1]), (bsz, hq, nq)
+        out = into[0] if into is not None else empty_bnhd(self.out_shape, q)
+        self.empty = out.numel() == 0
+        if self.empty:
+            return
+        mod = load_module(score_mod, len(sides), len(scalars), (), side_layout(sides))
+        meta = _common_meta(q, v, dropout_p, rng, precision)
+        kernel, blocks = _kernel(mod, "attn_fwd", meta["BLOCK_D"])
+        self.dropout = meta["DROPOUT"]
+        self.strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
+        side_args = _side_args(sides, (bsz, hq, nq, nk))
+        self.side_strides = [side_args[5 * i + 1:5 * i + 5] for i in range(len(sides))]
+        self.tail = (*[float(x) for x in scalars], hq, nq, nk, hq // hkv, *_dropout_args(dropout_p))
+        self.launch = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq),
+                                  {**meta, **blocks, "FLAG_WANT": flag_want})
+
+    def __call__(self, q, k, v, sides, rng, flag, into):
+        if into is not None:
+            out, lse = into
+        else:
+            out = empty_bnhd(self.out_shape, q)
+            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        if self.empty:
+            return out, lse
+        with _quiet():
+            self.launch((q, k, v, out, lse, rng if self.dropout else lse, flag if flag is not None else lse,
+                         *self.strides, *_interleave(sides, self.side_strides), *self.tail))
         return out, lse
-    mod = load_module(score_mod, len(sides), len(scalars), (), side_layout(sides))
-    meta = _common_meta(q, v, dropout_p, rng, precision)
-    kernel, blocks = _kernel(mod, "attn_fwd", meta["BLOCK_D"])
-    rng_arg = rng if meta["DROPOUT"] else lse  # any pointer; never read without dropout
-
-    def grid(m):
-        return (_cdiv(nq, m["BLOCK_M"]), bsz * hq)
-
-    with _quiet():
-        _launcher(kernel)(grid, (q, k, v, out, lse, rng_arg, flag if flag is not None else lse,
-                                 *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                                 *_side_args(sides, (bsz, hq, nq, nk)), *[float(x) for x in scalars],
-                                 hq, nq, nk, hq // hkv, *_dropout_args(dropout_p)),
-                          {**meta, **blocks, "FLAG_WANT": flag_want})
-    return out, lse
 
 
 def backward_preprocess(out, dout, lse):
@@ -240,62 +293,89 @@ def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropo
     """dq, dk, dv and the gradient of each side (None where `side_needs_grad` is off). `flag`, `flag_want`
     as in attention_forward; `into` = (dq, dk, dv, delta) written in place / read (`backward_preprocess`),
     so two variants launched together share them."""
-    with _quiet():
-        return _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
-                                   side_needs_grad, precision, flag, flag_want, into)
-
-
-def _attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
-                        precision, flag, flag_want, into):
-    _check(q, k, v)
-    bsz, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
     side_grads = tuple(bool(g) for g in side_needs_grad)
-    if into is not None:
-        dq, dk, dv, delta = into
-    else:
-        dq, dk, dv = (empty_bnhd(t.shape, t) for t in (q, k, v))  # the layout op.py promises
-        delta = None
-    if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
-                                                     for s, g in zip(sides, side_grads)]
-    mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
-    meta = _common_meta(q, v, dropout_p, rng, precision)
-    if delta is None:
-        delta = backward_preprocess(out, dout, lse)
-    flag_arg = flag if flag is not None else lse
-    rng_arg = rng if meta["DROPOUT"] else lse
-    side_args = _side_args(sides, (bsz, hq, nq, nk))
-    scalar_args = [float(x) for x in scalars]
-    # gradient of each side that needs one, per element of (B, Hq, Nq, Nk), reduced below
-    dside_full = {i: torch.zeros(bsz, hq, nq, nk, dtype=torch.float32, device=q.device)
-                  for i, g in enumerate(side_grads) if g}
+    key = ("bwd", score_mod, tuple(scalars), dropout_p, precision, flag_want, side_grads,
+           None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
+           None if into is None else tuple(_tkey(t) for t in into),
+           _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(out), _tkey(lse), *[_tkey(s) for s in sides])
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
+                                                side_grads, precision, flag_want, into))
+    with _quiet():
+        return plan(dout, q, k, v, out, lse, sides, rng, flag, into)
 
-    kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"])
-    _launcher(kernel)(
-        lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv),
-        (q, k, v, dout, lse, delta, dk, dv, rng_arg, flag_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-         *dk.stride(), *dv.stride(), *side_args, *scalar_args, hq, hkv, nq, nk, hq // hkv, *_dropout_args(dropout_p)),
-        {**meta, **blocks, "FLAG_WANT": flag_want})
-    kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
-    _launcher(kernel)(
-        lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq),
-        (q, k, v, dout, lse, delta, dq, rng_arg, flag_arg, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-         *dq.stride(), *side_args, *scalar_args, *dside_full.values(), hq, nq, nk, hq // hkv,
-         *_dropout_args(dropout_p)),
-        {**meta, **blocks, "FLAG_WANT": flag_want})
 
-    dsides = []
-    for i, (s, g) in enumerate(zip(sides, side_grads)):
-        if not g:
-            dsides.append(None)
-            continue
-        full = dside_full[i]
-        shape4 = (1,) * (4 - s.dim()) + tuple(s.shape)
-        dims = [d for d, n in enumerate(shape4) if n == 1 and full.shape[d] != 1]
-        red = full.sum(dim=dims, keepdim=True) if dims else full
-        dsides.append(red.reshape(s.shape).to(s.dtype))
-    return dq, dk, dv, dsides
+class _BackwardPlan:
+    def __init__(self, dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_grads,
+                 precision, flag_want, into):
+        _check(q, k, v)
+        bsz, hq, nq, _ = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        self.side_grads = side_grads
+        self.empty = q.numel() == 0 or k.numel() == 0
+        if self.empty:
+            return
+        dq, dk, dv = into[:3] if into is not None else (empty_bnhd(t.shape, t) for t in (q, k, v))
+        mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
+        meta = _common_meta(q, v, dropout_p, rng, precision)
+        self.dropout = meta["DROPOUT"]
+        side_args = _side_args(sides, (bsz, hq, nq, nk))
+        self.side_strides = [side_args[5 * i + 1:5 * i + 5] for i in range(len(sides))]
+        self.dside_shape = (bsz, hq, nq, nk)
+        scalar_args = tuple(float(x) for x in scalars)
+        common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+        self.dkdv_strides = (*common, *dk.stride(), *dv.stride())
+        self.dq_strides = (*common, *dq.stride())
+        self.dkdv_tail = (*scalar_args, hq, hkv, nq, nk, hq // hkv, *_dropout_args(dropout_p))
+        self.dq_scalars = scalar_args
+        self.dq_tail = (hq, nq, nk, hq // hkv, *_dropout_args(dropout_p))
+        consts = {**meta, "FLAG_WANT": flag_want}
+        kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"])
+        self.dkdv = FixedLaunch(kernel, lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv), {**consts, **blocks})
+        kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
+        self.dq = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq), {**consts, **blocks})
+        dv_ = out.shape[-1]
+        pre_block = INTERPRET_BLOCK if INTERPRET else 64
+        self.pre = FixedLaunch(triton_common.attn_bwd_preprocess, (_cdiv(nq, pre_block), bsz * hq),
+                               dict(DV=dv_, BLOCK_M=pre_block, BLOCK_DV=_block_d(dv_)))
+        self.pre_tail = (*out.stride(), *dout.stride(), hq, nq)
+
+    def __call__(self, dout, q, k, v, out, lse, sides, rng, flag, into):
+        side_grads = self.side_grads
+        if into is not None:
+            dq, dk, dv, delta = into
+        else:
+            dq, dk, dv = empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v)
+            delta = None
+        if self.empty:
+            return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
+                                                         for s, g in zip(sides, side_grads)]
+        if delta is None:
+            delta = torch.empty_like(lse)
+            self.pre((out, dout, lse, delta, *self.pre_tail))
+        flag_arg = flag if flag is not None else lse
+        rng_arg = rng if self.dropout else lse
+        side_args = _interleave(sides, self.side_strides)
+        # gradient of each side that needs one, per element of (B, Hq, Nq, Nk), reduced below
+        dside_full = [torch.zeros(self.dside_shape, dtype=torch.float32, device=q.device) if g else None
+                      for g in side_grads]
+        self.dkdv((q, k, v, dout, lse, delta, dk, dv, rng_arg, flag_arg, *self.dkdv_strides, *side_args,
+                   *self.dkdv_tail))
+        self.dq((q, k, v, dout, lse, delta, dq, rng_arg, flag_arg, *self.dq_strides, *side_args, *self.dq_scalars,
+                 *[d for d in dside_full if d is not None], *self.dq_tail))
+        if not any(side_grads):
+            return dq, dk, dv, [None] * len(sides)
+        dsides = []
+        for s, full in zip(sides, dside_full):
+            if full is None:
+                dsides.append(None)
+                continue
+            shape4 = (1,) * (4 - s.dim()) + tuple(s.shape)
+            dims = [d for d, n in enumerate(shape4) if n == 1 and full.shape[d] != 1]
+            red = full.sum(dim=dims, keepdim=True) if dims else full
+            dsides.append(red.reshape(s.shape).to(s.dtype))
+        return dq, dk, dv, dsides
 
 
 def dropout_mask(rng: torch.Tensor, B: int, H: int, Nq: int, Nk: int, p: float, device=None,
