@@ -46,9 +46,9 @@ def _has_triton_impl() -> bool:
 
 
 def device_mask_check_enabled() -> bool:
-    """FLASHFUSE_DEVICE_MASK_CHECK=1: calls that do not recognize masks on the host (graphs captured in CUDA
-    graphs) check a tril side on the device instead (mask_check.py). Read when the op runs."""
-    return os.environ.get("FLASHFUSE_DEVICE_MASK_CHECK", "0") == "1"
+    """Calls that do not recognize masks on the host (graphs captured in CUDA graphs) check a tril side on the
+    device instead (mask_check.py), unless FLASHFUSE_DEVICE_MASK_CHECK=0. Read when the op runs."""
+    return os.environ.get("FLASHFUSE_DEVICE_MASK_CHECK", "1") != "0"
 
 
 def _device_mask_check(recognize_masks: bool, sides):
