@@ -310,9 +310,9 @@ class ScoreModBuilder:
             return unary(lambda a: 1 / a)
         if target in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar):
             return bin_(lambda a, b: a ** b)
-        if target in (aten.maximum.default, aten.clamp_min.default):
+        if target in (aten.maximum.default, aten.max.other, aten.clamp_min.default):  # max.other: torch.max(a, b)
             return bin_(sympy.Max)
-        if target in (aten.minimum.default, aten.clamp_max.default):
+        if target in (aten.minimum.default, aten.min.other, aten.clamp_max.default):
             return bin_(sympy.Min)
         if target == aten.clamp.default:
             a = self._align(self.operand(args[0]), out_rank).num()

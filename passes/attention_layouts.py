@@ -9,6 +9,12 @@ probabilities are viewed back to (B*H, M, N) for the `bmm` with V:
     view(baddbmm(c, a, b, beta, alpha), (B, H..)) -> alpha * matmul(...) + beta * c.reshape(B, H, ...)
     bmm(view(P, (B*H, M, N)), v)                  -> matmul(P, v.reshape(B, H, N, D)).reshape(B*H, M, D)
 
+Scores viewed to 4-D for the mask and back to 3-D for the softmax (XGLM): the softmax over the last dim runs
+on the 4-D scores and the view moves after it, past the casts and dropout that follow (the same numbers:
+the view only merges leading dims):
+
+    softmax(view(S (B, H, M, N), (B*H, M, N)))    -> view(softmax(S), (B*H, M, N))
+
 A view of the probabilities to 4-D and straight back (fairseq, XGLM) is dropped:
 
     view(view(P, (B, H, M, N)), (B*H, M, N))      -> P
@@ -33,12 +39,12 @@ KEEPS_VALUES = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.c
                 aten.alias.default, aten.type_as.default, aten.detach.default, aten.dropout.default}
 
 
-def _call(gm: fx.GraphModule, before: fx.Node, target, *args) -> fx.Node:
-    """A node computing target(*args) before `before`, with its fake value."""
+def _call(gm: fx.GraphModule, before: fx.Node, target, *args, **kwargs) -> fx.Node:
+    """A node computing target(*args, **kwargs) before `before`, with its fake value."""
     with gm.graph.inserting_before(before):
-        n = gm.graph.call_function(target, args)
+        n = gm.graph.call_function(target, args, kwargs)
     fake_args = [val(a) if isinstance(a, fx.Node) else a for a in args]
-    n.meta["val"] = target(*fake_args)
+    n.meta["val"] = target(*fake_args, **kwargs)
     n.meta["stack_trace"] = before.meta.get("stack_trace")
     return n
 
@@ -80,7 +86,8 @@ def rewrite_layouts(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
             changed += _round_trip_view(gm, node) or _scores_viewed_to_4d(gm, node) or \
-                _probabilities_viewed_to_3d(gm, node) or _probabilities_on_the_right(gm, node)
+                _softmax_of_scores_viewed_to_3d(gm, node) or _probabilities_viewed_to_3d(gm, node) or \
+                _probabilities_on_the_right(gm, node)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -116,6 +123,52 @@ def _scores_viewed_to_4d(gm, node: fx.Node) -> int:
         return 0
     bh = _split_heads(node, mm)
     return _unfold_scores(gm, node, mm, *bh) if bh is not None else 0
+
+
+def _keeps_values(n: fx.Node) -> bool:
+    """An op of KEEPS_VALUES whose other arguments are constants (so it can be replayed on another shape)."""
+    return (n.op == "call_function" and n.target in KEEPS_VALUES
+            and not any(isinstance(a, fx.Node) for a in (*n.args[1:], *n.kwargs.values())))
+
+
+def _softmax_of_scores_viewed_to_3d(gm, node: fx.Node) -> int:
+    """softmax(casts(view(S (B, H, M, N) -> (B*H, M, N)))) over the last dim: rebuilt on S, the view moved after
+    the softmax and the value-keeping ops that follow it (views between them folded away)."""
+    if node.target not in SOFTMAX_OPS or len(node.args) < 2 or not isinstance(node.args[1], int):
+        return 0
+    x = node.args[0]
+    xv = val(x) if isinstance(x, fx.Node) else None
+    if xv is None or xv.dim() != 3 or node.args[1] % 3 != 2:
+        return 0
+    before = []  # value-keeping ops between the view and the softmax, nearest first
+    while _keeps_values(x) and len(x.users) == 1:
+        before.append(x)
+        x = x.args[0]
+    if x.op != "call_function" or x.target not in VIEWS or len(x.users) != 1 or not isinstance(x.args[0], fx.Node):
+        return 0
+    scores = x.args[0]
+    if _split_heads(scores, x) is None:
+        return 0
+    shape4, shape3 = list(val(scores).shape), list(xv.shape)
+    after, end = [], node  # value-keeping ops (and views between the two shapes) after the softmax
+    while len(end.users) == 1:
+        (u,) = end.users
+        if _keeps_values(u):
+            after.append(u)
+        elif not (u.op == "call_function" and u.target in VIEWS and val(u) is not None
+                  and (list(val(u).shape) == shape4 or list(val(u).shape) == shape3)):
+            break
+        end = u
+    cur = scores
+    for op in reversed(before):
+        cur = _call(gm, node, op.target, cur, *op.args[1:], **op.kwargs)
+    cur = _call(gm, node, node.target, cur, 3 if node.args[1] >= 0 else -1, *node.args[2:], **node.kwargs)
+    for op in after:
+        cur = _call(gm, end, op.target, cur, *op.args[1:], **op.kwargs)
+    if list(val(end).shape) != shape4:
+        cur = _call(gm, end, aten.reshape.default, cur, list(val(end).shape))
+    end.replace_all_uses_with(cur)
+    return 1
 
 
 def _probabilities_viewed_to_3d(gm, node: fx.Node) -> int:

@@ -455,6 +455,30 @@ def test_baddbmm_scores():
     check(f, *qkv())
 
 
+def test_scores_viewed_to_4d_for_the_mask_and_back_to_3d_for_the_softmax():
+    """fairseq / HF XGLM: bmm scores (B*H, N, N), viewed to 4-D for an additive padding mask and a clamp at
+    finfo.min (torch.max against a 0-d tensor), back to 3-D for an fp32 softmax, cast back, then bmm with V."""
+    def f(q, k, v, mask):
+        b, h, n, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, -1, d) for x in (q, k, v))
+        w = torch.bmm(q3 * d ** -0.5, k3.transpose(1, 2)).view(b, h, n, n) + mask
+        w = torch.max(w, torch.full((), torch.finfo(w.dtype).min))
+        p = F.softmax(w.view(b * h, n, n), dim=-1, dtype=torch.float32).to(q.dtype)
+        p = p.view(b, h, n, n).view(b * h, n, n)  # XGLM keeps the 4-D view for output_attentions
+        return torch.bmm(p, v3).view(b, h, n, d)
+    mask = torch.zeros(B, 1, T, T)
+    mask[1, :, :, -2:] = torch.finfo(torch.float32).min  # padded keys in the second sequence
+    check(f, *qkv(), mask)
+
+
+def test_softmax_over_the_heads_of_3d_viewed_scores_is_left_alone():
+    def f(q, k, v):  # the view folds (B, H); a softmax over dim 0 mixes heads: no attention, no rewrite
+        b, h, n, d = q.shape
+        s = (q @ k.mT * 0.25).view(b * h, n, n)
+        return torch.bmm(s.softmax(0), v.reshape(b * h, n, d)).view(b, h, n, d)
+    check(f, *qkv(), expected=0)
+
+
 def test_einsum_bnhd_layout_both_sides():
     def f(q, k, v):  # (B, N, H, d) activations, as many codebases keep them
         s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.size(-1))
@@ -743,17 +767,16 @@ def test_gpu_nanogpt_bf16_autocast_train(mode):
 
 
 @pytest.mark.parametrize("mode,device_check,words", [
-    (None, False, "verified at run time"),
+    (None, True, "verified at run time"),
     ("reduce-overhead", False, "not re-checked under CUDA graphs"),
     ("reduce-overhead", True, "checked on the device at every replay"),
-], ids=["default", "reduce-overhead", "reduce-overhead-device-check"])
+], ids=["default", "reduce-overhead-no-device-check", "reduce-overhead"])
 def test_cuda_graph_mode_keeps_the_mask_a_tensor(mode, device_check, words, monkeypatch):
     """A CUDA-graph replay never calls the op's Python, so under mode="reduce-overhead" the tril mask is not
     recognized at run time (the captured choice could not follow a changed mask): it stays a loaded side,
-    or with FLASHFUSE_DEVICE_MASK_CHECK=1 is checked on the device (mask_check.py); the report says which.
-    Same numbers every way."""
-    if device_check:
-        monkeypatch.setenv("FLASHFUSE_DEVICE_MASK_CHECK", "1")
+    it is checked on the device (mask_check.py, the default), or with FLASHFUSE_DEVICE_MASK_CHECK=0 stays a
+    loaded side; the report says which. Same numbers every way."""
+    monkeypatch.setenv("FLASHFUSE_DEVICE_MASK_CHECK", "1" if device_check else "0")
     torch.manual_seed(0)
     m = NanoGPTAttention(n_embd=32, n_head=4, block_size=16).eval()
     x = torch.randn(2, 13, 32)

@@ -105,6 +105,9 @@ _MORE_HF = [
         pad_token_id=0),
     _hf("BioGptConfig", "BioGptModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    # scores 3-D (bmm) -> 4-D (mask, torch.max against finfo.min) -> 3-D for the softmax
+    _hf("XGLMConfig", "XGLMModel", "layer_norm", vocab_size=101, d_model=32, num_layers=LAYERS, attention_heads=4,
+        ffn_dim=64, max_position_embeddings=64),
 ]
 
 
