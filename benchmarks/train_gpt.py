@@ -145,12 +145,17 @@ def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=
             return fwd(input_ids=idx, attention_mask=mask, labels=tgt).loss
         return fwd(input_ids=idx, labels=idx).loss
 
-    def step():
+    def step(marks=None):
+        """One step; `marks`, if given, gets the host clock after the forward and after the backward."""
         if mode.endswith("-cg"):
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = loss_of()
+        if marks is not None:
+            marks.append(time.perf_counter())
         loss.backward()
+        if marks is not None:
+            marks.append(time.perf_counter())
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
