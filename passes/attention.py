@@ -695,6 +695,38 @@ def attention_pass(gm: fx.GraphModule, ctx: PassContext) -> int:
     return count
 
 
+def _check_scores_stay_inside(builder, S: fx.Node, pv: fx.Node) -> None:
+    """The scores, raw or modified, used outside the attention (returned, an auxiliary loss): fusing would
+    keep them alive and compute QKᵀ twice. Nodes on the way from S to the softmax are the builder's memo
+    entries downstream of S; a user off that way that does not lead to P·V is such a use."""
+    region, todo = {S}, [S]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in builder.memo and u not in region:
+                region.add(u)
+                todo.append(u)
+    for n in region:
+        for u in n.users:
+            if u not in region and not _reaches(u, pv):
+                raise NotFusable(f"the scores are also used by `{_op_name(u)}`{_where(u)}: fused, QKᵀ would be "
+                                 "computed twice", u)
+
+
+def _reaches(node: fx.Node, target: fx.Node, limit: int = 256) -> bool:
+    """`target` is downstream of `node` (within `limit` nodes)."""
+    seen, todo = {node}, [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n is target:
+            return True
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
 def _softmax_dim(node: fx.Node) -> int:
     return node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
 
@@ -749,6 +781,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     builder = ScoreModBuilder(s_in, sv.shape)
     expr = builder.build()
     S = builder.score_node
+    _check_scores_stay_inside(builder, S, pv)
 
     # Q, K from S;  V from P @ V
     q_node, kt_node, _ = _mm_operands(S, which="qk")

@@ -19,6 +19,11 @@ A view of the probabilities to 4-D and straight back (fairseq, XGLM) is dropped:
 
     view(view(P, (B, H, M, N)), (B*H, M, N))      -> P
 
+A scale of the probabilities constant along the keys (HF's `head_mask`, (1, H, 1, 1)) moves after P·V, where
+it scales the output rows instead (exact in real arithmetic):
+
+    matmul(P * m, v)  with m (..., 1)             -> matmul(P, v) * m
+
 Probabilities on the right (SAGAN / BigGAN self-attention, output (B, C, N)):
 
     bmm(v, P.permute(0, 2, 1))                    -> matmul(P, v.transpose(-2, -1)).transpose(-2, -1)
@@ -87,7 +92,7 @@ def rewrite_layouts(gm: fx.GraphModule) -> int:
         if node.op == "call_function":
             changed += _round_trip_view(gm, node) or _scores_viewed_to_4d(gm, node) or \
                 _softmax_of_scores_viewed_to_3d(gm, node) or _probabilities_viewed_to_3d(gm, node) or \
-                _probabilities_on_the_right(gm, node)
+                _probabilities_on_the_right(gm, node) or _row_scale_after_pv(gm, node)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -193,6 +198,41 @@ def _probabilities_on_the_right(gm, node: fx.Node) -> int:
     if not _swaps_last_two(pt) or len(pt.users) != 1 or not _from_softmax(pt.args[0]):
         return 0
     return _probabilities_left(gm, node, pt.args[0])
+
+
+def _row_scale_after_pv(gm, node: fx.Node) -> int:
+    """matmul / bmm(P * m1 * m2 ..., v), P from a softmax and each m a number or a tensor of P's dtype whose
+    last dim is 1 (so it scales whole rows): the products move after the matmul."""
+    if node.target not in (aten.matmul.default, aten.bmm.default) or not isinstance(node.args[0], fx.Node):
+        return 0
+    x, factors = node.args[0], []
+    while (x.op == "call_function" and x.target in (aten.mul.Tensor, aten.mul.Scalar) and len(x.users) == 1
+           and not _from_softmax(x)):
+        a, b = x.args[:2]
+        x, m = (a, b) if isinstance(a, fx.Node) and (_from_softmax(a) or a.target in (aten.mul.Tensor,
+                                                                                      aten.mul.Scalar)) else (b, a)
+        if not isinstance(x, fx.Node) or val(x) is None or val(node.args[0]) is None:
+            return 0
+        factors.append(m)
+    if not factors or not _from_softmax(x):
+        return 0
+    pv = val(x)
+    if list(val(node.args[0]).shape) != list(pv.shape):
+        return 0  # a factor would broadcast P to a larger shape
+    for m in factors:
+        if isinstance(m, fx.Node):
+            mv = val(m)
+            if mv is None or mv.dtype != pv.dtype or mv.dim() > pv.dim():
+                return 0
+            if mv.dim() and not known_equal(mv.shape[-1], 1):
+                return 0  # varies along the keys: not a row scale
+        elif not isinstance(m, (int, float)):
+            return 0
+    out = _call(gm, node, node.target, x, node.args[1])
+    for m in factors:
+        out = _call(gm, node, aten.mul.Tensor, out, m)
+    node.replace_all_uses_with(out)
+    return 1
 
 
 def _unfold_scores(gm, view: fx.Node, mm: fx.Node, b, h) -> int:

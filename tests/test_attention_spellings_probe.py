@@ -636,15 +636,14 @@ POSITIVE = {
                                                  padding_keep(n=13, seed=4))),
     "sagan_v_times_p_transposed": lambda: (SAGANSelfAttention(), (rand(B, 16, 3, 4, seed=69),)),
     "non_local_block": lambda: (NonLocalBlock(), (rand(B, 16, 3, 4, seed=70),)),
+    # NEGATIVE's gate_after_softmax with a per-query gate (B, 1, N, 1): a row scale of the output, fused exactly
+    "query_gate_after_softmax": lambda: (Fn(n_gate_after_softmax), (*qkv(seed=90), rand(B, 1, N, 1, seed=91))),
 }
 
 XFAIL: dict[str, str] = {
     "gqa_5d_broadcast": (
         "GQA by viewing Q as (B, Hkv, g, N, d) and broadcasting K/V over g gives 5-D scores: "
         "ScoreModBuilder.build 'scores of rank 5; flashfuse handles rank 2 to 4'"),
-    "bert_head_mask": (
-        "HF head_mask `probs * head_mask` (1, H, 1, 1) between dropout and P·V: 'probabilities go to `mul` ..., "
-        "not to a matmul with V' (a per-(b, h) scale of the output could be folded after the op)"),
 }
 
 
@@ -704,7 +703,9 @@ class AnnotatedTransformerStoresAttn(nn.Module):
 NEGATIVE = {
     "softmax_over_heads": lambda: (Fn(n_softmax_over_heads), qkv(seed=80)),
     "bias_added_after_softmax": lambda: (Fn(n_bias_added_after_softmax), (*qkv(seed=81), rand(1, 1, N, N, seed=82))),
-    "gate_after_softmax": lambda: (Fn(n_gate_after_softmax), (*qkv(seed=83), rand(B, 1, N, 1, seed=84))),
+    # a gate along the keys (B, 1, 1, N) reweights them after the normalisation: not a softmax attention.
+    # (Its per-query form (B, 1, N, 1) is a row scale of the output, fused exactly: POSITIVE below.)
+    "gate_after_softmax": lambda: (Fn(n_gate_after_softmax), (*qkv(seed=83), rand(B, 1, 1, N, seed=84))),
     "scores_also_returned": lambda: (Fn(n_scores_also_returned), qkv(seed=85)),
     "threshold_from_score_statistics": lambda: (Fn(n_threshold_from_score_statistics), qkv(seed=86)),
     "talking_heads": lambda: (Fn(n_talking_heads), (*qkv(seed=87), rand(H, H, seed=88))),
@@ -712,9 +713,6 @@ NEGATIVE = {
 }
 
 NEG_XFAIL: dict[str, str] = {
-    "scores_also_returned": (
-        "fused although S is also a graph output: _fuse_one checks the probabilities' users but never the "
-        "scores'; the numbers are right, but QKᵀ is then computed twice (the kept matmul and the kernel)"),
 }
 
 

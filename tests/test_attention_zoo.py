@@ -479,6 +479,22 @@ def test_softmax_over_the_heads_of_3d_viewed_scores_is_left_alone():
     check(f, *qkv(), expected=0)
 
 
+def test_row_scale_of_the_probabilities_moves_after_pv():
+    """HF's head_mask (1, H, 1, 1), or a per-row gate (B, H, N, 1): constant along the keys, so it scales
+    the output rows; flashfuse fuses the attention and multiplies after it, gradients included."""
+    def f(q, k, v, head_mask, row_gate):
+        p = F.softmax(q @ k.mT * 0.25, dim=-1) * head_mask
+        return torch.matmul(0.5 * (p * row_gate.sigmoid()), v)
+    check(f, *qkv(), torch.rand(1, H, 1, 1) + 0.5, torch.randn(B, H, T, 1))
+
+
+def test_scale_varying_along_the_keys_is_not_a_row_scale():
+    def f(q, k, v, key_gate):  # (1, 1, 1, N): reweights keys after the softmax, not a row scale
+        return (F.softmax(q @ k.mT * 0.25, dim=-1) * key_gate) @ v
+    # head dim == N, so a gate wrongly moved after P·V would still broadcast (and give other numbers)
+    check(f, *qkv(d=T), torch.rand(1, 1, 1, T), expected=0)
+
+
 def test_einsum_bnhd_layout_both_sides():
     def f(q, k, v):  # (B, N, H, d) activations, as many codebases keep them
         s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.size(-1))
