@@ -108,6 +108,32 @@ _MORE_HF = [
     # scores 3-D (bmm) -> 4-D (mask, torch.max against finfo.min) -> 3-D for the softmax
     _hf("XGLMConfig", "XGLMModel", "layer_norm", vocab_size=101, d_model=32, num_layers=LAYERS, attention_heads=4,
         ffn_dim=64, max_position_embeddings=64),
+    # session 4: multi-query attention (one K/V head folded into the rows)
+    _hf("GPTBigCodeConfig", "GPTBigCodeModel", "layer_norm", vocab_size=101, n_embd=32, n_layer=LAYERS, n_head=4,
+        n_positions=64, multi_query=True, bos_token_id=0, eos_token_id=0),
+    # RMSNorm of q and k per head before RoPE
+    _hf("Qwen3Config", "Qwen3Model", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64),
+    # sliding-window and global layers, q/k norms
+    _hf("Gemma3TextConfig", "Gemma3TextModel", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64,
+        sliding_window=8),
+    # mixture of experts: the router's softmax goes to topk, a named near-miss, not an attention
+    _hf("MixtralConfig", "MixtralModel", "rms_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+        num_local_experts=4, num_experts_per_tok=2),
+    # partial rotary, LayerNorm of q and k
+    _hf("PersimmonConfig", "PersimmonModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    # relative positions (content and position streams summed into the scores)
+    _hf("XLNetConfig", "XLNetModel", "layer_norm", vocab_size=101, d_model=32, n_layer=LAYERS, n_head=4, d_inner=64),
+    # attention through 1x1 convolutions
+    _hf("SqueezeBertConfig", "SqueezeBertModel", "layer_norm", vocab_size=101, hidden_size=32,
+        num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64, embedding_size=32,
+        max_position_embeddings=64),
+    # pooled queries between blocks (Nq != Nk), relative shift; two blocks and a decoder layer
+    _hf("FunnelConfig", "FunnelModel", "layer_norm", attention=3, vocab_size=101, d_model=32, n_head=4, d_head=8,
+        d_inner=64, block_sizes=[1, 1], num_decoder_layers=1),
 ]
 
 
