@@ -466,11 +466,14 @@ class ScoreModBuilder:
                                  f"of another shape)", mm)
             raise NotFusable("no Q·Kᵀ matmul of the scores' shape feeds the softmax", self.root)
         v = self._align(v, self.rank)
-        names = {2: ("q_idx", "kv_idx"), 3: ("b", "q_idx", "kv_idx"), 4: ("b", "h", "q_idx", "kv_idx")}
+        # rank 5: the three leading dims are merged into (batch, heads) by _fuse_one; an index mask may only
+        # use the query and key positions there
+        names = {2: ("q_idx", "kv_idx"), 3: ("b", "q_idx", "kv_idx"), 4: ("b", "h", "q_idx", "kv_idx"),
+                 5: (None, None, None, "q_idx", "kv_idx")}
         if self.rank not in names:
-            raise NotFusable(f"scores of rank {self.rank}; flashfuse handles rank 2 to 4", self.root)
+            raise NotFusable(f"scores of rank {self.rank}; flashfuse handles rank 2 to 5", self.root)
         syms = {"b": sm.b, "h": sm.h, "q_idx": sm.q_idx, "kv_idx": sm.kv_idx}
-        mapping = {_ax(i): syms[n] for i, n in enumerate(names[self.rank])}
+        mapping = {_ax(i): syms[n] for i, n in enumerate(names[self.rank]) if n is not None}
         expr = v.num().xreplace(mapping)
         nq, nk = self.score_shape[-2], self.score_shape[-1]
         leftover = [s for s in expr.free_symbols if s.name.startswith("ax")]
@@ -814,16 +817,17 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     else:
         k_node = g.call(aten.transpose.int, kt_node, -2, -1)
         k_node.meta["val"] = ktv.transpose(-2, -1)
-    k_base, k_rep = _gqa_base(k_node)
-    v_base, v_rep = _gqa_base(v_node)
-    if k_rep != v_rep:
-        k_base, k_rep, v_base, v_rep = k_node, 1, v_node, 1
-
-    # sides as 4-D views, rank-aligned with the scores
-    sides4 = []
-    for s in builder.sides:
-        sides4.append(_to4d(g, s, rank))
-    q4, k4, v4 = (_to4d(g, x, rank) for x in (q_node, k_base, v_base))
+    if rank == 5:
+        q4, k4, v4, k_rep, merged = _merge_rank5(g, q_node, k_node, v_node, S)
+        sides4 = [_merge_side(g, s, merged, sv.shape) for s in builder.sides]
+    else:
+        k_base, k_rep = _gqa_base(k_node)
+        v_base, v_rep = _gqa_base(v_node)
+        if k_rep != v_rep:
+            k_base, k_rep, v_base, v_rep = k_node, 1, v_node, 1
+        # sides as 4-D views, rank-aligned with the scores
+        sides4 = [_to4d(g, s, rank) for s in builder.sides]
+        q4, k4, v4 = (_to4d(g, x, rank) for x in (q_node, k_base, v_base))
     k4, v4 = (_broadcast_batch(g, x, val(q4)) for x in (k4, v4))
 
     # dropout seed, drawn from torch's generator so manual_seed reproduces it
@@ -845,7 +849,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
                  precision, not ctx.cuda_graphs)
     out = g.call(operator.getitem, att, 0)
     out_final = out
-    if rank < 4:
+    if rank != 4:
         canon_shape = list(ov.shape) if out_perm is None else [ov.shape[out_perm.index(i)] for i in range(rank)]
         out_final = g.call(aten.reshape.default, out, canon_shape)
     if out_perm is not None:
@@ -926,6 +930,78 @@ def _to4d(g: Graph, node: fx.Node, rank: int) -> fx.Node:
         cur_t = cur_t.unsqueeze(d)
         cur.meta["val"] = cur_t
     return cur
+
+
+def _merged_shape(shape, i: int) -> list:
+    return [*shape[:i], shape[i] * shape[i + 1], *shape[i + 2:]]
+
+
+def _view_ok(t: torch.Tensor, shape) -> bool:
+    try:
+        t.view(shape)
+        return True
+    except (RuntimeError, ValueError):  # fake tensors raise ValueError
+        return False
+
+
+def _merge_rank5(g: Graph, q: fx.Node, k: fx.Node, v: fx.Node, S: fx.Node):
+    """(q4, k4, v4, GQA group, i): rank-5 q, k (.., Nk, d), v as 4-D views with leading dims i, i+1 merged.
+    Dims (1, 2) merge into heads when Q's are a view; K/V either merge the same way or have size 1 on dim 2
+    (a group of query heads shares each K/V head: GQA by index mapping, h // group). Otherwise dims (0, 1)
+    merge into the batch. No copies: anything else is not fused."""
+    qv = val(q)
+    for i in (1, 0):
+        if not _view_ok(qv, _merged_shape(qv.shape, i)):
+            continue
+        out, group = [], 1
+        for x in (k, v):
+            t = val(x)
+            if _same(t.shape[i], qv.shape[i]) and _same(t.shape[i + 1], qv.shape[i + 1]) and \
+                    _view_ok(t, _merged_shape(t.shape, i)):
+                out.append((x, aten.reshape.default, _merged_shape(t.shape, i)))
+            elif _same(t.shape[i + 1], 1) and (i == 1 or _same(t.shape[i], 1)):
+                out.append((x, aten.squeeze.dim, i + 1))  # K/V shared by the merged dim's inner part
+                group = qv.shape[2] if i == 1 else 1
+            else:
+                break
+        else:
+            if out[0][1] != out[1][1]:
+                continue  # K and V must end with the same heads
+            q4 = g.call(aten.reshape.default, q, _merged_shape(qv.shape, i))
+            q4.meta["val"] = qv.reshape(_merged_shape(qv.shape, i))
+            kv4 = []
+            for x, op, arg in out:
+                n = g.call(op, x, arg)
+                n.meta["val"] = op(val(x), arg)
+                kv4.append(n)
+            return q4, kv4[0], kv4[1], group, i
+    raise NotFusable("rank-5 scores whose leading dims do not merge into (batch, heads) without copying Q, K or V",
+                     S)
+
+
+def _merge_side(g: Graph, node: fx.Node, i: int, score_shape) -> fx.Node:
+    """A side of rank-5 scores as 4-D with dims i, i+1 merged: a view when it can be, else expanded over
+    those two dims and copied (what eager materialises for the scores anyway)."""
+    t = val(node)
+    cur = node
+    for _ in range(5 - t.dim()):
+        cur = g.call(aten.unsqueeze.default, cur, 0)
+        t = t.unsqueeze(0)
+        cur.meta["val"] = t
+    if _same(t.shape[i], 1) and _same(t.shape[i + 1], 1):
+        out = g.call(aten.squeeze.dim, cur, i + 1)
+        out.meta["val"] = t.squeeze(i + 1)
+        return out
+    full = _same(t.shape[i], score_shape[i]) and _same(t.shape[i + 1], score_shape[i + 1])
+    if not (full and _view_ok(t, _merged_shape(t.shape, i))):
+        sizes = [-1] * 5
+        sizes[i], sizes[i + 1] = score_shape[i], score_shape[i + 1]
+        cur = g.call(aten.expand.default, cur, sizes)
+        t = t.expand(*[score_shape[d] if d in (i, i + 1) else t.shape[d] for d in range(5)])
+        cur.meta["val"] = t
+    out = g.call(aten.reshape.default, cur, _merged_shape(t.shape, i))
+    out.meta["val"] = t.reshape(_merged_shape(t.shape, i))
+    return out
 
 
 @functools.lru_cache(maxsize=256)

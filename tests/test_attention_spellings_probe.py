@@ -641,9 +641,6 @@ POSITIVE = {
 }
 
 XFAIL: dict[str, str] = {
-    "gqa_5d_broadcast": (
-        "GQA by viewing Q as (B, Hkv, g, N, d) and broadcasting K/V over g gives 5-D scores: "
-        "ScoreModBuilder.build 'scores of rank 5; flashfuse handles rank 2 to 4'"),
 }
 
 

@@ -495,6 +495,48 @@ def test_scale_varying_along_the_keys_is_not_a_row_scale():
     check(f, *qkv(d=T), torch.rand(1, 1, 1, T), expected=0)
 
 
+def test_rank5_gqa_groups_with_causal_and_padding_masks():
+    """Q viewed (B, Hkv, g, N, d), K/V (B, Hkv, 1, N, d) broadcast over the group: 5-D scores. The group dim
+    merges into the heads (GQA by index mapping); the masks keep their broadcast shapes."""
+    def f(q, k, v, keep):
+        b, h, n, d = q.shape
+        qg = q.view(b, k.size(1), h // k.size(1), n, d)
+        s = qg @ k[:, :, None].transpose(-2, -1) * d ** -0.5
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        s = s.masked_fill(~causal, float("-inf")).masked_fill(~keep[:, None, None, None, :], float("-inf"))
+        return (s.softmax(-1) @ v[:, :, None]).view(b, h, n, d)
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, -3:] = False
+    check(f, *qkv(hkv=2), keep)
+
+
+def test_rank5_local_blocks_merge_into_the_batch():
+    """Blocked local attention (LongT5): (B, blocks, H, L, 3L) scores, a full 5-D mask side and a per-head
+    bias (1, 1, H, L, 3L) with a gradient; one side (B, 1, H, L, 3L) needs a copy to merge (blocks broadcast)."""
+    nb, blk = 3, 4
+
+    def f(q, k, v, bias, block_mask, batch_bias):
+        s = torch.einsum("...qhd,...khd->...hqk", q, k) + bias + batch_bias
+        s = s.masked_fill(block_mask == 0, -1e10)
+        return torch.einsum("...hqk,...khd->...qhd", s.softmax(-1), v)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, nb, blk, H, D, generator=g)
+    k, v = (torch.randn(B, nb, 3 * blk, H, D, generator=g) for _ in range(2))
+    block_mask = (torch.rand(B, nb, H, blk, 3 * blk, generator=g) > 0.2).float()
+    check(f, q, k, v, torch.randn(1, 1, H, blk, 3 * blk, generator=g), block_mask,
+          torch.randn(B, 1, H, blk, 3 * blk, generator=g))
+
+
+def test_rank5_kv_shared_along_the_outer_dim_is_not_fused():
+    def f(q, k, v):  # K/V (B, 1, g, N, d): shared across dim 1, varying along dim 2: no merge without a copy
+        b, h, n, d = q.shape
+        qg = q.view(b, 2, h // 2, n, d)
+        return ((qg @ k[:, None].transpose(-2, -1) * 0.25).softmax(-1) @ v[:, None]).view(b, h, n, d)
+    q, _, _ = qkv()
+    _, k, v = qkv(hkv=H // 2)
+    check(f, q, k, v, expected=0)
+
+
 def test_einsum_bnhd_layout_both_sides():
     def f(q, k, v):  # (B, N, H, d) activations, as many codebases keep them
         s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.size(-1))

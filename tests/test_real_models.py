@@ -132,6 +132,9 @@ _MORE_HF = [
         num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64, embedding_size=32,
         max_position_embeddings=64),
     # pooled queries between blocks (Nq != Nk), relative shift; two blocks and a decoder layer
+    # local attention over blocks: rank-5 scores (batch, blocks, heads, block, 3 * block)
+    _hf("LongT5Config", "LongT5EncoderModel", "rms_norm", vocab_size=101, d_model=32, d_kv=8, d_ff=64,
+        num_layers=LAYERS, num_heads=4, local_radius=4),
     _hf("FunnelConfig", "FunnelModel", "layer_norm", attention=3, vocab_size=101, d_model=32, n_head=4, d_head=8,
         d_inner=64, block_sizes=[1, 1], num_decoder_layers=1),
 ]
