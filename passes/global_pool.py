@@ -3,7 +3,8 @@
 all the reduced dims at once (one reduction kernel instead of one per step).
 
 A pure graph simplification: it applies under every remainder and norm_policy. Conditions:
-- every step is the same reduction (mean or sum) with the same keepdim and no dtype argument;
+- every step is the same reduction (mean or sum) with no dtype argument (steps that differ in keepdim become
+  one reduction and a view to the chain's output shape);
 - each intermediate has no other user;
 - the reduced dims, in the coordinates of the original input, are adjacent (a pooling over one
   block of dims, such as the trailing spatial dims);
@@ -43,14 +44,6 @@ def _step(node: fx.Node):
     return REDUCTIONS[node.target], x, sorted(d % rank for d in dims), bool(keepdim)
 
 
-def _to_original(dims_after: list[int], removed: list[int], keepdim: bool, rank: int) -> list[int]:
-    """Dims of a later step, given in the coordinates of the reduced tensor, in the original's."""
-    if keepdim:
-        return list(dims_after)
-    kept = [d for d in range(rank) if d not in removed]
-    return [kept[d] for d in dims_after]
-
-
 def _chain(node: fx.Node):
     """The reductions ending at `node`, outermost last: [(node, kind, dims, keepdim)], or a near-miss."""
     first = _step(node)
@@ -61,7 +54,7 @@ def _chain(node: fx.Node):
     while True:
         inner = cur[1]
         prev = _step(inner) if isinstance(inner, fx.Node) else None
-        if prev is None or prev[0] != first[0] or prev[3] != first[3]:
+        if prev is None or prev[0] != first[0]:
             break
         if len(inner.users) != 1:
             return None, (inner, f"the intermediate {prev[0]} `{inner.name}` is also used by "
@@ -73,15 +66,21 @@ def _chain(node: fx.Node):
     steps.reverse()              # innermost first
     base = _step(steps[0])[1]
     rank = val(base).dim()
-    removed: list[int] = []
+    removed: set[int] = set()
+    current = list(range(rank))  # the original dim behind each dim of the current tensor
+    keepdims = set()
     for s in steps:
         _, _, dims, keepdim = _step(s)
-        orig = _to_original(dims, removed, keepdim, rank)
-        removed = sorted(set(removed) | set(orig))
+        removed |= {current[d] for d in dims}
+        if not keepdim:
+            current = [m for i, m in enumerate(current) if i not in dims]
+        keepdims.add(keepdim)
+    removed = sorted(removed)
     if removed != list(range(removed[0], removed[-1] + 1)):
         return None, (node, f"reduces dims {tuple(removed)} of the input, which are not adjacent: not a pooling "
                             "over one block of dims; left as separate reductions")
-    return (base, first[0], removed, first[3], steps), None
+    # mixed keepdim: one reduction without keepdim, then a view to the chain's own output shape
+    return (base, first[0], removed, keepdims.pop() if len(keepdims) == 1 else None, steps), None
 
 
 def _divisor_matches(div: fx.Node, base: fx.Node, dims: list[int]) -> bool:
@@ -128,7 +127,11 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
                     and div.args[0] is node and _divisor_matches(div, base, dims):
                 kind, root = "mean", div
         target = aten.mean.dim if kind == "mean" else aten.sum.dim_IntList
-        new = insert_call(gm, root, target, (base, list(dims), keepdim), like=root)
+        if keepdim is None:
+            flat = insert_call(gm, root, target, (base, list(dims), False), like=root)
+            new = insert_call(gm, root, aten.reshape.default, (flat, list(val(root).shape)), like=root)
+        else:
+            new = insert_call(gm, root, target, (base, list(dims), keepdim), like=root)
         root.replace_all_uses_with(new)
         what = f"{len(steps)} {_step(steps[0])[0]} steps" + (" and the division by their size" if root is not node else "")
         ctx.graph_report.add_match(NAME, root, f"{what} -> one {kind} over dims {tuple(dims)}", dims=tuple(dims),

@@ -66,13 +66,28 @@ def _centered(mu: fx.Node, x: fx.Node) -> list[fx.Node]:
             and not u.kwargs and same_value(u.args[0], x) and u.args[1] is m]
 
 
+def _squared(n) -> fx.Node | None:
+    """a when n is a ** 2, a * a or square(a); else None."""
+    if is_op(n, aten.pow.Tensor_Scalar) and n.args[1] == 2:
+        return n.args[0]
+    if is_op(n, aten.mul.Tensor) and len(n.args) == 2 and n.args[0] is n.args[1]:
+        return n.args[0]
+    if is_op(n, aten.square.default):
+        return n.args[0]
+    return None
+
+
 def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | None:
     """None when v is the biased variance of x over `dims`; otherwise why it is not."""
     v = var_mean_part(v, 0) or v
-    if is_op(v, aten.var.dim, aten.var.correction, aten.var_mean.dim, aten.var_mean.correction):
+    root = _squared(v)
+    if root is not None and is_op(root, aten.std.dim, aten.std.correction):
+        v = root  # std(x)**2: the variance, up to a rounding of the square root; same checks as var
+    if is_op(v, aten.var.dim, aten.var.correction, aten.var_mean.dim, aten.var_mean.correction, aten.std.dim,
+             aten.std.correction):
         if not (same_value(v.args[0], x) or v.args[0] in cs):  # var(x - mean) == var(x)
             return "the variance is of another tensor than the mean"
-        if v.target in (aten.var.correction, aten.var_mean.correction):
+        if v.target in (aten.var.correction, aten.var_mean.correction, aten.std.correction):
             corr = v.kwargs.get("correction", 1)
             corr = 1 if corr is None else corr
         else:

@@ -645,3 +645,27 @@ def test_residual_norm_with_the_weight_computed_right_after_the_add():
     report = assert_fused(model, x, y, options={"remainder": "eager"}, residual_norm=1)
     assert not any("passes skipped" in n for g in report.graphs for n in g.notes), str(report)
     assert_close_to_eager(model, x, y, options={"remainder": "eager"})
+
+
+class _StdSquaredNorm(torch.nn.Module):
+    """LayerNorm divided by sqrt(std**2 + eps): the variance, if the std is the biased one."""
+
+    def __init__(self, unbiased):
+        super().__init__()
+        self.unbiased = unbiased
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(x.std(-1, unbiased=self.unbiased, keepdim=True) ** 2 + 1e-5)
+
+
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+def test_std_squared_is_the_variance_only_when_biased(unbiased):
+    from flashfuse.testing import assert_close_to_eager, assert_fused
+
+    model, x = _StdSquaredNorm(unbiased), torch.randn(2, 3, 24)
+    report = assert_fused(model, x, options={"remainder": "eager"}, layer_norm=0 if unbiased else 1)
+    if unbiased:
+        reasons = [n.reason for n in report.near_misses if n.fusion == "layer_norm"]
+        assert any("unbiased variance" in r for r in reasons), str(report)
+    assert_close_to_eager(model, x, options={"remainder": "eager"}, grads=True)

@@ -299,6 +299,8 @@ POOLS = {
     "keepdim": lambda x: x.mean(-1, keepdim=True).mean(-2, keepdim=True),
     "three-steps": lambda x: x.mean(-1).mean(-1).mean(-1),
     "sum-sum": lambda x: x.sum(-1).sum(-1),
+    "keep-then-drop": lambda x: x.mean(-1, keepdim=True).mean(-2),  # (B, C, 1): one mean and a view
+    "sum-drop-keep-div": lambda x: x.sum(-1).sum(-1, keepdim=True) / (x.shape[-1] * x.shape[-2]),
 }
 
 
@@ -311,7 +313,8 @@ def test_global_pool_spellings(spelling, options):
     assert report.graphs[0].code_after.count("aten.mean") == 1
 
 
-@pytest.mark.parametrize("spelling", ["mean3-mean2", "keepdim", "three-steps", "sum-sum"])
+@pytest.mark.parametrize("spelling", ["mean3-mean2", "keepdim", "three-steps", "sum-sum", "keep-then-drop",
+                                      "sum-drop-keep-div"])
 def test_global_pool_more_spellings_eager(spelling):
     report = check(POOLS[spelling], rand(2, 3, 5, 7), global_pool=1)
     assert report.matches[0].details["steps"] == (3 if spelling == "three-steps" else 2)
