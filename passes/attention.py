@@ -277,7 +277,8 @@ class ScoreModBuilder:
                 a, b = (self._align(self.operand(x), out_rank) for x in args[:2])
                 return Value(sympy.And(a.cond(), b.cond()), out_rank, out_shape, True)
             return bin_(operator.mul)
-        if target in (aten.div.Tensor, aten.div.Scalar):
+        if target in (aten.div.Tensor, aten.div.Scalar, aten.true_divide.Tensor, aten.true_divide.Scalar) or (
+                target in (aten.div.Tensor_mode, aten.div.Scalar_mode) and kw.get("rounding_mode") is None):
             return bin_(operator.truediv)
         if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
                       aten.rsub.Tensor):
@@ -296,8 +297,8 @@ class ScoreModBuilder:
             return unary(sympy.tanh)
         if target == aten.exp.default:
             return unary(sympy.exp)
-        if target == aten.log.default:
-            return unary(sympy.log)
+        if target == aten.log.default:  # torch: log(0) = -inf, where sympy gives complex infinity (zoo)
+            return unary(lambda a: sympy.piecewise_fold(sympy.log(a)).xreplace({sympy.zoo: -sympy.oo}))
         if target == aten.abs.default:
             return unary(sympy.Abs)
         if target == aten.sqrt.default:
@@ -377,11 +378,14 @@ class ScoreModBuilder:
                 raise _NotPointwise
             return Value(start + step * _ax(0), 1, out_shape, False)
         if target in (aten.ones.default, aten.zeros.default, aten.full.default, aten.ones_like.default,
-                      aten.zeros_like.default, aten.full_like.default, aten.scalar_tensor.default):
-            fill = {aten.ones.default: 1, aten.ones_like.default: 1, aten.zeros.default: 0,
-                    aten.zeros_like.default: 0}.get(target)
+                      aten.zeros_like.default, aten.full_like.default, aten.scalar_tensor.default,
+                      aten.new_ones.default, aten.new_zeros.default, aten.new_full.default):
+            # the *_like / new_* forms read only their first argument's shape and dtype
+            fill = {aten.ones.default: 1, aten.ones_like.default: 1, aten.new_ones.default: 1, aten.zeros.default: 0,
+                    aten.zeros_like.default: 0, aten.new_zeros.default: 0}.get(target)
             if fill is None:
-                fill = args[1] if target != aten.scalar_tensor.default else args[0]
+                fill = {aten.scalar_tensor.default: args[0], aten.new_full.default: args[2] if len(args) > 2
+                        else kw.get("fill_value")}.get(target, args[1] if len(args) > 1 else None)
             if isinstance(fill, fx.Node):
                 raise _NotPointwise
             c = self.const(fill)
@@ -421,7 +425,12 @@ class ScoreModBuilder:
             step = args[4] if len(args) > 4 else 1
             if start is None:
                 start = 0
-            if isinstance(start, fx.Node) or step != 1 or (isinstance(start, int) and start < 0):
+            if isinstance(start, int) and start < 0:  # x[-n:]: from the end, clamped at 0 as Python slices are
+                size = val(node.args[0]).shape[d] if val(node.args[0]) is not None else None
+                if not isinstance(size, int):
+                    raise _NotPointwise
+                start = max(0, start + size)
+            if isinstance(start, fx.Node) or step != 1:
                 raise _NotPointwise
             return Value(e.xreplace({_ax(d): _ax(d) + start}), src.rank, out_shape, src.is_bool)
         if target == aten.expand.default:
@@ -683,6 +692,9 @@ def _strip_row_max(x, d: int):
 def attention_pass(gm: fx.GraphModule, ctx: PassContext) -> int:
     from flashfuse.passes.attention_layouts import rewrite_layouts  # it imports this module's op sets
 
+    # nodes nobody uses (a `qk.detach()` the caller drops, nn.MultiheadAttention's averaged weights when only
+    # the output is kept) are not uses of the scores or the probabilities
+    gm.graph.eliminate_dead_code()
     rewrite_layouts(gm)  # heads folded into the batch, probabilities on the right (attention_layouts.py)
     count = 0
     for node in list(gm.graph.nodes):
@@ -881,6 +893,7 @@ def _mm_operands(node: fx.Node, which: str):
         raise NotFusable(f"einsum '{node.args[0]}' is not a batched matmul flashfuse can read", node)
     a_s, b_s, out_s = eq
     a, b = node.args[1]
+    a, a_s, b, b_s = _broadcast_einsum_batch(node, which, a, a_s, b, b_s, out_s)
     contracted = [c for c in a_s if c in b_s and c not in out_s]
     if len(contracted) != 1:
         raise NotFusable(f"einsum '{node.args[0]}' contracts {len(contracted)} dims (1 expected)", node)
@@ -914,6 +927,29 @@ def _mm_operands(node: fx.Node, which: str):
         b2.meta["val"] = bv.permute(perm_b)
         b = b2
     return a, b, out_perm
+
+
+def _broadcast_einsum_batch(node: fx.Node, which: str, a, a_s: str, b, b_s: str, out_s: str):
+    """An einsum operand without one of the other's batch letters (`b h i d, b j d -> b h i j`: one K/V
+    head for all query heads, PaLM's multi-query attention) gets that letter as a size-1 dim, so the matmul
+    broadcasts it as `k[:, None]` would."""
+    if which == "qk":
+        own = {out_s[-2], out_s[-1]} if len(out_s) >= 2 else set()  # the rows and columns of the scores
+    else:
+        own = {a_s[-2] if len(a_s) >= 2 else None, b_s[-1] if b_s else None}
+    g = None
+    for missing_from, other_s in (("b", a_s), ("a", b_s)):
+        have = b_s if missing_from == "b" else a_s
+        for x in [x for x in other_s if x in out_s and x not in have and x not in own]:
+            g = g or Graph(node.graph.owning_module, node)
+            t = b if missing_from == "b" else a
+            u = g.call(aten.unsqueeze.default, t, 0)
+            u.meta["val"] = val(t).unsqueeze(0)
+            if missing_from == "b":
+                b, b_s = u, x + b_s
+            else:
+                a, a_s = u, x + a_s
+    return a, a_s, b, b_s
 
 
 def _to4d(g: Graph, node: fx.Node, rank: int) -> fx.Node:

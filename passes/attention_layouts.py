@@ -6,6 +6,7 @@ Heads folded into the batch (BLOOM, fairseq, torch's MHA internals): the scores 
 probabilities are viewed back to (B*H, M, N) for the `bmm` with V:
 
     view(bmm(a, b), (B, H, M, N))                 -> matmul(a.reshape(B, H, M, K), b.reshape(B, H, K, N))
+    view(bmm(a, b) / c, (B, H, M, N))             -> matmul(...) / c    (numbers only between them)
     view(baddbmm(c, a, b, beta, alpha), (B, H..)) -> alpha * matmul(...) + beta * c.reshape(B, H, ...)
     bmm(view(P, (B*H, M, N)), v)                  -> matmul(P, v.reshape(B, H, N, D)).reshape(B*H, M, D)
 
@@ -117,17 +118,27 @@ def _round_trip_view(gm, node: fx.Node) -> int:
     return 1
 
 
+# elementwise ops with a number that may sit between the 3-D scores and their view to 4-D (a scale)
+SCALAR_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor, aten.add.Scalar,
+              aten.sub.Tensor, aten.sub.Scalar}
+
+
 def _scores_viewed_to_4d(gm, node: fx.Node) -> int:
-    """view(bmm / baddbmm (G, M, N)) to (B, H, M, N), a softmax downstream."""
+    """view(bmm / baddbmm (G, M, N), possibly scaled by numbers) to (B, H, M, N), a softmax downstream."""
     if node.target not in VIEWS or not isinstance(node.args[0], fx.Node):
         return 0
-    mm = node.args[0]
+    mm, ops = node.args[0], []  # ops: the scalar ops between the matmul and the view, nearest the view first
+    while (mm.op == "call_function" and mm.target in SCALAR_OPS and len(mm.users) == 1
+           and isinstance(mm.args[0], fx.Node)
+           and not any(isinstance(a, fx.Node) for a in (*mm.args[1:], *mm.kwargs.values()))):
+        ops.append(mm)
+        mm = mm.args[0]
     if mm.op != "call_function" or mm.target not in (aten.bmm.default, aten.baddbmm.default):
         return 0
     if len(mm.users) != 1 or not _feeds_softmax(node):
         return 0
     bh = _split_heads(node, mm)
-    return _unfold_scores(gm, node, mm, *bh) if bh is not None else 0
+    return _unfold_scores(gm, node, mm, *bh, ops) if bh is not None else 0
 
 
 def _keeps_values(n: fx.Node) -> bool:
@@ -235,7 +246,7 @@ def _row_scale_after_pv(gm, node: fx.Node) -> int:
     return 1
 
 
-def _unfold_scores(gm, view: fx.Node, mm: fx.Node, b, h) -> int:
+def _unfold_scores(gm, view: fx.Node, mm: fx.Node, b, h, ops=()) -> int:
     if mm.target == aten.bmm.default:
         a, k, c, beta, alpha = mm.args[0], mm.args[1], None, 0, 1
     else:
@@ -258,6 +269,8 @@ def _unfold_scores(gm, view: fx.Node, mm: fx.Node, b, h) -> int:
         if beta != 1:
             c = _call(gm, view, aten.mul.Tensor, c, beta)
         out = _call(gm, view, aten.add.Tensor, out, c)
+    for op in reversed(ops):  # the scale, replayed on the 4-D scores
+        out = _call(gm, view, op.target, out, *op.args[1:], **op.kwargs)
     view.replace_all_uses_with(out)
     return 1
 

@@ -73,7 +73,26 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     opaque_functions.restore(traced)
     functionalize_inplace(traced)
     fold_scalar_constants(traced)
+    type_as_to_dtype(traced)
     return traced
+
+
+def type_as_to_dtype(gm: fx.GraphModule) -> int:
+    """`a.type_as(b)` -> `a.to(b.dtype)`: type_as reads only b's dtype, but as an argument b looks like a use of
+    its values (fairseq's `softmax(w, dtype=float32).type_as(w)` made the scores `w` look used twice)."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == aten.type_as.default and len(node.args) == 2:
+            other = val(node.args[1])
+            if other is None:
+                continue
+            node.target = aten.to.dtype
+            node.args = (node.args[0], other.dtype)
+            changed += 1
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return changed
 
 
 def functional_variant(op):
