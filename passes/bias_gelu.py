@@ -149,10 +149,16 @@ def _hand_written(gm: fx.GraphModule, func: fx.Node, order, done: set):
             kind, reason = match_gelu(expr, leaves[x])
             if kind is not None:
                 return root, region, x, kind
+            cut = _gelu_of_inner_node(root, region, func, order, absorb)
+            if cut is not None:
+                return cut
             if reason is not None and near is None:
                 # GELU's form with another constant; a smaller region (`gelu * 3` -> `gelu`) may still match
                 near = (root, reason)
             continue
+        cut = _gelu_of_inner_node(root, region, func, order, absorb)
+        if cut is not None:
+            return cut
         # more than one input: is it a GELU whose intermediate is shared with another user?
         loose, _ = grow_region(root, order, absorb, private=False)
         lleaves: dict = {}
@@ -163,6 +169,25 @@ def _hand_written(gm: fx.GraphModule, func: fx.Node, order, done: set):
                 near = near or (root, f"GELU matched, but {shared[0] if shared else 'an intermediate is shared'}"
                                       " (the fused value must have no other user)")
     return near
+
+
+def _gelu_of_inner_node(root: fx.Node, region: set, func: fx.Node, order, absorb):
+    """The region also took in the ops that compute GELU's input (`gelu(y * 0.5)`, `gelu(a * b)`,
+    `gelu(y + 1)`), so it is not GELU of its leaf. Try each inner node, latest first, as the input:
+    (root, region ending there, input, kind), or None."""
+    for n in sorted(region - {root, func}, key=lambda m: -order[m]):
+        def cut(p, n=n):
+            return "the GELU's input" if p is n else absorb(p)
+        sub, _ = grow_region(root, order, cut)
+        if func not in sub:
+            continue
+        leaves: dict = {}
+        expr = to_sympy(root, sub, leaves, GELU_OPS, evaluate=True)
+        if list(leaves) == [n]:
+            kind, _ = match_gelu(expr, leaves[n])
+            if kind is not None:
+                return root, sub, n, kind
+    return None
 
 
 def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.Node | None, str, fx.Node | None]:

@@ -3,12 +3,13 @@
 all the reduced dims at once (one reduction kernel instead of one per step).
 
 A pure graph simplification: it applies under every remainder and norm_policy. Conditions:
-- every step is the same reduction (mean or sum) with no dtype argument (steps that differ in keepdim become
-  one reduction and a view to the chain's output shape);
+- every step is a mean or a sum with no dtype argument (steps that differ in keepdim become one reduction
+  and a view to the chain's output shape; sums mixed with means fuse when the divisions make one mean);
 - each intermediate has no other user;
 - the reduced dims, in the coordinates of the original input, are adjacent (a pooling over one
   block of dims, such as the trailing spatial dims);
-- `sum / n` becomes a mean only when n is provably the number of summed elements.
+- `sum / n` (or `/ H / W`, `* (1 / n)`) becomes a mean only when the divisors provably multiply to the
+  number of summed elements.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _chain(node: fx.Node):
     while True:
         inner = cur[1]
         prev = _step(inner) if isinstance(inner, fx.Node) else None
-        if prev is None or prev[0] != first[0]:
+        if prev is None:
             break
         if len(inner.users) != 1:
             return None, (inner, f"the intermediate {prev[0]} `{inner.name}` is also used by "
@@ -80,22 +81,49 @@ def _chain(node: fx.Node):
         return None, (node, f"reduces dims {tuple(removed)} of the input, which are not adjacent: not a pooling "
                             "over one block of dims; left as separate reductions")
     # mixed keepdim: one reduction without keepdim, then a view to the chain's own output shape
-    return (base, first[0], removed, keepdims.pop() if len(keepdims) == 1 else None, steps), None
+    kinds = {_step(s)[0] for s in steps}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    return (base, kind, removed, keepdims.pop() if len(keepdims) == 1 else None, steps), None
 
 
-def _divisor_matches(div: fx.Node, base: fx.Node, dims: list[int]) -> bool:
-    """div = sum / n with n provably the number of summed elements."""
-    if div.op != "call_function" or div.target not in (aten.div.Tensor, aten.div.Scalar) or div.kwargs:
-        return False
-    n = div.args[1]
-    if isinstance(n, fx.Node):
-        n = n.meta.get("val")
-    if isinstance(n, torch.Tensor) or isinstance(n, bool) or n is None:
-        return False
+def _mean_step_sizes(steps: list[fx.Node]):
+    """The product of the sizes that the chain's mean steps divide by (1 with none)."""
+    factor = 1
+    for s in steps:
+        kind, x, dims, _ = _step(s)
+        if kind == "mean":
+            for d in dims:
+                factor = factor * val(x).shape[d]
+    return factor
+
+
+def _mean_end(node: fx.Node, base: fx.Node, dims: list[int], divisor=1) -> fx.Node | None:
+    """The last of the divisions (and multiplications by a reciprocal) by numbers that follow the sum `node`
+    and together divide by the number of summed elements: `/ (H*W)`, `/ H / W`, `* (1 / (H*W))`. None if
+    there is no such chain."""
     count = 1
     for d in dims:
         count = count * val(base).shape[d]
-    return known_equal(n, count)
+    cur, exact = node, True
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if u.op != "call_function" or u.kwargs or len(u.args) != 2 or u.args[0] is not cur:
+            return None
+        n = u.args[1].meta.get("val") if isinstance(u.args[1], fx.Node) else u.args[1]
+        if n is None or isinstance(n, (torch.Tensor, bool)):
+            return None
+        if u.target in (aten.div.Tensor, aten.div.Scalar):
+            divisor = divisor * n
+        elif u.target in (aten.mul.Tensor, aten.mul.Scalar) and isinstance(n, float) and n > 0:
+            divisor, exact = divisor / n, False  # a reciprocal: equal up to its rounding
+        else:
+            return None
+        cur = u
+        if exact and known_equal(divisor, count):
+            return cur
+        if not exact and isinstance(count, int) and abs(divisor - count) <= 1e-9 * count:
+            return cur
+    return None
 
 
 @register_pass(NAME)
@@ -121,11 +149,14 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
         root = node
         bv = val(base)
         # under autocast sum runs in fp32 and mean in the input dtype: sum/n -> mean would change the dtype
-        if kind == "sum" and len(node.users) == 1 and not in_autocast(autocast_nodes(gm), steps):
-            div = next(iter(node.users))
-            if bv.dtype.is_floating_point and val(div) is not None and val(div).dtype == bv.dtype \
-                    and div.args[0] is node and _divisor_matches(div, base, dims):
-                kind, root = "mean", div
+        # a sum chain (or sums mixed with means, which divide by their own sizes: `sum(-1) / W` may reach here
+        # as a mean) followed by divisions that complete the count is a mean
+        if kind != "mean" and bv.dtype.is_floating_point and not in_autocast(autocast_nodes(gm), steps):
+            end = _mean_end(node, base, dims, _mean_step_sizes(steps))
+            if end is not None and val(end) is not None and val(end).dtype == bv.dtype:
+                kind, root = "mean", end
+        if kind == "mixed":
+            return False  # sums and means whose divisions do not add up to one mean: left as written
         target = aten.mean.dim if kind == "mean" else aten.sum.dim_IntList
         if keepdim is None:
             flat = insert_call(gm, root, target, (base, list(dims), False), like=root)
@@ -133,7 +164,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
         else:
             new = insert_call(gm, root, target, (base, list(dims), keepdim), like=root)
         root.replace_all_uses_with(new)
-        what = f"{len(steps)} {_step(steps[0])[0]} steps" + (" and the division by their size" if root is not node else "")
+        what = f"{len(steps)} reduction steps" + (" and the division by their size" if root is not node else "")
         ctx.graph_report.add_match(NAME, root, f"{what} -> one {kind} over dims {tuple(dims)}", dims=tuple(dims),
                                    kind=kind, steps=len(steps))
         done.update(steps)

@@ -131,6 +131,26 @@ def test_gelu_inside_a_larger_expression():
     assert not [n for n in report.near_misses if n.fusion == "bias_gelu"]
 
 
+def _tanh_gelu(h):
+    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+
+
+@pytest.mark.parametrize("inner", ["scaled", "gated", "shifted", "erf-negated"])
+def test_gelu_of_a_computed_input_fuses_with_that_input(inner):
+    """GELU whose input is itself computed (`gelu(0.5 * y)`, `gelu(a * b)`, `gelu(y + 1)`): the region also
+    takes in those ops, so it is not GELU of its leaves; the input node is found inside it."""
+    def f(a, b):
+        if inner == "scaled":
+            return _tanh_gelu(a * 0.5)
+        if inner == "gated":
+            return _tanh_gelu(a * b)
+        if inner == "shifted":
+            return _tanh_gelu(a + 1.0)
+        h = -a
+        return 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    check(f, rand(4, 9), rand(4, 9), bias_gelu=1)
+
+
 @pytest.mark.parametrize("spelling", ["wrong-constant", "wrong-erf"])
 def test_gelu_with_a_wrong_constant_is_a_different_function(spelling):
     torch.manual_seed(3)
@@ -301,6 +321,9 @@ POOLS = {
     "sum-sum": lambda x: x.sum(-1).sum(-1),
     "keep-then-drop": lambda x: x.mean(-1, keepdim=True).mean(-2),  # (B, C, 1): one mean and a view
     "sum-drop-keep-div": lambda x: x.sum(-1).sum(-1, keepdim=True) / (x.shape[-1] * x.shape[-2]),
+    "sum-sum-div-h-div-w": lambda x: x.sum(-1).sum(-1) / x.shape[2] / x.shape[3],  # / H first: a sum and a mean
+    "sum-sum-div-w-div-h": lambda x: x.sum(-1).sum(-1) / x.shape[3] / x.shape[2],
+    "sum-sum-times-reciprocal": lambda x: x.sum(-1).sum(-1) * (1.0 / (x.shape[-1] * x.shape[-2])),
 }
 
 
@@ -314,10 +337,19 @@ def test_global_pool_spellings(spelling, options):
 
 
 @pytest.mark.parametrize("spelling", ["mean3-mean2", "keepdim", "three-steps", "sum-sum", "keep-then-drop",
-                                      "sum-drop-keep-div"])
+                                      "sum-drop-keep-div", "sum-sum-div-h-div-w", "sum-sum-div-w-div-h",
+                                      "sum-sum-times-reciprocal"])
 def test_global_pool_more_spellings_eager(spelling):
     report = check(POOLS[spelling], rand(2, 3, 5, 7), global_pool=1)
     assert report.matches[0].details["steps"] == (3 if spelling == "three-steps" else 2)
+    if spelling.startswith("sum-sum-") and spelling != "sum-sum":  # the divisions complete the count: a mean
+        assert report.matches[0].details["kind"] == "mean"
+        assert "aten.div" not in report.graphs[0].code_after and "aten.mul" not in report.graphs[0].code_after
+
+
+def test_global_pool_sum_divided_by_part_of_the_count_stays_a_sum():
+    report = check(lambda x: x.sum(-1).sum(-1) / x.shape[3], rand(2, 3, 5, 7), global_pool=1)
+    assert report.matches[0].details["kind"] == "sum"
 
 
 def test_global_pool_negatives():
