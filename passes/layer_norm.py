@@ -42,9 +42,12 @@ def _library_form(gm, ctx, node: fx.Node) -> int:
     if not isinstance(x, fx.Node) or not is_number(eps):
         return 0
     if len(shape) != 1:
-        ctx.graph_report.add_near_miss(FUSION, node, f"normalized over {len(shape)} trailing dims {list(shape)}; "
-                                                     "the kernel normalizes one (flatten them first)")
-        return 0
+        flat = _flatten_trailing(gm, node, x, list(shape), weight, bias, eps)
+        if flat is None:
+            ctx.graph_report.add_near_miss(FUSION, node, f"normalized over {len(shape)} trailing dims {list(shape)} "
+                                                         "of symbolic size; the kernel normalizes one")
+            return 0
+        return _library_form(gm, ctx, flat)
     n = val(x).shape[-1]
     for p in (weight, bias):
         if p is not None and not (isinstance(p, fx.Node) and per_feature(p, n, val(x).shape)):
@@ -57,6 +60,27 @@ def _library_form(gm, ctx, node: fx.Node) -> int:
     if (weight is not None or bias is not None) and tail.mid_dtype is not None:
         tail = Tail(node, weight, bias)  # a rounding after the op's own affine: keep the tail outside
     return apply_norm(gm, ctx, FUSION, x, tail, float(eps), "aten.layer_norm", node)
+
+
+def _flatten_trailing(gm, node: fx.Node, x: fx.Node, shape: list, weight, bias, eps) -> fx.Node | None:
+    """`layer_norm(x, [A, B], w, b)` as `layer_norm(x.reshape(.., A*B), [A*B], w.reshape(-1), b.reshape(-1))`
+    viewed back: the same statistics over the same elements. Returns the new layer_norm node (its users are
+    the view back) or None when a size is symbolic."""
+    from flashfuse.passes.eltwise_chain import insert_call
+
+    if not all(isinstance(d, int) for d in shape):
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    lead = list(val(x).shape[:-len(shape)])
+    x2 = insert_call(gm, node, aten.reshape.default, (x, [*lead, n]), like=node)
+    w2, b2 = (insert_call(gm, node, aten.reshape.default, (p, [n]), like=node) if isinstance(p, fx.Node) else p
+              for p in (weight, bias))
+    ln = insert_call(gm, node, aten.layer_norm.default, (x2, [n], w2, b2, float(eps)), like=node)
+    back = insert_call(gm, node, aten.reshape.default, (ln, list(val(node).shape)), like=node)
+    node.replace_all_uses_with(back)
+    return ln
 
 
 # ---------------------------------------------------------------------------------------------- hand-written

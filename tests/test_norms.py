@@ -669,3 +669,21 @@ def test_std_squared_is_the_variance_only_when_biased(unbiased):
         reasons = [n.reason for n in report.near_misses if n.fusion == "layer_norm"]
         assert any("unbiased variance" in r for r in reasons), str(report)
     assert_close_to_eager(model, x, options={"remainder": "eager"}, grads=True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_over_two_trailing_dims_is_flattened(affine):
+    """nn.LayerNorm([3, 8]): the same statistics as one LayerNorm over 24 elements, viewed back."""
+    from flashfuse.testing import assert_close_to_eager, assert_fused
+
+    torch.manual_seed(0)
+    m = torch.nn.LayerNorm([3, 8], elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            m.weight.normal_()
+            m.bias.normal_()
+    x = torch.randn(2, 5, 3, 8)
+    opts = {"remainder": "eager", "norm_policy": "always"}
+    report = assert_fused(m, x, options=opts, layer_norm=1)
+    assert "(24)" in report.matches[0].description
+    assert_close_to_eager(m, x, options=opts)
