@@ -286,7 +286,7 @@ def to_sympy(root: fx.Node, region: set[fx.Node], leaves: dict[fx.Node, sympy.Sy
             e = fn(*args, dict(a.kwargs), evaluate)
             memo[a] = e
             return e
-        return _num(a)
+        return _num(a) if isinstance(a, (int, float, sympy.Basic)) else a  # a dtype stays a dtype
 
     return conv(root)
 
