@@ -1,5 +1,5 @@
-"""PReLU: `F.prelu` / `nn.PReLU` (aten.prelu), `where(x > 0, x, a*x)`, `relu(x) - a*relu(-x)` and
-`x.clamp(min=0) + a*x.clamp(max=0)` (clamp_min / clamp_max too) ->
+"""PReLU: `F.prelu` / `nn.PReLU` (aten.prelu), `where(x > 0, x, a*x)`, `relu(x) - a*relu(-x)`,
+`x.clamp(min=0) + a*x.clamp(max=0)` (clamp_min / clamp_max too) and `relu(x) + a*(x - relu(x))` ->
 one `flashfuse::prelu` kernel (fwd, and a bwd that gives dx and the slope gradient in one pass).
 
 The slope a is a tensor: one value (any shape of numel 1) or one value per channel along exactly one
@@ -92,6 +92,9 @@ def _clamp_part(node, positive: bool):
     x = node.args[0]
     if node.target is aten.relu.default:
         return (x, 0) if positive else None
+    if not positive and node.target is aten.sub.Tensor and len(node.args) == 2 and not node.kwargs:
+        p = _clamp_part(node.args[1], True)  # x - max(x, 0) == min(x, 0), gradient 1 - P'(0) at 0
+        return (x, 1 - p[1]) if p is not None and p[0] is x else None
     if node.target in (aten.clamp_min.default, aten.clamp_max.default):
         bound = node.args[1] if len(node.args) > 1 else None
         ok = _is_zero(bound) and (node.target is aten.clamp_min.default) == positive
@@ -148,6 +151,8 @@ def _split_form(node: fx.Node):
                 if m is None or m[0] is not x:
                     continue
                 inner = [pos, scaled, part]
+                if part.target is aten.sub.Tensor and part.args[1] is not pos:
+                    inner.append(part.args[1])  # the positive part inside `x - relu(x)`
             try:
                 a = _slope_of(scaled, part)
             except LookupError:

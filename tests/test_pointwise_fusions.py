@@ -214,6 +214,10 @@ class PreluNet(nn.Module):
             return F.relu(x) - self.a * F.relu(-x)
         if s == "relu-diff-channel":
             return F.relu(x) - self.a_channel * F.relu(-x)
+        if s == "relu-plus-slope-times-x-minus-relu":  # the negative part as x - relu(x): gradient a at 0
+            return F.relu(x) + self.a_channel * (x - F.relu(x))
+        if s == "clamp-plus-slope-times-x-minus-clamp":  # x - clamp(x, min=0): gradient 1 (clamp) + 0 at 0
+            return x.clamp(min=0) + self.a * (x - x.clamp(min=0))
         if s == "leaky-number":
             return torch.where(x > 0, x, 0.1 * x)
         if s == "slope-2d":
@@ -230,7 +234,8 @@ def test_prelu_spellings(spelling, options):
     check(PreluNet(spelling), rand(2, 5, 3, 7, zeros=6), options=options, prelu=1)
 
 
-@pytest.mark.parametrize("spelling", ["F.prelu-scalar", "where-le-last-dim", "where-ge", "relu-diff-channel"])
+@pytest.mark.parametrize("spelling", ["F.prelu-scalar", "where-le-last-dim", "where-ge", "relu-diff-channel",
+                                      "relu-plus-slope-times-x-minus-relu", "clamp-plus-slope-times-x-minus-clamp"])
 def test_prelu_more_spellings_eager(spelling):
     torch.manual_seed(5)
     report = check(PreluNet(spelling), rand(2, 5, 3, 7, zeros=6), prelu=1)

@@ -600,9 +600,7 @@ PRELU = [
     case("where_slope_C11_no_batch_dim", lambda: Fn(lambda m, x: torch.where(x > 0, x, m.a * x), a=P(C, 1, 1, base=.2)),
          (rand(2, C, 4, 3, seed=33),), dict(prelu=1)),
     case("relu_plus_slope_times_x_minus_relu", lambda: Fn(lambda m, x: F.relu(x) + m.a.view(1, -1, 1, 1) * (
-        x - F.relu(x)), a=P(C, base=0.2)), (rand(2, C, 4, 3, seed=34),), dict(prelu=1),
-         xfail="not fused, no near-miss: relu(x) + a*(x - relu(x)) (the negative part as x - relu(x)) becomes an "
-               "eltwise_chain"),
+        x - F.relu(x)), a=P(C, base=0.2)), (rand(2, C, 4, 3, seed=34),), dict(prelu=1)),
     case("nn_prelu_channels_last_memory", lambda: nn.PReLU(C, init=0.2),
          (rand(2, C, 4, 3, seed=36).contiguous(memory_format=torch.channels_last),), dict(prelu=1)),
     case("where_slope_sigmoid_of_param", lambda: Fn(lambda m, x: torch.where(
