@@ -135,6 +135,9 @@ def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | N
     vdims, vkeep = reduce_dims(v)
     if vdims != dims:
         return f"mean over {dims_text(dims)} but variance over {dims_text(vdims)}: statistics over different axes"
+    rank = val(x).dim()
+    if vdims != [rank - 1]:  # the axis first: over dim 0 it is a BatchNorm-like function, keepdim or not
+        return f"statistics over {dims_text(vdims)} of a {rank}-d tensor, not the last dim the kernel normalizes"
     if not vkeep:
         return "the variance is reduced without keepdim"
     return None

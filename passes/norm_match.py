@@ -515,12 +515,12 @@ def hand_written_tail(ctx, fusion: str, x, dims, keepdim: bool, normed, pre_weig
     """The checks a hand-written norm shares (statistics over the last dim, with keepdim; the normalized
     value has x's shape) and the tail after it, or None (with a near-miss where it says something)."""
     rank = val(x).dim()
-    if not keepdim:
-        ctx.graph_report.add_near_miss(fusion, normed, f"the {statistic} is reduced without keepdim")
-        return None
-    if dims != [rank - 1]:
+    if dims != [rank - 1]:  # named first: the axis is what makes it another function (BatchNorm-like)
         ctx.graph_report.add_near_miss(fusion, normed, f"statistics over {dims_text(dims)} of a {rank}-d tensor, "
                                                        "not the last dim the kernel normalizes")
+        return None
+    if not keepdim:
+        ctx.graph_report.add_near_miss(fusion, normed, f"the {statistic} is reduced without keepdim")
         return None
     if tuple(val(normed).shape) != tuple(val(x).shape):
         return None
