@@ -131,9 +131,10 @@ def _kernel(mod, name: str, block_d: int):
 
 # ---- argument plumbing ----
 
-def _side_args(sides, shape) -> list:
-    """Pointer and the four broadcast strides (0 on size-1 dims) of each side, never expanded in memory."""
-    args = []
+def _side_strides(sides, shape) -> list[tuple]:
+    """The four broadcast strides (0 on size-1 dims) of each side, which the kernels take after its pointer:
+    sides are never expanded in memory."""
+    out = []
     for s in sides:
         if s.dim() < 4:
             s = s.reshape((1,) * (4 - s.dim()) + tuple(s.shape))
@@ -142,9 +143,8 @@ def _side_args(sides, shape) -> list:
         for n, full in zip(s.shape, shape):
             if n not in (1, full):
                 raise ValueError(f"flashfuse attention: side of shape {tuple(s.shape)} does not broadcast to {shape}")
-        args.append(s)
-        args.extend(0 if n == 1 else st for n, st in zip(s.shape, s.stride()))
-    return args
+        out.append(tuple(0 if n == 1 else st for n, st in zip(s.shape, s.stride())))
+    return out
 
 
 def side_layout(sides) -> tuple:
@@ -219,7 +219,7 @@ def _plan(key, build):
 
 
 def _interleave(tensors, strides):
-    """[t0, *strides0, t1, *strides1, ...]: the sides' launch arguments."""
+    """[t0, *strides0, t1, *strides1, ...]: the sides' launch arguments (pointer, then `_side_strides`)."""
     out = []
     for t, st in zip(tensors, strides):
         out.append(t)
@@ -257,8 +257,7 @@ class _ForwardPlan:
         kernel, blocks = _kernel(mod, "attn_fwd", meta["BLOCK_D"])
         self.dropout = meta["DROPOUT"]
         self.strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
-        side_args = _side_args(sides, (bsz, hq, nq, nk))
-        self.side_strides = [side_args[5 * i + 1:5 * i + 5] for i in range(len(sides))]
+        self.side_strides = _side_strides(sides, (bsz, hq, nq, nk))
         self.tail = (*[float(x) for x in scalars], hq, nq, nk, hq // hkv, *_dropout_args(dropout_p))
         self.launch = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq),
                                   {**meta, **blocks, "FLAG_WANT": flag_want})
@@ -277,14 +276,21 @@ class _ForwardPlan:
         return out, lse
 
 
+_PRE_BLOCK = INTERPRET_BLOCK if INTERPRET else 64  # query rows per program of the backward preprocess
+
+
+def _preprocess_launch(out):
+    """(grid, constexprs) of `attn_bwd_preprocess` for an output of out's shape."""
+    bsz, hq, nq, dv = out.shape
+    return (_cdiv(nq, _PRE_BLOCK), bsz * hq), dict(DV=dv, BLOCK_M=_PRE_BLOCK, BLOCK_DV=_block_d(dv))
+
+
 def backward_preprocess(out, dout, lse):
     """Delta = rowsum(dO ∘ O) per query row (B, H, Nq) fp32, the first step of the backward."""
-    bsz, hq, nq, dv = out.shape
     delta = torch.empty_like(lse)
-    pre_block = INTERPRET_BLOCK if INTERPRET else 64
+    grid, consts = _preprocess_launch(out)
     _launcher(triton_common.attn_bwd_preprocess)(
-        (_cdiv(nq, pre_block), bsz * hq), (out, dout, lse, delta, *out.stride(), *dout.stride(), hq, nq),
-        dict(DV=dv, BLOCK_M=pre_block, BLOCK_DV=_block_d(dv)))
+        grid, (out, dout, lse, delta, *out.stride(), *dout.stride(), out.shape[1], out.shape[2]), consts)
     return delta
 
 
@@ -320,8 +326,7 @@ class _BackwardPlan:
         mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
         meta = _common_meta(q, v, dropout_p, rng, precision)
         self.dropout = meta["DROPOUT"]
-        side_args = _side_args(sides, (bsz, hq, nq, nk))
-        self.side_strides = [side_args[5 * i + 1:5 * i + 5] for i in range(len(sides))]
+        self.side_strides = _side_strides(sides, (bsz, hq, nq, nk))
         self.dside_shape = (bsz, hq, nq, nk)
         scalar_args = tuple(float(x) for x in scalars)
         common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
@@ -335,10 +340,7 @@ class _BackwardPlan:
         self.dkdv = FixedLaunch(kernel, lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv), {**consts, **blocks})
         kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
         self.dq = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq), {**consts, **blocks})
-        dv_ = out.shape[-1]
-        pre_block = INTERPRET_BLOCK if INTERPRET else 64
-        self.pre = FixedLaunch(triton_common.attn_bwd_preprocess, (_cdiv(nq, pre_block), bsz * hq),
-                               dict(DV=dv_, BLOCK_M=pre_block, BLOCK_DV=_block_d(dv_)))
+        self.pre = FixedLaunch(triton_common.attn_bwd_preprocess, *_preprocess_launch(out))
         self.pre_tail = (*out.stride(), *dout.stride(), hq, nq)
 
     def __call__(self, dout, q, k, v, out, lse, sides, rng, flag, into):
