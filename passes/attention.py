@@ -723,19 +723,19 @@ def _check_scores_stay_inside(builder, S: fx.Node, pv: fx.Node) -> None:
                 todo.append(u)
     for n in region:
         for u in n.users:
-            if u not in region and not _reaches(u, pv):
+            if u not in region and u is not pv and not downstream(u, lambda x: x is pv, 255):
                 raise NotFusable(f"the scores are also used by `{_op_name(u)}`{_where(u)}: fused, QKᵀ would be "
                                  "computed twice", u)
 
 
-def _reaches(node: fx.Node, target: fx.Node, limit: int = 256) -> bool:
-    """`target` is downstream of `node` (within `limit` nodes)."""
-    seen, todo = {node}, [node]
+def downstream(node: fx.Node, found, limit: int) -> bool:
+    """`found(u)` holds for some node u downstream of `node`, through any ops, within `limit` nodes."""
+    seen, todo = set(), [node]
     while todo and len(seen) < limit:
         n = todo.pop()
-        if n is target:
-            return True
         for u in n.users:
+            if found(u):
+                return True
             if u not in seen:
                 seen.add(u)
                 todo.append(u)

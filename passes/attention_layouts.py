@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashfuse.passes.attention import SOFTMAX_OPS
-from flashfuse.passes.eltwise_chain import known_equal
+from flashfuse.passes.attention import SOFTMAX_OPS, downstream
+from flashfuse.passes.eltwise_chain import insert_call, known_equal
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -46,13 +46,8 @@ KEEPS_VALUES = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.c
 
 
 def _call(gm: fx.GraphModule, before: fx.Node, target, *args, **kwargs) -> fx.Node:
-    """A node computing target(*args, **kwargs) before `before`, with its fake value."""
-    with gm.graph.inserting_before(before):
-        n = gm.graph.call_function(target, args, kwargs)
-    fake_args = [val(a) if isinstance(a, fx.Node) else a for a in args]
-    n.meta["val"] = target(*fake_args, **kwargs)
-    n.meta["stack_trace"] = before.meta.get("stack_trace")
-    return n
+    """A node computing target(*args, **kwargs) before `before`, with its fake value (eltwise_chain.insert_call)."""
+    return insert_call(gm, before, target, args, kwargs)
 
 
 def _split_heads(view: fx.Node, folded: fx.Node):
@@ -68,16 +63,7 @@ def _split_heads(view: fx.Node, folded: fx.Node):
 
 def _feeds_softmax(node: fx.Node, limit: int = 48) -> bool:
     """A softmax within `limit` nodes downstream (through any ops: the attention pass decides the rest)."""
-    seen, todo = set(), [node]
-    while todo and len(seen) < limit:
-        n = todo.pop()
-        for u in n.users:
-            if u.op == "call_function" and u.target in SOFTMAX_OPS:
-                return True
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return False
+    return downstream(node, lambda u: u.op == "call_function" and u.target in SOFTMAX_OPS, limit)
 
 
 def _from_softmax(node: fx.Node) -> bool:
@@ -129,8 +115,7 @@ def _scores_viewed_to_4d(gm, node: fx.Node) -> int:
         return 0
     mm, ops = node.args[0], []  # ops: the scalar ops between the matmul and the view, nearest the view first
     while (mm.op == "call_function" and mm.target in SCALAR_OPS and len(mm.users) == 1
-           and isinstance(mm.args[0], fx.Node)
-           and not any(isinstance(a, fx.Node) for a in (*mm.args[1:], *mm.kwargs.values()))):
+           and isinstance(mm.args[0], fx.Node) and _others_constant(mm)):
         ops.append(mm)
         mm = mm.args[0]
     if mm.op != "call_function" or mm.target not in (aten.bmm.default, aten.baddbmm.default):
@@ -141,10 +126,14 @@ def _scores_viewed_to_4d(gm, node: fx.Node) -> int:
     return _unfold_scores(gm, node, mm, *bh, ops) if bh is not None else 0
 
 
+def _others_constant(n: fx.Node) -> bool:
+    """Every argument but the first is a constant: the op can be replayed on another tensor's shape."""
+    return not any(isinstance(a, fx.Node) for a in (*n.args[1:], *n.kwargs.values()))
+
+
 def _keeps_values(n: fx.Node) -> bool:
-    """An op of KEEPS_VALUES whose other arguments are constants (so it can be replayed on another shape)."""
-    return (n.op == "call_function" and n.target in KEEPS_VALUES
-            and not any(isinstance(a, fx.Node) for a in (*n.args[1:], *n.kwargs.values())))
+    """An op of KEEPS_VALUES whose other arguments are constants."""
+    return n.op == "call_function" and n.target in KEEPS_VALUES and _others_constant(n)
 
 
 def _softmax_of_scores_viewed_to_3d(gm, node: fx.Node) -> int:
