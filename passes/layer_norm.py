@@ -17,7 +17,7 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, hand_written_tail, is_number, is_op,
                                          match_tail, parse_denominator, parse_scale, per_feature, reduce_dims,
-                                         run_norm_pass, same_value, scaling_uses, var_mean_part)
+                                         run_norm_pass, same_value, scaling_uses, squared_input, var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -90,21 +90,10 @@ def _centered(mu: fx.Node, x: fx.Node) -> list[fx.Node]:
             and not u.kwargs and same_value(u.args[0], x) and u.args[1] is m]
 
 
-def _squared(n) -> fx.Node | None:
-    """a when n is a ** 2, a * a or square(a); else None."""
-    if is_op(n, aten.pow.Tensor_Scalar) and n.args[1] == 2:
-        return n.args[0]
-    if is_op(n, aten.mul.Tensor) and len(n.args) == 2 and n.args[0] is n.args[1]:
-        return n.args[0]
-    if is_op(n, aten.square.default):
-        return n.args[0]
-    return None
-
-
 def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | None:
     """None when v is the biased variance of x over `dims`; otherwise why it is not."""
     v = var_mean_part(v, 0) or v
-    root = _squared(v)
+    root = squared_input(v, copies=lambda a: [a])  # std * std: the same node twice
     if root is not None and is_op(root, aten.std.dim, aten.std.correction):
         v = root  # std(x)**2: the variance, up to a rounding of the square root; same checks as var
     if is_op(v, aten.var.dim, aten.var.correction, aten.var_mean.dim, aten.var_mean.correction, aten.std.dim,
@@ -121,12 +110,7 @@ def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | N
             return (f"unbiased variance (correction={corr}): layer norm divides by N, not N-{corr}; "
                     "use var(unbiased=False) or correction=0")
     elif is_op(v, aten.mean.dim):
-        sq = v.args[0]
-        square_of_centered = (
-            (is_op(sq, aten.pow.Tensor_Scalar) and sq.args[0] in cs and sq.args[1] == 2)
-            or (is_op(sq, aten.mul.Tensor) and len(sq.args) == 2 and sq.args[0] in cs and sq.args[1] in cs)
-            or (is_op(sq, aten.square.default) and sq.args[0] in cs))
-        if not square_of_centered:
+        if squared_input(v.args[0], copies=lambda a: cs) not in cs:  # (x - mu) squared, any spelling
             return "the divisor is not built from the variance of x about its mean"
         if v.kwargs.get("dtype") is not None:
             return "the variance's mean has a dtype argument"

@@ -298,6 +298,18 @@ def exact_copies(x: fx.Node) -> list[fx.Node]:
     return out
 
 
+def squared_input(sq, copies=exact_copies) -> fx.Node | None:
+    """a when sq is a ** 2, square(a) or a * b with b among `copies(a)` in a's dtype; else None."""
+    if is_op(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:
+        return sq.args[0]
+    if is_op(sq, aten.mul.Tensor) and len(sq.args) == 2 and isinstance(sq.args[0], fx.Node) \
+            and sq.args[1] in copies(sq.args[0]) and val(sq.args[0]).dtype == val(sq.args[1]).dtype:
+        return sq.args[0]
+    if is_op(sq, aten.square.default):
+        return sq.args[0]
+    return None
+
+
 def scaled_by(x: fx.Node) -> list[tuple[fx.Node, str, object]]:
     """Users of x of the form x * s / s * x / x / d: [(user, 'mul'|'div', other)]."""
     out = []

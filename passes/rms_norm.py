@@ -16,7 +16,7 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (apply_norm, exact_copies, hand_written_tail, is_number, is_op, match_tail,
                                          parse_denominator, parse_scale, per_feature, reduce_dims, run_norm_pass,
-                                         scaling_uses)
+                                         scaling_uses, squared_input)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -60,19 +60,8 @@ def _is_centered(x: fx.Node) -> bool:
         and x.args[1].args[0] is x.args[0]
 
 
-def _squared_input(sq) -> fx.Node | None:
-    if is_op(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:
-        return sq.args[0]
-    if is_op(sq, aten.mul.Tensor) and len(sq.args) == 2 and isinstance(sq.args[0], fx.Node) \
-            and sq.args[1] in exact_copies(sq.args[0]) and val(sq.args[0]).dtype == val(sq.args[1]).dtype:
-        return sq.args[0]
-    if is_op(sq, aten.square.default):
-        return sq.args[0]
-    return None
-
-
 def _hand_written(gm, ctx, ms: fx.Node) -> int:
-    x = _squared_input(ms.args[0])
+    x = squared_input(ms.args[0])
     if not isinstance(x, fx.Node) or val(x) is None or _is_centered(x) or ms.kwargs.get("dtype") is not None:
         return 0
     found, reason = None, None
