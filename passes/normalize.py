@@ -90,8 +90,7 @@ def type_as_to_dtype(gm: fx.GraphModule) -> int:
             node.args = (node.args[0], other.dtype)
             changed += 1
     if changed:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+        gm.recompile()  # a `b` left unused goes with the attention pass's and the pipeline's dead-code elimination
     return changed
 
 
