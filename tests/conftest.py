@@ -6,6 +6,14 @@ import os
 if "TRITON_INTERPRET" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
     os.environ["TRITON_INTERPRET"] = "1"
 
+import sys  # noqa: E402
+
+# `python -m pytest` puts the working directory first on sys.path. From the repo root that makes our source
+# folder `kernels/` (installed as flashfuse.kernels) shadow the `kernels` package that transformers >= 5.25
+# imports (HF hub kernels). flashfuse itself is imported through its installed finder, never from the root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
