@@ -13,11 +13,15 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "rc=$?"; grep -v "DEBUG" "$OUT/$name.log" | tail -6 | cut -c1-300
 }
-# 1. every GPU test (fixed first configs), CUDA-graph training included (device mask check on by default)
-step pytest_gpu 260 env FLASHFUSE_ATTN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests
-# 2. host vs GPU time of the GPT-2 step, both modes on this one host (with the Python gauge: docs/perf-notes.md,
-#    "Session 4", compares hosts by it)
-step step_timing 150 python benchmarks/step_timing.py --out "$OUT" --modes sdpa,flashfuse
-# 3. the dropout cost of the attention kernels at GPT-2's shape and at 4096 (the 2 x 4096 gap)
-step attn_dropout 150 python benchmarks/attention.py --d 64 --n 1024 4096 --causal yes --dropout 0.1 \
+# 1. every GPU test (fixed first configs), CUDA-graph training included; the dropout test checks the saved bits
+step pytest_gpu 200 env FLASHFUSE_ATTN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests
+# 2. the dropout cost of the attention kernels at GPT-2's shape and at 4096, with the forward's keep bits saved
+#    for the backward (default) and drawn again (A/B; docs/perf-notes.md "Session 5" has the predictions)
+step attn_dropout 130 python benchmarks/attention.py --d 64 --n 1024 4096 --causal yes --dropout 0.1 \
     --impls flashfuse sdpa_flash --out "$OUT"
+mkdir -p "$OUT/drawn"
+step attn_dropout_drawn 70 env FLASHFUSE_DROPOUT_BITS=0 python benchmarks/attention.py --d 64 --n 1024 4096 \
+    --causal yes --dropout 0.1 --impls flashfuse --out "$OUT/drawn"
+# 3. the GPT-2 table (time and memory) at both shapes
+step train_gpt 190 python benchmarks/train_gpt.py --modes flashfuse,sdpa --configs 8x1024,2x4096 --out "$OUT" \
+    --tag _session5

@@ -47,7 +47,7 @@ def op_calls():
     mask = torch.tril(torch.ones(n, n, device="cuda")).view(1, 1, n, n)  # side0; Eq(side0, 0) masks
     rng = torch.tensor([1, 0], dtype=torch.int64, device="cuda")
     args = (q, k, v, [mask], [], text, 0.1, rng, "tf32")
-    out, lse = torch.ops.flashfuse.attention(*args)
+    out, lse, _ = torch.ops.flashfuse.attention(*args)
     dout = torch.randn_like(out)
     causal, sides, _ = mask_recognition.specialize(text, [mask], n, n)  # what recognition makes of the tril
     assert not sides, "tril mask not recognised"

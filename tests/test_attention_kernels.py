@@ -475,6 +475,97 @@ def test_dropout_forward_and_grads_with_the_kernels_mask():
     _check(CAUSAL_BR, q, k, v, dropout_p=0.2, rng=rng)
 
 
+def test_saved_dropout_bits_are_the_drawn_mask_and_feed_the_backward():
+    """The forward saves the keep flags it draws (packed, dropout.py); a backward reading them gives the same
+    gradients as one drawing again. Bytes of key blocks the mask skips stay unwritten and are never used:
+    the bits start as random garbage here. GQA and Nk = 45 (the last byte half past the keys)."""
+    from flashfuse.kernels.attention import dropout
+    ti = _ti()
+    B, Hq, Nq, Nk, p = 1, 2, 37, 45, 0.3
+    q, k, v = _qkv(B, Hq, 1, Nq, Nk, 16, torch.float32)
+    rng = torch.tensor([7, 11], dtype=torch.int64, device=_dev())
+    mask = ti.dropout_mask(rng, B, Hq, Nq, Nk, p)
+    g = torch.Generator().manual_seed(5)
+    dout = torch.randn(B, Hq, Nq, 16, generator=g).to(_dev())
+    for expr in (0.25 * S, CAUSAL_BR):
+        text = sm.to_text(expr)
+        bits = torch.randint(0, 256, dropout.bits_shape(B, Hq, Nq, Nk), generator=g, dtype=torch.uint8).to(_dev())
+        out, lse = ti.attention_forward(q, k, v, [], [], text, p, rng, "ieee", bits=bits)
+        out_drawn, _ = ti.attention_forward(q, k, v, [], [], text, p, rng, "ieee")
+        assert torch.equal(out, out_drawn)
+        if expr is not CAUSAL_BR:  # every element visited: the bits are exactly the kernels' mask
+            assert torch.equal(dropout.unpack_bits(bits, Nk), mask)
+        saved = ti.attention_backward(dout, q, k, v, out, lse, [], [], text, p, rng, [], "ieee", bits=bits)
+        drawn = ti.attention_backward(dout, q, k, v, out, lse, [], [], text, p, rng, [], "ieee")
+        for a, b in zip(saved[:3], drawn[:3]):
+            assert torch.equal(a, b)
+        d64 = [t.double() for t in (q, k, v)]
+        ref = reference.attention_backward(dout.double(), *d64, [], [], text, p, rng, [], dropout_mask=mask)
+        for a, r in zip(saved[:3], ref[:3]):
+            assert _rel(a, r) < 3e-5
+    with pytest.raises(ValueError, match="dropout bits"):
+        ti.attention_forward(q, k, v, [], [], text, p, rng, "ieee", bits=bits[..., :-1])
+
+
+def test_pack_bits_round_trip_and_the_size_rule():
+    from flashfuse.kernels.attention import dropout
+    keep = torch.rand(2, 3, 5, 19) < 0.5
+    bits = dropout.pack_bits(keep)
+    assert bits.shape == (2, 3, 5, 4) and bits.dtype == torch.uint8
+    assert torch.equal(dropout.unpack_bits(bits, 19), keep)
+    assert bits[0, 0, 0, 0].item() == sum(int(keep[0, 0, 0, j]) << j for j in range(8))
+    # saved while a row of bits is at most four rows of q: d = 64 bf16 up to 4096 keys
+    assert dropout.saves_bits(4096, 64, 2) and not dropout.saves_bits(4097, 64, 2)
+    assert dropout.saves_bits(8192, 128, 2) and not dropout.saves_bits(65536, 64, 2)
+
+
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_op_saves_dropout_bits_for_its_backward(interpreted, monkeypatch):
+    """Through the op and autograd, on the Triton path and on the PyTorch reference path: the third output
+    holds the forward's keep flags, the backward uses exactly them (gradients equal a float64 computation
+    with that mask), and past the size rule the bits are empty and the backward draws again."""
+    from flashfuse.kernels.attention import dropout, op
+    if not interpreted:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif not _triton_available():
+        pytest.skip("needs Triton (CUDA or TRITON_INTERPRET=1)")
+    dev = _dev() if interpreted else "cpu"
+    B, Hq, N, p = 1, 2, 21, 0.25
+    text = sm.to_text(CAUSAL_BR)
+    rng = torch.tensor([3, 9], dtype=torch.int64, device=dev)
+    for save in (True, False):
+        monkeypatch.setattr(dropout, "_BITS_OFF", not save)
+        q, k, v = [t.to(dev).requires_grad_(True) for t in _qkv(B, Hq, Hq, N, N, 16, torch.float32)]
+        out, lse, bits = torch.ops.flashfuse.attention(q, k, v, [], [], text, p, rng, "ieee")
+        dout = torch.randn_like(out)
+        out.backward(dout)
+        if save:
+            assert bits.shape == dropout.bits_shape(B, Hq, N, N) and bits.dtype == torch.uint8
+            mask = dropout.unpack_bits(bits, N) & torch.ones(N, N, dtype=torch.bool, device=dev).tril()
+        else:
+            assert bits.numel() == 0
+            # the reference path draws its own mask again (below: compared with the reference itself)
+            mask = _ti().dropout_mask(rng, B, Hq, N, N, p) if interpreted else None
+        ref = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        if mask is None:
+            rout, _ = reference.attention_forward(*ref, [], [], text, p, rng)
+            r = reference.attention_backward(dout.double(), *[t.detach() for t in ref], [], [], text, p, rng, [])
+            assert _rel(out, rout) < 1e-5
+            for a, b in zip((q.grad, k.grad, v.grad), r[:3]):
+                assert _rel(a, b) < 3e-5
+            continue
+        s = (ref[0] @ ref[1].transpose(-1, -2)) * 0.25
+        s = s.masked_fill(torch.ones(N, N, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+        rout = (torch.softmax(s, -1) * mask * dropout.keep_scale(p)) @ ref[2]
+        rout.backward(dout.double())
+        assert _rel(out, rout) < 1e-5
+        for a, r in zip((q, k, v), ref):
+            assert _rel(a.grad, r.grad) < 3e-5
+    monkeypatch.setattr(dropout, "_BITS_OFF", False)
+    torch.library.opcheck(op._attention_op, (q.detach(), k.detach(), v.detach(), [], [], text, p, rng, "ieee"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # ---------------------------------------------------------------- through the op and autograd
 
 def test_op_autograd_end_to_end():
@@ -483,7 +574,7 @@ def test_op_autograd_end_to_end():
     bias = torch.randn(1, 2, 25, 25).to(_dev())
     q, k, v, bias = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
     text = sm.to_text(sympy.Piecewise((-OO, KI > QI), (0.25 * S + sm.side(0), True)))
-    out, lse = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
+    out, lse, _ = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
     out.square().sum().backward()
     ref = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
     s = (ref[0] @ ref[1].transpose(-1, -2)) * 0.25 + ref[3]
@@ -502,10 +593,10 @@ def test_op_autograd_node_only_when_something_needs_a_gradient():
     q, k, v = _qkv(1, 2, 2, 10, 10, 16, torch.float32)
     bias = torch.randn(1, 2, 10, 10).to(_dev())
     text = sm.to_text(0.25 * S + sm.side(0))
-    out, _ = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
+    out, _, _ = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
     assert out.grad_fn is None and not out.requires_grad
     bias.requires_grad_(True)
-    out, _ = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
+    out, _, _ = torch.ops.flashfuse.attention(q, k, v, [bias], [], text, 0.0, None, "ieee")
     out.sum().backward()
     ref = bias.detach().double().requires_grad_(True)
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + ref
@@ -522,7 +613,7 @@ def test_op_without_mask_recognition_gives_the_same_numbers():
     results = []
     for extra in ([], [True], [False]):
         q, k, v = [t.clone().requires_grad_(True) for t in _qkv(1, 2, 2, 12, 12, 16, torch.float32)]
-        out, _ = torch.ops.flashfuse.attention(q, k, v, [tril], [], text, 0.0, None, "ieee", *extra)
+        out, _, _ = torch.ops.flashfuse.attention(q, k, v, [tril], [], text, 0.0, None, "ieee", *extra)
         out.square().sum().backward()
         results.append([out.detach(), q.grad, k.grad, v.grad])
     for other in results[1:]:
@@ -537,7 +628,7 @@ def test_op_layouts_match_the_fake_impls():
     q, k, v = _qkv(1, 2, 1, 9, 11, 16, torch.float32)
     q, k, v = [t.contiguous().requires_grad_(True) for t in (q, k, v)]
     text = sm.to_text(0.25 * S)
-    out, lse = torch.ops.flashfuse.attention(q, k, v, [], [], text, 0.0, None, "ieee")
+    out, lse, _ = torch.ops.flashfuse.attention(q, k, v, [], [], text, 0.0, None, "ieee")
     assert out.stride() == (9 * 2 * 16, 16, 2 * 16, 1)
     dq, dk, dv, _ = torch.ops.flashfuse.attention_backward(torch.randn_like(out), q, k, v, out, lse, [], [],
                                                            text, 0.0, None, [], "ieee")
@@ -612,6 +703,16 @@ def test_gpu_gqa_dropout_bf16(d):
     ref.backward(dout.double())
     for a, r in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
         assert _rel(a, r) < 4e-2
+    # the forward saving its keep bits, the backward reading them (dropout.py): the same mask, same numbers
+    from flashfuse.kernels.attention import dropout
+    bits = torch.empty(dropout.bits_shape(B, Hq, N, N), dtype=torch.uint8, device="cuda")
+    out_s, lse_s = ti.attention_forward(q, k, v, [], [], text, p, rng, "tf32", bits=bits)
+    assert torch.equal(out_s, out)
+    assert torch.equal(dropout.unpack_bits(bits, N) | ~torch.ones(N, N, dtype=torch.bool, device="cuda").tril(),
+                       mask | ~torch.ones(N, N, dtype=torch.bool, device="cuda").tril())
+    saved = ti.attention_backward(dout, q, k, v, out, lse, [], [], text, p, rng, [], "tf32", bits=bits)
+    for a, b in zip(saved[:3], (dq, dk, dv)):
+        assert _rel(a, b) < 1e-3
 
 
 @gpu

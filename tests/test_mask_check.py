@@ -75,7 +75,7 @@ def test_candidate_needs_a_full_square_mask_without_gradient():
 def _op_run(q, k, v, sides, dropout_p=0.0, rng=None, recognize=False):
     from flashfuse.kernels.attention import op  # noqa: F401  (registers the op)
     q, k, v = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out, _ = torch.ops.flashfuse.attention(q, k, v, sides, [], _text(), dropout_p, rng, "ieee", recognize)
+    out, _, _ = torch.ops.flashfuse.attention(q, k, v, sides, [], _text(), dropout_p, rng, "ieee", recognize)
     out.square().sum().backward()
     return [out.detach(), q.grad, k.grad, v.grad]
 

@@ -91,19 +91,22 @@ def _launch_check(score_mod, q, k, sides, needs_grad):
     return causal_check(sides[i]), text, kept
 
 
-def forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision):
-    """(out, lse) from both variants under the device check, or None when no side qualifies."""
+def forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits=None):
+    """(out, lse) from both variants under the device check, or None when no side qualifies. `bits` as in
+    triton_impl.attention_forward: the variant that runs fills them."""
     checked = _launch_check(score_mod, q, k, sides, [False] * len(sides))
     if checked is None:
         return None
     flag, text, kept = checked
-    out, lse = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, 0)
+    out, lse = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, 0,
+                                    bits=bits)
     ti.attention_forward(q, k, v, [sides[j] for j in kept], scalars, text, dropout_p, rng, precision, flag, 1,
-                         into=(out, lse))
+                         into=(out, lse), bits=bits)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision):
+def backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision,
+             bits=None):
     """(dq, dk, dv, side gradients) from both variants under the device check, or None (as `forward`)."""
     checked = _launch_check(score_mod, q, k, sides, side_needs_grad)
     if checked is None:
@@ -112,7 +115,7 @@ def backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
     into = (empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v),
             ti.backward_preprocess(out, dout, lse))
     ti.attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
-                          [False] * len(sides), precision, flag, 0, into=into)
+                          [False] * len(sides), precision, flag, 0, into=into, bits=bits)
     ti.attention_backward(dout, q, k, v, out, lse, [sides[j] for j in kept], scalars, text, dropout_p, rng,
-                          [False] * len(kept), precision, flag, 1, into=into)
+                          [False] * len(kept), precision, flag, 1, into=into, bits=bits)
     return into[0], into[1], into[2], [None] * len(sides)

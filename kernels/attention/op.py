@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from flashfuse.kernels import registration
-from flashfuse.kernels.attention import mask_recognition, reference
+from flashfuse.kernels.attention import dropout, mask_recognition, reference
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -82,50 +82,65 @@ def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 # Registered with a plain torch.library.Library, not custom_op (kernels/registration.py says why).
 _SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor[] sides, float[] scalars, str score_mod, float dropout_p, "
-           "Tensor? rng, str precision, bool recognize_masks=True) -> (Tensor, Tensor)")
+           "Tensor? rng, str precision, bool recognize_masks=True) -> (Tensor, Tensor, Tensor)")
 _BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] sides, "
                     "float[] scalars, str score_mod, float dropout_p, Tensor? rng, bool[] side_needs_grad, "
-                    "str precision, bool recognize_masks=True) -> (Tensor, Tensor, Tensor, Tensor[])")
+                    "str precision, bool recognize_masks=True, Tensor? dropout_bits=None) -> (Tensor, Tensor, Tensor, Tensor[])")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[torch.Tensor],
               scalars: list[float], score_mod: str, dropout_p: float, rng: Optional[torch.Tensor],
-              precision: str, recognize_masks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU/CUDA kernel of flashfuse::attention. `recognize_masks=False` keeps mask sides as tensors (no
-    run-time recognition, mask_recognition.py): the pass sets it for graphs captured in CUDA graphs, whose
-    replays never call back here."""
+              precision: str, recognize_masks: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU/CUDA kernel of flashfuse::attention: out, lse and the dropout's keep bits, which the backward
+    reads instead of drawing again (`_empty_bits`: an empty tensor when there are none).
+    `recognize_masks=False` keeps mask sides as tensors (no run-time recognition, mask_recognition.py): the
+    pass sets it for graphs captured in CUDA graphs, whose replays never call back here."""
+    bits = _empty_bits(q, k, dropout_p, rng)
+    saved = bits if bits.numel() else None
     if use_triton(q) and _has_triton_impl():
         checker = _device_mask_check(recognize_masks, sides)
-        checked = checker.forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision) if checker else None
+        checked = (checker.forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, saved)
+                   if checker else None)
         if checked is not None:
             out, lse = checked
         else:
             if recognize_masks:
                 score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
-            out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision)
+            out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
+                                                   bits=saved)
     else:
-        out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng)
+        out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, bits=saved)
     # the fake impl promises these layouts; compiled graphs rely on the strides
-    return as_bnhd(out), lse.contiguous()
+    return as_bnhd(out), lse.contiguous(), bits
+
+
+def _empty_bits(q, k, dropout_p, rng):
+    """The forward's keep bits, uninitialised: (B, Hq, Nq, ceil(Nk / 8)) uint8 when the dropout is on and
+    `dropout.saves_bits` keeps them, else an empty tensor (the backward draws again)."""
+    if dropout_p > 0 and rng is not None and dropout.saves_bits(k.shape[2], q.shape[-1], q.element_size()):
+        return q.new_empty(dropout.bits_shape(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dtype=torch.uint8)
+    return q.new_empty((0,), dtype=torch.uint8)
 
 
 def _attention_fake(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
     bsz, hq, nq, _ = q.shape
-    return _empty_out(q, v), q.new_empty((bsz, hq, nq), dtype=torch.float32)
+    return _empty_out(q, v), q.new_empty((bsz, hq, nq), dtype=torch.float32), _empty_bits(q, k, dropout_p, rng)
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, sides: list[torch.Tensor],
                        scalars: list[float], score_mod: str, dropout_p: float,
                        rng: Optional[torch.Tensor], side_needs_grad: list[bool], precision: str,
-                       recognize_masks: bool = True
+                       recognize_masks: bool = True, dropout_bits: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The CPU/CUDA kernel of flashfuse::attention_backward: dq, dk, dv and the gradients of the sides whose
-    `side_needs_grad` is set (in order)."""
+    `side_needs_grad` is set (in order). `dropout_bits`: the forward's third output (empty: draw again)."""
+    bits = dropout_bits if dropout_bits is not None and dropout_bits.numel() and dropout_p > 0 else None
     triton = use_triton(q) and _has_triton_impl()
     checker = _device_mask_check(recognize_masks, sides) if triton else None
     checked = checker.backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
-                               precision) if checker else None
+                               precision, bits) if checker else None
     if checked is not None:
         dq, dk, dv, dsides = checked
     elif triton:
@@ -136,19 +151,20 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                                                                  side_needs_grad)
         needs = [side_needs_grad[i] for i in kept]
         dq, dk, dv, dkept = _triton().attention_backward(
-            dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, needs, precision)
+            dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, needs, precision, bits=bits)
         dsides = [None] * n_all
         for i, d in zip(kept, dkept):
             dsides[i] = d
     else:
         dq, dk, dv, dsides = reference.attention_backward(
-            dout, q, k, v, sides, scalars, score_mod, dropout_p, rng, side_needs_grad)
+            dout, q, k, v, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
+            dropout_mask=None if bits is None else dropout.unpack_bits(bits, k.shape[2]))
     return (as_bnhd(dq), as_bnhd(dk), as_bnhd(dv),
             [d.contiguous() for d, g in zip(dsides, side_needs_grad) if g])
 
 
 def _attention_backward_fake(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
-                             precision, recognize_masks=True):
+                             precision, recognize_masks=True, dropout_bits=None):
     dsides = [s.new_empty(s.shape) for s, g in zip(sides, side_needs_grad) if g]
     return empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v), dsides
 
@@ -166,27 +182,27 @@ class _AttentionFunction(torch.autograd.Function):
     def forward(ctx, meta, q, k, v, rng, *sides):
         scalars, score_mod, dropout_p, precision, recognize_masks = meta
         with torch._C._AutoDispatchBelowAutograd():
-            out, lse = _attention_op(q, k, v, list(sides), list(scalars), score_mod, dropout_p, rng, precision,
-                                     recognize_masks)
+            out, lse, bits = _attention_op(q, k, v, list(sides), list(scalars), score_mod, dropout_p, rng,
+                                           precision, recognize_masks)
         ctx.meta = meta
         ctx.has_rng = rng is not None
         ctx.side_needs_grad = [bool(ctx.needs_input_grad[5 + i] and s.is_floating_point())
                                for i, s in enumerate(sides)]
-        ctx.save_for_backward(q, k, v, out, lse, *sides, *([rng] if rng is not None else []))
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        ctx.save_for_backward(q, k, v, out, lse, bits, *sides, *([rng] if rng is not None else []))
+        ctx.mark_non_differentiable(lse, bits)
+        return out, lse, bits
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, dbits):
         scalars, score_mod, dropout_p, precision, recognize_masks = ctx.meta
         saved = ctx.saved_tensors
         n_sides = len(ctx.side_needs_grad)
-        q, k, v, out, lse = saved[:5]
-        sides = list(saved[5:5 + n_sides])
-        rng = saved[5 + n_sides] if ctx.has_rng else None
+        q, k, v, out, lse, bits = saved[:6]
+        sides = list(saved[6:6 + n_sides])
+        rng = saved[6 + n_sides] if ctx.has_rng else None
         dq, dk, dv, dsides_some = _attention_backward_op(
             dout, q, k, v, out, lse, sides, list(scalars), score_mod, dropout_p, rng, ctx.side_needs_grad,
-            precision, recognize_masks)
+            precision, recognize_masks, bits)
         it = iter(dsides_some)
         dsides = [next(it) if g else None for g in ctx.side_needs_grad]
         return (None, dq, dk, dv, None, *dsides)

@@ -62,8 +62,9 @@ def _dropout_mask(rng, shape, q0, p, device):
 
 
 def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float, rng,
-                      dropout_mask=None, block: int = QUERY_BLOCK):
-    """Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) in fp32."""
+                      dropout_mask=None, block: int = QUERY_BLOCK, bits=None):
+    """Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) in fp32. `bits`: a uint8 tensor of
+    `dropout.bits_shape` that receives the keep flags (packed, `dropout.pack_bits`)."""
     expr = sm.from_text(score_mod)
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
@@ -81,6 +82,8 @@ def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float,
             keep = (dropout_mask[:, :, q0:q0 + block] if dropout_mask is not None
                     else _dropout_mask(rng, p.shape, q0, dropout_p, p.device))
             p = p * keep * dropout.keep_scale(dropout_p)
+            if bits is not None:
+                bits[:, :, q0:q0 + block] = dropout.pack_bits(keep.expand(p.shape))
         out[:, :, q0:q0 + block] = torch.matmul(p, vx.to(compute)).to(q.dtype)
         lse[:, :, q0:q0 + block] = lse_blk.float()
     return out, lse

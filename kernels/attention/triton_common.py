@@ -7,21 +7,75 @@ PHILOX_ROUNDS = tl.constexpr(7)  # Philox4x32-7, as in curand and FlashAttention
 
 
 @triton.jit
-def dropout_keep(seed, rng_off, bh, offs_q, n0, Nk, keep_thresh, BLOCK_N: tl.constexpr):
-    """Keep flags (len(offs_q), BLOCK_N) of queries `offs_q` and keys n0 .. n0 + BLOCK_N - 1 (n0 % 8 == 0).
-    One Philox draw per (query, group of 8 keys): counter (q * cdiv(Nk, 8) + group, bh, offset lo, hi);
-    its 4 words give 8 16-bit numbers, kept below keep_thresh (see dropout.py). The forward, the backward
-    and `dropout_mask` all call this, so the bits agree whatever their tile sizes."""
+def _dropout_words(seed, rng_off, bh, offs_q, n0, Nk, BLOCK_N: tl.constexpr):
+    """The four Philox words (len(offs_q), BLOCK_N // 8) of queries `offs_q`, key groups n0 // 8 ... One draw
+    per (query, group of 8 keys): counter (q * cdiv(Nk, 8) + group, bh, offset lo, hi); key: the seed."""
     groups = n0 // 8 + tl.arange(0, BLOCK_N // 8)
     c0 = (offs_q[:, None] * ((Nk + 7) // 8) + groups[None, :]).to(tl.uint32, bitcast=True)
     zero = tl.zeros_like(c0)
     c1 = zero + bh.to(tl.uint32, bitcast=True)
     c2 = zero + (rng_off & 0xFFFFFFFF).to(tl.uint32)
     c3 = zero + ((rng_off >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
-    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (offs_q.shape[0], BLOCK_N // 2))
+    return tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
+
+
+@triton.jit
+def _keep_of_words(r0, r1, r2, r3, keep_thresh, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep flags (BLOCK_Q, BLOCK_N): the words' 8 16-bit numbers per group, in the key order
+    r0 lo, r0 hi, r2 lo, r2 hi, r1 lo, r1 hi, r3 lo, r3 hi (the order the joins below lay them out)."""
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_Q, BLOCK_N // 2))
     halves = tl.join(words & 0xFFFF, words >> 16)
-    return tl.reshape(halves, (offs_q.shape[0], BLOCK_N)).to(tl.int32) < keep_thresh
+    return tl.reshape(halves, (BLOCK_Q, BLOCK_N)).to(tl.int32) < keep_thresh
+
+
+@triton.jit
+def dropout_keep(seed, rng_off, bh, offs_q, n0, Nk, keep_thresh, BLOCK_N: tl.constexpr):
+    """Keep flags (len(offs_q), BLOCK_N) of queries `offs_q` and keys n0 .. n0 + BLOCK_N - 1 (n0 % 8 == 0).
+    Each draw's 4 words give 8 16-bit numbers, kept below keep_thresh (see dropout.py). The forward, the
+    backward and `dropout_mask` all call this, so the bits agree whatever their tile sizes."""
+    r0, r1, r2, r3 = _dropout_words(seed, rng_off, bh, offs_q, n0, Nk, BLOCK_N)
+    return _keep_of_words(r0, r1, r2, r3, keep_thresh, offs_q.shape[0], BLOCK_N)
+
+
+@triton.jit
+def _bit(word, shift: tl.constexpr, keep_thresh, pos: tl.constexpr):
+    return (((word >> shift) & 0xFFFF).to(tl.int32) < keep_thresh).to(tl.int32) << pos
+
+
+@triton.jit
+def dropout_keep_and_bits(seed, rng_off, bh, offs_q, n0, Nk, keep_thresh, BLOCK_N: tl.constexpr):
+    """`dropout_keep` and the same flags packed for the backward (dropout.py): (len(offs_q), BLOCK_N // 8)
+    int32 bytes, key 8 g + j in bit j of byte g. Packed straight from the words, in `_keep_of_words`'s order."""
+    r0, r1, r2, r3 = _dropout_words(seed, rng_off, bh, offs_q, n0, Nk, BLOCK_N)
+    keep = _keep_of_words(r0, r1, r2, r3, keep_thresh, offs_q.shape[0], BLOCK_N)
+    bits = (_bit(r0, 0, keep_thresh, 0) | _bit(r0, 16, keep_thresh, 1) | _bit(r2, 0, keep_thresh, 2)
+            | _bit(r2, 16, keep_thresh, 3) | _bit(r1, 0, keep_thresh, 4) | _bit(r1, 16, keep_thresh, 5)
+            | _bit(r3, 0, keep_thresh, 6) | _bit(r3, 16, keep_thresh, 7))
+    return keep, bits
+
+
+@triton.jit
+def saved_keep(bits_row, offs_q, n0, NkW, Nq, BLOCK_N: tl.constexpr, KEYS_ARE_ROWS: tl.constexpr):
+    """Keep flags of queries `offs_q` and keys n0 .. n0 + BLOCK_N - 1 (n0 a multiple of BLOCK_N, a power of
+    two >= 8), read from the bits the forward saved, seen as int32 words: `bits_row` points at this
+    batch-head's (Nq, NkW) words, key k in bit k % 32 of word k // 32. Shape (len(offs_q), BLOCK_N), or its
+    transpose with KEYS_ARE_ROWS (the dK/dV tiles). A query's words are vectors along the queries that
+    broadcast over the keys: a tile element costs a select, a shift and a mask, not a load of its own."""
+    q_ok = offs_q < Nq
+    w0 = offs_q * 0 + n0 // 32  # a vector: n0 may be a plain int (a loop counter under the interpreter)
+    if KEYS_ARE_ROWS:
+        kk = (n0 % 32) + tl.arange(0, BLOCK_N)[:, None]
+        word = tl.load(bits_row + offs_q * NkW + w0, mask=q_ok & (w0 < NkW), other=0)[None, :]
+        for w in tl.static_range(1, (BLOCK_N + 31) // 32):
+            more = tl.load(bits_row + offs_q * NkW + w0 + w, mask=q_ok & (w0 + w < NkW), other=0)[None, :]
+            word = tl.where(kk >= 32 * w, more, word)
+    else:
+        kk = (n0 % 32) + tl.arange(0, BLOCK_N)[None, :]
+        word = tl.load(bits_row + offs_q * NkW + w0, mask=q_ok & (w0 < NkW), other=0)[:, None]
+        for w in tl.static_range(1, (BLOCK_N + 31) // 32):
+            more = tl.load(bits_row + offs_q * NkW + w0 + w, mask=q_ok & (w0 + w < NkW), other=0)[:, None]
+            word = tl.where(kk >= 32 * w, more, word)
+    return ((word >> (kk & 31)) & 1) != 0
 
 
 @triton.jit

@@ -73,14 +73,17 @@ def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple 
 # ---- configurations ----
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M is the query tile, BLOCK_N the key tile.
 # Chosen from benchmarks/attention_tune.py on an H100 (bf16; results/attention_tune.json): the first entry
-# is also the fixed choice under FLASHFUSE_ATTN_AUTOTUNE=0.
+# is also the fixed choice under FLASHFUSE_ATTN_AUTOTUNE=0. The last d = 64 entries of the forward and dK/dV
+# lists were added from sm_90 builds on a CPU machine (benchmarks/sass_counts.py, docs/perf-notes.md
+# "Session 5"), not yet timed: the forward that saves dropout bits spills at 128x64 and not at 128x32; the
+# dK/dV kernel spills at both tuned tiles and not at 32x128 with 8 warps (no dropout).
 _FWD_CONFIGS = {
-    64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
     128: [(128, 64, 8, 3), (64, 64, 4, 3)],
     256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
 _DKDV_CONFIGS = {
-    64: [(32, 64, 4, 3), (64, 64, 4, 3)],
+    64: [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
     128: [(16, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
     256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
@@ -168,21 +171,34 @@ def _block_d(d: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _meta(dtype, d: int, dv: int, dropout: bool, precision: str) -> dict:
+def _meta(dtype, d: int, dv: int, dropout: int, precision: str) -> dict:
     dot_prec = "ieee" if (dtype == torch.float32 and precision == "ieee") else "tf32"
     fast = (not INTERPRET) and dtype in (torch.float16, torch.bfloat16)
     return dict(D=d, DV=dv, BLOCK_D=_block_d(d), BLOCK_DV=_block_d(dv), DOT_PREC=dot_prec, DROPOUT=dropout,
                 FAST_MATH=fast)
 
 
-def _common_meta(q, v, dropout_p, rng, precision):
-    return _meta(q.dtype, q.shape[-1], v.shape[-1], bool(dropout_p > 0 and rng is not None), precision)
+# the kernels' DROPOUT constexpr
+DROPOUT_OFF, DROPOUT_DRAW, DROPOUT_DRAW_AND_SAVE, DROPOUT_FROM_SAVED = 0, 1, 2, 3
+
+
+def _common_meta(q, v, dropout_p, rng, precision, bits_mode=DROPOUT_DRAW):
+    """`bits_mode`: DRAW_AND_SAVE in a forward given keep bits to fill, FROM_SAVED in a backward given them."""
+    mode = bits_mode if dropout_p > 0 and rng is not None else DROPOUT_OFF
+    return _meta(q.dtype, q.shape[-1], v.shape[-1], mode, precision)
 
 
 @functools.lru_cache(maxsize=64)
 def _dropout_args(p: float) -> tuple:
     """(keep threshold, rescale factor) of the kernels' 16-bit dropout draws (dropout.py)."""
     return dropout.keep_threshold(p), dropout.keep_scale(p)
+
+
+def _check_bits(bits, q, k):
+    want = dropout.bits_shape(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if bits.dtype != torch.uint8 or tuple(bits.shape) != want or not bits.is_contiguous():
+        raise ValueError(f"flashfuse attention: dropout bits must be contiguous uint8 of shape {want}, got "
+                         f"{bits.dtype} {tuple(bits.shape)}")
 
 
 def _check(q, k, v):
@@ -228,22 +244,24 @@ def _interleave(tensors, strides):
 
 
 def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag=None, flag_want=-1,
-                      into=None):
+                      into=None, bits=None):
     """out, lse. With `flag` (mask_check.py), the kernel runs only if flag[0] == `flag_want`; `into`
-    = (out, lse) written in place, so two variants launched together share their outputs."""
+    = (out, lse) written in place, so two variants launched together share their outputs. `bits`: a
+    contiguous uint8 tensor of `dropout.bits_shape` that receives the keep flags of the dropout (the
+    backward then reads them instead of drawing again); bytes of key blocks the mask skips stay unwritten."""
     key = ("fwd", score_mod, tuple(scalars), dropout_p, precision, flag_want,
            None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
-           None if into is None else (_tkey(into[0]), _tkey(into[1])),
+           None if into is None else (_tkey(into[0]), _tkey(into[1])), None if bits is None else _tkey(bits),
            _tkey(q), _tkey(k), _tkey(v), *[_tkey(s) for s in sides])
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(key, lambda: _ForwardPlan(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
-                                               flag_want, into))
-    return plan(q, k, v, sides, rng, flag, into)
+                                               flag_want, into, bits))
+    return plan(q, k, v, sides, rng, flag, into, bits)
 
 
 class _ForwardPlan:
-    def __init__(self, q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag_want, into):
+    def __init__(self, q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag_want, into, bits):
         _check(q, k, v)
         bsz, hq, nq, _ = q.shape
         hkv, nk = k.shape[1], k.shape[2]
@@ -253,7 +271,10 @@ class _ForwardPlan:
         if self.empty:
             return
         mod = load_module(score_mod, len(sides), len(scalars), (), side_layout(sides))
-        meta = _common_meta(q, v, dropout_p, rng, precision)
+        if bits is not None:
+            _check_bits(bits, q, k)
+        meta = _common_meta(q, v, dropout_p, rng, precision,
+                            DROPOUT_DRAW if bits is None else DROPOUT_DRAW_AND_SAVE)
         kernel, blocks = _kernel(mod, "attn_fwd", meta["BLOCK_D"])
         self.dropout = meta["DROPOUT"]
         self.strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
@@ -262,7 +283,7 @@ class _ForwardPlan:
         self.launch = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq),
                                   {**meta, **blocks, "FLAG_WANT": flag_want})
 
-    def __call__(self, q, k, v, sides, rng, flag, into):
+    def __call__(self, q, k, v, sides, rng, flag, into, bits):
         if into is not None:
             out, lse = into
         else:
@@ -271,7 +292,8 @@ class _ForwardPlan:
         if self.empty:
             return out, lse
         with _quiet():
-            self.launch((q, k, v, out, lse, rng if self.dropout else lse, flag if flag is not None else lse,
+            self.launch((q, k, v, out, lse, rng if self.dropout else lse, bits if bits is not None else lse,
+                         flag if flag is not None else lse,
                          *self.strides, *_interleave(sides, self.side_strides), *self.tail))
         return out, lse
 
@@ -295,26 +317,27 @@ def backward_preprocess(out, dout, lse):
 
 
 def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
-                       precision, flag=None, flag_want=-1, into=None):
+                       precision, flag=None, flag_want=-1, into=None, bits=None):
     """dq, dk, dv and the gradient of each side (None where `side_needs_grad` is off). `flag`, `flag_want`
     as in attention_forward; `into` = (dq, dk, dv, delta) written in place / read (`backward_preprocess`),
-    so two variants launched together share them."""
+    so two variants launched together share them. `bits`: the keep flags a forward saved (else the
+    dropout is drawn again from `rng`)."""
     side_grads = tuple(bool(g) for g in side_needs_grad)
     key = ("bwd", score_mod, tuple(scalars), dropout_p, precision, flag_want, side_grads,
            None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
-           None if into is None else tuple(_tkey(t) for t in into),
+           None if into is None else tuple(_tkey(t) for t in into), None if bits is None else _tkey(bits),
            _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(out), _tkey(lse), *[_tkey(s) for s in sides])
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
-                                                side_grads, precision, flag_want, into))
+                                                side_grads, precision, flag_want, into, bits))
     with _quiet():
-        return plan(dout, q, k, v, out, lse, sides, rng, flag, into)
+        return plan(dout, q, k, v, out, lse, sides, rng, flag, into, bits)
 
 
 class _BackwardPlan:
     def __init__(self, dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_grads,
-                 precision, flag_want, into):
+                 precision, flag_want, into, bits):
         _check(q, k, v)
         bsz, hq, nq, _ = q.shape
         hkv, nk = k.shape[1], k.shape[2]
@@ -324,7 +347,9 @@ class _BackwardPlan:
             return
         dq, dk, dv = into[:3] if into is not None else (empty_bnhd(t.shape, t) for t in (q, k, v))
         mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
-        meta = _common_meta(q, v, dropout_p, rng, precision)
+        if bits is not None:
+            _check_bits(bits, q, k)
+        meta = _common_meta(q, v, dropout_p, rng, precision, DROPOUT_DRAW if bits is None else DROPOUT_FROM_SAVED)
         self.dropout = meta["DROPOUT"]
         self.side_strides = _side_strides(sides, (bsz, hq, nq, nk))
         self.dside_shape = (bsz, hq, nq, nk)
@@ -343,7 +368,7 @@ class _BackwardPlan:
         self.pre = FixedLaunch(triton_common.attn_bwd_preprocess, *_preprocess_launch(out))
         self.pre_tail = (*out.stride(), *dout.stride(), hq, nq)
 
-    def __call__(self, dout, q, k, v, out, lse, sides, rng, flag, into):
+    def __call__(self, dout, q, k, v, out, lse, sides, rng, flag, into, bits):
         side_grads = self.side_grads
         if into is not None:
             dq, dk, dv, delta = into
@@ -358,13 +383,14 @@ class _BackwardPlan:
             self.pre((out, dout, lse, delta, *self.pre_tail))
         flag_arg = flag if flag is not None else lse
         rng_arg = rng if self.dropout else lse
+        bits_arg = bits.view(torch.int32) if bits is not None else lse  # read as words (triton_common.saved_keep)
         side_args = _interleave(sides, self.side_strides)
         # gradient of each side that needs one, per element of (B, Hq, Nq, Nk), reduced below
         dside_full = [torch.zeros(self.dside_shape, dtype=torch.float32, device=q.device) if g else None
                       for g in side_grads]
-        self.dkdv((q, k, v, dout, lse, delta, dk, dv, rng_arg, flag_arg, *self.dkdv_strides, *side_args,
+        self.dkdv((q, k, v, dout, lse, delta, dk, dv, rng_arg, bits_arg, flag_arg, *self.dkdv_strides, *side_args,
                    *self.dkdv_tail))
-        self.dq((q, k, v, dout, lse, delta, dq, rng_arg, flag_arg, *self.dq_strides, *side_args, *self.dq_scalars,
+        self.dq((q, k, v, dout, lse, delta, dq, rng_arg, bits_arg, flag_arg, *self.dq_strides, *side_args, *self.dq_scalars,
                  *[d for d in dside_full if d is not None], *self.dq_tail))
         if not any(side_grads):
             return dq, dk, dv, [None] * len(sides)

@@ -1,0 +1,83 @@
+"""Static SASS of the attention kernels for a GPU target, built on any machine (no GPU needed): Triton
+compiles for sm_90 and the wheel's ptxas / cuobjdump do the rest. Prints instructions, a few opcode
+counts, registers and ptxas's stack bytes (spills) per kernel and dropout mode: a way to compare kernel
+variants when no device is at hand. Static counts are not time: confirm on the device.
+
+    python benchmarks/sass_counts.py                       # d = 64 bf16 causal, the first configs
+    python benchmarks/sass_counts.py --kernel attn_bwd_dkdv --cfg 32,128,8,3
+"""
+import argparse
+import os
+import subprocess
+import tempfile
+
+import sympy
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashfuse.kernels.attention import score_mod as sm
+from flashfuse.kernels.attention import triton_impl as ti
+
+_TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "dOut": "*bf16", "dQ": "*bf16",
+         "dK": "*bf16", "dV": "*bf16", "LSE": "*fp32", "Delta": "*fp32", "RNG": "*i64", "Flag": "*i32"}
+_MODES = {"attn_fwd": (0, 1, 2), "attn_bwd_dkdv": (0, 1, 3), "attn_bwd_dq": (0, 1, 3)}
+_TABLES = {"attn_fwd": ti._FWD_CONFIGS, "attn_bwd_dkdv": ti._DKDV_CONFIGS, "attn_bwd_dq": ti._DQ_CONFIGS}
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([os.path.join(_TOOLS, "cuobjdump"), flag, f.name], capture_output=True,
+                              text=True, check=True).stdout
+
+
+def build(mod, name, consts, warps, stages, arch):
+    fn = getattr(mod, name)
+    sig = {}
+    for a in fn.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a == "Bits":  # bytes written by the forward, int32 words read by the backward
+            sig[a] = "*u8" if name == "attn_fwd" else "*i32"
+        elif a in _PTRS:
+            sig[a] = _PTRS[a]
+        else:
+            sig[a] = "fp32" if a == "keep_scale" else "i32"
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": warps, "num_stages": stages})
+    sass = [ln for ln in _cuobjdump(kernel.asm["cubin"], "-sass").splitlines()
+            if ln.strip().startswith("/*") and ";" in ln]
+    res = _cuobjdump(kernel.asm["cubin"], "-res-usage").split()
+    usage = " ".join(x for x in res if x.startswith(("REG:", "STACK:")))
+    return sass, usage
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", choices=sorted(_MODES), nargs="+", default=sorted(_MODES))
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--cfg", help="bm,bn,warps,stages (default: each kernel's first config)")
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    text = sm.to_text(sympy.Piecewise((-sympy.oo, sm.kv_idx > sm.q_idx + sm.Nk - sm.Nq),
+                                      (sm.score / args.d ** 0.5, True)))
+    mod = ti.load_module(text, 0, 0)
+    bd = ti._block_d(args.d)
+    for name in args.kernel:
+        cfg = [int(x) for x in args.cfg.split(",")] if args.cfg else _TABLES[name][ti._dclass(bd)][0]
+        bm, bn, warps, stages = cfg
+        for mode in _MODES[name]:
+            consts = dict(D=args.d, DV=args.d, BLOCK_D=bd, BLOCK_DV=bd, DOT_PREC="tf32", FAST_MATH=True,
+                          FLAG_WANT=-1, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=mode)
+            sass, usage = build(mod, name, consts, warps, stages, args.arch)
+            ops = " ".join(f"{op} {sum(op in ln for ln in sass)}" for op in ("IMAD", "LOP3", "LDG", "LDS", "HGMMA"))
+            print(f"{name:14s} {bm}x{bn} w{warps} s{stages} DROPOUT={mode}: {len(sass):5d} instructions  {ops}  {usage}")
+
+
+if __name__ == "__main__":
+    main()
