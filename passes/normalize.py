@@ -74,6 +74,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     functionalize_inplace(traced)
     fold_scalar_constants(traced)
     type_as_to_dtype(traced)
+    squared_norm_to_sum_of_squares(traced)
     return traced
 
 
@@ -91,6 +92,35 @@ def type_as_to_dtype(gm: fx.GraphModule) -> int:
             changed += 1
     if changed:
         gm.recompile()  # a `b` left unused goes with the attention pass's and the pipeline's dead-code elimination
+    return changed
+
+
+def squared_norm_to_sum_of_squares(gm: fx.GraphModule) -> int:
+    """`vector_norm(x, 2, dims, keepdim) ** 2` -> `sum(x * x, dims, keepdim)` when the norm has no other use:
+    the same value without the square root and its square (which also round). The norm passes then read
+    `... / d` as a mean of squares (an RMSNorm written with `vector_norm(x)**2 / d`)."""
+    from flashfuse.passes.eltwise_chain import insert_call  # imported on use: it registers a pass on import
+
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target == aten.pow.Tensor_Scalar and node.args[1] == 2):
+            continue
+        norm = node.args[0]
+        if not (isinstance(norm, fx.Node) and norm.op == "call_function"
+                and norm.target == aten.linalg_vector_norm.default and len(norm.users) == 1):
+            continue
+        x, order, dims, keepdim = (list(norm.args) + [2, None, False][len(norm.args) - 1:])[:4]
+        if order != 2 or norm.kwargs.get("dtype") is not None or dims is None or val(x) is None \
+                or not val(x).is_floating_point():
+            continue
+        square = insert_call(gm, node, aten.mul.Tensor, (x, x), like=node)
+        total = insert_call(gm, node, aten.sum.dim_IntList, (square, list(dims), bool(keepdim)), like=node)
+        node.replace_all_uses_with(total)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(norm)
+        changed += 1
+    if changed:
+        gm.recompile()
     return changed
 
 

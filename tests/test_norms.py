@@ -326,8 +326,27 @@ class OtherAxisRMS(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6)
 
 
-RMS_SPELLINGS = [lambda: LlamaRMSNorm(N), DivSqrtRMS, ModuleRMS, T5LayerNorm, GemmaRMSNorm]
-RMS_IDS = ["llama", "div_sqrt", "nn_RMSNorm", "t5", "gemma"]
+class SquaredVectorNormRMS(nn.Module):
+    """The mean of squares as the squared L2 norm over d (normalize.squared_norm_to_sum_of_squares)."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2 / x.shape[-1] + 1e-6)
+
+
+RMS_SPELLINGS = [lambda: LlamaRMSNorm(N), DivSqrtRMS, ModuleRMS, T5LayerNorm, GemmaRMSNorm, SquaredVectorNormRMS]
+RMS_IDS = ["llama", "div_sqrt", "nn_RMSNorm", "t5", "gemma", "vector_norm_squared"]
+
+
+def test_squared_vector_norm_with_another_use_stays_a_norm():
+    """The norm is also returned: rewriting it to a sum of squares would drop that use, so the graph keeps
+    it (no RMSNorm is fused, the numbers are eager's)."""
+    class NormAlsoUsed(nn.Module):
+        def forward(self, x):
+            n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            return x * torch.rsqrt(n ** 2 / x.shape[-1] + 1e-6), n
+
+    rep = check_against_eager(NormAlsoUsed(), [rand(3, 4, N)], "eager")
+    assert rep.count("rms_norm") == 0, str(rep)
 
 
 @pytest.mark.parametrize("make", RMS_SPELLINGS, ids=RMS_IDS)

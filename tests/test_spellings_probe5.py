@@ -481,8 +481,7 @@ RMS_NORM = [
          dict(rms_norm=1)),
     case("norm_squared_over_d", lambda: Fn(lambda m, x: x * torch.rsqrt(
         torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow(2) / x.shape[-1] + EPS) * m.w, w=P(D, base=1.0)),
-         (X3,), dict(rms_norm=1), xfail="not fused, no near-miss: vector_norm(x)**2 / d is not read as mean(x*x); "
-                                        "the rsqrt chain becomes an eltwise_chain"),
+         (X3,), dict(rms_norm=1)),
     case("square_method_div_sqrt", lambda: Fn(lambda m, x: m.w * x.div(
         x.square().mean(-1, keepdim=True).add(EPS).sqrt()), w=P(D, base=1.0)), (X3,), dict(rms_norm=1)),
 ]
