@@ -24,4 +24,4 @@ step attn_dropout_drawn 70 env FLASHFUSE_DROPOUT_BITS=0 python benchmarks/attent
     --causal yes --dropout 0.1 --impls flashfuse --out "$OUT/drawn"
 # 3. the GPT-2 table (time and memory) at both shapes
 step train_gpt 190 python benchmarks/train_gpt.py --modes flashfuse,sdpa --configs 8x1024,2x4096 --out "$OUT" \
-    --tag _session5
+    --tag "${TAG:-_session6}"
