@@ -13,15 +13,16 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "rc=$?"; grep -v "DEBUG" "$OUT/$name.log" | tail -6 | cut -c1-300
 }
-# 1. every GPU test (fixed first configs), CUDA-graph training included; the dropout test checks the saved bits
-step pytest_gpu 200 env FLASHFUSE_ATTN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests
+# 1. the attention kernels' GPU tests (fixed first configs): dropout drawn on the wgmma lanes, the saved bits
+step pytest_gpu_attention 150 env FLASHFUSE_ATTN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu \
+    tests/test_attention_kernels.py tests/test_attention_zoo.py -k "not inductor" --durations=8
 # 2. the dropout cost of the attention kernels at GPT-2's shape and at 4096, with the forward's keep bits saved
-#    for the backward (default) and drawn again (A/B; docs/perf-notes.md "Session 5" has the predictions)
+#    for the backward (default) and drawn again (A/B; docs/perf-notes.md "Session 6" has the predictions)
 step attn_dropout 130 python benchmarks/attention.py --d 64 --n 1024 4096 --causal yes --dropout 0.1 \
     --impls flashfuse sdpa_flash --out "$OUT"
 mkdir -p "$OUT/drawn"
 step attn_dropout_drawn 70 env FLASHFUSE_DROPOUT_BITS=0 python benchmarks/attention.py --d 64 --n 1024 4096 \
     --causal yes --dropout 0.1 --impls flashfuse --out "$OUT/drawn"
 # 3. the GPT-2 table (time and memory) at both shapes
-step train_gpt 190 python benchmarks/train_gpt.py --modes flashfuse,sdpa --configs 8x1024,2x4096 --out "$OUT" \
+step train_gpt 150 python benchmarks/train_gpt.py --modes "${MODES:-flashfuse}" --configs 8x1024,2x4096 --out "$OUT" \
     --tag "${TAG:-_session6}"

@@ -1,13 +1,15 @@
 """How the attention kernels draw dropout, in plain Python (no triton import): the keep threshold and the
 rescale factor, shared by the kernels' launchers, the chunked reference and the tests.
 
-One Philox4x32-7 draw (counter: query row, group of 8 consecutive keys, batch*head, the 64-bit offset;
-key: the seed) gives four 32-bit words, split into eight 16-bit numbers, one per key of the group. An
-element is kept when its number is below `keep_threshold(p)` = round((1 - p) * 2^16), so the dropout rate
-actually applied is p rounded to a multiple of 2^-16 (|error| <= 7.6e-6, far below bf16's resolution),
-and kept values are scaled by the exact inverse of that keep rate, so the expectation is unchanged.
-Eight elements per draw instead of one: the Philox rounds (integer multiplies) used to cost more than
-the matmuls of a d=64 tile.
+One Philox4x32-7 draw (counter: query row · 4 ⌈Nk / 32⌉ + 4 · span + lane, batch*head, the 64-bit offset;
+key: the seed) gives four 32-bit words, split into eight 16-bit numbers, one per key: word i, half b of
+draw (span s, lane l) belongs to key 32 s + 8 i + 2 l + b. That spread is the set of columns one thread
+holds in a row of a Hopper wgmma accumulator, so each GPU thread compares the numbers of its own draws
+(no shuffle of the tile through shared memory). An element is kept when its number is below
+`keep_threshold(p)` = round((1 - p) * 2^16), so the dropout rate actually applied is p rounded to a multiple
+of 2^-16 (|error| <= 7.6e-6, far below bf16's resolution), and kept values are scaled by the exact inverse
+of that keep rate, so the expectation is unchanged. Eight elements per draw instead of one: the Philox
+rounds (integer multiplies) used to cost more than the matmuls of a d=64 tile.
 """
 from __future__ import annotations
 
@@ -37,12 +39,13 @@ def effective_p(p: float) -> float:
 
 
 # ---- keep bits saved by the forward for the backward ----
-# The forward packs each element's keep flag into a bit: byte (row, key // 8), bit key % 8, rows padded to
-# whole 32-bit words (4 · ceil(Nk / 32) bytes), which the backward reads as int32 (key k: bit k % 32 of word
-# k // 32, little-endian). The backward kernels read those bits instead of drawing Philox again (twice: the
-# dK/dV and the dQ kernel); the draw costs ~13 integer ops per element, the read one byte load. The bits are
-# an extra saved activation, so they are kept only while they stay small next to the attention's own saved
-# tensors (see `saves_bits`); longer keys go back to drawing again.
+# The forward packs each element's keep flag into a bit, one byte per draw: byte 4 s + l of a row holds draw
+# (span s, lane l), word i half b at bit 2 i + b. Rows are 4 · ceil(Nk / 32) bytes, which the backward reads as
+# int32 (little-endian: key 32 w + j is bit 8 ((j % 8) // 2) + 2 (j // 8) + j % 2 of word w). The backward
+# kernels read those bits instead of drawing Philox again (twice: the dK/dV and the dQ kernel); the draw costs
+# ~13 integer ops per element, the read one byte load. The bits are an extra saved activation, so they are
+# kept only while they stay small next to the attention's own saved tensors (see `saves_bits`); longer keys go
+# back to drawing again.
 BITS_ENV = "FLASHFUSE_DROPOUT_BITS"  # "0": never save them (the backward draws again)
 _BITS_OFF = os.environ.get(BITS_ENV) == "0"
 
@@ -61,21 +64,30 @@ def saves_bits(nk, head_dim: int, itemsize: int) -> bool:
     return 4 * ((nk + 31) // 32) <= 4 * head_dim * itemsize
 
 
+def _bit_of_key(device):
+    """Position (0..31) in its span's 32-bit word of each key 0..31 of the span."""
+    j = torch.arange(32, device=device)
+    return 8 * ((j % 8) // 2) + 2 * (j // 8) + j % 2
+
+
 def pack_bits(keep):
-    """(..., Nk) bool → (..., 4 · ceil(Nk / 32)) uint8, key j in bit j % 8 of byte j // 8 (the kernels' layout;
-    the padding bits are 0 here, unspecified in the kernels')."""
+    """(..., Nk) bool → (..., 4 · ceil(Nk / 32)) uint8 in the kernels' layout (see above; the padding bits are 0
+    here, unspecified in the kernels')."""
     nk = keep.shape[-1]
     pad = (-nk) % 32
     if pad:
         keep = torch.nn.functional.pad(keep, (0, pad))
+    spans = keep.reshape(*keep.shape[:-1], -1, 32).to(torch.int32)
+    ordered = torch.empty_like(spans)
+    ordered[..., _bit_of_key(keep.device)] = spans  # by bit position
     weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int32, device=keep.device)
-    grouped = keep.reshape(*keep.shape[:-1], -1, 8).to(torch.int32)
+    grouped = ordered.reshape(*keep.shape[:-1], -1, 8)
     return (grouped * weights).sum(-1).to(torch.uint8)
 
 
 def unpack_bits(bits, nk: int):
     """Inverse of `pack_bits`: (..., 4 · ceil(Nk / 32)) uint8 → (..., Nk) bool."""
     shifts = torch.arange(8, dtype=torch.int32, device=bits.device)
-    flags = (bits.to(torch.int32)[..., None] >> shifts) & 1
-    return flags.reshape(*bits.shape[:-1], -1)[..., :nk].bool()
-
+    flags = ((bits.to(torch.int32)[..., None] >> shifts) & 1).reshape(*bits.shape[:-1], -1, 32)
+    by_key = flags[..., _bit_of_key(bits.device)]
+    return by_key.reshape(*bits.shape[:-1], -1)[..., :nk].bool()

@@ -64,9 +64,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
             acc = acc * alpha[:, None]
         if DROPOUT == 2:  # draw, and save the flags for the backward
             keep, bits = dropout_keep_and_bits(seed, rng_off, off_bh, offs_m, start_n, Nk, keep_thresh, BLOCK_N)
-            groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-            tl.store(bits_row + offs_m[:, None] * (4 * NkW) + groups[None, :], bits.to(tl.uint8),
-                     mask=(offs_m[:, None] < Nq) & (groups[None, :] * 8 < Nk))
+            byte = (start_n // 32) * 4 + tl.arange(0, 4 * ((BLOCK_N + 31) // 32))  # its spans' draws, one byte each
+            tl.store(bits_row + offs_m[:, None] * (4 * NkW) + byte[None, :], bits.to(tl.uint8),
+                     mask=(offs_m[:, None] < Nq) & (byte[None, :] < 4 * NkW))
             p = tl.where(keep, p, 0.0)
         elif DROPOUT:
             p = tl.where(dropout_keep(seed, rng_off, off_bh, offs_m, start_n, Nk, keep_thresh, BLOCK_N), p, 0.0)
