@@ -528,6 +528,12 @@ def test_pack_bits_round_trip_and_the_size_rule():
         want = sum(int(row[32 * s_ + 8 * i + 2 * l + b]) << (2 * i + b)
                    for i in range(4) for b in range(2) if 32 * s_ + 8 * i + 2 * l + b < 45)
         assert bits[1, 2, 3, byte].item() == want
+
+def test_dropout_bits_are_opt_in_and_bounded(monkeypatch):
+    from flashfuse.kernels.attention import dropout
+    monkeypatch.setattr(dropout, "_BITS_ON", False)  # the default (FLASHFUSE_DROPOUT_BITS unset)
+    assert not dropout.saves_bits(1024, 64, 2)
+    monkeypatch.setattr(dropout, "_BITS_ON", True)
     # saved while a row of bits is at most four rows of q: d = 64 bf16 up to 4096 keys
     assert dropout.saves_bits(4096, 64, 2) and not dropout.saves_bits(4097, 64, 2)
     assert dropout.saves_bits(8192, 128, 2) and not dropout.saves_bits(65536, 64, 2)
@@ -548,7 +554,7 @@ def test_op_saves_dropout_bits_for_its_backward(interpreted, monkeypatch):
     text = sm.to_text(CAUSAL_BR)
     rng = torch.tensor([3, 9], dtype=torch.int64, device=dev)
     for save in (True, False):
-        monkeypatch.setattr(dropout, "_BITS_OFF", not save)
+        monkeypatch.setattr(dropout, "_BITS_ON", save)
         q, k, v = [t.to(dev).requires_grad_(True) for t in _qkv(B, Hq, Hq, N, N, 16, torch.float32)]
         out, lse, bits = torch.ops.flashfuse.attention(q, k, v, [], [], text, p, rng, "ieee")
         dout = torch.randn_like(out)
@@ -575,7 +581,7 @@ def test_op_saves_dropout_bits_for_its_backward(interpreted, monkeypatch):
         assert _rel(out, rout) < 1e-5
         for a, r in zip((q, k, v), ref):
             assert _rel(a.grad, r.grad) < 3e-5
-    monkeypatch.setattr(dropout, "_BITS_OFF", False)
+    monkeypatch.setattr(dropout, "_BITS_ON", True)
     torch.library.opcheck(op._attention_op, (q.detach(), k.detach(), v.detach(), [], [], text, p, rng, "ieee"),
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -42,12 +42,12 @@ def effective_p(p: float) -> float:
 # The forward packs each element's keep flag into a bit, one byte per draw: byte 4 s + l of a row holds draw
 # (span s, lane l), word i half b at bit 2 i + b. Rows are 4 · ceil(Nk / 32) bytes, which the backward reads as
 # int32 (little-endian: key 32 w + j is bit 8 ((j % 8) // 2) + 2 (j // 8) + j % 2 of word w). The backward
-# kernels read those bits instead of drawing Philox again (twice: the dK/dV and the dQ kernel); the draw costs
-# ~13 integer ops per element, the read one byte load. The bits are an extra saved activation, so they are
-# kept only while they stay small next to the attention's own saved tensors (see `saves_bits`); longer keys go
-# back to drawing again.
-BITS_ENV = "FLASHFUSE_DROPOUT_BITS"  # "0": never save them (the backward draws again)
-_BITS_OFF = os.environ.get(BITS_ENV) == "0"
+# kernels can read those bits instead of drawing Philox again (twice: the dK/dV and the dQ kernel). Measured on
+# the H200 (docs/perf-notes.md, session 6), once the draw followed the accumulator's lanes the saving forward
+# lost what the reading backward won, and the bits cost memory. So saving is opt-in: FLASHFUSE_DROPOUT_BITS=1,
+# and only while the bits stay small next to the attention's own saved tensors (see `saves_bits`).
+BITS_ENV = "FLASHFUSE_DROPOUT_BITS"  # "1": save them (the backward reads them instead of drawing again)
+_BITS_ON = os.environ.get(BITS_ENV, "0") == "1"
 
 
 def bits_shape(bsz: int, h: int, nq: int, nk: int) -> tuple:
@@ -57,9 +57,9 @@ def bits_shape(bsz: int, h: int, nq: int, nk: int) -> tuple:
 def saves_bits(nk, head_dim: int, itemsize: int) -> bool:
     """Whether the forward saves the keep bits for the backward: when a row of bits (~Nk / 8 bytes) is at most
     four rows of q (4 · d · itemsize bytes), so the bits cost at most as much memory as q, k, v and out
-    together (d = 64 bf16: up to Nk = 4096). `_BITS_OFF` is read once per process, so the op and its fake
-    agree."""
-    if _BITS_OFF:
+    together (d = 64 bf16: up to Nk = 4096), and only with FLASHFUSE_DROPOUT_BITS=1. `_BITS_ON` is read
+    once per process, so the op and its fake agree."""
+    if not _BITS_ON:
         return False
     return 4 * ((nk + 31) // 32) <= 4 * head_dim * itemsize
 
