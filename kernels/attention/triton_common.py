@@ -7,6 +7,17 @@ PHILOX_ROUNDS = tl.constexpr(7)  # Philox4x32-7, as in curand and FlashAttention
 
 
 @triton.jit
+def _philox_at(seed, rng_off, bh, c0):
+    """The four Philox words of counters (c0, bh, offset lo, offset hi), key: the seed; c0 any shape."""
+    c0 = c0.to(tl.uint32, bitcast=True)
+    zero = tl.zeros_like(c0)
+    c1 = zero + bh.to(tl.uint32, bitcast=True)
+    c2 = zero + (rng_off & 0xFFFFFFFF).to(tl.uint32)
+    c3 = zero + ((rng_off >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
+
+
+@triton.jit
 def _span_draws(seed, rng_off, bh, offs_q, span0, Nk, SPANS: tl.constexpr):
     """The four Philox words, each (len(offs_q), SPANS, 4), of queries `offs_q` and key spans span0 .. + SPANS:
     one draw per (query, span of 32 keys, lane l < 4), counter (q * 4 cdiv(Nk, 32) + 4 span + l, bh, offset
@@ -14,12 +25,8 @@ def _span_draws(seed, rng_off, bh, offs_q, span0, Nk, SPANS: tl.constexpr):
     spans = span0 + tl.arange(0, SPANS)
     lanes = tl.arange(0, 4)
     per_row = ((Nk + 31) // 32) * 4
-    c0 = (offs_q[:, None, None] * per_row + spans[None, :, None] * 4 + lanes[None, None, :]).to(tl.uint32, bitcast=True)
-    zero = tl.zeros_like(c0)
-    c1 = zero + bh.to(tl.uint32, bitcast=True)
-    c2 = zero + (rng_off & 0xFFFFFFFF).to(tl.uint32)
-    c3 = zero + ((rng_off >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    return tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
+    c0 = offs_q[:, None, None] * per_row + spans[None, :, None] * 4 + lanes[None, None, :]
+    return _philox_at(seed, rng_off, bh, c0)
 
 
 @triton.jit
@@ -42,13 +49,8 @@ def _keep_by_key(seed, rng_off, bh, offs_q, offs_k, Nk, keep_thresh):
     """The same flags one element at a time (a draw per element, 4x the Philox work): for tiles narrower than
     a span of 32 keys (the interpreter's and the tests' small blocks)."""
     per_row = ((Nk + 31) // 32) * 4
-    c0 = (offs_q[:, None] * per_row + (offs_k[None, :] // 32) * 4 + (offs_k[None, :] % 8) // 2).to(
-        tl.uint32, bitcast=True)
-    zero = tl.zeros_like(c0)
-    c1 = zero + bh.to(tl.uint32, bitcast=True)
-    c2 = zero + (rng_off & 0xFFFFFFFF).to(tl.uint32)
-    c3 = zero + ((rng_off >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
+    c0 = offs_q[:, None] * per_row + (offs_k[None, :] // 32) * 4 + (offs_k[None, :] % 8) // 2
+    r0, r1, r2, r3 = _philox_at(seed, rng_off, bh, c0)
     i = (offs_k[None, :] % 32) // 8
     word = tl.where(i == 0, r0, tl.where(i == 1, r1, tl.where(i == 2, r2, r3)))
     half = tl.where(offs_k[None, :] % 2 == 0, word & 0xFFFF, word >> 16)
