@@ -21,9 +21,11 @@ from flashfuse.kernels.attention import triton_impl as ti
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "dOut": "*bf16", "dQ": "*bf16",
-         "dK": "*bf16", "dV": "*bf16", "LSE": "*fp32", "Delta": "*fp32", "RNG": "*i64", "Flag": "*i32"}
-_MODES = {"attn_fwd": (0, 1, 2), "attn_bwd_dkdv": (0, 1, 3), "attn_bwd_dq": (0, 1, 3)}
-_TABLES = {"attn_fwd": ti._FWD_CONFIGS, "attn_bwd_dkdv": ti._DKDV_CONFIGS, "attn_bwd_dq": ti._DQ_CONFIGS}
+         "dK": "*bf16", "dV": "*bf16", "LSE": "*fp32", "Delta": "*fp32", "RNG": "*i64", "Flag": "*i32",
+         "DQacc": "*fp32"}
+# attn_bwd_fused: the dK/dV kernel with DQ_ATOMIC (it also adds dQ), under its own configs
+_MODES = {"attn_fwd": (0, 1, 2), "attn_bwd_dkdv": (0, 1, 3), "attn_bwd_dq": (0, 1, 3), "attn_bwd_fused": (0, 1, 3)}
+_TABLES = ti._TABLES
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -35,6 +37,9 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 def build(mod, name, consts, warps, stages, arch):
+    if name in ("attn_bwd_dkdv", "attn_bwd_fused"):
+        consts = {**consts, "DQ_ATOMIC": name == "attn_bwd_fused"}
+        name = "attn_bwd_dkdv"
     fn = getattr(mod, name)
     sig = {}
     for a in fn.arg_names:
@@ -75,7 +80,7 @@ def main():
             consts = dict(D=args.d, DV=args.d, BLOCK_D=bd, BLOCK_DV=bd, DOT_PREC="tf32", FAST_MATH=True,
                           FLAG_WANT=-1, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=mode)
             sass, usage = build(mod, name, consts, warps, stages, args.arch)
-            ops = " ".join(f"{op} {sum(op in ln for ln in sass)}" for op in ("IMAD", "LOP3", "LDG", "LDS", "HGMMA"))
+            ops = " ".join(f"{op} {sum(op in ln for ln in sass)}" for op in ("IMAD", "LOP3", "LDG", "LDS", "HGMMA", "RED", "ATOM"))
             print(f"{name:14s} {bm}x{bn} w{warps} s{stages} DROPOUT={mode}: {len(sass):5d} instructions  {ops}  {usage}")
 
 

@@ -477,6 +477,51 @@ def test_dropout_forward_and_grads_with_the_kernels_mask():
     _check(CAUSAL_BR, q, k, v, dropout_p=0.2, rng=rng)
 
 
+def _backward_plans(ti):
+    return [p for k, p in ti._PLANS.items() if k[0] == "bwd"]
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_fused_and_split_backward_both_match_the_reference(mode, monkeypatch):
+    """The fused backward (dQ added by atomics inside the dK/dV kernel) and the split one (a dQ kernel) on
+    causal + dropout + GQA with odd lengths, fp32 and fp16; the plan says which one ran."""
+    ti = _ti()
+    monkeypatch.setattr(ti, "BACKWARD_MODE", mode)
+    monkeypatch.setattr(ti, "_PLANS", {})
+    rng = torch.tensor([7, 3], dtype=torch.int64, device=_dev())
+    q, k, v = _qkv(2, 4, 2, 37, 29, 16, torch.float32, seed=11)
+    _check(CAUSAL_BR, q, k, v, dropout_p=0.15, rng=rng, dout_row_mask=(torch.arange(37) >= 8).view(1, 1, -1, 1))
+    q, k, v = _qkv(1, 2, 1, 45, 45, 32, torch.float16, seed=12)
+    _check(CAUSAL_TL, q, k, v)
+    plans = _backward_plans(ti)
+    assert len(plans) == 2 and all(p.fused == (mode == "fused") for p in plans)
+
+
+def test_fused_backward_steps_aside_where_it_cannot_run(monkeypatch):
+    """Side gradients (the dQ kernel stores them) and deterministic mode (atomics add in any order) take the
+    split backward, with correct gradients; an unknown FLASHFUSE_ATTN_BWD value is an error."""
+    ti = _ti()
+    monkeypatch.setattr(ti, "BACKWARD_MODE", "fused")
+    monkeypatch.setattr(ti, "_PLANS", {})
+    q, k, v = _qkv(1, 2, 2, 21, 19, 16, torch.float32, seed=13)
+    bias = torch.randn(1, 2, 21, 19, generator=torch.Generator().manual_seed(5)).to(_dev())
+    _check(0.25 * S + sm.side(0), q, k, v, sides=[bias], side_needs_grad=[True])
+    assert [p.fused for p in _backward_plans(ti)] == [False]
+    monkeypatch.setattr(ti, "_PLANS", {})
+    _check(0.25 * S + sm.side(0), q, k, v, sides=[bias], side_needs_grad=[False])
+    assert [p.fused for p in _backward_plans(ti)] == [True]
+    monkeypatch.setattr(ti, "_PLANS", {})
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check(CAUSAL_TL, q, k, v)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [p.fused for p in _backward_plans(ti)] == [False]
+    monkeypatch.setattr(ti, "BACKWARD_MODE", "atomic")
+    with pytest.raises(ValueError, match="FLASHFUSE_ATTN_BWD"):
+        _check(CAUSAL_TL, q, k, v)
+
+
 @pytest.mark.parametrize("block", [16, 32])
 def test_saved_dropout_bits_are_the_drawn_mask_and_feed_the_backward(block, monkeypatch):
     """The forward saves the keep flags it draws (packed, dropout.py); a backward reading them gives the same

@@ -145,10 +145,13 @@ def _tanh(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def attn_bwd_preprocess(Out, dOut, LSE, Delta, stride_ob, stride_oh, stride_om, stride_od,
+def attn_bwd_preprocess(Out, dOut, LSE, Delta, DQacc, stride_ob, stride_oh, stride_om, stride_od,
                         stride_db, stride_dh, stride_dm, stride_dd, H, Nq,
-                        DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Delta = rowsum(dO ∘ O), 0 on fully masked rows (lse = -inf, O = NaN) so they carry no gradient."""
+                        DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        D: tl.constexpr = 1, BLOCK_D: tl.constexpr = 16, ZERO_DQ: tl.constexpr = False):
+    """Delta = rowsum(dO ∘ O), 0 on fully masked rows (lse = -inf, O = NaN) so they carry no gradient.
+    ZERO_DQ: also zero the same rows of the fp32 dQ accumulator (B, H, Nq, D) the fused backward adds into,
+    which saves a memset launch."""
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // H
@@ -164,6 +167,10 @@ def attn_bwd_preprocess(Out, dOut, LSE, Delta, stride_ob, stride_oh, stride_om, 
     lse = tl.load(LSE + off_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     delta = tl.where(lse == float("-inf"), 0.0, delta)
     tl.store(Delta + off_bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+    if ZERO_DQ:
+        offs_k = tl.arange(0, BLOCK_D)
+        tl.store(DQacc + off_bh.to(tl.int64) * Nq * D + offs_m[:, None] * D + offs_k[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=(offs_m[:, None] < Nq) & (offs_k[None, :] < D))
 
 
 @triton.jit

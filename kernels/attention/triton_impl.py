@@ -87,6 +87,13 @@ _DKDV_CONFIGS = {
     128: [(16, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
     256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
+# the dK/dV kernel that also adds dQ by atomics (DQ_ATOMIC): 128-key tiles halve the atomic traffic of 64.
+# sm_90 builds (benchmarks/sass_counts.py): 16x128 with 8 warps is the only d64 tile that does not spill.
+_FUSED_CONFIGS = {
+    64: [(16, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2)],
+    128: [(16, 128, 8, 2), (32, 128, 8, 2), (16, 64, 4, 3)],
+    256: [(16, 64, 4, 2), (32, 64, 4, 2)],
+}
 _DQ_CONFIGS = {
     64: [(128, 32, 4, 3), (64, 64, 4, 3)],
     128: [(128, 32, 4, 3), (128, 128, 8, 2)],
@@ -108,26 +115,33 @@ def _dclass(block_d: int) -> int:
     return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
 
 
-def _kernel(mod, name: str, block_d: int):
-    """The kernel, autotuned on GPUs (keyed on the sequence lengths), fixed 16x16 tiles in the interpreter."""
+_TABLES = {"attn_fwd": _FWD_CONFIGS, "attn_bwd_dkdv": _DKDV_CONFIGS, "attn_bwd_dq": _DQ_CONFIGS,
+           "attn_bwd_fused": _FUSED_CONFIGS}
+
+
+def _kernel(mod, name: str, block_d: int, variant: str = ""):
+    """The kernel, autotuned on GPUs (keyed on the sequence lengths), fixed 16x16 tiles in the interpreter.
+    `variant` "attn_bwd_fused": the dK/dV kernel with its own configs, its dQ accumulator zeroed between the
+    autotuner's trial runs."""
     fn = getattr(mod, name)
     if INTERPRET:
         return fn, {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
-    forced = os.environ.get(f"FLASHFUSE_ATTN_CFG_{name[len('attn_'):].upper()}")  # "bm,bn,warps,stages"
+    table_name = variant or name
+    forced = os.environ.get(f"FLASHFUSE_ATTN_CFG_{table_name[len('attn_'):].upper()}")  # "bm,bn,warps,stages"
     if forced:  # a fixed configuration (benchmarks/attention_tune.py)
         bm, bn, w, s = (int(x) for x in forced.split(","))
         return fn, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     if os.environ.get("FLASHFUSE_ATTN_AUTOTUNE", "1") == "0":  # first config only (fast test runs)
-        bm, bn, w, s = {"attn_fwd": _FWD_CONFIGS, "attn_bwd_dkdv": _DKDV_CONFIGS,
-                        "attn_bwd_dq": _DQ_CONFIGS}[name][_dclass(block_d)][0]
+        bm, bn, w, s = _TABLES[table_name][_dclass(block_d)][0]
         return fn, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-    key = (id(mod), name, _dclass(block_d))
+    key = (id(mod), table_name, _dclass(block_d))
     tuned = _TUNED.get(key)
     if tuned is None:
-        table = {"attn_fwd": _FWD_CONFIGS, "attn_bwd_dkdv": _DKDV_CONFIGS, "attn_bwd_dq": _DQ_CONFIGS}[name]
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in table[_dclass(block_d)]]
-        tuned = triton.autotune(configs=configs, key=["Nq", "Nk", "D", "DV", "DROPOUT"])(fn)
+                   for bm, bn, w, s in _TABLES[table_name][_dclass(block_d)]]
+        # the trial runs add into DQacc: the autotuner zeroes it after them (the preprocess zeroes it per call)
+        reset = ["DQacc"] if variant == "attn_bwd_fused" else None
+        tuned = triton.autotune(configs=configs, key=["Nq", "Nk", "D", "DV", "DROPOUT"], reset_to_zero=reset)(fn)
         _TUNED[key] = tuned
     return tuned, {}
 
@@ -301,10 +315,14 @@ class _ForwardPlan:
 _PRE_BLOCK = INTERPRET_BLOCK if INTERPRET else 64  # query rows per program of the backward preprocess
 
 
-def _preprocess_launch(out):
-    """(grid, constexprs) of `attn_bwd_preprocess` for an output of out's shape."""
+def _preprocess_launch(out, zero_dq_d: int = 0):
+    """(grid, constexprs) of `attn_bwd_preprocess` for an output of out's shape; `zero_dq_d`: the head dim
+    of a dQ accumulator it also zeroes (0: none)."""
     bsz, hq, nq, dv = out.shape
-    return (_cdiv(nq, _PRE_BLOCK), bsz * hq), dict(DV=dv, BLOCK_M=_PRE_BLOCK, BLOCK_DV=_block_d(dv))
+    consts = dict(DV=dv, BLOCK_M=_PRE_BLOCK, BLOCK_DV=_block_d(dv))
+    if zero_dq_d:
+        consts.update(D=zero_dq_d, BLOCK_D=_block_d(zero_dq_d), ZERO_DQ=True)
+    return (_cdiv(nq, _PRE_BLOCK), bsz * hq), consts
 
 
 def backward_preprocess(out, dout, lse):
@@ -312,8 +330,22 @@ def backward_preprocess(out, dout, lse):
     delta = torch.empty_like(lse)
     grid, consts = _preprocess_launch(out)
     _launcher(triton_common.attn_bwd_preprocess)(
-        grid, (out, dout, lse, delta, *out.stride(), *dout.stride(), out.shape[1], out.shape[2]), consts)
+        grid, (out, dout, lse, delta, delta, *out.stride(), *dout.stride(), out.shape[1], out.shape[2]), consts)
     return delta
+
+
+# "fused": one kernel computes dK, dV and dQ (dQ added by fp32 atomics, as FlashAttention-2 does), so the scores
+# and the dropout are computed once instead of twice; "split": a dK/dV kernel and a dQ kernel. The fused
+# kernel is not used where it cannot be: side gradients (stored by the dQ kernel), two variants sharing
+# outputs (mask_check), torch.use_deterministic_algorithms (atomics add in any order).
+BACKWARD_MODE = os.environ.get("FLASHFUSE_ATTN_BWD", "fused")
+
+
+def _use_fused_backward(side_grads, flag_want, into) -> bool:
+    if BACKWARD_MODE not in ("fused", "split"):
+        raise ValueError(f"FLASHFUSE_ATTN_BWD must be 'fused' or 'split', not {BACKWARD_MODE!r}")
+    return (BACKWARD_MODE == "fused" and not any(side_grads) and flag_want < 0 and into is None
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
@@ -323,23 +355,26 @@ def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropo
     so two variants launched together share them. `bits`: the keep flags a forward saved (else the
     dropout is drawn again from `rng`)."""
     side_grads = tuple(bool(g) for g in side_needs_grad)
-    key = ("bwd", score_mod, tuple(scalars), dropout_p, precision, flag_want, side_grads,
+    fused = _use_fused_backward(side_grads, flag_want, into)
+    key = ("bwd", fused, score_mod, tuple(scalars), dropout_p, precision, flag_want, side_grads,
            None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
            None if into is None else tuple(_tkey(t) for t in into), None if bits is None else _tkey(bits),
            _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(out), _tkey(lse), *[_tkey(s) for s in sides])
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
-                                                side_grads, precision, flag_want, into, bits))
+                                                side_grads, precision, flag_want, into, bits, fused))
     with _quiet():
         return plan(dout, q, k, v, out, lse, sides, rng, flag, into, bits)
 
 
 class _BackwardPlan:
     def __init__(self, dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_grads,
-                 precision, flag_want, into, bits):
+                 precision, flag_want, into, bits, fused):
         _check(q, k, v)
         bsz, hq, nq, _ = q.shape
+        self.fused = fused
+        self.dq_acc_shape = (bsz, hq, nq, q.shape[-1])
         hkv, nk = k.shape[1], k.shape[2]
         self.side_grads = side_grads
         self.empty = q.numel() == 0 or k.numel() == 0
@@ -361,11 +396,14 @@ class _BackwardPlan:
         self.dq_scalars = scalar_args
         self.dq_tail = (hq, nq, nk, hq // hkv, *_dropout_args(dropout_p))
         consts = {**meta, "FLAG_WANT": flag_want}
-        kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"])
-        self.dkdv = FixedLaunch(kernel, lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv), {**consts, **blocks})
-        kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
-        self.dq = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq), {**consts, **blocks})
-        self.pre = FixedLaunch(triton_common.attn_bwd_preprocess, *_preprocess_launch(out))
+        kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"], "attn_bwd_fused" if fused else "")
+        self.dkdv = FixedLaunch(kernel, lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv),
+                                {**consts, **blocks, "DQ_ATOMIC": fused})
+        if not fused:
+            kernel, blocks = _kernel(mod, "attn_bwd_dq", meta["BLOCK_D"])
+            self.dq = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq), {**consts, **blocks})
+        self.pre = FixedLaunch(triton_common.attn_bwd_preprocess,
+                               *_preprocess_launch(out, q.shape[-1] if fused else 0))
         self.pre_tail = (*out.stride(), *dout.stride(), hq, nq)
 
     def __call__(self, dout, q, k, v, out, lse, sides, rng, flag, into, bits):
@@ -378,9 +416,11 @@ class _BackwardPlan:
         if self.empty:
             return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
                                                          for s, g in zip(sides, side_grads)]
+        # the fused kernel's dQ, summed in fp32 (zeroed by the preprocess) and cast into dq at the end
+        dq_acc = torch.empty(self.dq_acc_shape, dtype=torch.float32, device=q.device) if self.fused else lse
         if delta is None:
             delta = torch.empty_like(lse)
-            self.pre((out, dout, lse, delta, *self.pre_tail))
+            self.pre((out, dout, lse, delta, dq_acc, *self.pre_tail))
         flag_arg = flag if flag is not None else lse
         rng_arg = rng if self.dropout else lse
         bits_arg = bits.view(torch.int32) if bits is not None else lse  # read as words (triton_common.saved_keep)
@@ -388,8 +428,10 @@ class _BackwardPlan:
         # gradient of each side that needs one, per element of (B, Hq, Nq, Nk), reduced below
         dside_full = [torch.zeros(self.dside_shape, dtype=torch.float32, device=q.device) if g else None
                       for g in side_grads]
-        self.dkdv((q, k, v, dout, lse, delta, dk, dv, rng_arg, bits_arg, flag_arg, *self.dkdv_strides, *side_args,
-                   *self.dkdv_tail))
+        self.dkdv((q, k, v, dout, lse, delta, dk, dv, rng_arg, bits_arg, flag_arg, dq_acc, *self.dkdv_strides,
+                   *side_args, *self.dkdv_tail))
+        if self.fused:
+            return dq.copy_(dq_acc), dk, dv, [None] * len(sides)
         self.dq((q, k, v, dout, lse, delta, dq, rng_arg, bits_arg, flag_arg, *self.dq_strides, *side_args, *self.dq_scalars,
                  *[d for d in dside_full if d is not None], *self.dq_tail))
         if not any(side_grads):

@@ -158,13 +158,13 @@ def attn_fwd(Q, K, V, Out, LSE, RNG, Bits, Flag,
 # P recomputed from the LSE; dL = P∘(dP − Delta) is the gradient w.r.t. the (natural) score value.
 BACKWARD = '''
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                     stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, n0, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                     @SIDE_PARAMS@@SCALAR_PARAMS@
                     MASKED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                    DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr):
+                    DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     # Works on transposed tiles (keys x queries) so that P^T and dS^T come out of the dots in the layout
     # the dV and dK products consume: no register transposes. The score code is elementwise and only
     # sees q_idx / kv_idx broadcast the other way round.
@@ -203,11 +203,15 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         dl = p * (dp - delta[None, :])
         ds = dl * (@DSCORE@)
         dk = tl.dot(ds.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        if DQ_ATOMIC:  # this tile's share of dQ, added into the fp32 accumulator (the dQ kernel is skipped)
+            dq = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=DOT_PREC)
+            tl.atomic_add(dq_base + offs_m[:, None] * D + offs_d[None, :], dq,
+                          mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG, Bits, Flag,
+def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG, Bits, Flag, DQacc,
                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                   stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -215,7 +219,10 @@ def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG, Bits, Flag,
                   H, HKV, Nq, Nk, GROUP, keep_thresh, keep_scale,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                  DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr, FLAG_WANT: tl.constexpr):
+                  DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr, FLAG_WANT: tl.constexpr,
+                  DQ_ATOMIC: tl.constexpr):
+    """dK, dV of one key block; with DQ_ATOMIC also dQ, added tile by tile into DQacc (fp32, (B, H, Nq, D)
+    contiguous, zeroed by the preprocess), which saves the dQ kernel's second pass over the scores."""
     if FLAG_WANT >= 0:  # one of two variants launched together: the device mask check says which runs
         if tl.load(Flag) != FLAG_WANT:
             return
@@ -261,21 +268,22 @@ def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG, Bits, Flag,
         lse_base = LSE + off_bh.to(tl.int64) * Nq
         delta_base = Delta + off_bh.to(tl.int64) * Nq
         bits_row = Bits + off_bh.to(tl.int64) * Nq * NkW
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+        dq_base = DQacc + off_bh.to(tl.int64) * Nq * D
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                                  @SIDE_ARGS@@SCALAR_ARGS@
-                                 True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH, DQ_ATOMIC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                                  @SIDE_ARGS@@SCALAR_ARGS@
-                                 False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH, DQ_ATOMIC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                                  @SIDE_ARGS@@SCALAR_ARGS@
-                                 True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
+                                 True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH, DQ_ATOMIC)
     tl.store(dK + off_b.to(tl.int64) * stride_dkb + off_hkv.to(tl.int64) * stride_dkh
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(dK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
