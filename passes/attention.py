@@ -688,6 +688,153 @@ def _strip_row_max(x, d: int):
     return x
 
 
+# --------------------------------------------------------------------------------------------------
+# a zero fill of the probabilities with the mask of the scores' fill (ESPnet's forward_attention)
+# --------------------------------------------------------------------------------------------------
+# The fill value up to which a pre-softmax fill counts as "masked" (finfo(float16).min; -inf and the fp32/bf16
+# finfo.min are below): the masked probabilities are then exp(fill - row max) = 0 wherever a row keeps anything.
+HUGE_FILL = -65504.0
+# ops that give the same value, broadcast the same way against the scores (right-aligned)
+_SAME_VALUE_VIEWS = {aten.expand.default, aten.alias.default, aten.clone.default, aten.contiguous.default,
+                     aten.detach.default}
+# deterministic, functional ops: two nodes with equal targets and equal arguments hold equal values
+_PURE_OPS = {aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor, aten.lt.Scalar, aten.lt.Tensor,
+             aten.le.Scalar, aten.le.Tensor, aten.gt.Scalar, aten.gt.Tensor, aten.ge.Scalar, aten.ge.Tensor,
+             aten.logical_not.default, aten.bitwise_not.default, aten.logical_and.default,
+             aten.logical_or.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.unsqueeze.default,
+             aten.squeeze.dim, aten.view.default, aten.reshape.default, aten.slice.Tensor, aten.select.int,
+             aten.expand.default, aten.to.dtype, aten._to_copy.default, aten.arange.default, aten.arange.start,
+             aten.arange.start_step, aten.sub.Tensor, aten.add.Tensor, aten.sub.Scalar, aten.add.Scalar,
+             aten.ones.default, aten.tril.default, aten.triu.default}
+
+
+def _scalar_fill(x):
+    """The Python number of a fill argument, else None."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _fill_of(node: fx.Node, data):
+    """(mask, negated, value) when `node` replaces `data` by a number where a bool tensor says so:
+    masked_fill(data, m, c) and where(m, c, data) fill where m; where(m, data, c) fills where not m."""
+    if node.op != "call_function":
+        return None
+    a = node.args
+    if node.target == aten.masked_fill.Scalar and a[0] is data and isinstance(a[1], fx.Node):
+        return a[1], False, _scalar_fill(a[2])
+    if node.target == aten.where.ScalarSelf and a[2] is data and a[1] is not data:
+        return a[0], False, _scalar_fill(a[1])
+    if node.target == aten.where.ScalarOther and a[1] is data and a[0] is not data:
+        return a[0], True, _scalar_fill(a[2])
+    return None
+
+
+def _zero_fill_mask(node: fx.Node, p: fx.Node):
+    """(mask, negated) when `node` zeroes some of the probabilities `p`; None when it is no such fill."""
+    fill = _fill_of(node, p)
+    if fill is None:
+        return None
+    m, negated, value = fill
+    if value != 0.0:
+        what = "a non-constant value" if value is None else repr(value)
+        raise NotFusable(f"probabilities are filled with {what} by `{_op_name(node)}`{_where(node)} (only a "
+                         "zero fill where the scores were masked is a no-op the kernel can reproduce)", node)
+    return m, negated
+
+
+def _value_root(n):
+    """Strip ops that keep the value and its broadcast against the scores: expand, alias, copies, and views
+    that only add or drop leading size-1 dims."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
+        src = n.args[0]
+        if n.target in _SAME_VALUE_VIEWS:
+            n = src
+            continue
+        t, s = val(n), val(src)
+        if n.target in (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.squeeze.dim) and \
+                t is not None and s is not None:
+            a, b = (list(t.shape), list(s.shape)) if t.dim() >= s.dim() else (list(s.shape), list(t.shape))
+            lead = len(a) - len(b)
+            if all(_same(x, 1) for x in a[:lead]) and all(_same(x, y) for x, y in zip(a[lead:], b)):
+                n = src
+                continue
+        break
+    return n
+
+
+def _same_value(a, b, depth: int = 12) -> bool:
+    """a and b provably hold the same values, broadcast the same way: one node (up to `_value_root`), or the
+    same pure op on arguments that are (the mask written twice, `mask == 0` in both fills)."""
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return type(a) is type(b) and a == b
+    a, b = _value_root(a), _value_root(b)
+    if a is b:
+        return True
+    if depth == 0 or a.op != "call_function" or a.target != b.target or a.target not in _PURE_OPS:
+        return False
+    if len(a.args) != len(b.args) or a.kwargs != b.kwargs:
+        return False
+    ta, tb = val(a), val(b)
+    if ta is None or tb is None or ta.dim() != tb.dim() or not all(_same(x, y) for x, y in zip(ta.shape, tb.shape)):
+        return False
+    return all(_same_value(x, y, depth - 1) if isinstance(x, fx.Node) or isinstance(y, fx.Node)
+               else (type(x) is type(y) and x == y) for x, y in zip(a.args, b.args))
+
+
+_FINITE_SYMBOLS = {sm.score, sm.b, sm.h, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk}
+
+
+def _never_huge_negative(e: sympy.Basic) -> bool:
+    """e cannot be -inf or a huge negative fill: the score and index symbols under + * tanh abs min max, with
+    moderate constants. No side tensor (a float bias may hold -inf), no nested fill, no exp/log/division."""
+    for x in sympy.preorder_traversal(e):
+        if isinstance(x, sympy.Symbol):
+            if x not in _FINITE_SYMBOLS:
+                return False
+        elif x.is_Number:
+            if not x.is_finite or abs(float(x)) > 1e30:
+                return False
+        elif isinstance(x, sympy.Pow):
+            if x.free_symbols:
+                return False
+        elif not isinstance(x, (sympy.Add, sympy.Mul, sympy.tanh, sympy.Abs, sympy.Max, sympy.Min)):
+            return False
+    return True
+
+
+def _absorb_post_fill(expr: sympy.Basic, s_in: fx.Node, post: fx.Node, zeroed) -> sympy.Basic:
+    """`softmax(fill(s, m, c)).masked_fill(m, 0)`: the post-fill zeroes probabilities that are already 0 except
+    on rows where m masks every key, which it turns into 0 (NaN or the uniform average before). Proven when
+    the scores' only huge-negative source is one fill of c <= HUGE_FILL with the very same mask: the score
+    modification then fills with -inf and the kernel gives rows with nothing kept 0 (empty_rows_zero).
+    Returns that expression; anything else is a near-miss."""
+    why = f"the zero fill of the probabilities `{_op_name(post)}`{_where(post)}"
+    pre = s_in
+    while pre.op == "call_function" and pre.target in CASTS and isinstance(pre.args[0], fx.Node):
+        pre = pre.args[0]
+    data = {aten.masked_fill.Scalar: 0, aten.where.ScalarSelf: 2, aten.where.ScalarOther: 1}.get(pre.target)
+    fill = _fill_of(pre, pre.args[data]) if pre.op == "call_function" and data is not None else None
+    if fill is None:
+        raise NotFusable(f"probabilities go to `{_op_name(post)}`{_where(post)}, not to a matmul with V (a zero "
+                         "fill is a no-op only when the softmax input is a fill of the scores with the same mask; "
+                         f"it is `{_op_name(pre)}`{_where(pre)})", post)
+    m_pre, neg_pre, c = fill
+    if neg_pre != zeroed[1] or not _same_value(m_pre, zeroed[0]):
+        raise NotFusable(f"{why} uses another mask than the fill of the scores `{_op_name(pre)}`{_where(pre)}",
+                         post)
+    if c is None or not (c == -math.inf or c <= HUGE_FILL):
+        raise NotFusable(f"{why} after a fill of the scores with {'a non-constant' if c is None else repr(c)}: "
+                         f"only -inf or a finfo.min-like fill "
+                         f"(<= {HUGE_FILL:g}) leaves the masked probabilities at 0", post)
+    pieces = expr.args if isinstance(expr, sympy.Piecewise) else ()
+    huge = [i for i, (e, _) in enumerate(pieces) if e == -sympy.oo or (e.is_Number and e.is_finite and e <= HUGE_FILL)]
+    if len(pieces) != 2 or pieces[1].cond != sympy.true or len(huge) != 1 or \
+            not _never_huge_negative(pieces[1 - huge[0]].expr):
+        raise NotFusable(f"{why}: the scores have another mask or a bias that may hold -inf besides the fill "
+                         f"`{_op_name(pre)}`{_where(pre)}, so rows it zeroes may differ from rows with nothing "
+                         "kept", post)
+    return sympy.Piecewise(*[(-sympy.oo if i == huge[0] else e, cond) for i, (e, cond) in enumerate(pieces)])
+
+
 @register_pass(NAME)
 def attention_pass(gm: fx.GraphModule, ctx: PassContext) -> int:
     from flashfuse.passes.attention_layouts import rewrite_layouts  # it imports this module's op sets
@@ -756,8 +903,8 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     if dim % rank != rank - 1:
         raise NotFusable(f"softmax over dim {dim}; keys are on dim -1", softmax)
 
-    # 2. forwards: probabilities -> (casts, dropout) -> P @ V, nobody else reading them
-    chain, cur, dropout_p = [softmax], softmax, 0.0
+    # 2. forwards: probabilities -> (casts, dropout, a zero fill) -> P @ V, nobody else reading them
+    chain, cur, dropout_p, post_fill = [softmax], softmax, 0.0, None
     while True:
         users = list(cur.users)
         if not users:
@@ -788,6 +935,14 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
         if nxt.target in MATMUL_OPS:
             pv = nxt
             break
+        zeroed = _zero_fill_mask(nxt, cur)
+        if zeroed is not None:  # ESPnet: softmax(s.masked_fill(m, min)).masked_fill(m, 0); checked below
+            if post_fill is not None:
+                raise NotFusable("two fills on the probabilities", nxt)
+            post_fill = (nxt, zeroed)
+            chain.append(nxt)
+            cur = nxt
+            continue
         raise NotFusable(f"probabilities go to `{_op_name(nxt)}`{_where(nxt)}, not to a matmul with V", nxt)
     if dropout_p >= 1.0:
         raise NotFusable(f"dropout p={dropout_p} drops everything", pv)
@@ -796,6 +951,8 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     builder = ScoreModBuilder(s_in, sv.shape)
     expr = builder.build()
     S = builder.score_node
+    if post_fill is not None:
+        expr = _absorb_post_fill(expr, s_in, *post_fill)
     _check_scores_stay_inside(builder, S, pv)
 
     # Q, K from S;  V from P @ V
@@ -858,7 +1015,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     precision = ctx.config.fp32_precision
     # under CUDA graphs a mask cannot be re-checked per call (replays skip the op's Python): keep it a tensor
     att = g.call(torch.ops.flashfuse.attention.default, q4, k4, v4, sides4, [], text, dropout_p, rng,
-                 precision, not ctx.cuda_graphs)
+                 precision, not ctx.cuda_graphs, *([True] if post_fill is not None else []))
     out = g.call(operator.getitem, att, 0)
     out_final = out
     if rank != 4:
@@ -873,7 +1030,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     out_final.meta["val"] = ov
 
     description = _describe(gm, expr, builder, dropout_p, qv, ktv, k_rep, rank, ctx.example_inputs,
-                            ctx.cuda_graphs)
+                            ctx.cuda_graphs, post_fill is not None)
     ctx.graph_report.add_match(NAME, pv, description, score_mod=str(expr), dropout_p=dropout_p,
                                gqa=k_rep, head_dim=d, sides=list(builder.side_desc))
     # the original nodes are now dead; the pipeline's dead-code elimination removes them
@@ -1152,7 +1309,7 @@ def _is_causal_condition(c) -> bool:
 
 
 def _describe(gm, expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, rep: int, rank: int,
-              example_inputs, cuda_graphs: bool = False) -> str:
+              example_inputs, cuda_graphs: bool = False, empty_rows_zero: bool = False) -> str:
     """The specialization in words, e.g. 'causal, scale 0.125, dropout p=0.1, GQA 4:1, d=64'."""
     parts = []
     index_conds = [c for c in expr.atoms(sympy.core.relational.Relational) if _is_index_only(c)
@@ -1173,6 +1330,8 @@ def _describe(gm, expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, rep
         parts.append(f"tanh softcap {float(cap):g}" if cap.is_Number and cap != 0 else "tanh softcap")
     if dropout_p:
         parts.append(f"dropout p={dropout_p:g}")
+    if empty_rows_zero:
+        parts.append("probabilities zeroed where masked (fully masked rows give 0)")
     if rep > 1:
         parts.append(f"GQA {rep}:1")
     nq, nk = qv.shape[-2], ktv.shape[-1]

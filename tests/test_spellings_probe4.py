@@ -1083,11 +1083,7 @@ POSITIVE = {
         lambda: (DropoutP0TrainMethodSoftmaxDtype().train(), qkv(seed=179)), 1),
 }
 
-XFAIL: dict[str, str] = {
-    "espnet_post_softmax_zero_same_mask": (
-        "near-miss: probabilities go to `masked_fill`, not to a matmul with V -- the post-softmax "
-        "masked_fill(mask, 0.0) repeats the pre-softmax finfo.min mask (a no-op except on fully masked rows)"),
-}
+XFAIL: dict[str, str] = {}
 
 
 def _params(cases, xfails):

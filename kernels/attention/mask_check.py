@@ -91,7 +91,7 @@ def _launch_check(score_mod, q, k, sides, needs_grad):
     return causal_check(sides[i]), text, kept
 
 
-def forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits=None):
+def forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits=None, empty_rows_zero=False):
     """(out, lse) from both variants under the device check, or None when no side qualifies. `bits` as in
     triton_impl.attention_forward: the variant that runs fills them."""
     checked = _launch_check(score_mod, q, k, sides, [False] * len(sides))
@@ -99,9 +99,9 @@ def forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits=
         return None
     flag, text, kept = checked
     out, lse = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, 0,
-                                    bits=bits)
+                                    bits=bits, empty_rows_zero=empty_rows_zero)
     ti.attention_forward(q, k, v, [sides[j] for j in kept], scalars, text, dropout_p, rng, precision, flag, 1,
-                         into=(out, lse), bits=bits)
+                         into=(out, lse), bits=bits, empty_rows_zero=empty_rows_zero)
     return out, lse
 
 

@@ -5,8 +5,10 @@ Layout: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with any strides
 index mapping). Each side tensor is a 4-D view broadcastable to (B, Hq, Nq, Nk) (size-1 dims broadcast).
 `score_mod` is the text form of the captured expression (see score_mod.py). `rng` is an int64 tensor
 [seed, offset] on q's device when dropout is active, else None. `precision` ("tf32"/"ieee") applies to
-fp32 inputs. Returns out (B, Hq, Nq, Dv) — stored (B, Nq, Hq, Dv)-contiguous so the usual
-`transpose(1, 2).reshape(B, N, H*Dv)` is free — and the log-sum-exp (B, Hq, Nq) in fp32 (natural log).
+fp32 inputs. `empty_rows_zero`: query rows with nothing kept (every score masked) give 0 instead of NaN or
+the uniform average (the user zeroed the masked probabilities after the softmax). Returns out
+(B, Hq, Nq, Dv) — stored (B, Nq, Hq, Dv)-contiguous so the usual `transpose(1, 2).reshape(B, N, H*Dv)` is
+free — and the log-sum-exp (B, Hq, Nq) in fp32 (natural log).
 """
 from __future__ import annotations
 
@@ -82,15 +84,17 @@ def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 # Registered with a plain torch.library.Library, not custom_op (kernels/registration.py says why).
 _SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor[] sides, float[] scalars, str score_mod, float dropout_p, "
-           "Tensor? rng, str precision, bool recognize_masks=True) -> (Tensor, Tensor, Tensor)")
+           "Tensor? rng, str precision, bool recognize_masks=True, bool empty_rows_zero=False) "
+           "-> (Tensor, Tensor, Tensor)")
 _BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] sides, "
                     "float[] scalars, str score_mod, float dropout_p, Tensor? rng, bool[] side_needs_grad, "
-                    "str precision, bool recognize_masks=True, Tensor? dropout_bits=None) -> (Tensor, Tensor, Tensor, Tensor[])")
+                    "str precision, bool recognize_masks=True, Tensor? dropout_bits=None, bool empty_rows_zero=False) "
+                    "-> (Tensor, Tensor, Tensor, Tensor[])")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[torch.Tensor],
               scalars: list[float], score_mod: str, dropout_p: float, rng: Optional[torch.Tensor],
-              precision: str, recognize_masks: bool = True
+              precision: str, recognize_masks: bool = True, empty_rows_zero: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CPU/CUDA kernel of flashfuse::attention: out, lse and the dropout's keep bits, which the backward
     reads instead of drawing again (`_empty_bits`: an empty tensor when there are none).
@@ -100,17 +104,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
     saved = bits if bits.numel() else None
     if use_triton(q) and _has_triton_impl():
         checker = _device_mask_check(recognize_masks, sides)
-        checked = (checker.forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, saved)
-                   if checker else None)
+        checked = (checker.forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, saved,
+                                   empty_rows_zero) if checker else None)
         if checked is not None:
             out, lse = checked
         else:
             if recognize_masks:
                 score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
             out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
-                                                   bits=saved)
+                                                   bits=saved, empty_rows_zero=empty_rows_zero)
     else:
-        out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, bits=saved)
+        out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, bits=saved,
+                                               empty_rows_zero=empty_rows_zero)
     # the fake impl promises these layouts; compiled graphs rely on the strides
     return as_bnhd(out), lse.contiguous(), bits
 
@@ -123,7 +128,8 @@ def _empty_bits(q, k, dropout_p, rng):
     return q.new_empty((0,), dtype=torch.uint8)
 
 
-def _attention_fake(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
+def _attention_fake(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True,
+                    empty_rows_zero=False):
     bsz, hq, nq, _ = q.shape
     return _empty_out(q, v), q.new_empty((bsz, hq, nq), dtype=torch.float32), _empty_bits(q, k, dropout_p, rng)
 
@@ -132,10 +138,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, sides: list[torch.Tensor],
                        scalars: list[float], score_mod: str, dropout_p: float,
                        rng: Optional[torch.Tensor], side_needs_grad: list[bool], precision: str,
-                       recognize_masks: bool = True, dropout_bits: Optional[torch.Tensor] = None
+                       recognize_masks: bool = True, dropout_bits: Optional[torch.Tensor] = None,
+                       empty_rows_zero: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The CPU/CUDA kernel of flashfuse::attention_backward: dq, dk, dv and the gradients of the sides whose
-    `side_needs_grad` is set (in order). `dropout_bits`: the forward's third output (empty: draw again)."""
+    `side_needs_grad` is set (in order). `dropout_bits`: the forward's third output (empty: draw again).
+    `empty_rows_zero` matters to the reference only: the kernels give rows with lse = -inf no gradient."""
     bits = dropout_bits if dropout_bits is not None and dropout_bits.numel() and dropout_p > 0 else None
     triton = use_triton(q) and _has_triton_impl()
     checker = _device_mask_check(recognize_masks, sides) if triton else None
@@ -158,13 +166,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     else:
         dq, dk, dv, dsides = reference.attention_backward(
             dout, q, k, v, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
-            dropout_mask=None if bits is None else dropout.unpack_bits(bits, k.shape[2]))
+            dropout_mask=None if bits is None else dropout.unpack_bits(bits, k.shape[2]),
+            empty_rows_zero=empty_rows_zero)
     return (as_bnhd(dq), as_bnhd(dk), as_bnhd(dv),
             [d.contiguous() for d, g in zip(dsides, side_needs_grad) if g])
 
 
 def _attention_backward_fake(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
-                             precision, recognize_masks=True, dropout_bits=None):
+                             precision, recognize_masks=True, dropout_bits=None, empty_rows_zero=False):
     dsides = [s.new_empty(s.shape) for s, g in zip(sides, side_needs_grad) if g]
     return empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v), dsides
 
@@ -180,10 +189,10 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, q, k, v, rng, *sides):
-        scalars, score_mod, dropout_p, precision, recognize_masks = meta
+        scalars, score_mod, dropout_p, precision, recognize_masks, empty_rows_zero = meta
         with torch._C._AutoDispatchBelowAutograd():
             out, lse, bits = _attention_op(q, k, v, list(sides), list(scalars), score_mod, dropout_p, rng,
-                                           precision, recognize_masks)
+                                           precision, recognize_masks, empty_rows_zero)
         ctx.meta = meta
         ctx.has_rng = rng is not None
         ctx.side_needs_grad = [bool(ctx.needs_input_grad[5 + i] and s.is_floating_point())
@@ -194,7 +203,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse, dbits):
-        scalars, score_mod, dropout_p, precision, recognize_masks = ctx.meta
+        scalars, score_mod, dropout_p, precision, recognize_masks, empty_rows_zero = ctx.meta
         saved = ctx.saved_tensors
         n_sides = len(ctx.side_needs_grad)
         q, k, v, out, lse, bits = saved[:6]
@@ -202,14 +211,15 @@ class _AttentionFunction(torch.autograd.Function):
         rng = saved[6 + n_sides] if ctx.has_rng else None
         dq, dk, dv, dsides_some = _attention_backward_op(
             dout, q, k, v, out, lse, sides, list(scalars), score_mod, dropout_p, rng, ctx.side_needs_grad,
-            precision, recognize_masks, bits)
+            precision, recognize_masks, bits, empty_rows_zero)
         it = iter(dsides_some)
         dsides = [next(it) if g else None for g in ctx.side_needs_grad]
         return (None, dq, dk, dv, None, *dsides)
 
 
-def _attention_differentiable(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True):
-    meta = (tuple(scalars), score_mod, dropout_p, precision, recognize_masks)
+def _attention_differentiable(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True,
+                              empty_rows_zero=False):
+    meta = (tuple(scalars), score_mod, dropout_p, precision, recognize_masks, empty_rows_zero)
     return tuple(_AttentionFunction.apply(meta, q, k, v, rng, *sides))
 
 

@@ -61,10 +61,16 @@ def _dropout_mask(rng, shape, q0, p, device):
     return (bits < dropout.keep_threshold(p)).to(device)
 
 
+def _empty_rows(logits):
+    """Rows with nothing kept: every value -inf or a huge fill (finfo.min), as the kernels mark them."""
+    return logits.amax(-1) < -1.0e30
+
+
 def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float, rng,
-                      dropout_mask=None, block: int = QUERY_BLOCK, bits=None):
+                      dropout_mask=None, block: int = QUERY_BLOCK, bits=None, empty_rows_zero=False):
     """Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) in fp32. `bits`: a uint8 tensor of
-    `dropout.bits_shape` that receives the keep flags (packed, `dropout.pack_bits`)."""
+    `dropout.bits_shape` that receives the keep flags (packed, `dropout.pack_bits`). `empty_rows_zero`: rows
+    with nothing kept give out 0 and lse -inf (the kernels' flag of the same name)."""
     expr = sm.from_text(score_mod)
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
@@ -84,6 +90,10 @@ def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float,
             p = p * keep * dropout.keep_scale(dropout_p)
             if bits is not None:
                 bits[:, :, q0:q0 + block] = dropout.pack_bits(keep.expand(p.shape))
+        if empty_rows_zero:
+            empty = _empty_rows(logits)
+            p = p.masked_fill(empty[..., None], 0.0)
+            lse_blk = lse_blk.masked_fill(empty, float("-inf"))
         out[:, :, q0:q0 + block] = torch.matmul(p, vx.to(compute)).to(q.dtype)
         lse[:, :, q0:q0 + block] = lse_blk.float()
     return out, lse
@@ -96,8 +106,9 @@ def _reduce_to(grad: torch.Tensor, shape) -> torch.Tensor:
 
 
 def attention_backward(dout, q, k, v, sides, scalars, score_mod: str, dropout_p: float, rng,
-                       side_needs_grad, dropout_mask=None, block: int = QUERY_BLOCK):
-    """FlashAttention's backward formulas, one query block at a time (O(N·block) memory):
+                       side_needs_grad, dropout_mask=None, block: int = QUERY_BLOCK, empty_rows_zero=False):
+    """FlashAttention's backward formulas, one query block at a time (O(N·block) memory). With
+    `empty_rows_zero`, rows with nothing kept carry no gradient (their output is the constant 0):
     dV += Pdᵀ·dO;  dP = dO·Vᵀ (∘ dropout);  dL = P∘(dP − rowsum(dP∘P));  dscore = dL·∂mod/∂score;
     dQ = dscore·K;  dK += dscoreᵀ·Q;  dside_i += reduce(dL·∂mod/∂side_i)."""
     import sympy
@@ -118,7 +129,10 @@ def attention_backward(dout, q, k, v, sides, scalars, score_mod: str, dropout_p:
         qs = q[:, :, q0:q0 + block].to(compute)
         rows = qs.shape[2]
         env = _env(_scores(qs, kx, compute), sides, scalars, q0, nq, nk, compute)
-        p = torch.softmax(_eval(expr, env, compute), dim=-1)
+        logits = _eval(expr, env, compute)
+        p = torch.softmax(logits, dim=-1)
+        if empty_rows_zero:
+            p = p.masked_fill(_empty_rows(logits)[..., None], 0.0)
         pd, scale_keep = p, None
         if dropout_p > 0 and rng is not None:
             keep = (dropout_mask[:, :, q0:q0 + block] if dropout_mask is not None

@@ -258,24 +258,27 @@ def _interleave(tensors, strides):
 
 
 def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag=None, flag_want=-1,
-                      into=None, bits=None):
+                      into=None, bits=None, empty_rows_zero=False):
     """out, lse. With `flag` (mask_check.py), the kernel runs only if flag[0] == `flag_want`; `into`
-    = (out, lse) written in place, so two variants launched together share their outputs. `bits`: a
+    = (out, lse) written in place, so two variants launched together share their outputs. `empty_rows_zero`:
+    rows with nothing kept (lse = -inf) give 0, not NaN or the uniform average (the user zeroed the masked
+    probabilities after the softmax). `bits`: a
     contiguous uint8 tensor of `dropout.bits_shape` that receives the keep flags of the dropout (the
     backward then reads them instead of drawing again); bytes of key blocks the mask skips stay unwritten."""
-    key = ("fwd", score_mod, tuple(scalars), dropout_p, precision, flag_want,
+    key = ("fwd", score_mod, tuple(scalars), dropout_p, precision, flag_want, empty_rows_zero,
            None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
            None if into is None else (_tkey(into[0]), _tkey(into[1])), None if bits is None else _tkey(bits),
            _tkey(q), _tkey(k), _tkey(v), *[_tkey(s) for s in sides])
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(key, lambda: _ForwardPlan(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
-                                               flag_want, into, bits))
+                                               flag_want, into, bits, empty_rows_zero))
     return plan(q, k, v, sides, rng, flag, into, bits)
 
 
 class _ForwardPlan:
-    def __init__(self, q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag_want, into, bits):
+    def __init__(self, q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag_want, into, bits,
+                 empty_rows_zero=False):
         _check(q, k, v)
         bsz, hq, nq, _ = q.shape
         hkv, nk = k.shape[1], k.shape[2]
@@ -295,7 +298,7 @@ class _ForwardPlan:
         self.side_strides = _side_strides(sides, (bsz, hq, nq, nk))
         self.tail = (*[float(x) for x in scalars], hq, nq, nk, hq // hkv, *_dropout_args(dropout_p))
         self.launch = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq),
-                                  {**meta, **blocks, "FLAG_WANT": flag_want})
+                                  {**meta, **blocks, "FLAG_WANT": flag_want, "EMPTY_ROWS_ZERO": empty_rows_zero})
 
     def __call__(self, q, k, v, sides, rng, flag, into, bits):
         if into is not None:

@@ -89,7 +89,8 @@ def attn_fwd(Q, K, V, Out, LSE, RNG, Bits, Flag,
              H, Nq, Nk, GROUP, keep_thresh, keep_scale,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-             DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr, FLAG_WANT: tl.constexpr):
+             DROPOUT: tl.constexpr, FAST_MATH: tl.constexpr, FLAG_WANT: tl.constexpr,
+             EMPTY_ROWS_ZERO: tl.constexpr = False):
     if FLAG_WANT >= 0:  # one of two variants launched together: the device mask check says which runs
         if tl.load(Flag) != FLAG_WANT:
             return
@@ -149,6 +150,8 @@ def attn_fwd(Q, K, V, Out, LSE, RNG, Bits, Flag,
     # every score of the row is a huge fill (finfo.min): out is eager's uniform average, but m + log(l)
     # rounds to m, so the backward could not recover P; mark the row fully masked (no gradient) instead
     lse = tl.where(m_i < -1.0e30, float("-inf"), lse)
+    if EMPTY_ROWS_ZERO:  # the user zeroed the masked probabilities after the softmax: such rows give 0
+        out = tl.where((lse == float("-inf"))[:, None], 0.0, out)
     tl.store(Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < DV))
