@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 7: the fused backward (dQ by atomics in the dK/dV kernel) against the split one, same call, on the device.
+# Session 7 (run in session 8): the fused backward (dQ by atomics in the dK/dV kernel) against the split one, same call, on the device.
 # Usage on the device (repo root): bash benchmarks/device_fused_bwd.sh   (results under $OUT)
 set -u; OUT=${OUT:-/tmp/flashfuse_out}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
@@ -13,5 +13,5 @@ run drop_split 60 env FLASHFUSE_ATTN_BWD=split $B --d 64 --n 1024 4096 --causal 
 run nodrop_fused 100 env FLASHFUSE_ATTN_BWD=fused $B --d 64 128 --n 4096 --causal yes --modes fwd+bwd --impls flashfuse sdpa_flash
 run nodrop_split 70 env FLASHFUSE_ATTN_BWD=split $B --d 64 128 --n 4096 --causal yes --modes fwd+bwd --impls flashfuse
 echo "=== train_gpt (fused backward)"
-timeout 170 env FLASHFUSE_ATTN_BWD=fused python benchmarks/train_gpt.py --modes flashfuse --configs 2x4096,8x1024 --out $OUT --tag _session7_fused > $OUT/train.log 2>&1
+timeout 170 env FLASHFUSE_ATTN_BWD=fused python benchmarks/train_gpt.py --modes flashfuse --configs 2x4096,8x1024 --out $OUT --tag _session8_fused > $OUT/train.log 2>&1
 echo rc=$?; grep "^|" $OUT/train.log
