@@ -10,7 +10,7 @@ with every constant within a relative 1e-6 (so `math.sqrt(2/math.pi)`, `0.797884
 the right shape but another constant is a different function: recorded as a near-miss.
 
 The bias is folded when the GELU input is `t + b` with b a vector over the last dim (`x @ W + b`),
-`linear(inp, W, b)` or `addmm(b, x, W)` (then the linear / mm runs without its bias and the kernel adds
+`linear(inp, W, b)` or `addmm(b, x, W)` (also seen through a view that keeps the last dim, GPT-2's Conv1D) (then the linear / mm runs without its bias and the kernel adds
 it), and that sum has no other user.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ TANH_CUBIC = 0.044715
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DEPTH = 5          # ops between erf/tanh and the end of a hand-written GELU
 MAX_REGION = 24        # nodes in a hand-written GELU region
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _erf(a, kw, ev):
@@ -228,12 +229,19 @@ def _bias_of(gm: fx.GraphModule, x: fx.Node, region: set) -> tuple[fx.Node, fx.N
         bv = val(x.args[2])
         if bv is not None and bv.dim() == 1 and bv.dtype == xv.dtype:
             return x, x.args[2], "the linear's bias", x
-    # torch.addmm(b, x, W) (beta = alpha = 1) is `x @ W + b` in one op: split like the linear
-    if x.target is aten.addmm.default and len(x.args) == 3 and not x.kwargs and isinstance(x.args[0], fx.Node):
-        bv = val(x.args[0])
-        if bv is not None and 1 <= bv.dim() <= 2 and bv.dtype == xv.dtype and known_equal(bv.shape[-1], xv.shape[-1]) \
-                and all(known_equal(s, 1) for s in bv.shape[:-1]):
-            return x, x.args[0], "the addmm's bias", x
+    # torch.addmm(b, x, W) (beta = alpha = 1) is `x @ W + b` in one op: split like the linear. GPT-2's Conv1D
+    # writes `addmm(b, x.view(-1, nx), W).view(*lead, nf)`: the view only splits the rows (the last dim is kept),
+    # so the bias still lines up with the last dim and the view can move after the bias-free mm
+    mm = x
+    if x.target in VIEWS and isinstance(x.args[0], fx.Node) and x.args[0].target is aten.addmm.default \
+            and len(x.args[0].users) == 1 and val(x.args[0]) is not None \
+            and known_equal(val(x.args[0]).shape[-1], xv.shape[-1]):
+        mm = x.args[0]
+    if mm.target is aten.addmm.default and len(mm.args) == 3 and not mm.kwargs and isinstance(mm.args[0], fx.Node):
+        bv, mv = val(mm.args[0]), val(mm)
+        if bv is not None and mv is not None and 1 <= bv.dim() <= 2 and bv.dtype == xv.dtype == mv.dtype \
+                and known_equal(bv.shape[-1], mv.shape[-1]) and all(known_equal(s, 1) for s in bv.shape[:-1]):
+            return x, mm.args[0], "the addmm's bias" + (" (through the view after it)" if mm is not x else ""), mm
     return x, None, "", None
 
 
@@ -254,6 +262,9 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, root: fx.Node, region: set, x
     if linear is not None:  # the matmul without its bias: linear(inp, W) / mm(x, W) for addmm(b, x, W)
         if linear.target is aten.addmm.default:
             inp = insert_call(gm, root, aten.mm.default, tuple(linear.args[1:]), like=linear)
+            if x is not linear:  # the view that followed the addmm, now after the mm
+                inp = insert_call(gm, root, x.target, (inp, *x.args[1:]), x.kwargs, like=x)
+                erase.add(x)
         else:
             inp = insert_call(gm, root, aten.linear.default, tuple(linear.args[:2]), like=linear)
         erase.add(linear)

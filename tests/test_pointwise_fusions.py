@@ -122,6 +122,40 @@ def test_linear_gelu_tanh_folds_linear_bias(options):
     assert "flashfuse.bias_gelu" in code and "aten.gelu" not in code
 
 
+class AddmmViewGelu(nn.Module):
+    """GPT-2's Conv1D: `addmm(b, x.view(-1, nx), W).view(..)`, then GELU; `split` views the output so that
+    its last dim is no longer the bias's (the bias must then stay in the addmm)."""
+
+    def __init__(self, split=False, keep=False):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(12, 8) / 4)
+        self.b = nn.Parameter(torch.randn(8))
+        self.split, self.keep = split, keep
+
+    def forward(self, x):
+        h = torch.addmm(self.b, x.view(-1, x.size(-1)), self.W)
+        out = h.view(*x.shape[:-1], 2, 4) if self.split else h.view(*x.shape[:-1], 8)
+        g = F.gelu(out, approximate="tanh")
+        return (g, h) if self.keep else g
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+def test_addmm_bias_folds_through_the_view_after_it(options):
+    torch.manual_seed(3)
+    report = check(AddmmViewGelu(), rand(2, 3, 12), options=options, bias_gelu=1)
+    assert report.matches[0].details["bias"] is True, str(report)
+    assert "through the view" in report.matches[0].description
+    assert "aten.addmm" not in report.graphs[0].code_after
+
+
+@pytest.mark.parametrize("split,keep", [(True, False), (False, True)], ids=["last-dim-reshaped", "addmm-also-returned"])
+def test_addmm_bias_stays_when_the_view_moves_its_last_dim_or_the_addmm_is_shared(split, keep):
+    torch.manual_seed(4)
+    report = check(AddmmViewGelu(split=split, keep=keep), rand(2, 3, 12), bias_gelu=1)
+    assert report.matches[0].details["bias"] is False, str(report)
+    assert "aten.addmm" in report.graphs[0].code_after
+
+
 def test_gelu_inside_a_larger_expression():
     def f(x, r):
         return 3.0 * (0.5 * x * (1 + torch.erf(x / math.sqrt(2)))) + r * 2.0

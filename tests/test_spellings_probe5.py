@@ -557,9 +557,7 @@ GELU = [
     case("hf_bert_intermediate_F_gelu", lambda: BertIntermediate(bert_config(hidden_act="gelu")), (XG,),
          dict(bias_gelu=1), details=BIAS),
     case("hf_gpt2_mlp_conv1d_gelu_new", lambda: GPT2MLP(2 * D, GPT2Config(n_embd=D, resid_pdrop=0.0)), (XG,),
-         dict(bias_gelu=1), details=dict(bias_gelu=dict(bias=True, approximate="tanh")),
-         xfail="fused and right numbers, but details bias=False: Conv1D's addmm(bias, x.view(-1, nx), W).view(..) "
-               "keeps its bias in the addmm (the bias is not folded through the view)"),
+         dict(bias_gelu=1), details=dict(bias_gelu=dict(bias=True, approximate="tanh"))),
     case("hf_gelu_fast_after_linear", lambda: LinearAct(tf_act.ACT2FN["gelu_fast"]), (XG,), dict(bias_gelu=1),
          details=BIAS),
     case("hf_gelu_pytorch_tanh_after_linear", lambda: LinearAct(tf_act.ACT2FN["gelu_pytorch_tanh"]), (XG,),
