@@ -42,6 +42,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
             logger.debug("graph %d after normalize:\n%s", graph_report.index, aten_gm.code)
         ctx = PassContext(config, graph_report, example_inputs, _graph_is_cuda(example_inputs),
                           _uses_cuda_graphs(config, mode))
+        from flashfuse.passes import opaque_functions
+
+        opaque_functions.report_hidden(aten_gm, graph_report, config.enabled_passes())
         total = 0
         for name in config.enabled_passes():
             n = get_pass(name)(aten_gm, ctx)

@@ -10,6 +10,7 @@ remainder (eager, or Inductor through aot_autograd) sees the Function exactly as
 from __future__ import annotations
 
 import itertools
+import re
 
 import torch
 import torch.fx as fx
@@ -18,6 +19,7 @@ from torch._functorch.autograd_function import autograd_function_apply
 from flashfuse.kernels.registration import define
 
 _FUNCTIONS: dict[int, tuple] = {}  # key -> (forward graph, backward graph, kwargs of the call)
+_WHERE: dict[int, str | None] = {}  # key -> the user's line that applied the Function (for the report)
 _KEYS = itertools.count()
 
 
@@ -52,6 +54,7 @@ class Tracer(fx.Interpreter):
         fwd, bwd, *tensors = self.fetch_args_kwargs_from_env(n)[0]
         key = next(_KEYS)
         _FUNCTIONS[key] = (fwd, bwd, dict(n.kwargs))
+        _WHERE[key] = n.meta.get("stack_trace")
         return tuple(_opaque(tensors, key))
 
 
@@ -72,9 +75,45 @@ def restore(gm: fx.GraphModule) -> int:
             f, b = (gm.graph.get_attr(n) for n in names)
             call = gm.graph.call_function(autograd_function_apply, (f, b, *tensors), kwargs)
         call.meta.update(node.meta)
+        if _WHERE.get(key) and not call.meta.get("stack_trace"):
+            call.meta["stack_trace"] = _WHERE[key]
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
         count += 1
     if count:
         gm.recompile()
+    return count
+
+
+# what a Function's forward computes, by the names of its calls -> the fusion that would have taken it
+_HIDDEN = {"tanh": "bias_gelu", "erf": "bias_gelu", "gelu": "bias_gelu", "softmax": "attention",
+           "_softmax": "attention", "scaled_dot_product_attention": "attention", "layer_norm": "layer_norm",
+           "rsqrt": "rms_norm"}
+
+
+def report_hidden(gm: fx.GraphModule, graph_report, enabled: list[str]) -> int:
+    """A near-miss for each custom Function whose forward holds what a fusion looks for (Megatron's
+    bias_gelu_impl): it stays whole, because its backward is the user's own code and flashfuse would have
+    to prove that it is the forward's gradient before replacing both."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not autograd_function_apply \
+                or not isinstance(node.args[0], fx.Node) or node.args[0].op != "get_attr":
+            continue
+        fwd = getattr(gm, node.args[0].target, None)
+        if not isinstance(fwd, fx.GraphModule):
+            continue
+        found: dict[str, str] = {}
+        for n in fwd.graph.nodes:
+            name = getattr(n.target, "__name__", str(n.target)) if n.op == "call_function" else str(n.target)
+            fusion = _HIDDEN.get(name.split(".")[-1])
+            if fusion in enabled and fusion not in found:
+                found[fusion] = name
+        called = re.findall(r"(\w+)\.apply\(", node.meta.get("stack_trace") or "")
+        who = f"the custom autograd.Function `{called[-1]}`" if called else "a custom autograd.Function"
+        for fusion, op in found.items():
+            graph_report.add_near_miss(fusion, node, f"`{op}` is inside {who}: kept whole, because its backward "
+                                                     "is the user's own code (flashfuse does not replace a "
+                                                     "hand-written backward)")
+            count += 1
     return count

@@ -228,8 +228,37 @@ def test_a_custom_autograd_function_keeps_its_backward():
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
         assert report.count("layer_norm") == 1, str(report)
+        assert not report.near_misses, str(report)  # the Function's forward holds nothing a fusion looks for
         code = report.graphs[0].code_after
         assert "autograd_function_apply" in code and "flashfuse.layer_norm" in code, code
+
+
+class _SoftmaxWithOwnBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s):
+        p = torch.softmax(s, -1)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return p * (g - (g * p).sum(-1, keepdim=True))
+
+
+def test_what_a_custom_function_hides_is_named_in_the_report():
+    """Attention whose softmax is a custom Function is not fused (its backward is the user's), and the
+    report says where the softmax went instead of saying nothing."""
+    from flashfuse.explain import explain
+
+    def attn(q, k, v):
+        return _SoftmaxWithOwnBackward.apply(q @ k.transpose(-1, -2) * 0.5) @ v
+
+    q, k, v = (torch.randn(2, 5, 4, requires_grad=True) for _ in range(3))  # without grad Dynamo inlines it
+    report = explain(attn, q, k, v)
+    assert report.count("attention") == 0, str(report)
+    reasons = [n.reason for n in report.near_misses if n.fusion == "attention"]
+    assert any("`_SoftmaxWithOwnBackward`: kept whole" in r for r in reasons), str(report)
 
 
 def test_other_higher_order_ops_leave_the_graph_as_dynamo_gave_it():
