@@ -772,7 +772,9 @@ def test_gpu_gqa_dropout_bf16(d):
     from flashfuse.kernels.attention import dropout
     bits = torch.empty(dropout.bits_shape(B, Hq, N, N), dtype=torch.uint8, device="cuda")
     out_s, lse_s = ti.attention_forward(q, k, v, [], [], text, p, rng, "tf32", bits=bits)
-    assert torch.equal(out_s, out)
+    # the saving forward is autotuned on its own (DROPOUT is in the key) and may pick another tile, so the
+    # sums run in another order: equal up to bf16 rounding, and the mask below must be exactly the same
+    assert _rel(out_s, out) < 4e-3
     assert torch.equal(dropout.unpack_bits(bits, N) | ~torch.ones(N, N, dtype=torch.bool, device="cuda").tril(),
                        mask | ~torch.ones(N, N, dtype=torch.bool, device="cuda").tril())
     saved = ti.attention_backward(dout, q, k, v, out, lse, [], [], text, p, rng, [], "tf32", bits=bits)
