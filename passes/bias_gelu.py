@@ -21,7 +21,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from flashfuse.passes import PassContext, register_pass
+from torch._functorch.autograd_function import autograd_function_apply
+
+from flashfuse.passes import PassContext, bias_gelu_function, register_pass
 from flashfuse.passes.eltwise_chain import (ARITHMETIC, AUTOCAST_NOTE, INDUCTOR_NOTE, autocast_nodes, erase_unused,
                                             grow_region, guarded, in_autocast, insert_call, is_number, kernel_fusions_enabled,
                                             known_equal, order_of, pow_exponent_ok, same_shape, shape_str, to_sympy,
@@ -323,9 +325,37 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
             return True
         return False
 
+    def function(node: fx.Node) -> bool:
+        found = bias_gelu_function.match(gm, node)
+        if found is None:
+            return False
+        if isinstance(found, str):
+            ctx.graph_report.add_near_miss(NAME, node, f"GELU inside a custom autograd.Function, kept whole: {found}")
+            return False
+        if not enabled:
+            ctx.graph_report.add_near_miss(NAME, node, INDUCTOR_NOTE)
+            return False
+        if in_autocast(autocast_nodes(gm), [node]):
+            ctx.graph_report.add_near_miss(NAME, node, AUTOCAST_NOTE)
+            return False
+        inp, bias, kind = found
+        out = next(iter(node.users))
+        fused = insert_call(gm, node, torch.ops.flashfuse.bias_gelu.default, (inp, bias, kind), like=out)
+        for u in list(node.users):
+            u.replace_all_uses_with(fused)
+        ctx.graph_report.add_match(NAME, node, f"custom autograd.Function GELU ({'tanh' if kind == 'tanh' else 'erf'} "
+                                   "form; forward and backward proven GELU's)" + (" with its bias" if bias is not None
+                                                                                   else "") + " -> one kernel",
+                                   approximate=kind, bias=bias is not None, spelling="autograd.Function",
+                                   shape=shape_str(val(out)))
+        erase_unused(gm, set(node.users) | {node})
+        return True
+
     for node in list(gm.graph.nodes):
         if node in done or node.op != "call_function":
             continue
         if node.target in (aten.gelu.default, aten.erf.default, aten.special_erf.default, aten.tanh.default):
             rewrites += guarded(ctx, NAME, node, lambda: one(node))
+        elif node.target is autograd_function_apply:
+            rewrites += guarded(ctx, NAME, node, lambda: function(node))
     return rewrites

@@ -86,14 +86,15 @@ def restore(gm: fx.GraphModule) -> int:
 
 
 # what a Function's forward computes, by the names of its calls -> the fusion that would have taken it
-_HIDDEN = {"tanh": "bias_gelu", "erf": "bias_gelu", "gelu": "bias_gelu", "softmax": "attention",
+# (a GELU Function is the bias_gelu pass's own case: it proves and fuses it, or says why not)
+_HIDDEN = {"softmax": "attention",
            "_softmax": "attention", "scaled_dot_product_attention": "attention", "layer_norm": "layer_norm",
            "rsqrt": "rms_norm"}
 
 
 def report_hidden(gm: fx.GraphModule, graph_report, enabled: list[str]) -> int:
-    """A near-miss for each custom Function whose forward holds what a fusion looks for (Megatron's
-    bias_gelu_impl): it stays whole, because its backward is the user's own code and flashfuse would have
+    """A near-miss for each custom Function whose forward holds what a fusion looks for (a softmax, a
+    norm): it stays whole, because its backward is the user's own code and flashfuse would have
     to prove that it is the forward's gradient before replacing both."""
     count = 0
     for node in gm.graph.nodes:

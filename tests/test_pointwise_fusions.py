@@ -156,6 +156,109 @@ def test_addmm_bias_stays_when_the_view_moves_its_last_dim_or_the_addmm_is_share
     assert "aten.addmm" in report.graphs[0].code_after
 
 
+def _megatron_gelu(x):
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def _megatron_gelu_back(g, x, half=0.5):
+    t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+    return (half * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t)) * g
+
+
+class MegatronBiasGelu(torch.autograd.Function):
+    """Megatron's bias_gelu_impl: GELU(input + bias), tanh form, with its derivative written by hand."""
+
+    @staticmethod
+    def forward(ctx, inp, bias):
+        ctx.save_for_backward(inp, bias)
+        return _megatron_gelu(bias + inp)
+
+    @staticmethod
+    def backward(ctx, g):
+        inp, bias = ctx.saved_tensors
+        tmp = _megatron_gelu_back(g, bias + inp)
+        return tmp, tmp
+
+
+class OffBackwardGelu(MegatronBiasGelu):
+    """The same forward with a backward that is not its gradient (0.6 for 0.5): the user's, kept."""
+
+    @staticmethod
+    def backward(ctx, g):
+        inp, bias = ctx.saved_tensors
+        tmp = _megatron_gelu_back(g, bias + inp, half=0.6)
+        return tmp, tmp
+
+
+class ErfGeluFunction(torch.autograd.Function):
+    """HF BLOOM-like, one input, erf form with the exact derivative (exp)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+        return g * (cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+
+
+class ClampedGeluFunction(ErfGeluFunction):
+    """GELU's forward, but a backward that clamps: not elementwise-analytic, so not provable."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.clamp(0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))), 0.0, 1.0)
+
+
+class FunctionMLP(nn.Module):
+    """linear, then the Function, called by its class name as models do (`bias_gelu_impl = F.apply`)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.with_bias = fn in ("megatron", "off")
+        self.fc = nn.Linear(12, 8, bias=not self.with_bias)
+        self.b = nn.Parameter(torch.randn(8))
+        self.fn = fn
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.fn == "megatron":
+            return MegatronBiasGelu.apply(h, self.b)
+        if self.fn == "off":
+            return OffBackwardGelu.apply(h, self.b)
+        if self.fn == "erf":
+            return ErfGeluFunction.apply(h)
+        return ClampedGeluFunction.apply(h)
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+@pytest.mark.parametrize("fn,kind,bias", [("megatron", "tanh", True), ("erf", "none", False)],
+                         ids=["megatron-bias-tanh", "one-input-erf"])
+def test_gelu_autograd_function_with_a_proven_backward_fuses(fn, kind, bias, options):
+    torch.manual_seed(5)
+    x = rand(2, 3, 12).requires_grad_(True)  # without grad, Dynamo inlines the Function's forward
+    report = check(FunctionMLP(fn), x, options=options, bias_gelu=1)
+    m = report.matches[0]
+    assert (m.details["spelling"], m.details["approximate"], m.details["bias"]) == ("autograd.Function", kind, bias)
+    assert "autograd_function_apply" not in report.graphs[0].code_after
+
+
+@pytest.mark.parametrize("fn,reason", [("off", "its backward is not GELU's derivative"),
+                                       ("clamp", "the backward is not provably elementwise")],
+                         ids=["backward-off", "backward-clamps"])
+def test_gelu_autograd_function_keeps_a_backward_it_cannot_prove(fn, reason):
+    """The user's backward runs (gradients equal eager's, which are not GELU's for backward-off)."""
+    torch.manual_seed(6)
+    x = rand(2, 3, 12).requires_grad_(True)
+    report = check(FunctionMLP(fn), x)
+    assert reason in near_miss(report, "bias_gelu")
+    assert "autograd_function_apply" in report.graphs[0].code_after
+
+
 def test_gelu_inside_a_larger_expression():
     def f(x, r):
         return 3.0 * (0.5 * x * (1 + torch.erf(x / math.sqrt(2)))) + r * 2.0

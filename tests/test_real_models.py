@@ -51,7 +51,8 @@ def _hf(config_name, model_name, norm, skipped_because=None, attention=LAYERS, *
 
 # more architectures as they ship (a hidden set for the attention pass: layouts, masks and norms differ)
 _MORE_HF = [
-    # BLOOM: heads folded into the batch (baddbmm + views), and a custom autograd.Function GELU kept whole
+    # BLOOM: heads folded into the batch (baddbmm + views), and a custom autograd.Function GELU (fused in training
+    # mode once its backward is proven GELU's, passes/bias_gelu_function.py)
     _hf("BloomConfig", "BloomModel", "layer_norm", vocab_size=101, hidden_size=32, n_layer=LAYERS, n_head=4),
     _hf("OPTConfig", "OPTModel", "layer_norm", vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS,
         num_attention_heads=4, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32),

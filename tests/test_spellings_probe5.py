@@ -544,10 +544,9 @@ BIAS = dict(bias_gelu=dict(bias=True))
 GELU = [
     case("megatron_jit_script_bias_gelu", MegatronMLP, (XG,), dict(bias_gelu=1),
          details=dict(bias_gelu=dict(bias=True, approximate="tanh"))),
-    # decided negative (decisions.md): a custom Function's backward is the user's code, so it stays whole,
-    # and the report names the GELU inside it
-    case("megatron_bias_gelu_impl_autograd_function", MegatronMLPImpl, (XG,), dict(bias_gelu=0),
-         reason="inside the custom autograd.Function `MegatronGeLUFunction`: kept whole"),
+    # the Function's forward and hand-written backward are proven GELU's (passes/bias_gelu_function.py)
+    case("megatron_bias_gelu_impl_autograd_function", MegatronMLPImpl, (XG,), dict(bias_gelu=1),
+         details=dict(bias_gelu=dict(bias=True, approximate="tanh", spelling="autograd.Function"))),
     case("megatron_erf_gelu_verbatim", lambda: LinearAct(megatron_erf_gelu), (XG,), dict(bias_gelu=1)),
     case("erf_gelu_ones_like_exact_sqrt2", lambda: LinearAct(None, lambda m, x: (lambda h: h * 0.5 * (
         torch.erf(h / math.sqrt(2.0)) + torch.ones_like(h)))(m.fc(x))), (XG,), dict(bias_gelu=1)),
