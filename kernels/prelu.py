@@ -5,9 +5,11 @@ The backward kernel writes dx and reduces the slope gradient sum(g * x over x <=
 same pass (fp32 partial sums per program, added by torch; no atomics, so it is deterministic).
 
 `zero_grad` says what dx is at exactly x == 0, where the spellings differ (the forward value is 0 for
-all): 0 -> a * g (`F.prelu`, `where(x > 0, x, a*x)`), 1 -> 0 (`relu(x) - a*relu(-x)`: relu'(0) = 0),
-2 -> g (`where(x >= 0, x, a*x)`), 3 -> (1 + a) * g (`x.clamp(min=0) + a*x.clamp(max=0)`: both clamps pass
-the gradient at their bound).
+all): dx = (one + slope * a) * g with (one, slope) = AT_ZERO[zero_grad]. 0 -> a * g (`F.prelu`,
+`where(x > 0, x, a*x)`), 1 -> 0 (`relu(x) - a*relu(-x)`: relu'(0) = 0), 2 -> g (`where(x >= 0, x, a*x)`),
+3 -> (1 + a) * g (`x.clamp(min=0) + a*x.clamp(max=0)`: both clamps pass the gradient at their bound), and
+halves for the spellings that split it: `a * (x - |x|) / 2` (abs'(0) = 0, so a/2) and
+`maximum(x, 0) + a * minimum(x, 0)` (a tie passes half to each side, so (1 + a) / 2).
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import triton.language as tl
 from flashfuse.kernels.registration import define, define_autograd
 
 ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE = 0, 1, 2, 3
+# zero_grad -> (one, slope): dx at x == 0 is (one + slope * a) * g
+AT_ZERO = ((0.0, 1.0), (0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 0.5), (0.5, 0.0), (0.5, 0.5), (0.5, 1.0), (1.0, 0.5))
+ZERO_GRAD_OF = {pair: code for code, pair in enumerate(AT_ZERO)}
 BLOCK = 1024
 
 
@@ -43,7 +48,8 @@ def _prelu_fwd_kernel(x_ptr, w_ptr, y_ptr, R, L, C, CHANNEL_IS_COLUMN: tl.conste
 
 @triton.jit
 def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, C, INNER, K, k_per_prog,
-                      ZERO_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                      ONE_AT_ZERO: tl.constexpr, SLOPE_AT_ZERO: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     # tile: BLOCK_C channels x BLOCK_K positions k = outer_index * INNER + inner_index
     pid_c = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -62,14 +68,7 @@ def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, C, INNER, K, k_p
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
         wg = w[:, None] * g
-        if ZERO_GRAD == 0:
-            at_zero = wg
-        elif ZERO_GRAD == 1:
-            at_zero = tl.zeros_like(g)
-        elif ZERO_GRAD == 2:
-            at_zero = g
-        else:
-            at_zero = g + wg
+        at_zero = ONE_AT_ZERO * g + SLOPE_AT_ZERO * wg
         dx = tl.where(x > 0, g, tl.where(x < 0, wg, at_zero))
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
         acc += tl.sum(tl.where(x > 0, 0.0, g * x), axis=1)
@@ -95,8 +94,8 @@ def layout(x_shape, weight_numel: int, channel_dim: int) -> tuple[int, int, int]
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, channel_dim: int, zero_grad: int) -> None:
-    if zero_grad not in (0, 1, 2, 3):
-        raise ValueError(f"flashfuse::prelu: zero_grad must be 0, 1, 2 or 3, got {zero_grad}")
+    if not 0 <= zero_grad < len(AT_ZERO):
+        raise ValueError(f"flashfuse::prelu: zero_grad must be 0 to {len(AT_ZERO) - 1} (AT_ZERO), got {zero_grad}")
     if weight.numel() != 1:
         if not 0 <= channel_dim < x.dim() or x.shape[channel_dim] != weight.numel():
             raise ValueError(f"flashfuse::prelu: {weight.numel()} slopes do not match dim {channel_dim} of "
@@ -154,7 +153,8 @@ def _prelu_backward_kernel(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     if not _use_triton(x):
         w = _broadcast_weight(x, weight, channel_dim).float()
         xf, gf = x.float(), grad.float()
-        at_zero = {0: w * gf, 1: torch.zeros_like(gf), 2: gf, 3: gf + w * gf}[zero_grad]
+        one, slope = AT_ZERO[zero_grad]
+        at_zero = one * gf + slope * w * gf
         dx = torch.where(xf > 0, gf, torch.where(xf < 0, w * gf, at_zero))
         contrib = torch.where(xf > 0, torch.zeros_like(gf), gf * xf)
         dw = contrib.sum_to_size(w.shape) if w.dim() else contrib.sum()
@@ -175,7 +175,8 @@ def _prelu_backward_kernel(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     n_split = triton.cdiv(k, k_per_prog)
     part = torch.empty((n_split, c), dtype=torch.float32, device=x.device)
     _prelu_bwd_kernel[(c_blocks, n_split)](gc, xc, weight.contiguous().reshape(-1), dx, part, c, inner, k,
-                                           k_per_prog, ZERO_GRAD=zero_grad, BLOCK_C=block_c, BLOCK_K=block_k)
+                                           k_per_prog, ONE_AT_ZERO=AT_ZERO[zero_grad][0],
+                                           SLOPE_AT_ZERO=AT_ZERO[zero_grad][1], BLOCK_C=block_c, BLOCK_K=block_k)
     dw = part.sum(0).reshape(weight.shape).to(weight.dtype)
     return dx, dw
 
@@ -229,24 +230,21 @@ def _backward_backward(ctx, gdx, gdw):
     w = _broadcast_weight(x, weight, ctx.channel_dim).float()
     xf, gf = x.float(), grad.float()
     pos, neg, zero = xf > 0, xf < 0, xf == 0
-    # at x == 0, dx = (one_at_zero + w_at_zero * w) * g
-    w_at_zero = ctx.zero_grad in (ZERO_GRAD_SLOPE, ZERO_GRAD_ONE_PLUS_SLOPE)
-    one_at_zero = ctx.zero_grad in (ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE)
-    uses_w = neg | (zero & w_at_zero)                 # where dx has a w * g term
+    # at x == 0, dx = (one + slope * w) * g: ws is how much of the slope branch each element takes
+    one, slope = AT_ZERO[ctx.zero_grad]
+    ws = neg.float() + zero.float() * slope
     d_grad = torch.zeros_like(gf)
     d_x = torch.zeros_like(xf)
     d_w = torch.zeros_like(w)
     if gdx is not None:
-        slope = (pos | (zero & one_at_zero)).float() + torch.where(uses_w, w.expand_as(xf), torch.zeros_like(xf))
-        d_grad = d_grad + gdx.float() * slope
-        contrib = torch.where(uses_w, gdx.float() * gf, torch.zeros_like(gf))
+        d_grad = d_grad + gdx.float() * (pos.float() + zero.float() * one + ws * w)
+        contrib = ws * gdx.float() * gf
         d_w = d_w + (contrib.sum_to_size(w.shape) if w.dim() else contrib.sum())
     if gdw is not None:
         gw = _broadcast_weight(x, gdw, ctx.channel_dim).float()
-        # dw's terms g * x come from the slope branch, which at x == 0 is taken by the SLOPE and
-        # ONE_PLUS_SLOPE spellings only
-        d_grad = d_grad + torch.where(uses_w, gw * xf, torch.zeros_like(xf))
-        d_x = d_x + torch.where(uses_w, gw * gf, torch.zeros_like(xf))
+        # dw's terms g * x come from the slope branch, taken at x == 0 by the share `slope`
+        d_grad = d_grad + ws * gw * xf
+        d_x = d_x + ws * gw * gf
     return (d_grad.to(grad.dtype), d_x.to(x.dtype), d_w.reshape(weight.shape).to(weight.dtype), None, None)
 
 

@@ -1,5 +1,7 @@
 """PReLU: `F.prelu` / `nn.PReLU` (aten.prelu), `where(x > 0, x, a*x)`, `relu(x) - a*relu(-x)`,
-`x.clamp(min=0) + a*x.clamp(max=0)` (clamp_min / clamp_max too) and `relu(x) + a*(x - relu(x))` ->
+`x.clamp(min=0) + a*x.clamp(max=0)` (clamp_min / clamp_max too), `relu(x) + a*(x - relu(x))`,
+`maximum(x, zeros) + a*minimum(x, zeros)` and `relu(x) + a*(x - |x|)/2` (any product order of a, the numbers
+and the negative part, as long as the numbers make it exactly min(x, 0)) ->
 one `flashfuse::prelu` kernel (fwd, and a bwd that gives dx and the slope gradient in one pass).
 
 The slope a is a tensor: one value (any shape of numel 1) or one value per channel along exactly one
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
+from flashfuse.kernels.prelu import ZERO_GRAD_OF, ZERO_GRAD_ONE, ZERO_GRAD_SLOPE
 from flashfuse.passes import PassContext, register_pass
 from flashfuse.passes.eltwise_chain import (AUTOCAST_NOTE, INDUCTOR_NOTE, autocast_nodes, erase_unused, guarded, in_autocast,
                                             insert_call, kernel_fusions_enabled, known_equal, order_of, same_shape,
@@ -92,6 +94,8 @@ def _clamp_part(node, positive: bool):
     x = node.args[0]
     if node.target is aten.relu.default:
         return (x, 0) if positive else None
+    if _is_zero_tie(node, aten.maximum.default if positive else aten.minimum.default):
+        return x, 0.5  # torch.maximum / minimum against zeros split the gradient at a tie
     if not positive and node.target is aten.sub.Tensor and len(node.args) == 2 and not node.kwargs:
         p = _clamp_part(node.args[1], True)  # x - max(x, 0) == min(x, 0), gradient 1 - P'(0) at 0
         return (x, 1 - p[1]) if p is not None and p[0] is x else None
@@ -107,9 +111,59 @@ def _clamp_part(node, positive: bool):
     return None
 
 
-# (d/dx at 0 of the positive part, of the slope part / a) -> zero_grad convention
-_SPLIT_ZERO_GRAD = {(0, 0): ZERO_GRAD_ZERO, (1, 0): ZERO_GRAD_ONE, (0, 1): ZERO_GRAD_SLOPE,
-                    (1, 1): ZERO_GRAD_ONE_PLUS_SLOPE}
+# (d/dx at 0 of the positive part, of the slope part / a) -> zero_grad convention: ZERO_GRAD_OF
+
+
+def _product(node: fx.Node, inner: list) -> tuple[float, list]:
+    """A product tree `a * (x - |x|) * 0.5`, `a * (..) / 2`: (the numbers multiplied, the other factors);
+    the mul / div nodes it walks through go into `inner`."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and len(node.args) == 2 and not node.kwargs \
+            and node.target in (aten.mul.Tensor, aten.div.Tensor):
+        lhs, rhs = node.args
+        if node.target is aten.div.Tensor and not (isinstance(rhs, (int, float)) and not isinstance(rhs, bool) and rhs):
+            return 1.0, [node]
+        inner.append(node)
+        n1, f1 = _product(lhs, inner)
+        if node.target is aten.div.Tensor:
+            return n1 / rhs, f1
+        n2, f2 = _product(rhs, inner)
+        return n1 * n2, f1 + f2
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node), []
+    return 1.0, [node]
+
+
+def _negative_part(node, inner: list):
+    """(x, c, d) for a node equal to c * min(x, 0) whose gradient at x == 0 is d: the clamp forms (c 1),
+    `x - |x|` (c 2, d 1: abs'(0) = 0 in torch); None otherwise."""
+    m = _clamp_part(node, False)
+    if m is not None:
+        return m[0], 1.0, m[1]
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.sub.Tensor \
+            and len(node.args) == 2 and not node.kwargs:
+        x, ab = node.args
+        if isinstance(ab, fx.Node) and ab.op == "call_function" and ab.target is aten.abs.default and ab.args[0] is x:
+            inner.append(ab)
+            return x, 2.0, 1.0
+    return None
+
+
+def _scaled_negative_part(pos: fx.Node, scaled: fx.Node, x: fx.Node):
+    """slope * (number) * negative part with number * c == 1, e.g. `a * (x - |x|) * 0.5`: (a, share of a at
+    x == 0, intermediates) or None."""
+    inner: list = []
+    num, factors = _product(scaled, inner)
+    if len(factors) != 2:
+        return None
+    for part, a in (factors, factors[::-1]):
+        found = _negative_part(part, inner)
+        if found is None or found[0] is not x or not isinstance(a, fx.Node) or a is x:
+            continue
+        _, c, d = found
+        if abs(num * c - 1.0) > 1e-12:
+            raise NotPrelu(f"the negative part is scaled by {num * c:g}, not 1 (a different function)")
+        return a, num * d, inner + [part]
+    return None
 
 
 def _is_zero_tie(node, op) -> bool:
@@ -131,10 +185,6 @@ def _split_form(node: fx.Node):
     else:                                # P(x) + a * min(x, 0), either operand first
         candidates = [(lhs, rhs), (rhs, lhs)]
     for pos, scaled in candidates:
-        if _is_zero_tie(pos, aten.maximum.default) and isinstance(scaled, fx.Node) and \
-                any(_is_zero_tie(part, aten.minimum.default) for part in scaled.args):
-            raise NotPrelu("torch.maximum/minimum against zeros give x == 0 half the gradient from each side; "
-                           "the kernel's conventions at 0 are 0, 1, a or 1 + a")
         p = _clamp_part(pos, True)
         if p is None or not isinstance(scaled, fx.Node) or scaled.target is not aten.mul.Tensor:
             continue
@@ -159,7 +209,16 @@ def _split_form(node: fx.Node):
                 continue
             _private(inner, node)
             spelling = "relu(x) - a*relu(-x)" if node.target is aten.sub.Tensor else "x.clamp(min=0) + a*x.clamp(max=0)"
-            return x, a, None, _SPLIT_ZERO_GRAD[(p_grad, m[1])], inner, spelling
+            return x, a, None, ZERO_GRAD_OF[(float(p_grad), float(m[1]))], inner, spelling
+        if node.target is aten.add.Tensor:
+            found = _scaled_negative_part(pos, scaled, x)
+            if found is not None:
+                a, share, parts = found
+                inner = [pos, *parts]
+                if (float(p_grad), share) not in ZERO_GRAD_OF:
+                    raise NotPrelu(f"the gradient at x == 0 is {p_grad:g} + {share:g}*a, not a kernel convention")
+                _private(inner, node)
+                return x, a, None, ZERO_GRAD_OF[(float(p_grad), share)], inner, "relu(x) + a*(x - |x|)/2"
     return None
 
 

@@ -820,22 +820,34 @@ def test_bias_with_leading_ones_is_folded():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_prelu_from_maximum_and_minimum_is_a_named_near_miss():
-    """`maximum(x, 0) + a * minimum(x, 0)`: at x == 0 torch.maximum/minimum each pass half the gradient, a
-    convention the kernel has not; not fused, and the report says why."""
+@pytest.mark.parametrize("spelling", ["maximum-minimum", "relu-abs-times-half", "relu-abs-over-2", "abs-scaled-wrong"])
+def test_prelu_spellings_that_split_the_gradient_at_zero(spelling):
+    """`maximum(x, 0) + a * minimum(x, 0)` (a tie passes half to each side: (1 + a)/2 at 0) and
+    `relu(x) + a * (x - |x|) / 2` (abs'(0) = 0: a/2 at 0) fuse with those conventions; gradients equal eager's
+    at exact zeros. `a * (x - |x|)` without the half is 2a * min(x, 0), another function: a near-miss."""
     from flashfuse.testing import assert_close_to_eager, assert_fused
 
     class M(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.weight = torch.nn.Parameter(torch.full((4,), 0.25))
+            self.weight = torch.nn.Parameter(torch.rand(4) * 0.5)
 
         def forward(self, x):
-            z = torch.zeros_like(x)
-            return torch.maximum(x, z) + self.weight.view(1, -1, 1, 1) * torch.minimum(x, z)
+            w = self.weight.view(1, -1, 1, 1)
+            if spelling == "maximum-minimum":
+                z = torch.zeros_like(x)
+                return torch.maximum(x, z) + w * torch.minimum(x, z)
+            if spelling == "relu-abs-times-half":
+                return F.relu(x) + w * (x - torch.abs(x)) * 0.5
+            if spelling == "relu-abs-over-2":
+                return F.relu(x) + (x - x.abs()) / 2 * w
+            return F.relu(x) + w * (x - torch.abs(x))
 
     x = torch.randn(2, 4, 3, 5)
-    x.view(-1)[:7] = 0.0  # ties, where the conventions differ
-    report = assert_fused(M(), x, options={"remainder": "eager"}, prelu=0)
-    assert any("half the gradient" in n.reason for n in report.near_misses if n.fusion == "prelu"), str(report)
-    assert_close_to_eager(M(), x, options={"remainder": "eager"})
+    x.view(-1)[:7] = 0.0  # exact zeros, where the conventions differ
+    if spelling == "abs-scaled-wrong":
+        report = assert_fused(M(), x, options={"remainder": "eager"}, prelu=0)
+        assert any("scaled by 2" in n.reason for n in report.near_misses if n.fusion == "prelu"), str(report)
+    else:
+        assert_fused(M(), x, options={"remainder": "eager"}, prelu=1)
+    assert_close_to_eager(M(), x, options={"remainder": "eager"}, rtol=1e-5, atol=1e-6)

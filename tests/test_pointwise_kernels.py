@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import flashfuse.kernels  # noqa: F401  (registers the ops)
 from flashfuse.kernels import pointwise as pw
-from flashfuse.kernels.prelu import ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
+from flashfuse.kernels.prelu import AT_ZERO, ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE, ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO
 
 ops = torch.ops.flashfuse
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -207,20 +207,18 @@ def _prelu64(x, w, channel_dim, zero_grad):
     if w.numel() > 1:
         shape[channel_dim] = w.numel()
     wb = w.reshape(shape) if w.numel() > 1 else w.reshape(())
-    y = torch.where(x > 0, x, wb * x)
-    if zero_grad == ZERO_GRAD_SLOPE:
-        return y
-    # reproduce the other spellings' gradient at 0 with the spellings themselves
-    if zero_grad == ZERO_GRAD_ZERO:
-        return F.relu(x) - wb * F.relu(-x)
-    if zero_grad == ZERO_GRAD_ONE_PLUS_SLOPE:
-        return x.clamp(min=0) + wb * x.clamp(max=0)
-    return torch.where(x >= 0, x, wb * x)
+    # the gradient at 0 of each convention, reproduced by eager spellings: a positive part whose gradient
+    # at 0 is `one` plus the slope times a negative part whose gradient at 0 is `slope`
+    one, slope = AT_ZERO[zero_grad]
+    z = torch.zeros_like(x)
+    pos = {0.0: F.relu(x), 0.5: torch.maximum(x, z), 1.0: x.clamp(min=0)}[one]
+    neg = {0.0: -F.relu(-x), 0.5: torch.minimum(x, z), 1.0: x.clamp(max=0)}[slope]
+    return pos + wb * neg
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", PRELU_CASES, ids=lambda c: "x".join(map(str, c[0])))
-@pytest.mark.parametrize("zero_grad", [ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE])
+@pytest.mark.parametrize("zero_grad", range(len(AT_ZERO)))
 def test_prelu_vs_float64(case, zero_grad, dtype):
     torch.manual_seed(5)
     shape, w_shape, cd = case
@@ -254,8 +252,8 @@ def test_prelu_cpu_reference_matches_kernel(monkeypatch):
 def test_prelu_checks_and_opcheck():
     with pytest.raises(ValueError):
         ops.prelu(randn(3, 4), torch.rand(5, device=device()), 1, 0)
-    with pytest.raises(ValueError):
-        ops.prelu(randn(3, 4), torch.rand(4, device=device()), 1, 7)
+    with pytest.raises(ValueError, match="zero_grad must be 0 to"):
+        ops.prelu(randn(3, 4), torch.rand(4, device=device()), 1, len(AT_ZERO))
     torch.library.opcheck(ops.prelu.default, (randn(2, 3, 5).requires_grad_(),
                                               torch.rand(3, device=device()).requires_grad_(), 1, 0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
@@ -418,7 +416,7 @@ def test_bias_gelu_tiles_cover_wide_and_single_rows(shape):
         assert_close64(ops.bias_gelu_backward(g, x, b, approximate), dx64, torch.float32, "backward")
 
 
-@pytest.mark.parametrize("zero_grad", [ZERO_GRAD_SLOPE, ZERO_GRAD_ZERO, ZERO_GRAD_ONE, ZERO_GRAD_ONE_PLUS_SLOPE])
+@pytest.mark.parametrize("zero_grad", range(len(AT_ZERO)))
 def test_prelu_double_backward(zero_grad):
     # a gradient penalty: d/d(x, w) of |d out / d x|^2, against the spellings in float64
     torch.manual_seed(11)

@@ -447,11 +447,7 @@ class PreluCase(nn.Module):
 
 
 PRELU_CASES = ["nn.PReLU(C)-on-NCL", "where-weight-view", "tensor-where-method", "F.relu-minus-relu-neg-reshape",
-               xfail("relu(x) + a*(x - |x|)/2: prelu.match knows where / relu / clamp parts, not abs (its "
-                     "gradient at 0 is a/2, a convention the kernel lacks); no near-miss", "relu-plus-abs"),
-               xfail("maximum(x, zeros_like(x)) + a*minimum(x, zeros_like(x)): maximum's gradient at a tie is 1/2, "
-                     "a convention the kernel lacks; now a named near-miss (test_pointwise_fusions.py)",
-                     "maximum-minimum-zeros")]
+               "relu-plus-abs", "maximum-minimum-zeros"]
 
 
 @pytest.mark.parametrize("spelling", PRELU_CASES)
