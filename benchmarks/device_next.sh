@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The next device call (written in session 8, when the device time ran out): the GPU tests that session 8
+# changed or did not rerun (bits-saving comparison, PReLU's new gradient conventions, custom-Function GELU),
+# then BERT-large-style and LLaMA-style training steps, flashfuse next to the SDPA rewrite on one host.
+# Usage on the device (repo root): bash benchmarks/device_next.sh   (results under $OUT)
+set -u; OUT=${OUT:-/tmp/flashfuse_out}
+python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
+export FLASHFUSE_CACHE_DIR=/tmp/ffcache
+nvidia-smi --query-gpu=name --format=csv,noheader
+timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py::test_gpu_gqa_dropout_bf16 \
+    tests/test_pointwise_kernels.py tests/test_pointwise_fusions.py > $OUT/pytest.log 2>&1
+echo pytest rc=$?; tail -3 $OUT/pytest.log
+for model in bert llama; do
+  timeout 170 python benchmarks/train_gpt.py --model $model --modes flashfuse,sdpa --configs 8x512,4x1024 \
+      --out $OUT --tag _next > $OUT/train_$model.log 2>&1
+  echo "$model rc=$?"; grep "^|" $OUT/train_$model.log
+done
