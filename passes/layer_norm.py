@@ -90,9 +90,18 @@ def _centered(mu: fx.Node, x: fx.Node) -> list[fx.Node]:
             and not u.kwargs and same_value(u.args[0], x) and u.args[1] is m]
 
 
-def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | None:
+def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim, mu: fx.Node | None = None) -> str | None:
     """None when v is the biased variance of x over `dims`; otherwise why it is not."""
     v = var_mean_part(v, 0) or v
+    one_pass = False
+    if mu is not None and is_op(v, aten.sub.Tensor) and len(v.args) == 2 and not v.kwargs:
+        # one-pass statistics E[x^2] - E[x]^2: the same variance, which the kernel computes about the mean
+        # (it does not cancel the way the spelled difference does when |mean| >> std)
+        sq_mean, mu_sq = v.args
+        if is_op(sq_mean, aten.mean.dim) and sq_mean.kwargs.get("dtype") is None \
+                and same_value(squared_input(sq_mean.args[0], copies=lambda a: [a]), x) \
+                and squared_input(mu_sq, copies=lambda a: [a]) is mu:
+            v, one_pass = sq_mean, True
     root = squared_input(v, copies=lambda a: [a])  # std * std: the same node twice
     if root is not None and is_op(root, aten.std.dim, aten.std.correction):
         v = root  # std(x)**2: the variance, up to a rounding of the square root; same checks as var
@@ -110,7 +119,8 @@ def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim) -> str | N
             return (f"unbiased variance (correction={corr}): layer norm divides by N, not N-{corr}; "
                     "use var(unbiased=False) or correction=0")
     elif is_op(v, aten.mean.dim):
-        if squared_input(v.args[0], copies=lambda a: cs) not in cs:  # (x - mu) squared, any spelling
+        if squared_input(v.args[0], copies=lambda a: cs) not in cs \
+                and not one_pass:
             return "the divisor is not built from the variance of x about its mean"
         if v.kwargs.get("dtype") is not None:
             return "the variance's mean has a dtype argument"
@@ -146,7 +156,7 @@ def _hand_written(gm, ctx, mu: fx.Node) -> int:
                 reasons.append((user, parsed))
                 continue
             v, eps = parsed
-            why = _variance_reason(v, x, cs, dims, keepdim)
+            why = _variance_reason(v, x, cs, dims, keepdim, mu)
             if why is not None:
                 reasons.append((user, why))
                 continue

@@ -706,3 +706,42 @@ def test_layer_norm_over_two_trailing_dims_is_flattened(affine):
     report = assert_fused(m, x, options=opts, layer_norm=1)
     assert "(24)" in report.matches[0].description
     assert_close_to_eager(m, x, options=opts)
+
+
+class _OnePassVarianceNorm(nn.Module):
+    """LayerNorm with one-pass statistics, var = E[x^2] - E[x]^2, in several spellings; `not_var` divides by
+    sqrt(E[x^2]) (no mean subtracted: not a variance) and `other_mean` subtracts the square of another mean."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.w, self.b = nn.Parameter(torch.rand(24) + 0.5), nn.Parameter(torch.randn(24))
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        s = self.spelling
+        if s == "rsqrt-mul":
+            var = (x * x).mean(-1, keepdim=True) - mu * mu
+            return (x - mu) * torch.rsqrt(var + 1e-5) * self.w + self.b
+        if s == "pow-sqrt-div":
+            var = x.pow(2).mean(dim=-1, keepdim=True) - mu.pow(2)
+            return self.w * (x - mu) / torch.sqrt(var + 1e-5) + self.b
+        if s == "not_var":
+            return (x - mu) * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * self.w + self.b
+        other = x.mean((-2, -1), keepdim=True)  # another mean (its square stays below E[x^2] here)
+        return (x - mu) * torch.rsqrt((x * x).mean(-1, keepdim=True) - other * other + 1e-5) * self.w + self.b
+
+
+@pytest.mark.parametrize("spelling", ["rsqrt-mul", "pow-sqrt-div", "not_var", "other_mean"])
+def test_one_pass_variance_is_the_variance(spelling):
+    """E[x^2] - E[x]^2 with the same mean is the biased variance (the kernel computes it about the mean, which
+    does not cancel); without the mean's square, or with another mean's, it is another function."""
+    from flashfuse.testing import assert_close_to_eager, assert_fused
+
+    model, x = _OnePassVarianceNorm(spelling), torch.randn(2, 3, 24) + 0.5
+    fused = spelling in ("rsqrt-mul", "pow-sqrt-div")
+    report = assert_fused(model, x, options={"remainder": "eager"}, layer_norm=1 if fused else 0)
+    if not fused:
+        reasons = [n.reason for n in report.near_misses if n.fusion == "layer_norm"]
+        assert any("not built from the variance" in r for r in reasons), str(report)
+    assert_close_to_eager(model, x, options={"remainder": "eager"}, grads=True)

@@ -227,9 +227,7 @@ LN_CASES = [
           "`var + eps` is not seen; near-miss 'the divisor is not built from the variance of x about its mean'",
           "eps_buffer", lambda: LNEpsAttr("buffer"), (rand(2, 3, N, seed=25),), dict(layer_norm=1)),
     # the variance as mean(x^2) - mean(x)^2 (one-pass statistics, as in some fused-kernel references)
-    xfail("E[x^2] - E[x]^2 is not a recognised variance (layer_norm._variance_reason): near-miss 'the divisor is "
-          "not built from the variance of x about its mean'",
-          "one_pass_variance", _ln_w(lambda m, x: (lambda mu: (x - mu) * torch.rsqrt(
+    ("one_pass_variance", _ln_w(lambda m, x: (lambda mu: (x - mu) * torch.rsqrt(
         (x * x).mean(-1, keepdim=True) - mu * mu + EPS) * m.w + m.b)(x.mean(-1, keepdim=True))),
      (rand(2, 3, N, seed=26),), dict(layer_norm=1)),
     # hand-written LN on (B, H, W, C) with torch.mean(..., dim=[-1]) list dims and weight first
