@@ -10,8 +10,8 @@ with every constant within a relative 1e-6 (so `math.sqrt(2/math.pi)`, `0.797884
 the right shape but another constant is a different function: recorded as a near-miss.
 
 The bias is folded when the GELU input is `t + b` with b a vector over the last dim (`x @ W + b`),
-`linear(inp, W, b)` or `addmm(b, x, W)` (also seen through a view that keeps the last dim, GPT-2's Conv1D) (then the linear / mm runs without its bias and the kernel adds
-it), and that sum has no other user.
+`linear(inp, W, b)` or `addmm(b, x, W)`, also seen through a view that keeps the last dim (GPT-2's Conv1D)
+(then the linear / mm runs without its bias and the kernel adds it), and that sum has no other user.
 """
 from __future__ import annotations
 

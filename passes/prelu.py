@@ -148,7 +148,7 @@ def _negative_part(node, inner: list):
     return None
 
 
-def _scaled_negative_part(pos: fx.Node, scaled: fx.Node, x: fx.Node):
+def _scaled_negative_part(scaled: fx.Node, x: fx.Node):
     """slope * (number) * negative part with number * c == 1, e.g. `a * (x - |x|) * 0.5`: (a, share of a at
     x == 0, intermediates) or None."""
     inner: list = []
@@ -211,7 +211,7 @@ def _split_form(node: fx.Node):
             spelling = "relu(x) - a*relu(-x)" if node.target is aten.sub.Tensor else "x.clamp(min=0) + a*x.clamp(max=0)"
             return x, a, None, ZERO_GRAD_OF[(float(p_grad), float(m[1]))], inner, spelling
         if node.target is aten.add.Tensor:
-            found = _scaled_negative_part(pos, scaled, x)
+            found = _scaled_negative_part(scaled, x)
             if found is not None:
                 a, share, parts = found
                 inner = [pos, *parts]
