@@ -42,8 +42,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
             logger.debug("graph %d after normalize:\n%s", graph_report.index, aten_gm.code)
         ctx = PassContext(config, graph_report, example_inputs, _graph_is_cuda(example_inputs),
                           _uses_cuda_graphs(config, mode))
-        from flashfuse.passes import opaque_functions
+        from flashfuse.passes import grad_mode, opaque_functions
 
+        boundaries = grad_mode.insert(aten_gm)
+        if boundaries:
+            graph_report.notes.append(
+                f"{len(boundaries)} value(s) cross a torch.no_grad() / enable_grad() switch: no fusion includes ops "
+                "from both sides")
         opaque_functions.report_hidden(aten_gm, graph_report, config.enabled_passes())
         total = 0
         for name in config.enabled_passes():
@@ -55,6 +60,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
                 logger.debug("graph %d after pass %s (%d rewrites):\n%s", graph_report.index, name, n,
                              aten_gm.code)
         if total:
+            grad_mode.remove(aten_gm)
             aten_gm.graph.eliminate_dead_code()
             aten_gm.graph.lint()
             aten_gm.recompile()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashfuse.passes import PassContext, register_pass
+from flashfuse.passes import PassContext, grad_mode, register_pass
 from flashfuse.passes.eltwise_chain import guarded, known_equal, mutates, order_of, shape_str
 from flashfuse.passes.normalize import val
 
@@ -71,7 +71,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
         view = copy.args[0]
         if not isinstance(view, fx.Node) or view.op != "call_function" or view.target not in VIEWS:
             return False
-        users = list(copy.users)
+        # a grad-mode boundary between the copy and its matmuls is kept: the view it will carry is made in the
+        # copy's grad mode (no boundary between view and copy), so it is exactly as differentiable as the copy
+        boundaries = [u for u in copy.users if grad_mode.is_boundary(u)]
+        users = [u for u in copy.users if u not in boundaries] + [u for b in boundaries for u in b.users]
         mm_users = [u for u in users if u.op == "call_function" and u.target in MATMULS]
         if not mm_users:
             return False
@@ -99,6 +102,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
             return False
         for mm in mm_users:
             mm.args = tuple(view if a is copy else a for a in mm.args)
+        for b in boundaries:
+            b.args = (view,)
         ctx.graph_report.add_match(NAME, copy, f"{view.target.__name__.split('.')[0]} + {copy.target.__name__.split('.')[0]} "
                                    f"feeding {len(mm_users)} matmul(s) read as strides: copy of "
                                    f"{shape_str(vv)} removed", shape=shape_str(vv))

@@ -56,6 +56,11 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     if hops:
         raise NotRetraceable(f"the graph calls {', '.join(hops)} (a custom autograd.Function, checkpointing, ...): "
                              "re-tracing it to ATen would drop what the op means for autograd")
+    if any(n.op == "call_function" and getattr(n.target, "__name__", "") == "_enter_inference_mode"
+           for n in gm.graph.nodes):
+        # make_fx records no trace of inference_mode: its ops would run with grad in the re-traced graph
+        raise NotRetraceable("the graph enters torch.inference_mode(): re-tracing it to ATen would drop the mode "
+                             "and give its values gradients")
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         from torch._subclasses.fake_tensor import FakeTensorMode
