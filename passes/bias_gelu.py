@@ -52,6 +52,20 @@ def _tanh(a, kw, ev):
     return sympy.tanh(a, evaluate=ev)
 
 
+# functions that are erf / tanh up to an affine map, written out so match_gelu sees GELU's one erf or tanh:
+# erfc(a) = 1 - erf(a), ndtr(a) = Phi(a) = (1 + erf(a/sqrt(2)))/2, sigmoid(a) = (1 + tanh(a/2))/2
+def _erfc(a, kw, ev):
+    return 1 - sympy.erf(a, evaluate=ev)
+
+
+def _ndtr(a, kw, ev):
+    return (1 + sympy.erf(a / sympy.sqrt(2), evaluate=ev)) / 2
+
+
+def _sigmoid(a, kw, ev):
+    return (1 + sympy.tanh(a / 2, evaluate=ev)) / 2
+
+
 def _same(a, *rest):
     return a
 
@@ -60,6 +74,12 @@ GELU_OPS = dict(ARITHMETIC)
 GELU_OPS[aten.erf.default] = _erf
 GELU_OPS[aten.special_erf.default] = _erf  # torch.special.erf: an alias kept by the pre-dispatch trace
 GELU_OPS[aten.tanh.default] = _tanh
+for _op, _fn in ((aten.erfc.default, _erfc), (aten.special_erfc.default, _erfc), (aten.special_ndtr.default, _ndtr),
+                 (aten.sigmoid.default, _sigmoid), (aten.special_expit.default, _sigmoid)):
+    GELU_OPS[_op] = _fn
+# the ops a hand-written GELU is searched from (one per GELU)
+GELU_FUNCS = (aten.erf.default, aten.special_erf.default, aten.tanh.default, aten.erfc.default,
+              aten.special_erfc.default, aten.special_ndtr.default, aten.sigmoid.default, aten.special_expit.default)
 # value-neutral inside a GELU (Megatron writes `erf(..).to(x.dtype) + ones_like(x).to(x.dtype)`): casts to the
 # dtype the value already has, and ones_like as the number 1; _gelu_absorb checks that no dtype changes
 NEUTRAL_CASTS = (aten._to_copy.default, aten.to.dtype)
@@ -354,7 +374,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
     for node in list(gm.graph.nodes):
         if node in done or node.op != "call_function":
             continue
-        if node.target in (aten.gelu.default, aten.erf.default, aten.special_erf.default, aten.tanh.default):
+        if node.target is aten.gelu.default or node.target in GELU_FUNCS:
             rewrites += guarded(ctx, NAME, node, lambda: one(node))
         elif node.target is autograd_function_apply:
             rewrites += guarded(ctx, NAME, node, lambda: function(node))

@@ -17,7 +17,8 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (Tail, aliases, apply_norm, dims_text, hand_written_tail, is_number, is_op,
                                          match_tail, parse_denominator, parse_scale, per_feature, reduce_dims,
-                                         run_norm_pass, same_value, scaling_uses, squared_input, var_mean_part)
+                                         run_norm_pass, same_value, scaling_uses, squared_input, trailing_shape,
+                                         var_mean_part)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -130,8 +131,8 @@ def _variance_reason(v, x: fx.Node, cs: list[fx.Node], dims, keepdim, mu: fx.Nod
     if vdims != dims:
         return f"mean over {dims_text(dims)} but variance over {dims_text(vdims)}: statistics over different axes"
     rank = val(x).dim()
-    if vdims != [rank - 1]:  # the axis first: over dim 0 it is a BatchNorm-like function, keepdim or not
-        return f"statistics over {dims_text(vdims)} of a {rank}-d tensor, not the last dim the kernel normalizes"
+    if trailing_shape(x, vdims) is None:  # the axis first: over dim 0 it is a BatchNorm-like function
+        return f"statistics over {dims_text(vdims)} of a {rank}-d tensor, not the last dim(s) the kernel normalizes"
     if not vkeep:
         return "the variance is reduced without keepdim"
     return None
@@ -148,7 +149,8 @@ def _hand_written(gm, ctx, mu: fx.Node) -> int:
     dims, keepdim = reduce_dims(mu)
     reasons, found = [], []
     for c in cs:
-        for user, how, other, pre_weight in scaling_uses(c, val(x).shape, skip=cs):
+        feats = trailing_shape(x, dims) if dims else None
+        for user, how, other, pre_weight in scaling_uses(c, val(x).shape, skip=cs, features=feats):
             parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
             if parsed is None:
                 continue

@@ -79,12 +79,31 @@ def dims_text(dims) -> str:
     return "dim " + ",".join(str(d) for d in dims) if dims else "all dims"
 
 
-def per_feature(weight: fx.Node, n: int, out_shape) -> bool:
-    """One value per element of the normalized (last) dim: numel n, shape (..., 1, n), not widening the output."""
+def per_feature(weight: fx.Node, n, out_shape) -> bool:
+    """One value per normalized element. `n` is the last dim's size (shape (..., 1, n) exactly) or the
+    normalized trailing shape (a tuple): then each of the weight's trailing dims is that size or 1 (broadcast
+    inside the normalized block), its leading dims 1, and it does not widen the output."""
     v = val(weight)
     if v is None or v.dtype not in FLOATS or v.dim() == 0 or v.dim() > len(out_shape):
         return False
-    return v.shape[-1] == n and all(s == 1 for s in v.shape[:-1])
+    if isinstance(n, tuple) and len(n) == 1:
+        n = n[0]
+    if not isinstance(n, tuple):
+        return v.shape[-1] == n and all(s == 1 for s in v.shape[:-1])
+    k = len(n)
+    inner, outer = v.shape[max(0, v.dim() - k):], v.shape[:max(0, v.dim() - k)]
+    return all(s == 1 for s in outer) and all(s in (f, 1) for s, f in zip(inner, n[k - len(inner):]))
+
+
+def trailing_shape(x: fx.Node, dims) -> tuple | None:
+    """The sizes of `dims` when they are x's trailing dims (one or more) of static size, else None."""
+    v = val(x)
+    if v is None or not dims:
+        return None
+    rank = v.dim()
+    if list(dims) != list(range(rank - len(dims), rank)) or not all(isinstance(d, int) for d in v.shape[-len(dims):]):
+        return None
+    return tuple(v.shape[-len(dims):])
 
 
 def strip_upcast(x: fx.Node) -> fx.Node:
@@ -325,11 +344,11 @@ def scaled_by(x: fx.Node) -> list[tuple[fx.Node, str, object]]:
     return out
 
 
-def scaling_uses(c: fx.Node, x_shape, skip=()):
+def scaling_uses(c: fx.Node, x_shape, skip=(), features=None):
     """(user, 'mul'|'div', scale-or-divisor, weight applied first or None) for `c * s`, `c / d` and the
     weight-first spelling `w * c * s` / `w * c / d` (Python evaluates it as `(w * c) * s`). Users whose
     other operand is in `skip` are not scalings (LayerNorm: `(x - mu) * (x - mu)` is the square)."""
-    n = x_shape[-1]
+    n = features if features is not None else x_shape[-1]
     for user, how, other in scaled_by(c):
         if other in skip:
             continue
@@ -348,6 +367,7 @@ class Tail:
     bias: fx.Node | None = None
     mid_dtype: torch.dtype | None = None
     note: str = ""                      # why the tail stopped early, when that is worth saying
+    features: tuple = ()                # the normalized trailing shape when it is more than one dim
 
 
 def match_tail(start: fx.Node, n: int, x_shape, have_weight=False, have_bias=False) -> Tail:
@@ -496,9 +516,43 @@ def replace_norm(gm: fx.GraphModule, kind: str, x: fx.Node, tail: Tail, eps: flo
     return new
 
 
+def _replace_flattened(gm: fx.GraphModule, kind: str, x: fx.Node, tail: Tail, eps) -> None:
+    """A norm over k > 1 trailing dims is the same norm over one dim of their product: reshape x (and the
+    affine, expanded to the block where it broadcasts inside it), run the kernel, view the result back."""
+    feats, n = tail.features, math.prod(tail.features)
+    k, graph = len(feats), gm.graph
+
+    def call(op, *args):
+        return insert_call(graph, tail.last, op, args, tail.last)
+
+    def flat_param(p):
+        if p is None:
+            return None
+        shape = tuple(val(p).shape)[-k:]
+        if val(p).dim() > k:
+            p = call(aten.reshape.default, p, list(shape))  # leading dims are all 1
+        if (1,) * (k - len(shape)) + shape != feats:
+            p = call(aten.expand.default, p, list(feats))
+        return call(aten.reshape.default, p, [n])
+
+    x2 = call(aten.reshape.default, x, [*val(x).shape[:-k], n])
+    flat = dataclasses.replace(tail, weight=flat_param(tail.weight), bias=flat_param(tail.bias), features=())
+    out_shape = list(val(tail.last).shape)
+    new = replace_norm(gm, kind, x2, flat, eps)
+    with graph.inserting_after(new):
+        back = graph.call_function(aten.reshape.default, (new, out_shape))
+    back.meta["val"] = fake_result(aten.reshape.default, (new, out_shape))
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in new.meta:
+            back.meta[key] = new.meta[key]
+    new.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+
+
 def describe(kind: str, x: fx.Node, tail: Tail, eps: float, spelling: str) -> str:
     eps_text = "eps read at run time" if isinstance(eps, fx.Node) else f"eps={eps:g}"
-    parts = [f"{spelling} over the last dim ({last_dim_size(x)})", eps_text]
+    where = (f"the last {len(tail.features)} dims ({'x'.join(map(str, tail.features))}, flattened)"
+             if len(tail.features) > 1 else f"the last dim ({last_dim_size(x)})")
+    parts = [f"{spelling} over {where}", eps_text]
     if tail.weight is not None:
         parts.append("weight")
     if tail.bias is not None:
@@ -510,12 +564,12 @@ def describe(kind: str, x: fx.Node, tail: Tail, eps: float, spelling: str) -> st
     return f"flashfuse::{kind}: " + ", ".join(parts)
 
 
-def check_size(x: fx.Node) -> str | None:
-    """Why the kernel cannot take this input, or None."""
+def check_size(x: fx.Node, n: int | None = None) -> str | None:
+    """Why the kernel cannot take this input (rows of `n` elements, default its last dim), or None."""
     v = val(x)
     if v is None or v.dtype not in FLOATS:
         return f"input dtype {getattr(v, 'dtype', None)} is not fp16/bf16/fp32"
-    n = last_dim_size(x)
+    n = last_dim_size(x) if n is None else n
     if n is None:
         return "the normalized size is symbolic (the kernel is specialized on it)"
     if n > MAX_N:
@@ -524,24 +578,27 @@ def check_size(x: fx.Node) -> str | None:
 
 
 def hand_written_tail(ctx, fusion: str, x, dims, keepdim: bool, normed, pre_weight, statistic: str):
-    """The checks a hand-written norm shares (statistics over the last dim, with keepdim; the normalized
+    """The checks a hand-written norm shares (statistics over the trailing dims, with keepdim; the normalized
     value has x's shape) and the tail after it, or None (with a near-miss where it says something)."""
     rank = val(x).dim()
-    if dims != [rank - 1]:  # named first: the axis is what makes it another function (BatchNorm-like)
+    feats = trailing_shape(x, dims)
+    if feats is None:  # named first: the axis is what makes it another function (BatchNorm-like)
         ctx.graph_report.add_near_miss(fusion, normed, f"statistics over {dims_text(dims)} of a {rank}-d tensor, "
-                                                       "not the last dim the kernel normalizes")
+                                                       "not the last dim(s) the kernel normalizes")
         return None
     if not keepdim:
         ctx.graph_report.add_near_miss(fusion, normed, f"the {statistic} is reduced without keepdim")
         return None
     if tuple(val(normed).shape) != tuple(val(x).shape):
         return None
-    if pre_weight is None:
-        return match_tail(normed, val(x).shape[-1], val(x).shape)
-    tail = match_tail(normed, val(x).shape[-1], val(x).shape, have_weight=True)
-    if tail.mid_dtype is not None:  # a rounding after the weight: the kernel rounds before it
-        tail = Tail(normed)
-    tail.weight = pre_weight
+    if pre_weight is not None and not per_feature(pre_weight, feats, val(x).shape):
+        return None
+    tail = match_tail(normed, feats, val(x).shape, have_weight=pre_weight is not None)
+    if pre_weight is not None:
+        if tail.mid_dtype is not None:  # a rounding after the weight: the kernel rounds before it
+            tail = Tail(normed)
+        tail.weight = pre_weight
+    tail.features = feats if len(feats) > 1 else ()
     return tail
 
 
@@ -551,18 +608,22 @@ def apply_norm(gm, ctx, fusion: str, x, tail: Tail, eps, spelling: str, anchor: 
         ctx.graph_report.add_near_miss(fusion, anchor, RUNTIME_EPS)
         return 0
     x = strip_upcast(x)
-    why = check_size(x)
+    n = math.prod(tail.features) if tail.features else None
+    why = check_size(x, n)
     if why is not None:
         ctx.graph_report.add_near_miss(fusion, anchor, why)
         return 0
-    ok, reason = choose(ctx, fusion, val(x).shape[-1], needs_grad(x, tail.weight, tail.bias))
+    ok, reason = choose(ctx, fusion, n or val(x).shape[-1], needs_grad(x, tail.weight, tail.bias))
     if not ok:
         ctx.graph_report.add_near_miss(fusion, anchor, reason)
         return 0
     text = describe(fusion, x, tail, eps, spelling)
     if ctx.config.remainder != "eager":  # say why flashfuse's kernel and not Inductor's
         text += f" [{reason}]"
-    replace_norm(gm, fusion, x, tail, eps)
+    if tail.features:
+        _replace_flattened(gm, fusion, x, tail, eps)
+    else:
+        replace_norm(gm, fusion, x, tail, eps)
     ctx.graph_report.add_match(fusion, anchor, text, policy=reason,
                                eps=eps if not isinstance(eps, fx.Node) else "run-time",
                                weight=tail.weight is not None, bias=tail.bias is not None)

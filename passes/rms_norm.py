@@ -16,6 +16,7 @@ import torch.fx as fx
 from flashfuse.passes import register_pass
 from flashfuse.passes.norm_match import (apply_norm, exact_copies, hand_written_tail, is_number, is_op, match_tail,
                                          parse_denominator, parse_scale, per_feature, reduce_dims, run_norm_pass,
+                                         trailing_shape,
                                          scaling_uses, squared_input)
 from flashfuse.passes.normalize import val
 
@@ -39,18 +40,19 @@ def _library_form(gm, ctx, node: fx.Node) -> int:
         eps = torch.finfo(val(x).dtype).eps
     if not is_number(eps):
         return 0
-    if len(shape) != 1:
-        ctx.graph_report.add_near_miss(FUSION, node, f"normalized over {len(shape)} trailing dims {list(shape)}; "
-                                                     "the kernel normalizes one (flatten them first)")
+    feats = tuple(shape)
+    if len(feats) != 1 and trailing_shape(x, list(range(val(x).dim() - len(feats), val(x).dim()))) != feats:
+        ctx.graph_report.add_near_miss(FUSION, node, f"normalized over {len(feats)} trailing dims {list(feats)} "
+                                                     "of symbolic size; the kernel normalizes one")
         return 0
-    n = val(x).shape[-1]
-    if weight is not None and not (isinstance(weight, fx.Node) and per_feature(weight, n, val(x).shape)):
+    if weight is not None and not (isinstance(weight, fx.Node) and per_feature(weight, feats, val(x).shape)):
         return 0
-    tail = match_tail(node, n, val(node).shape, have_weight=weight is not None)
+    tail = match_tail(node, feats, val(node).shape, have_weight=weight is not None)
     if weight is not None:
         if tail.mid_dtype is not None:
             return 0
         tail.weight = weight
+    tail.features = feats if len(feats) > 1 else ()
     return apply_norm(gm, ctx, FUSION, x, tail, float(eps), "aten.rms_norm", node)
 
 
@@ -65,9 +67,12 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
     if not isinstance(x, fx.Node) or val(x) is None or _is_centered(x) or ms.kwargs.get("dtype") is not None:
         return 0
     found, reason = None, None
+    dims, keepdim = reduce_dims(ms)
+    feats = trailing_shape(x, dims) if dims else None
     # T5: the mean is of x.float() but the multiply is by x itself; Gemma writes x.float() twice
     # (exact either way: upcasting loses nothing)
-    for user, how, other, pre_weight in [t for xa in exact_copies(x) for t in scaling_uses(xa, val(x).shape)]:
+    uses = [t for xa in exact_copies(x) for t in scaling_uses(xa, val(x).shape, features=feats)]
+    for user, how, other, pre_weight in uses:
         parsed = parse_scale(other) if how == "mul" else parse_denominator(other)
         if isinstance(parsed, str):
             reason = reason or (user, parsed)
@@ -81,7 +86,6 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
             ctx.graph_report.add_near_miss(FUSION, reason[0], reason[1])
         return 0
     normed, eps, pre_weight = found
-    dims, keepdim = reduce_dims(ms)
     tail = hand_written_tail(ctx, FUSION, x, dims, keepdim, normed, pre_weight, "mean of squares")
     if tail is None:
         return 0

@@ -745,3 +745,52 @@ def test_one_pass_variance_is_the_variance(spelling):
         reasons = [n.reason for n in report.near_misses if n.fusion == "layer_norm"]
         assert any("not built from the variance" in r for r in reasons), str(report)
     assert_close_to_eager(model, x, options={"remainder": "eager"}, grads=True)
+
+
+# ---------------------------------------------------------------------------------------------- trailing dims
+class ChannelsLayerNorm(nn.Module):
+    """LayerNorm over (C, H, W) of NCHW written by hand (GroupNorm(1)-like) with a per-channel affine: the
+    statistics are over the trailing dims, the weight broadcasts inside the normalized block."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(c, 1, 1)), nn.Parameter(torch.randn(c, 1, 1))
+
+    def forward(self, x):
+        mu = x.mean((1, 2, 3), keepdim=True)
+        var = (x - mu).pow(2).mean((1, 2, 3), keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.w + self.b
+
+
+class TwoDimRMS(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(*shape))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean((-2, -1), keepdim=True) + 1e-6) * self.w
+
+
+@pytest.mark.parametrize("model, kind", [
+    (ChannelsLayerNorm(), "layer_norm"),
+    (TwoDimRMS((5, N)), "rms_norm"),        # one weight per element of the block
+    (TwoDimRMS((N,)), "rms_norm"),          # a weight over the last dim only, broadcast over dim -2
+    (nn.RMSNorm([5, N], eps=1e-6), "rms_norm"),
+], ids=["layer_norm_chw", "rms_two_dims", "rms_two_dims_row_weight", "nn_rmsnorm_two_dims"])
+def test_norm_over_trailing_dims_is_flattened(model, kind):
+    x = rand(2, 3, 5, N) if kind == "layer_norm" else rand(2, 5, N)
+    rep = explain(model, x)
+    assert rep.count(kind) == 1 and rep.count() == 1, str(rep)
+    m = rep.matches[0]
+    assert "flattened" in m.description and m.details["weight"], str(rep)
+    check_against_eager(model, [x], "eager")
+
+
+def test_statistics_over_inner_dims_are_not_trailing():
+    """Over (1, 2) of a 4-d tensor: not the trailing dims; left alone with the axis named."""
+    def f(x):
+        return x * torch.rsqrt(x.pow(2).mean((1, 2), keepdim=True) + 1e-6)
+
+    x = rand(2, 3, 5, N)
+    rep = explain(f, x)
+    assert rep.count() == 0 and any("statistics over dim 1,2" in nm.reason for nm in rep.near_misses), str(rep)

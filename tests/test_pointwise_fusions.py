@@ -764,6 +764,33 @@ def test_hugging_face_quick_gelu_is_not_gelu():
     expect(activations.ACT2FN["quick_gelu"], rand(3, 11))  # x * sigmoid(1.702 x): a different function
 
 
+SQRT_2_PI = math.sqrt(2.0 / math.pi)
+
+
+@pytest.mark.parametrize("gelu", [
+    lambda x: x * torch.special.ndtr(x),                                          # x * Phi(x)
+    lambda x: 0.5 * x * torch.erfc(-x / math.sqrt(2.0)),                          # erfc form
+    lambda x: x * torch.sigmoid(2 * SQRT_2_PI * (x + 0.044715 * x ** 3)),         # tanh GELU as a sigmoid
+    lambda x: x * torch.special.expit(1.5957691216057308 * (x + 0.044715 * x * x * x)),
+], ids=["ndtr", "erfc", "sigmoid_tanh", "expit_tanh"])
+def test_gelu_through_erfc_ndtr_and_sigmoid(gelu):
+    """erfc, ndtr and sigmoid are erf / tanh up to an affine map: the same GELU, fused with its bias."""
+    lin = nn.Linear(8, 12)
+    f = lambda x: gelu(lin(x))  # noqa: E731
+    report = expect(f, rand(3, 8), bias_gelu=1)
+    (m,) = report.matches
+    assert m.details["bias"] is True, str(report)
+    assert_close_to_eager(f, rand(3, 8), options=EAGER)
+
+
+def test_silu_and_a_sigmoid_gate_are_not_gelu():
+    """Reading sigmoid as tanh must not turn SiLU (x*sigmoid(x)) or a gate into GELU, nor report a near-miss."""
+    g = rand(3, 11)
+    for f in (lambda x: x * torch.sigmoid(x), lambda x: x * torch.sigmoid(g), F.silu):
+        report = expect(f, rand(3, 11))
+        assert not [n for n in report.near_misses if n.fusion == "bias_gelu"], str(report)
+
+
 def test_a_bug_in_one_candidate_does_not_cost_the_other_fusions(monkeypatch):
     from flashfuse.passes import prelu as prelu_pass
 

@@ -875,14 +875,8 @@ XZ = rand(2, 5, D, seed=11)
 
 RMS_NORM = [
     case("apex_manual_rms_norm", lambda: ApexRMSNorm((D,)), (X3,), dict(rms_norm=1, layer_norm=0)),
-    case("apex_manual_rms_norm_two_dims", lambda: ApexRMSNorm((5, D)), (X3,), dict(rms_norm=1),
-         xfail=("rms_norm=0; near-miss 'statistics over dim 1,2 of a 3-d tensor, not the last dim the kernel"
-                " normalizes' (misleading: dims (-1, -2) are the two trailing dims; nn.LayerNorm([5, D]) is "
-                "fused since session 4, RMS over trailing dims is not)")),
-    case("nn_rmsnorm_two_dims", lambda: nn.RMSNorm([5, D], eps=1e-6), (X3,), dict(rms_norm=1),
-         xfail=("rms_norm=0; near-miss 'normalized over 2 trailing dims [5, 24]; the kernel normalizes one "
-                "(flatten them first)': the trailing-dims reshape done for LayerNorm (session 4) is not done"
-                " for RMSNorm")),
+    case("apex_manual_rms_norm_two_dims", lambda: ApexRMSNorm((5, D)), (X3,), dict(rms_norm=1)),
+    case("nn_rmsnorm_two_dims", lambda: nn.RMSNorm([5, D], eps=1e-6), (X3,), dict(rms_norm=1)),
     case("chatglm_rmsnorm_uncast_multiply", lambda: ChatGLMRMSNorm(D), (X3,), dict(rms_norm=1)),
     case("mamba_rms_norm_ref_with_bias", lambda: MambaRMSNormRef(D, bias=True), (X3,), dict(rms_norm=1)),
     case("mamba2_gated_rmsnorm_gate_before_norm", lambda: Mamba2GatedRMSNorm(D), (X3, XZ), dict(rms_norm=1)),
@@ -929,10 +923,7 @@ RESIDUAL = [
     case("mamba_block_bf16_hidden_fp32_residual", MambaBlockMixed,
          (rand(2, 5, D, seed=25, dtype=torch.bfloat16), rand(2, 5, D, seed=26)), dict(rms_norm=1), tol=TOL_BF16),
     case("frozen_embedding_sum_under_no_grad_then_ln", FrozenSumThenNorm, (X3, rand(2, 5, D, seed=27)),
-         dict(layer_norm=1, residual_norm=0),
-         xfail=("WRONG GRADIENT: residual_norm=1, flashfuse::add_layer_norm is placed where the add stood, "
-                "inside the no_grad region: the whole LayerNorm runs without grad, the output has "
-                "requires_grad=False (eager True) and norm.weight/bias get no gradient")),
+         dict(layer_norm=1, residual_norm=0)),
     case("inplace_residual_on_temporary", InplaceResidual, (X3, rand(2, 5, D, seed=22)),
          dict(layer_norm=1, residual_norm=1)),
 ]
@@ -955,29 +946,19 @@ GELU = [
     case("hf_gelu_python_tanh", lambda: LinearAct(tf_act.ACT2FN["gelu_python_tanh"]), (XG,), dict(bias_gelu=1),
          details=TANH),
     case("x_times_special_ndtr", _gelu_of_fc(lambda h: h * torch.special.ndtr(h)), (XG,), dict(bias_gelu=1),
-         details=ERF,
-         xfail=("bias_gelu=0, nothing fused and no near-miss: x * torch.special.ndtr(x) (= x * Phi(x), the "
-                "erf GELU) is not read as GELU")),
+         details=ERF),
     case("half_x_erfc_minus_x_over_sqrt2", _gelu_of_fc(lambda h: 0.5 * h * torch.erfc(-h / math.sqrt(2.0))), (XG,),
-         dict(bias_gelu=1), details=ERF,
-         xfail=("bias_gelu=0, nothing fused and no near-miss: 0.5 * x * erfc(-x / sqrt(2)) (= the erf GELU) "
-                "is not read as GELU")),
+         dict(bias_gelu=1), details=ERF),
     case("tanh_gelu_sigmoid_form", _gelu_of_fc(
         lambda h: h * torch.sigmoid(2.0 * SQ2PI * (h + 0.044715 * torch.pow(h, 3)))), (XG,), dict(bias_gelu=1),
-         details=TANH,
-         xfail=("bias_gelu=0, no near-miss: x * sigmoid(2*sqrt(2/pi)*(x + 0.044715 x^3)) (= the tanh GELU "
-                "exactly) is not read as GELU; only the inner polynomial is fused as an eltwise_chain (4 "
-                "ops)")),
+         details=TANH),
     case("float64_linear_gelu", lambda: LinearAct(nn.GELU()).double(), (XG.double(),), dict(bias_gelu=0), tol=1e-10),
     case("gelu_bias_on_transposed_input", lambda: Fn(lambda m, x: F.gelu(x.transpose(1, 2) + m.b), b=P(D, seed=31)),
          (rand(2, D, 5, seed=32),), dict(bias_gelu=1)),
     case("gelu_column_plus_row_bias", lambda: Fn(lambda m, x: F.gelu(x.sum(-1, keepdim=True) + m.b), b=P(D, seed=33)),
          (rand(2, 5, 4, seed=34),), dict(bias_gelu=1)),
     case("frozen_linear_under_no_grad_then_gelu", FrozenLinearGelu, (XG,), dict(bias_gelu=1),
-         details=dict(bias_gelu=dict(bias=False)),
-         xfail=("WRONG GRADIENT: the bias of the Linear run under no_grad is folded into the GELU kernel "
-                "outside it (details bias=True): x, backbone_fc.weight and backbone_fc.bias get gradients, "
-                "eager gives none")),
+         details=dict(bias_gelu=dict(bias=False))),
     case("diffusers_geglu_chunk_gate", lambda: DiffusersGEGLU(D, D), (XG,), dict(bias_gelu=1)),
     case("gelu_fp32_upcast_type_back", _gelu_of_fc(lambda h: F.gelu(h.float()).type(h.dtype)), (XG,),
          dict(bias_gelu=1)),
@@ -1071,9 +1052,7 @@ POOL = [
          details=dict(global_pool=dict(kind="mean", dims=(2, 3, 4)))),
     case("mean_mean_on_permuted_nhwc_view", lambda: Fn(lambda m, x: x.permute(0, 3, 1, 2).mean(-1).mean(-1)),
          (rand(2, 5, 4, 3, seed=53),), dict(global_pool=1), details=MEAN23),
-    case("pool_split_by_no_grad", FrozenPartialPool, (XP,), dict(global_pool=0),
-         xfail=("WRONG GRADIENT: global_pool=1, x.sum(-1) computed under no_grad and the later .sum(-1) / "
-                "(H*W) are folded into one mean outside no_grad: x gets a gradient, eager gives none")),
+    case("pool_split_by_no_grad", FrozenPartialPool, (XP,), dict(global_pool=0)),
     case("squeeze_excite_mean_mean", SqueezeExcite, (XP,), dict(global_pool=1), details=MEAN23),
     # ---- negative: division by data, not by a count
     case("sentence_transformers_masked_mean", lambda: Fn(masked_mean_pooling),
@@ -1145,9 +1124,7 @@ ELT = [
     case("float64_chain", lambda: Fn(lambda m, a, b, c: (a * b - c) / (1.0 + b * b)),
          tuple(rand(3, 7, seed=84 + i, dtype=torch.float64) for i in range(3)), dict(eltwise_chain=0), tol=1e-10),
     case("dino_teacher_centered_under_no_grad", lambda: Fn(dino_like_centering),
-         (rand(3, 7, seed=87), rand(3, 7, seed=88), rand(3, 7, seed=89)), dict(eltwise_chain=1),
-         xfail=("WRONG GRADIENT: the chain (5 ops over 3 tensors) absorbs (t - c) / 0.04 computed under "
-                "no_grad: inputs t and c get gradients, eager gives none")),
+         (rand(3, 7, seed=87), rand(3, 7, seed=88), rand(3, 7, seed=89)), dict(eltwise_chain=1)),
     case("bf16_chain_with_0d_fp32_param", lambda: Fn(lambda m, a, b, c: a * m.w + b * (1 - m.w) - c,
                                                      w=nn.Parameter(torch.tensor(0.3))),
          tuple(rand(4, 6, seed=75 + i, dtype=torch.bfloat16) for i in range(3)), dict(eltwise_chain=1), tol=TOL_BF16,
@@ -1187,13 +1164,8 @@ def test_matmul_transpose(make, inputs, counts, reason, details, opts):
 # ================================================================================================ norm negatives
 NORM_NEGATIVE = [
     case("detachnorm_statistics_detached", DetachNorm, (X3,), dict(layer_norm=0, rms_norm=0)),
-    case("detachnorm_statistics_under_no_grad", lambda: DetachNorm("no_grad"), (X3,), dict(layer_norm=0, rms_norm=0),
-         xfail=("WRONG GRADIENT: fused as layer_norm although mean/var are computed under torch.no_grad() "
-                "(the _set_grad_enabled pair is left empty in the graph): grad of x differs from eager, rel "
-                "L2 0.36")),
-    case("rmsnorm_mean_square_under_no_grad", NoGradRMS, (X3,), dict(rms_norm=0, layer_norm=0),
-         xfail=("WRONG GRADIENT: fused as rms_norm although mean(x^2) is computed under torch.no_grad(): "
-                "grad of x differs from eager, rel L2 0.19")),
+    case("detachnorm_statistics_under_no_grad", lambda: DetachNorm("no_grad"), (X3,), dict(layer_norm=0, rms_norm=0)),
+    case("rmsnorm_mean_square_under_no_grad", NoGradRMS, (X3,), dict(rms_norm=0, layer_norm=0)),
     case("rmsnorm_mean_square_detached", DetachedRMS, (X3,), dict(rms_norm=0, layer_norm=0)),
     case("mae_norm_pix_loss_unbiased_var", lambda: Fn(mae_norm_pix_target), (X3,), dict(layer_norm=0, rms_norm=0),
          reason="unbiased"),
