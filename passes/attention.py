@@ -874,6 +874,40 @@ def _check_scores_stay_inside(builder, S: fx.Node, pv: fx.Node) -> None:
                                  "computed twice", u)
 
 
+def _alias_base(node):
+    """The tensor whose memory `node` reads: through view ops (their schema returns an alias) to the base."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        src = node
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            src = node.args[0]
+        target = src.target
+        if not (isinstance(target, torch._ops.OpOverload) and src.args and isinstance(src.args[0], fx.Node)
+                and any(r.alias_info is not None for r in target._schema.returns)):
+            break
+        node = src.args[0]
+    return node
+
+
+def _check_no_write_before_pv(gm: fx.GraphModule, S: fx.Node, pv: fx.Node, read: list) -> None:
+    """The fused op runs where P·V stood and reads Q, K and the side tensors there, where the scores read them
+    earlier: an in-place write in between to one of them (`k.mul_(2)`, a cache written through a view of K)
+    would reach the kernel but not eager's scores."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    bases = {_alias_base(n) for n in read if isinstance(n, fx.Node)}
+    for n in gm.graph.nodes:
+        if not order[S] < order[n] < order[pv]:
+            continue
+        schema = getattr(n.target, "_schema", None)
+        if n.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        written = [a for a, arg in zip(n.args, schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+        written += [n.kwargs[arg.name] for arg in schema.arguments
+                    if arg.name in n.kwargs and arg.alias_info is not None and arg.alias_info.is_write]
+        if not written or any(_alias_base(w) in bases or not isinstance(w, fx.Node) for w in written):
+            raise NotFusable(f"`{_op_name(n)}`{_where(n)} writes in place between QKᵀ and P·V to a tensor the "
+                             "scores read (fused, the kernel would read it after the write)", n)
+
+
 def downstream(node: fx.Node, found, limit: int) -> bool:
     """`found(u)` holds for some node u downstream of `node`, through any ops, within `limit` nodes."""
     seen, todo = set(), [node]
@@ -959,6 +993,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     p_side, v_node, out_perm = _mm_operands(pv, which="pv")
     if p_side is not chain[-1]:
         raise NotFusable("probabilities are the right operand of the matmul (P·V expected)", pv)
+    _check_no_write_before_pv(gm, S, pv, [q_node, kt_node, *builder.sides])
     qv, ktv, vv, ov = val(q_node), val(kt_node), val(v_node), val(pv)
     if qv.dim() != rank or ktv.dim() != rank or vv.dim() != rank or ov.dim() != rank:
         raise NotFusable("Q, K, V and the scores do not have the same rank (broadcasting matmul)", S)

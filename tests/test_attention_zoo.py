@@ -1020,3 +1020,58 @@ def sp_probabilities_viewed_to_4d_and_back(q, k, v):
 def test_probabilities_viewed_to_4d_and_straight_back():
     q, k, v = qkv(b=2, h=2, nq=10, d=16)
     check(sp_probabilities_viewed_to_4d_and_back, q, k, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# in-place writes between QKᵀ and P·V: the fused op reads Q, K and masks where P·V stood
+# ------------------------------------------------------------------------------------------------
+def _scale_k_in_place(q, k, v, cache, mask):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    k.mul_(2.0)  # eager's scores read k before this write
+    return torch.softmax(s, -1) @ v
+
+
+def _write_k_through_a_view(q, k, v, cache, mask):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    k[:, :, :2].zero_()
+    return torch.softmax(s, -1) @ v
+
+
+def _mask_cleared_after_use(q, k, v, cache, mask):
+    s = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(mask, float("-inf"))
+    mask.fill_(False)
+    return torch.softmax(s, -1) @ v
+
+
+def _cache_written(q, k, v, cache, mask):  # writes a tensor the attention does not read: still fused
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    cache.copy_(k)
+    return torch.softmax(s, -1) @ v
+
+
+def _v_scaled_in_place(q, k, v, cache, mask):  # V is read at P·V in eager too: still fused
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    v.mul_(0.5)
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("fn, fused", [(_scale_k_in_place, 0), (_write_k_through_a_view, 0),
+                                       (_mask_cleared_after_use, 0), (_cache_written, 1), (_v_scaled_in_place, 1)],
+                         ids=["k_mul_", "k_view_zero_", "mask_fill_", "cache_copy_", "v_mul_"])
+def test_in_place_write_between_scores_and_pv(fn, fused):
+    q, k, v = qkv()
+    cache = torch.zeros_like(k)
+    mask = torch.rand(B, 1, T, T) < 0.3
+    mask[..., 0] = False  # no fully masked row
+    args = (q, k, v, cache, mask)
+    run, report = compile_and_report(fn)
+    got_args = [a.clone() for a in args]
+    out = run(*got_args)
+    ref_args = [a.clone() for a in args]
+    ref = fn(*ref_args)
+    assert report.count("attention") == fused, str(report)
+    if not fused:
+        assert any("writes in place between" in nm.reason for nm in report.near_misses), str(report)
+    assert rel_err(out, ref) < 1e-5
+    for a, b in zip(got_args, ref_args):
+        assert torch.equal(a, b)
