@@ -348,7 +348,7 @@ def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
                 return f"`{node.name}` takes a non-tensor value `{a.name}`"
             if not broadcasts_into(t, ref):
                 return f"an input of shape {shape_str(t)} does not broadcast into {shape_str(ref)} in `{node.name}`"
-            if t.dtype != ref.dtype:
+            if t.dtype != ref.dtype and not _promotes_away(node, t, ref):
                 return f"`{node.name}` mixes dtypes ({t.dtype} and {ref.dtype})"
             if t.device != ref.device:
                 return f"`{node.name}` mixes devices ({t.device} and {ref.device})"
@@ -359,6 +359,16 @@ def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
     if not broadcasts_into(out, ref):
         return f"`{node.name}` has shape {shape_str(out)}, which does not broadcast into {shape_str(ref)}"
     return None
+
+
+def _promotes_away(node: fx.Node, t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """A 0-d float tensor of another float dtype (`a_bf16 * w_fp32_0d`, a scalar parameter): type promotion
+    lets a dimensioned tensor of the same category decide, so eager casts it to `ref`'s dtype before the op.
+    The fused op takes it through that same cast (inserted by the pass)."""
+    if t.dim() != 0 or not t.dtype.is_floating_point or t.dtype == torch.float64 or val(node).dtype != ref.dtype:
+        return False
+    return any(isinstance(a, fx.Node) and val(a) is not None and val(a).dim() > 0 and val(a).dtype == ref.dtype
+               for a in node.args)
 
 
 @register_pass(NAME)
@@ -429,7 +439,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
         if not enabled:
             ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
             return False
-        inputs = list(leaves)
+        # 0-d leaves of another float dtype: cast as eager's type promotion does (the kernel takes one dtype)
+        inputs = [leaf if val(leaf).dtype == like.dtype else
+                  insert_call(gm, root, aten._to_copy.default, (leaf,), dict(dtype=like.dtype), like=root)
+                  for leaf in leaves]
         fused = insert_call(gm, root, torch.ops.flashfuse.pointwise.default, (inputs, text), like=root)
         outs = [getitem(gm, fused, k) for k in range(len(exprs))]
         for k, s in enumerate(shared, start=1):  # their users outside the chain read the fused op's output

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import flashfuse
 from flashfuse.explain import explain
 from flashfuse.testing import assert_close_to_eager
 
@@ -789,6 +790,33 @@ def test_silu_and_a_sigmoid_gate_are_not_gelu():
     for f in (lambda x: x * torch.sigmoid(x), lambda x: x * torch.sigmoid(g), F.silu):
         report = expect(f, rand(3, 11))
         assert not [n for n in report.near_misses if n.fusion == "bias_gelu"], str(report)
+
+
+class Lerp0d(nn.Module):
+    """A scalar fp32 parameter mixing half tensors (EMA / lerp gates): type promotion keeps the half dtype."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.3, dtype=dtype))
+
+    def forward(self, a, b, c):
+        return a * self.w + b * (1 - self.w) - c
+
+
+def test_chain_takes_a_0d_parameter_of_another_float_dtype():
+    a, b, c = (rand(4, 6).half() for _ in range(3))
+    report = expect(Lerp0d(), a, b, c, eltwise_chain=1)
+    assert report.matches[0].details["inputs"] == 5, str(report)  # a, b, c, w and (1 - w), cast to fp16
+    assert_close_to_eager(Lerp0d(), a, b, c, options=EAGER)
+    model = Lerp0d()
+    torch.compile(model, backend=flashfuse.backend(remainder="eager"))(a, b, c).float().sum().backward()
+    assert model.w.grad.dtype == torch.float32 and model.w.grad.shape == ()
+
+
+def test_chain_leaves_a_float64_0d_parameter_alone():
+    a, b, c = (rand(4, 6) for _ in range(3))
+    report = expect(Lerp0d(torch.float64), a, b, c)
+    assert "mixes dtypes" in near_miss(report, "eltwise_chain")
 
 
 def test_a_bug_in_one_candidate_does_not_cost_the_other_fusions(monkeypatch):

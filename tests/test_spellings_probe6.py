@@ -1127,10 +1127,7 @@ ELT = [
          (rand(3, 7, seed=87), rand(3, 7, seed=88), rand(3, 7, seed=89)), dict(eltwise_chain=1)),
     case("bf16_chain_with_0d_fp32_param", lambda: Fn(lambda m, a, b, c: a * m.w + b * (1 - m.w) - c,
                                                      w=nn.Parameter(torch.tensor(0.3))),
-         tuple(rand(4, 6, seed=75 + i, dtype=torch.bfloat16) for i in range(3)), dict(eltwise_chain=1), tol=TOL_BF16,
-         xfail=("eltwise_chain=0; near-miss 'chain of 5 ops split: `mul_1` mixes dtypes (torch.float32 and "
-                "torch.bfloat16)', though a 0-d fp32 tensor does not promote bf16 tensors (eager's result is"
-                " bf16); a documented scope limit (chains take one dtype), no wrong numbers")),
+         tuple(rand(4, 6, seed=75 + i, dtype=torch.bfloat16) for i in range(3)), dict(eltwise_chain=1), tol=TOL_BF16),
     case("timm_model_ema_copy_inplace", lambda: Fn(timm_ema_update), (rand(4, 6, seed=78), rand(4, 6, seed=79)),
          dict(eltwise_chain=1), grad=False),
     # the chain is exp_avg / (sqrt(v) / c + eps), read after the in-place moment updates
