@@ -1,6 +1,7 @@
 """Reduction -> global pooling: `x.mean(-1).mean(-1)` (any number of steps), `x.sum(-1).sum(-1)`,
 `x.sum(-1).sum(-1) / (H*W)` and the keepdim forms -> one `aten.mean.dim` / `aten.sum.dim_IntList` over
-all the reduced dims at once (one reduction kernel instead of one per step).
+all the reduced dims at once (one reduction kernel instead of one per step). `x.amax(-1).amax(-1)` (and
+amin) -> one amax when no gradient is needed (see TIES_NOTE).
 
 A pure graph simplification: it applies under every remainder and norm_policy. Conditions:
 - every step is a mean or a sum with no dtype argument (steps that differ in keepdim become one reduction
@@ -19,11 +20,18 @@ import torch.fx as fx
 from flashfuse.passes import PassContext, register_pass
 from flashfuse.passes.eltwise_chain import (autocast_nodes, erase_unused, guarded, in_autocast, insert_call, known_equal,
                                             order_of, write_between)
-from flashfuse.passes.normalize import val
+from flashfuse.passes.normalize import requires_grad, val
 
 aten = torch.ops.aten
 NAME = "global_pool"
-REDUCTIONS = {aten.mean.dim: "mean", aten.sum.dim_IntList: "sum"}
+REDUCTIONS = {aten.mean.dim: "mean", aten.sum.dim_IntList: "sum", aten.amax.default: "amax",
+              aten.amin.default: "amin"}
+EXTREMA = {"amax": aten.amax.default, "amin": aten.amin.default}
+# amax(amax(x, -1), -1) has amax(x, (-2, -1))'s value exactly, but not its gradient where the maximum is tied:
+# each step splits among its own ties (1/2 · 1/2 for two tied rows with two ties in one of them), one amax among
+# all ties (1/3)
+TIES_NOTE = ("an amax/amin chain whose input needs a gradient: one reduction would split the gradient among tied "
+             "extrema differently from the steps; left as separate reductions (fused when no gradient is needed)")
 
 
 def _step(node: fx.Node):
@@ -31,7 +39,7 @@ def _step(node: fx.Node):
     if node.op != "call_function" or node.target not in REDUCTIONS:
         return None
     args = list(node.args) + [None] * 3
-    x, dims = args[0], args[1]
+    x, dims = args[0], args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.kwargs.get("keepdim", args[2] if args[2] is not None else False)
     if node.kwargs.get("dtype") is not None or len(node.args) > 3 or not isinstance(x, fx.Node):
         return None
@@ -82,6 +90,8 @@ def _chain(node: fx.Node):
                             "over one block of dims; left as separate reductions")
     # mixed keepdim: one reduction without keepdim, then a view to the chain's own output shape
     kinds = {_step(s)[0] for s in steps}
+    if len(kinds) > 1 and kinds - {"sum", "mean"}:
+        return None, None  # an amax / amin mixed with other reductions: a different function per step
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
     return (base, kind, removed, keepdims.pop() if len(keepdims) == 1 else None, steps), None
 
@@ -151,13 +161,16 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
         # under autocast sum runs in fp32 and mean in the input dtype: sum/n -> mean would change the dtype
         # a sum chain (or sums mixed with means, which divide by their own sizes: `sum(-1) / W` may reach here
         # as a mean) followed by divisions that complete the count is a mean
-        if kind != "mean" and bv.dtype.is_floating_point and not in_autocast(autocast_nodes(gm), steps):
+        if kind in ("sum", "mixed") and bv.dtype.is_floating_point and not in_autocast(autocast_nodes(gm), steps):
             end = _mean_end(node, base, dims, _mean_step_sizes(steps))
             if end is not None and val(end) is not None and val(end).dtype == bv.dtype:
                 kind, root = "mean", end
         if kind == "mixed":
             return False  # sums and means whose divisions do not add up to one mean: left as written
-        target = aten.mean.dim if kind == "mean" else aten.sum.dim_IntList
+        if kind in EXTREMA and requires_grad(base):
+            ctx.graph_report.add_near_miss(NAME, node, TIES_NOTE)
+            return False
+        target = EXTREMA.get(kind) or (aten.mean.dim if kind == "mean" else aten.sum.dim_IntList)
         if keepdim is None:
             flat = insert_call(gm, root, target, (base, list(dims), False), like=root)
             new = insert_call(gm, root, aten.reshape.default, (flat, list(val(root).shape)), like=root)

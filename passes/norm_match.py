@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from flashfuse.passes.normalize import val
+from flashfuse.passes.normalize import requires_grad, val
 
 aten = torch.ops.aten
 
@@ -467,7 +467,7 @@ def choose(ctx, kind: str, n: int, training: bool) -> tuple[bool, str]:
 
 
 def needs_grad(*nodes) -> bool:
-    return any(val(n) is not None and val(n).requires_grad for n in nodes if isinstance(n, fx.Node))
+    return any(requires_grad(n) for n in nodes)
 
 
 # ---------------------------------------------------------------------------------------------- rewriting

@@ -76,6 +76,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     with torch.fx.traceback.preserve_node_meta(), fake_mode:
         traced = make_fx(opaque_functions.Tracer(gm).run, pre_dispatch=True)(*fake_inputs)
     opaque_functions.restore(traced)
+    mark_requires_grad(traced, example_inputs)
     functionalize_inplace(traced)
     fold_scalar_constants(traced)
     type_as_to_dtype(traced)
@@ -215,6 +216,56 @@ def fold_scalar_constants(gm: fx.GraphModule) -> int:
     if changed:
         gm.recompile()  # the constants left unused go with the pipeline's dead-code elimination
     return changed
+
+
+_REQUIRES_GRAD = "flashfuse_requires_grad"
+# ops whose result never requires grad whatever their inputs (eager: `torch.ones_like(p).requires_grad` is False)
+_NO_GRAD_OPS = {aten.detach.default, aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+                aten.full_like.default, aten.rand_like.default, aten.randn_like.default, aten.randint_like.default,
+                aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
+                aten.bernoulli.p, aten.lift_fresh_copy.default}
+
+
+def mark_requires_grad(gm: fx.GraphModule, example_inputs: list) -> None:
+    """Record in each node's meta whether its value requires grad in the real run. The fake values of the
+    re-traced graph all say False (make_fx traces below autograd), but passes need the truth: a training graph
+    takes other policies than an inference one, and some rewrites are exact only without a gradient. A graph
+    input takes its example input's flag; an op's floating result requires grad when grad mode is on at its
+    position and any input requires grad (detach and the *_like factories never)."""
+    from flashfuse.passes.grad_mode import modes
+
+    enabled = modes(gm, torch.is_grad_enabled())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        node.meta[_REQUIRES_GRAD] = bool(isinstance(example, torch.Tensor) and example.requires_grad)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = getattr(gm, node.target, None)
+            node.meta[_REQUIRES_GRAD] = bool(isinstance(t, torch.Tensor) and t.requires_grad)
+        elif node.op == "call_function":
+            node.meta[_REQUIRES_GRAD] = _computes_grad(node, enabled[node])
+
+
+def _computes_grad(node: fx.Node, grad_enabled: bool) -> bool:
+    v = node.meta.get("val")
+    floating = isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+    if isinstance(v, (tuple, list)):  # var_mean, max.dim: the getitems check their own dtype
+        floating = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v)
+    if not (grad_enabled and floating) or node.target in _NO_GRAD_OPS:
+        return False
+    return any(requires_grad(a) for a in node.all_input_nodes)
+
+
+def requires_grad(node) -> bool:
+    """Whether `node`'s value requires grad when the graph runs (see mark_requires_grad). A node a pass
+    inserted since has no mark: it is computed from its inputs, assuming grad mode on (the safe answer)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if _REQUIRES_GRAD in node.meta:
+        return node.meta[_REQUIRES_GRAD]
+    if node.op != "call_function":
+        return bool(val(node) is not None and val(node).requires_grad)
+    return _computes_grad(node, True)
 
 
 def val(node) -> torch.Tensor | None:

@@ -148,3 +148,43 @@ def test_inference_mode_inside_the_graph_is_not_retraced():
     report = assert_fused(_inference_mode_inside, x, w, b, layer_norm=0)
     assert any("inference_mode" in n for n in report.notes), report.notes
     assert_close_to_eager(_inference_mode_inside, x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+
+
+def _mixed(x, w):
+    y = x * 2                       # x needs no grad: neither does y
+    h = y * w                       # w does
+    d = h.detach() + 1              # detached
+    with torch.no_grad():
+        n = h * 3                   # under no_grad
+    i = h.argmax(-1)                # integer
+    o = torch.ones_like(h)          # a factory
+    return y, h, d, n, i, o
+
+
+def test_requires_grad_is_marked_on_the_retraced_graph():
+    """make_fx's fake values all say requires_grad=False; the passes read the real flag (a training graph's
+    norm policy, amax chains exact only without a gradient)."""
+    from flashfuse.passes.normalize import requires_grad
+
+    gm = _aten(_mixed, torch.randn(3, 8), torch.randn(8, requires_grad=True))
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    got = [requires_grad(n) for n in out.args[0]]
+    assert got == [False, True, False, False, False, False]
+    x, w = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert not requires_grad(x) and requires_grad(w)
+
+
+def test_amax_chain_is_fused_only_without_a_gradient():
+    """amax(amax(x, -1), -1) splits the gradient among tied maxima per step; one amax splits it evenly."""
+    f = lambda x: x.amax(-1).amax(-1)  # noqa: E731
+    x = torch.randn(2, 3, 4, 5)
+    report = assert_fused(f, x, global_pool=1)
+    assert report.matches[0].details["kind"] == "amax"
+    x = x.requires_grad_()
+    report = assert_fused(f, x, global_pool=0)
+    assert any("tied" in n.reason for n in report.near_misses), str(report)
+    # the tie case that differs, run through the compiled function: still eager's gradient
+    t = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]]]], requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(f, backend=flashfuse.backend(remainder="eager"))(t).sum().backward()
+    torch.testing.assert_close(t.grad, torch.tensor([[[[0.25, 0.25], [0.0, 0.5]]]]))
