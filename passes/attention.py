@@ -888,22 +888,31 @@ def _alias_base(node):
     return node
 
 
-def _check_no_write_before_pv(gm: fx.GraphModule, S: fx.Node, pv: fx.Node, read: list) -> None:
-    """The fused op runs where P·V stood and reads Q, K and the side tensors there, where the scores read them
-    earlier: an in-place write in between to one of them (`k.mul_(2)`, a cache written through a view of K)
-    would reach the kernel but not eager's scores."""
+def _check_no_write_before_pv(gm: fx.GraphModule, S: fx.Node, pv: fx.Node, builder) -> None:
+    """The fused op runs where P·V stood and reads Q, K and the side tensors there, where eager's ops read them
+    earlier (Q, K at QKᵀ, a side where the score modification uses it): an in-place write in between to one of
+    them (`k.mul_(2)`, a cache written through a view of K) would reach the kernel but not eager. A write that
+    produces the value before its first read (`bias *= cls_mask` and then `s + bias`) is no such write."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    bases = {_alias_base(n) for n in read if isinstance(n, fx.Node)}
+    first_read = {}  # alias base -> the earliest position eager reads a fused operand on it
+    for x, readers in [(x, [S]) for x in S.all_input_nodes] + \
+            [(side, [u for u in side.users if u in builder.memo] or [S]) for side in builder.sides]:
+        if isinstance(x, fx.Node):
+            base = _alias_base(x)
+            at = min(order[u] for u in readers)
+            first_read[base] = min(first_read.get(base, at), at)
     for n in gm.graph.nodes:
-        if not order[S] < order[n] < order[pv]:
+        if not order[S] <= order[n] < order[pv]:
             continue
         schema = getattr(n.target, "_schema", None)
         if n.op != "call_function" or schema is None or not schema.is_mutable:
             continue
-        written = [a for a, arg in zip(n.args, schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
-        written += [n.kwargs[arg.name] for arg in schema.arguments
-                    if arg.name in n.kwargs and arg.alias_info is not None and arg.alias_info.is_write]
-        if not written or any(_alias_base(w) in bases or not isinstance(w, fx.Node) for w in written):
+        writes = [arg for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write]
+        written = [a for a, arg in zip(n.args, schema.arguments) if arg in writes]
+        written += [n.kwargs[arg.name] for arg in writes if arg.name in n.kwargs]
+        late = [w for w in written
+                if not isinstance(w, fx.Node) or order[n] > first_read.get(_alias_base(w), order[pv])]
+        if not written or late:
             raise NotFusable(f"`{_op_name(n)}`{_where(n)} writes in place between QKᵀ and P·V to a tensor the "
                              "scores read (fused, the kernel would read it after the write)", n)
 
@@ -993,7 +1002,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     p_side, v_node, out_perm = _mm_operands(pv, which="pv")
     if p_side is not chain[-1]:
         raise NotFusable("probabilities are the right operand of the matmul (P·V expected)", pv)
-    _check_no_write_before_pv(gm, S, pv, [q_node, kt_node, *builder.sides])
+    _check_no_write_before_pv(gm, S, pv, builder)
     qv, ktv, vv, ov = val(q_node), val(kt_node), val(v_node), val(pv)
     if qv.dim() != rank or ktv.dim() != rank or vv.dim() != rank or ov.dim() != rank:
         raise NotFusable("Q, K, V and the scores do not have the same rank (broadcasting matmul)", S)

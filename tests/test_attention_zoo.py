@@ -1055,12 +1055,20 @@ def _v_scaled_in_place(q, k, v, cache, mask):  # V is read at P·V in eager too:
     return torch.softmax(s, -1) @ v
 
 
+def _bias_scaled_in_place_before_use(q, k, v, cache, mask):  # Funnel: `positional_attn *= cls_mask` on a view
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    pos = torch.cat([q @ cache.transpose(-2, -1), q[..., :1]], -1)[..., :-1]
+    pos *= 0.5  # writes the bias before the score modification reads it: eager and the kernel read the same
+    return torch.softmax(s + pos, -1) @ v
+
+
 @pytest.mark.parametrize("fn, fused", [(_scale_k_in_place, 0), (_write_k_through_a_view, 0),
-                                       (_mask_cleared_after_use, 0), (_cache_written, 1), (_v_scaled_in_place, 1)],
-                         ids=["k_mul_", "k_view_zero_", "mask_fill_", "cache_copy_", "v_mul_"])
+                                       (_mask_cleared_after_use, 0), (_cache_written, 1), (_v_scaled_in_place, 1),
+                                       (_bias_scaled_in_place_before_use, 1)],
+                         ids=["k_mul_", "k_view_zero_", "mask_fill_", "cache_copy_", "v_mul_", "bias_mul_first"])
 def test_in_place_write_between_scores_and_pv(fn, fused):
     q, k, v = qkv()
-    cache = torch.zeros_like(k)
+    cache = torch.randn(k.shape)
     mask = torch.rand(B, 1, T, T) < 0.3
     mask[..., 0] = False  # no fully masked row
     args = (q, k, v, cache, mask)
