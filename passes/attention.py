@@ -874,6 +874,32 @@ def _check_scores_stay_inside(builder, S: fx.Node, pv: fx.Node) -> None:
                                  "computed twice", u)
 
 
+def _upcast_source(node: fx.Node) -> fx.Node | None:
+    """x for `x.float()` (to / _to_copy with only a dtype) of a half-precision x, else None: an exact cast."""
+    if not (node.op == "call_function" and node.target in (aten.to.dtype, aten._to_copy.default)
+            and isinstance(node.args[0], fx.Node)):
+        return None
+    if node.target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
+        return None
+    src, out = val(node.args[0]), val(node)
+    if src is None or out is None or out.dtype != torch.float32 or src.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return node.args[0]
+
+
+def _one_dtype(q: fx.Node, k: fx.Node, v: fx.Node, S: fx.Node):
+    """Q, K, V in one dtype, as the kernel takes them. `q.float() @ k.float().mT` with V in half precision
+    (scores formed in fp32, probabilities cast back before P·V) reads the half-precision Q and K: the upcast is
+    exact and the kernel accumulates QKᵀ in fp32 as the fp32 matmul does."""
+    dtypes = {val(x).dtype for x in (q, k, v)}
+    if len(dtypes) == 1:
+        return q, k, v
+    stripped = [_upcast_source(x) or x for x in (q, k, v)]
+    if len({val(x).dtype for x in stripped}) == 1:
+        return tuple(stripped)
+    raise NotFusable(f"Q, K and V have different dtypes ({', '.join(str(val(x).dtype) for x in (q, k, v))})", S)
+
+
 def _alias_base(node):
     """The tensor whose memory `node` reads: through view ops (their schema returns an alias) to the base."""
     while isinstance(node, fx.Node) and node.op == "call_function":
@@ -1029,6 +1055,8 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     else:
         k_node = g.call(aten.transpose.int, kt_node, -2, -1)
         k_node.meta["val"] = ktv.transpose(-2, -1)
+    q_node, k_node, v_node = _one_dtype(q_node, k_node, v_node, S)
+    qv = val(q_node)
     if rank == 5:
         q4, k4, v4, k_rep, merged = _merge_rank5(g, q_node, k_node, v_node, S)
         sides4 = [_merge_side(g, s, merged, sv.shape) for s in builder.sides]

@@ -1083,3 +1083,24 @@ def test_in_place_write_between_scores_and_pv(fn, fused):
     assert rel_err(out, ref) < 1e-5
     for a, b in zip(got_args, ref_args):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Q, K and V of different dtypes: the kernel takes one
+# ------------------------------------------------------------------------------------------------
+def _scores_in_fp32_v_half(q, k, v):
+    s = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return torch.softmax(s, -1).to(v.dtype) @ v
+
+
+def test_half_q_k_upcast_for_the_scores_read_as_half():
+    """`q.float() @ k.float().mT`, probabilities cast back to V's fp16: the exact upcasts are read through (it
+    crashed in the kernel with fp32 Q, K against fp16 V)."""
+    q, k, v = (x.half() for x in qkv())
+    check(_scores_in_fp32_v_half, q, k, v, tol=2e-2)
+
+
+def test_fp32_q_k_with_half_v_is_left_alone():
+    q, k, _ = qkv()
+    v = qkv()[2].half()
+    _negative(_scores_in_fp32_v_half, q, k, v, reason="different dtypes")
