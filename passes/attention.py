@@ -969,7 +969,8 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
         return None
     rank = sv.dim()
     if dim % rank != rank - 1:
-        raise NotFusable(f"softmax over dim {dim}; keys are on dim -1", softmax)
+        raise NotFusable(f"softmax over dim {dim} of the {rank}-d scores, not the last dim (the kernel takes the keys "
+                         "there)", softmax)
 
     # 2. forwards: probabilities -> (casts, dropout, a zero fill) -> P @ V, nobody else reading them
     chain, cur, dropout_p, post_fill = [softmax], softmax, 0.0, None

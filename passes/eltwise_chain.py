@@ -362,10 +362,16 @@ def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
 
 
 def _promotes_away(node: fx.Node, t: torch.Tensor, ref: torch.Tensor) -> bool:
-    """A 0-d float tensor of another float dtype (`a_bf16 * w_fp32_0d`, a scalar parameter): type promotion
-    lets a dimensioned tensor of the same category decide, so eager casts it to `ref`'s dtype before the op.
-    The fused op takes it through that same cast (inserted by the pass)."""
-    if t.dim() != 0 or not t.dtype.is_floating_point or t.dtype == torch.float64 or val(node).dtype != ref.dtype:
+    """An input of another dtype that eager's type promotion casts to the chain's dtype before the op, so the
+    fused op can take it through that same cast (inserted by the pass):
+    - an integer or bool tensor (`a * mask_int64`): float wins by category, the op computes in `ref`'s dtype;
+    - a 0-d float tensor of another float dtype (`a_bf16 * w_fp32_0d`, a scalar parameter): a dimensioned
+      tensor of the same category decides."""
+    if val(node).dtype != ref.dtype or t.is_complex():
+        return False
+    if not t.dtype.is_floating_point:
+        return True
+    if t.dim() != 0 or t.dtype == torch.float64:
         return False
     return any(isinstance(a, fx.Node) and val(a) is not None and val(a).dim() > 0 and val(a).dtype == ref.dtype
                for a in node.args)
@@ -439,7 +445,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> int:
         if not enabled:
             ctx.graph_report.add_near_miss(NAME, root, INDUCTOR_NOTE)
             return False
-        # 0-d leaves of another float dtype: cast as eager's type promotion does (the kernel takes one dtype)
+        # leaves of another dtype (integer masks, 0-d floats): cast as eager's type promotion does (the kernel
+        # takes one dtype)
         inputs = [leaf if val(leaf).dtype == like.dtype else
                   insert_call(gm, root, aten._to_copy.default, (leaf,), dict(dtype=like.dtype), like=root)
                   for leaf in leaves]

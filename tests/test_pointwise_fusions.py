@@ -813,6 +813,18 @@ def test_chain_takes_a_0d_parameter_of_another_float_dtype():
     assert model.w.grad.dtype == torch.float32 and model.w.grad.shape == ()
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.bool])
+def test_chain_takes_an_integer_or_bool_mask(mask_dtype):
+    """`a * m + b * (1 - m) - c` with an integer mask: eager promotes m to float in each op; so does the cast
+    the pass puts before the fused op."""
+    m = (rand(4, 6) > 0).to(mask_dtype)
+    f = (lambda a, b, c, m: a * m + b * (1 - m.long()) - c) if mask_dtype == torch.bool else \
+        (lambda a, b, c, m: a * m + b * (1 - m) - c)
+    a, b, c = rand(4, 6), rand(4, 6), rand(4, 6)
+    expect(f, a, b, c, m, eltwise_chain=1)
+    assert_close_to_eager(f, a, b, c, m, options=EAGER)
+
+
 def test_chain_leaves_a_float64_0d_parameter_alone():
     a, b, c = (rand(4, 6) for _ in range(3))
     report = expect(Lerp0d(torch.float64), a, b, c)

@@ -503,7 +503,7 @@ ATTENTION = [
     case("einsum_heads_last_scores_softmax_dim2", lambda: Fn(tensordot_style_einsum_heads_last),
          (rand(B, N, H, HD, seed=369), rand(B, 9, H, HD, seed=370), rand(B, 9, H, HD, seed=371)), dict(attention=1),
          xfail=("MISSED (attention=0): einsum 'bqhd,bkhd->bqkh' puts the keys on dim 2 and the softmax is over dim 2,"
-                " then 'bqkh,bkhd->bqhd'; near-miss \"softmax over dim 2; keys are on dim -1\" (the keys ARE dim 2 "
+                " then 'bqkh,bkhd->bqhd'; near-miss \"softmax over dim 2; keys are on dim -1\" (reworded since) (the keys ARE dim 2 "
                 "here)")),
     case("timm_vit_block_inplace_layerscale", lambda: TimmBlock().eval(), (rand(B, N, E, seed=372),),
          dict(attention=1, layer_norm=2, residual_norm=1, bias_gelu=1)),
@@ -1002,9 +1002,7 @@ ELT = [
                 " the steps; nothing fused and no near-miss recorded")),
     case("chain_int64_mask_promotion", lambda: Fn(chain_long_mask_promotion),
          (rand(3, 7, seed=821), (rand(3, 7, seed=822) > 0).long(), rand(3, 7, seed=823), rand(3, 7, seed=824)),
-         dict(eltwise_chain=1),
-         xfail=("MISSED (eltwise_chain=0): a * mask + b * (1 - mask) - c with an int64 mask; near-miss \"chain of 5 "
-                "ops split: `mul_1` mixes dtypes (torch.int64 and torch.float32)\" (eager promotes to float32)")),
+         dict(eltwise_chain=1)),
     case("chain_intermediate_also_returned", lambda: Fn(chain_intermediate_returned),
          tuple(rand(3, 7, seed=825 + i) for i in range(5)), dict(eltwise_chain=1)),
     case("fp16_chain_7x33", lambda: Fn(lambda m, a, b, c, d, e: a * b + c * d - e),
