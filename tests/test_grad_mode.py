@@ -69,6 +69,16 @@ def test_attention_inside_no_grad_is_fused_and_trains_nothing():
     assert_close_to_eager(TeacherStudent(), x)
 
 
+def test_no_grad_boundaries_are_gone_before_inductor():
+    """The boundaries are plain Python calls; Inductor must never see one (it lowers the rewritten graph)."""
+    x = torch.randn(3, 4, 8)
+    report = assert_fused(NormUnderNoGradThenTrained(), x, layer_norm=1, rms_norm=1,
+                          options={"remainder": "inductor", "norm_policy": "always"})
+    assert "grad_mode_boundary" not in report.graphs[0].code_after
+    assert_close_to_eager(NormUnderNoGradThenTrained(), x.requires_grad_(),
+                          options={"remainder": "inductor", "norm_policy": "always"})
+
+
 def test_attention_map_under_no_grad_is_not_fused():
     """Fused, the map's gradient would reach q and k, where eager gives them none."""
     x = torch.randn(2, 5, 8)
