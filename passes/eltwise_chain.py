@@ -377,9 +377,69 @@ def _promotes_away(node: fx.Node, t: torch.Tensor, ref: torch.Tensor) -> bool:
                for a in node.args)
 
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _reshape_of(node: Any) -> fx.Node | None:
+    """x for a view / reshape of a contiguous x (the reshape then only renumbers the elements)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS
+            and isinstance(node.args[0], fx.Node)):
+        return None
+    x = val(node.args[0])
+    return node.args[0] if x is not None and x.is_contiguous() else None
+
+
+def sink_reshapes(gm: fx.GraphModule) -> int:
+    """Move reshapes of contiguous tensors out of pointwise chains, so the chain is one region:
+    `op(x.view(s), y.view(s))` -> `op(x, y).view(s)` when x and y have one shape (elementwise ops commute
+    with renumbering the elements), and `x.view(s).view(shape of x)` -> `x`. Each rewritten view has no other
+    user, so nothing is computed twice."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _VIEWS and len(node.users) >= 1:  # x.view(s).view(x's shape) -> x
+            inner = node.args[0]
+            x = _reshape_of(inner)
+            if x is not None and len(inner.users) == 1 and val(node) is not None \
+                    and tuple(val(node).shape) == tuple(val(x).shape) and val(node).dtype == val(x).dtype:
+                node.replace_all_uses_with(x)
+                gm.graph.erase_node(node)
+                gm.graph.erase_node(inner)
+                changed += 1
+            continue
+        if node.target not in ARITHMETIC or node.kwargs.keys() - _KWARGS_OK:
+            continue
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        sources = [_reshape_of(a) for a in tensors]
+        if not tensors or any(src is None for src in sources) or any(len(a.users) != 1 for a in tensors) \
+                or len(set(tensors)) != len(tensors):
+            continue
+        shapes = {tuple(val(src).shape) for src in sources}
+        views = {tuple(val(a).shape) for a in tensors}
+        out = val(node)
+        if len(shapes) != 1 or len(views) != 1 or out is None or tuple(out.shape) != next(iter(views)):
+            continue
+        inner = insert_call(gm, node, node.target,
+                            tuple(_reshape_of(a) if isinstance(a, fx.Node) else a for a in node.args),
+                            dict(node.kwargs), like=node)
+        outer = insert_call(gm, node, aten.reshape.default, (inner, list(out.shape)), like=node)
+        node.replace_all_uses_with(outer)
+        gm.graph.erase_node(node)
+        for a in tensors:
+            gm.graph.erase_node(a)  # the views had no other user
+        changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
 @register_pass(NAME)
 def run(gm: fx.GraphModule, ctx: PassContext) -> int:
     from flashfuse.kernels import pointwise as pw
+
+    if kernel_fusions_enabled(ctx):
+        sink_reshapes(gm)
 
     order = order_of(gm)
     enabled = kernel_fusions_enabled(ctx)

@@ -825,6 +825,29 @@ def test_chain_takes_an_integer_or_bool_mask(mask_dtype):
     assert_close_to_eager(f, a, b, c, m, options=EAGER)
 
 
+def test_chain_through_reshapes_between_steps():
+    """`(a * b).view(-1) + c.view(-1)`, viewed back: elementwise ops commute with renumbering the elements of
+    contiguous tensors, so the reshapes move out and the four ops are one chain."""
+    def f(a, b, c, d):
+        t = (a * b).view(-1) + c.view(-1)
+        return t.view(3, 7) * d - a
+
+    xs = [rand(3, 7) for _ in range(4)]
+    report = expect(f, *xs, eltwise_chain=1)
+    assert report.matches[0].details["ops"] == 4, str(report)
+    assert_close_to_eager(f, *xs, options=EAGER)
+
+
+def test_chain_keeps_a_reshape_of_a_transposed_tensor():
+    """A reshape of a non-contiguous tensor copies and reorders the elements: it stays where it is."""
+    def f(a, b, c):
+        return (a.t().reshape(-1) * b.reshape(-1)).view(7, 3) + c - b.view(7, 3)
+
+    xs = [rand(3, 7), rand(3, 7), rand(7, 3)]
+    expect(f, *xs)
+    assert_close_to_eager(f, *xs, options=EAGER)
+
+
 def test_chain_leaves_a_float64_0d_parameter_alone():
     a, b, c = (rand(4, 6) for _ in range(3))
     report = expect(Lerp0d(torch.float64), a, b, c)

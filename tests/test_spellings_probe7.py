@@ -997,9 +997,7 @@ ELT = [
     case("chain_across_detach", lambda: Fn(chain_across_detach), tuple(rand(3, 7, seed=811 + i) for i in range(4)),
          dict(eltwise_chain=1)),
     case("chain_with_views_between_steps", lambda: Fn(chain_with_views),
-         tuple(rand(3, 7, seed=816 + i) for i in range(4)), dict(eltwise_chain=1),
-         xfail=("MISSED (eltwise_chain=0): a 4-op pointwise chain over 4 tensors with .view(-1) / .view(3, 7) between"
-                " the steps; nothing fused and no near-miss recorded")),
+         tuple(rand(3, 7, seed=816 + i) for i in range(4)), dict(eltwise_chain=1)),
     case("chain_int64_mask_promotion", lambda: Fn(chain_long_mask_promotion),
          (rand(3, 7, seed=821), (rand(3, 7, seed=822) > 0).long(), rand(3, 7, seed=823), rand(3, 7, seed=824)),
          dict(eltwise_chain=1)),
