@@ -919,6 +919,18 @@ def test_gpu_spellings_fp16(fn):
     assert rel_err(out.float(), ref) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_half_q_k_upcast_for_the_scores(dtype):
+    """Session 9: the half Q, K behind `q.float() @ k.float().mT` go to the kernel (it raised before)."""
+    q, k, v = (t.cuda().to(dtype) for t in qkv(b=2, h=4, nq=300, d=64))
+    run, report = compile_and_report(_scores_in_fp32_v_half, remainder="inductor")
+    out = run(q, k, v)
+    ref = _scores_in_fp32_v_half(q.float(), k.float(), v.float())
+    assert report.count("attention") == 1
+    assert rel_err(out.float(), ref) < 2e-2
+
+
 @pytest.mark.parametrize("mask_of,word", [
     (lambda i: i[None, :] > i[:, None], "causal"),
     (lambda i: i[None, :] < i[:, None], "index mask"),           # anti-causal: the past is masked
