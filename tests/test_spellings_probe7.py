@@ -42,7 +42,7 @@ SQ2PI = math.sqrt(2.0 / math.pi)
 
 # ================================================================================================ harness
 # the same harness as probe6 (compile, compare outputs, gradients, requires_grad and in-place inputs)
-from test_spellings_probe6 import P, ROWS, Fn, case, rand, run_row  # noqa: E402
+from test_spellings_probe6 import ERF, P, ROWS, TANH, Fn, case, rand, run_row  # noqa: E402
 
 
 def qkv(seed, b=B, h=H, nq=N, nk=None, d=HD, dtype=torch.float32):
@@ -765,8 +765,6 @@ def test_norms(make, inputs, counts, reason, details, opts):
 
 # ================================================================================================ bias + GELU
 XG = rand(2, 5, D, seed=500)
-TANH = dict(bias_gelu=dict(bias=True, approximate="tanh"))
-ERF = dict(bias_gelu=dict(bias=True, approximate="none"))
 
 
 def gelu_inplace_bias(m, x):
