@@ -1099,7 +1099,10 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     if ov.dtype != out_dtype and ac_dtype is None:
         out_final = g.call(aten.to.dtype, out_final, ov.dtype)
     pv.replace_all_uses_with(out_final)
-    out_final.meta["val"] = ov
+    # the op's output is stored (B, N, H, Dv)-contiguous (op.empty_bnhd): say so where it is the result itself,
+    # a later pass that reads strides (a view that needs contiguity) must not see P·V's contiguous layout
+    out_final.meta["val"] = ov if out_final is not out else \
+        ov.new_empty((ov.shape[0], ov.shape[2], ov.shape[1], ov.shape[3])).transpose(1, 2)
 
     description = _describe(gm, expr, builder, dropout_p, qv, ktv, k_rep, rank, ctx.example_inputs,
                             ctx.cuda_graphs, post_fill is not None)

@@ -136,6 +136,25 @@ def _keeps_values(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in KEEPS_VALUES and _others_constant(n)
 
 
+# a mask or bias on the (B*H, M, N) scores that is the same for every (batch, head): open_clip adds its (L, L)
+# attention mask after viewing its 4-D scores back to 3-D
+MASK_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.masked_fill.Scalar}
+
+
+def _same_on_every_head(n: fx.Node) -> bool:
+    """`scores op t` whose other tensors broadcast over the folded batch·heads dim (shape (M, N) or (1, M, N)),
+    so the op means the same on the 4-D scores; numbers otherwise."""
+    if n.op != "call_function" or n.target not in MASK_OPS or not isinstance(n.args[0], fx.Node) or \
+            set(n.kwargs) - {"alpha"}:
+        return False
+    for a in (*n.args[1:], *n.kwargs.values()):
+        t = val(a) if isinstance(a, fx.Node) else None
+        if isinstance(a, fx.Node) and (t is None or t.dim() > 3 or (t.dim() == 3 and not known_equal(t.shape[0], 1))):
+            return False
+    out, x = val(n), val(n.args[0])
+    return out is not None and x is not None and tuple(out.shape) == tuple(x.shape)
+
+
 def _softmax_of_scores_viewed_to_3d(gm, node: fx.Node) -> int:
     """softmax(casts(view(S (B, H, M, N) -> (B*H, M, N)))) over the last dim: rebuilt on S, the view moved after
     the softmax and the value-keeping ops that follow it (views between them folded away)."""
@@ -145,8 +164,8 @@ def _softmax_of_scores_viewed_to_3d(gm, node: fx.Node) -> int:
     xv = val(x) if isinstance(x, fx.Node) else None
     if xv is None or xv.dim() != 3 or node.args[1] % 3 != 2:
         return 0
-    before = []  # value-keeping ops between the view and the softmax, nearest first
-    while _keeps_values(x) and len(x.users) == 1:
+    before = []  # value-keeping ops and masks between the view and the softmax, nearest first
+    while (_keeps_values(x) or _same_on_every_head(x)) and len(x.users) == 1:
         before.append(x)
         x = x.args[0]
     if x.op != "call_function" or x.target not in VIEWS or len(x.users) != 1 or not isinstance(x.args[0], fx.Node):

@@ -378,6 +378,7 @@ def _promotes_away(node: fx.Node, t: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_STRIDES_KNOWN = "flashfuse_strides_known"
 
 
 def _reshape_of(node: Any) -> fx.Node | None:
@@ -386,7 +387,11 @@ def _reshape_of(node: Any) -> fx.Node | None:
             and isinstance(node.args[0], fx.Node)):
         return None
     x = val(node.args[0])
-    return node.args[0] if x is not None and x.is_contiguous() else None
+    # strides are trusted on values the re-trace computed (marked by normalize) and on those computed here by
+    # fake execution, not on other passes' outputs (the attention op's layout is not P·V's)
+    src = node.args[0]
+    known = "flashfuse_requires_grad" in src.meta or src.meta.get(_STRIDES_KNOWN) or src.op == "placeholder"
+    return src if known and x is not None and x.is_contiguous() else None
 
 
 def sink_reshapes(gm: fx.GraphModule) -> int:
@@ -424,6 +429,7 @@ def sink_reshapes(gm: fx.GraphModule) -> int:
                             tuple(_reshape_of(a) if isinstance(a, fx.Node) else a for a in node.args),
                             dict(node.kwargs), like=node)
         outer = insert_call(gm, node, aten.reshape.default, (inner, list(out.shape)), like=node)
+        inner.meta[_STRIDES_KNOWN] = outer.meta[_STRIDES_KNOWN] = True  # fake-executed by insert_call
         node.replace_all_uses_with(outer)
         gm.graph.erase_node(node)
         for a in tensors:

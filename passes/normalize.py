@@ -37,6 +37,15 @@ def _makes_fresh_tensor(node: fx.Node) -> bool:
     return all(r.alias_info is None for r in target._schema.returns)
 
 
+def _sole_view_of_temporary(node: fx.Node) -> bool:
+    """`node` views a fresh temporary that nothing else reads: writing through it writes memory no one sees."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) or not node.args:
+        return False
+    src = node.args[0]
+    aliases = any(r.alias_info is not None for r in node.target._schema.returns)
+    return aliases and isinstance(src, fx.Node) and _makes_fresh_tensor(src) and list(src.users) == [node]
+
+
 class NotRetraceable(Exception):
     """The graph cannot be re-traced to ATen without changing what it computes."""
 
@@ -143,7 +152,8 @@ def functional_variant(op):
 
 def functionalize_inplace(gm: fx.GraphModule) -> int:
     """Rewrite `y = x.op_(...)` to `y = op(x, ...)` where that is provably the same program:
-    x is a temporary (not an input, not a view of anything) that nothing reads after the write."""
+    x is a temporary (not an input, not a view of anything) that nothing reads after the write, or the only
+    view of such a temporary (open_clip: `attn = attn.view(-1, L, L); attn += mask`)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     changed = 0
     for node in list(gm.graph.nodes):
@@ -153,7 +163,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         if functional is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         base = node.args[0]
-        if not _makes_fresh_tensor(base):
+        if not (_makes_fresh_tensor(base) or _sole_view_of_temporary(base)):
             continue
         if any(order[u] > order[node] for u in base.users if u is not node):
             continue

@@ -1116,3 +1116,35 @@ def test_fp32_q_k_with_half_v_is_left_alone():
     q, k, _ = qkv()
     v = qkv()[2].half()
     _negative(_scores_in_fp32_v_half, q, k, v, reason="different dtypes")
+
+
+def _mask_added_through_a_view(q, k, v, cache, mask):
+    """open_clip: 4-D scores scaled per head, viewed back to 3-D and the (N, N) mask added in place."""
+    b, h, n, d = q.shape
+    s = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(-1, -2))
+    s = s.view(b, h, n, n) * torch.linspace(0.5, 1.5, h).view(h, 1, 1)
+    s = s.view(-1, n, n)
+    s += torch.zeros(n, n).masked_fill(mask[0, 0], float("-inf"))
+    return torch.bmm(s.softmax(-1), v.reshape(b * h, n, d)).view(b, h, n, d)
+
+
+def _write_through_a_view_read_later(q, k, v, cache, mask):
+    """The scores' base is read after a write through its view: the write must stay a write."""
+    s = q @ k.transpose(-2, -1)
+    flat = s.view(-1)
+    flat += 1.0
+    return torch.softmax(s, -1) @ v, s
+
+
+@pytest.mark.parametrize("fn, fused", [(_mask_added_through_a_view, 1), (_write_through_a_view_read_later, 0)],
+                         ids=["open_clip_mask_add_", "base_read_after_write"])
+def test_in_place_add_through_the_only_view_of_a_temporary(fn, fused):
+    q, k, v = qkv()
+    mask = torch.rand(B, 1, T, T) < 0.3
+    mask[..., 0] = False
+    args = (q, k, v, torch.zeros_like(k), mask)
+    run, report = compile_and_report(fn)
+    out, ref = run(*args), fn(*args)
+    assert report.count("attention") == fused, str(report)
+    for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        assert rel_err(a, b) < 1e-5
