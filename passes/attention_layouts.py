@@ -67,7 +67,10 @@ def _feeds_softmax(node: fx.Node, limit: int = 48) -> bool:
 
 
 def _from_softmax(node: fx.Node) -> bool:
-    while node.op == "call_function" and node.target in KEEPS_VALUES:
+    """Probabilities: a softmax, through value-keeping ops and a zero fill (DeBERTa's XSoftmax, checked by the
+    attention pass)."""
+    while node.op == "call_function" and (node.target in KEEPS_VALUES or (
+            node.target is aten.masked_fill.Scalar and node.args[2] == 0 and isinstance(node.args[0], fx.Node))):
         node = node.args[0]
     return node.op == "call_function" and node.target in SOFTMAX_OPS
 

@@ -185,7 +185,8 @@ _ARITH = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor}
 def fold_scalar_constants(gm: fx.GraphModule) -> int:
     """Replace a floating 0-d constant by its Python value where it is the second operand of mul/div/add/sub
     (or either operand of mul/add) with a floating tensor of rank >= 1: the same result dtype (a 0-d tensor
-    does not promote a dimensioned one of its category), the same number."""
+    does not promote a dimensioned one of its category), the same number. Also where it is masked_fill's value
+    (the fill is cast to the filled tensor's dtype either way)."""
     consts: dict = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -209,6 +210,13 @@ def fold_scalar_constants(gm: fx.GraphModule) -> int:
         if not value.is_floating_point():
             continue
         for user in list(node.users):
+            if user.op == "call_function" and user.target is aten.masked_fill.Tensor and len(user.args) == 3 \
+                    and user.args[2] is node and user.args[0] is not node and not user.kwargs:
+                # `x.masked_fill(m, torch.tensor(finfo.min))` (DeBERTa's XSoftmax): the same fill as the number
+                user.target = aten.masked_fill.Scalar
+                user.args = (user.args[0], user.args[1], float(value))
+                changed += 1
+                continue
             if user.op != "call_function" or user.target not in _ARITH or user in consts or len(user.args) != 2:
                 continue
             a, b = user.args

@@ -133,7 +133,10 @@ class DebertaStyleSelfAttention(nn.Module):
     def __init__(self, dim=E, heads=H, scale_factor=3):
         super().__init__()
         self.heads, self.scale_factor = heads, scale_factor
-        self.query_proj, self.key_proj, self.value_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        # key_proj without bias: a key bias adds one constant per query row, which the softmax cancels, so its
+        # gradient is 0 and both sides compute only fp32 noise (~2e-7, above the harness's 1e-6 floor ratio)
+        self.query_proj, self.value_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.key_proj = nn.Linear(dim, dim, bias=False)
 
     def transpose_for_scores(self, x):
         new_x_shape = x.size()[:-1] + (self.heads, -1)
@@ -439,10 +442,7 @@ ATTENTION = [
     case("open_clip_attention_no_mask", lambda: OpenClipAttention().eval(), (rand(N, B, E, seed=302),),
          dict(attention=1)),
     case("deberta_sqrt_d_times_3_on_kT_xsoftmax_query_key_mask", lambda: DebertaStyleSelfAttention(),
-         (rand(B, N, E, seed=303), KEEP.long()), dict(attention=1),
-         xfail=("MISSED (attention=0): DeBERTa-style bmm on (B*H, N, d) with the XSoftmax post-fill done on the (B, "
-                "H, N, N) view; near-miss \"probabilities go to `view` ..., not to a matmul with V\" (the 4-D -> 3-D "
-                "view of the post-filled probabilities before torch.bmm)")),
+         (rand(B, N, E, seed=303), KEEP.long()), dict(attention=1)),
     case("t5_fp16_no_scale_inplace_bias_softmax_float_type_as", lambda: Fn(t5_fp16_attention),
          (*qkv(seed=304, dtype=torch.float16), rand(1, H, N, N, seed=307, dtype=torch.float16)),
          dict(attention=1), tol=TOL_HALF),
