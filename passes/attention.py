@@ -1031,7 +1031,10 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
         raise NotFusable("probabilities are the right operand of the matmul (P·V expected)", pv)
     _check_no_write_before_pv(gm, S, pv, builder)
     qv, ktv, vv, ov = val(q_node), val(kt_node), val(v_node), val(pv)
-    if qv.dim() != rank or ktv.dim() != rank or vv.dim() != rank or ov.dim() != rank:
+    # K and V may be one (M, d) matrix shared by every batch and head (memory tokens): matmul broadcasts it,
+    # and the kernel reads it through a stride-0 view (_to4d, _broadcast_batch)
+    shared = [x.dim() == 2 and rank in (3, 4) for x in (ktv, vv)]
+    if qv.dim() != rank or ov.dim() != rank or any(x.dim() != rank and not ok for x, ok in zip((ktv, vv), shared)):
         raise NotFusable("Q, K, V and the scores do not have the same rank (broadcasting matmul)", S)
     if not qv.is_floating_point() or qv.dtype == torch.float64:
         raise NotFusable(f"dtype {qv.dtype} is not supported by the kernel (fp16, bf16, fp32)", S)

@@ -25,6 +25,10 @@ it scales the output rows instead (exact in real arithmetic):
 
     matmul(P * m, v)  with m (..., 1)             -> matmul(P, v) * m
 
+Scores by a linear layer without bias against a shared (M, d) memory:
+
+    linear(x, W)  (softmax downstream)            -> matmul(x, W.t())
+
 Probabilities on the right (SAGAN / BigGAN self-attention, output (B, C, N)):
 
     bmm(v, P.permute(0, 2, 1))                    -> matmul(P, v.transpose(-2, -1)).transpose(-2, -1)
@@ -80,13 +84,27 @@ def rewrite_layouts(gm: fx.GraphModule) -> int:
     changed = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
-            changed += _round_trip_view(gm, node) or _scores_viewed_to_4d(gm, node) or \
+            changed += _round_trip_view(gm, node) or _scores_by_linear(gm, node) or _scores_viewed_to_4d(gm, node) or \
                 _softmax_of_scores_viewed_to_3d(gm, node) or _probabilities_viewed_to_3d(gm, node) or \
                 _probabilities_on_the_right(gm, node) or _row_scale_after_pv(gm, node)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return changed
+
+
+def _scores_by_linear(gm, node: fx.Node) -> int:
+    """linear(x, W) with no bias and a 2-D W, a softmax downstream: x @ W.t() (the scores against a memory)."""
+    if node.target is not aten.linear.default or not isinstance(node.args[1], fx.Node) or node.kwargs:
+        return 0
+    if len(node.args) > 2 and node.args[2] is not None:
+        return 0
+    w, x = val(node.args[1]), val(node.args[0])
+    if w is None or x is None or w.dim() != 2 or x.dim() < 3 or not _feeds_softmax(node, limit=8):
+        return 0
+    wt = _call(gm, node, aten.t.default, node.args[1])
+    node.replace_all_uses_with(_call(gm, node, aten.matmul.default, node.args[0], wt))
+    return 1
 
 
 def _round_trip_view(gm, node: fx.Node) -> int:

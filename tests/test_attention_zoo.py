@@ -1148,3 +1148,21 @@ def test_in_place_add_through_the_only_view_of_a_temporary(fn, fused):
     assert report.count("attention") == fused, str(report)
     for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
         assert rel_err(a, b) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# K and V one (M, d) matrix for every batch and head (memory tokens)
+# ------------------------------------------------------------------------------------------------
+def _memory_attention_4d(q, mem_k, mem_v):
+    return torch.softmax(q @ mem_k.t() / math.sqrt(q.shape[-1]), -1) @ mem_v
+
+
+def _memory_attention_by_linear(q, mem_k, mem_v):
+    return F.softmax(F.linear(q, mem_k) * q.shape[-1] ** -0.5, dim=-1) @ mem_v
+
+
+@pytest.mark.parametrize("fn, q_shape", [(_memory_attention_4d, (B, H, T, D)),
+                                         (_memory_attention_by_linear, (B, T, D))], ids=["matmul_4d", "linear_3d"])
+def test_attention_against_a_shared_memory(fn, q_shape):
+    """The memory is read through a stride-0 view; its gradients are summed over batch and heads."""
+    check(fn, torch.randn(*q_shape), torch.randn(9, D), torch.randn(9, D))

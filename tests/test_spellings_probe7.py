@@ -483,9 +483,7 @@ ATTENTION = [
     case("frozen_kv_projection_under_no_grad", FrozenKVProjection, (rand(B, N, E, seed=348), rand(B, 9, E, seed=349)),
          dict(attention=1)),
     case("shared_memory_scores_by_f_linear", lambda: Fn(shared_memory_f_linear),
-         (rand(B, N, HD, seed=350), rand(9, HD, seed=351), rand(9, HD, seed=352)), dict(attention=1),
-         xfail=("MISSED (attention=0): scores by F.linear(q (B,N,d), mem_k (M,d)); near-miss \"no Q·Kᵀ matmul of the "
-                "scores' shape feeds the softmax\"")),
+         (rand(B, N, HD, seed=350), rand(9, HD, seed=351), rand(9, HD, seed=352)), dict(attention=1)),
     case("learned_bias_added_before_the_scale", BiasBeforeScale, _q(353), dict(attention=1)),
     case("clip_style_query_scaled_in_place", lambda: Fn(inplace_scaled_query_clip_style),
          (rand(B, N, E, seed=356), 0.3 * rand(E, E, seed=357), 0.3 * rand(E, E, seed=358), 0.3 * rand(E, E, seed=359)),
