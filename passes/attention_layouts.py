@@ -29,6 +29,13 @@ Scores by a linear layer without bias against a shared (M, d) memory:
 
     linear(x, W)  (softmax downstream)            -> matmul(x, W.t())
 
+Scores of an einsum whose output does not end in (queries, keys), the softmax over the keys' dim: the einsum
+writes the canonical order, the softmax runs on its last dim, and the permutation back is folded into the P·V
+einsum's subscripts:
+
+    softmax(einsum('bqhd,bkhd->bqkh'), 2)         -> permute(softmax(einsum('bqhd,bkhd->bhqk'), -1), ..)
+    einsum('bqkh,bkhd->bqhd', permute(P, ..), v)  -> einsum('bhqk,bkhd->bqhd', P, v)
+
 Probabilities on the right (SAGAN / BigGAN self-attention, output (B, C, N)):
 
     bmm(v, P.permute(0, 2, 1))                    -> matmul(P, v.transpose(-2, -1)).transpose(-2, -1)
@@ -85,6 +92,7 @@ def rewrite_layouts(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
             changed += _round_trip_view(gm, node) or _scores_by_linear(gm, node) or _scores_viewed_to_4d(gm, node) or \
+                _einsum_scores_keys_not_last(gm, node) or _permuted_probabilities_in_einsum(gm, node) or \
                 _softmax_of_scores_viewed_to_3d(gm, node) or _probabilities_viewed_to_3d(gm, node) or \
                 _probabilities_on_the_right(gm, node) or _row_scale_after_pv(gm, node)
     if changed:
@@ -104,6 +112,68 @@ def _scores_by_linear(gm, node: fx.Node) -> int:
         return 0
     wt = _call(gm, node, aten.t.default, node.args[1])
     node.replace_all_uses_with(_call(gm, node, aten.matmul.default, node.args[0], wt))
+    return 1
+
+
+def _einsum_scores_keys_not_last(gm, node: fx.Node) -> int:
+    """softmax(einsum(a, b -> out), d) where out[d] is the key index but the output is not (shared..., query,
+    key): the einsum rebuilt in that order, the softmax over its last dim, the result permuted back."""
+    from flashfuse.passes.attention import _parse_einsum
+
+    if node.target not in SOFTMAX_OPS or len(node.args) < 2 or not isinstance(node.args[1], int):
+        return 0
+    es, ops = node.args[0], []  # ops: scalar ops between the einsum and the softmax (a scale), nearest first
+    while (isinstance(es, fx.Node) and es.op == "call_function" and es.target in SCALAR_OPS and len(es.users) == 1
+           and isinstance(es.args[0], fx.Node) and _others_constant(es)):
+        ops.append(es)
+        es = es.args[0]
+    if not (isinstance(es, fx.Node) and es.op == "call_function" and es.target is aten.einsum.default
+            and len(es.users) == 1 and isinstance(es.args[1], (list, tuple)) and len(es.args[1]) == 2):
+        return 0
+    parsed = _parse_einsum(es.args[0])
+    if parsed is None or "..." in es.args[0]:
+        return 0
+    a, b, out = parsed
+    d = node.args[1] % len(out)
+    only_a = [c for c in out if c in a and c not in b]
+    only_b = [c for c in out if c in b and c not in a]
+    shared = [c for c in out if c in a and c in b]
+    if len(only_a) != 1 or len(only_b) != 1 or out[d] != only_b[0] or len(shared) + 2 != len(out):
+        return 0
+    canon = "".join(shared) + only_a[0] + only_b[0]
+    if canon == out:
+        return 0
+    s4 = _call(gm, node, aten.einsum.default, f"{a},{b}->{canon}", list(es.args[1]))
+    for op in reversed(ops):
+        s4 = _call(gm, node, op.target, s4, *op.args[1:], **op.kwargs)
+    p = _call(gm, node, node.target, s4, -1, *node.args[2:], **node.kwargs)
+    back = _call(gm, node, aten.permute.default, p, [canon.index(c) for c in out])
+    node.replace_all_uses_with(back)
+    return 1
+
+
+def _permuted_probabilities_in_einsum(gm, node: fx.Node) -> int:
+    """einsum(eq, [permute(P, perm), v]) with P from a softmax: the permutation folded into P's subscripts."""
+    from flashfuse.passes.attention import _parse_einsum
+
+    if not (node.target is aten.einsum.default and isinstance(node.args[1], (list, tuple)) and len(node.args[1]) == 2):
+        return 0
+    pp, v = node.args[1]
+    if not (isinstance(pp, fx.Node) and pp.op == "call_function" and pp.target is aten.permute.default
+            and len(pp.users) == 1 and _from_softmax(pp.args[0])):
+        return 0
+    parsed = _parse_einsum(node.args[0])
+    if parsed is None or "..." in node.args[0]:
+        return 0
+    a, b, out = parsed
+    perm = list(pp.args[1])
+    if sorted(perm) != list(range(len(a))):
+        return 0
+    inner = [""] * len(a)
+    for i, src in enumerate(perm):  # permute: result dim i is P's dim perm[i]
+        inner[src] = a[i]
+    new = _call(gm, node, aten.einsum.default, f"{''.join(inner)},{b}->{out}", [pp.args[0], v])
+    node.replace_all_uses_with(new)
     return 1
 
 

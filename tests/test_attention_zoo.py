@@ -1166,3 +1166,33 @@ def _memory_attention_by_linear(q, mem_k, mem_v):
 def test_attention_against_a_shared_memory(fn, q_shape):
     """The memory is read through a stride-0 view; its gradients are summed over batch and heads."""
     check(fn, torch.randn(*q_shape), torch.randn(9, D), torch.randn(9, D))
+
+
+# ------------------------------------------------------------------------------------------------
+# einsum scores in another layout than (..., queries, keys)
+# ------------------------------------------------------------------------------------------------
+def _einsum_heads_last(q, k, v):  # (B, N, H, d) tensors
+    s = torch.einsum("bqhd,bkhd->bqkh", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("bqkh,bkhd->bqhd", s.softmax(dim=2), v)
+
+
+def _einsum_keys_before_queries(q, k, v):  # (B, H, N, d) tensors, scores (B, H, keys, queries)
+    s = torch.einsum("bhqd,bhkd->bhkq", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhkq,bhkd->bhqd", s.softmax(dim=-2), v)
+
+
+@pytest.mark.parametrize("fn, layout", [(_einsum_heads_last, "bnhd"), (_einsum_keys_before_queries, "bhnd")],
+                         ids=["heads_last", "keys_before_queries"])
+def test_einsum_scores_in_another_layout(fn, layout):
+    q, k, v = qkv()
+    if layout == "bnhd":
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    check(fn, q, k, v)
+
+
+def test_einsum_softmax_over_the_queries_is_not_attention():
+    def f(q, k, v):
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        return torch.einsum("bhqk,bhkd->bhqd", s.softmax(dim=2), v)
+
+    _negative(f, *qkv(), reason="not the last dim")

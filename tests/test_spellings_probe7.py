@@ -494,10 +494,7 @@ ATTENTION = [
     case("causal_window3_int_positions_scale_last", lambda: Fn(sqrt_d_scale_causal_and_window_int_positions), _q(366),
          dict(attention=1)),
     case("einsum_heads_last_scores_softmax_dim2", lambda: Fn(tensordot_style_einsum_heads_last),
-         (rand(B, N, H, HD, seed=369), rand(B, 9, H, HD, seed=370), rand(B, 9, H, HD, seed=371)), dict(attention=1),
-         xfail=("MISSED (attention=0): einsum 'bqhd,bkhd->bqkh' puts the keys on dim 2 and the softmax is over dim 2,"
-                " then 'bqkh,bkhd->bqhd'; near-miss \"softmax over dim 2; keys are on dim -1\" (reworded since) (the keys ARE dim 2 "
-                "here)")),
+         (rand(B, N, H, HD, seed=369), rand(B, 9, H, HD, seed=370), rand(B, 9, H, HD, seed=371)), dict(attention=1)),
     case("timm_vit_block_inplace_layerscale", lambda: TimmBlock().eval(), (rand(B, N, E, seed=372),),
          dict(attention=1, layer_norm=2, residual_norm=1, bias_gelu=1)),
     case("timm_vit_block_layerscale_out_of_place", lambda: TimmBlock(inplace=False).eval(), (rand(B, N, E, seed=373),),
