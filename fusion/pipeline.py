@@ -46,9 +46,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
 
         boundaries = grad_mode.insert(aten_gm)
         if boundaries:
-            graph_report.notes.append(
-                f"{len(boundaries)} value(s) cross a torch.no_grad() / enable_grad() switch: no fusion includes ops "
-                "from both sides")
+            graph_report.notes.append(grad_mode.describe(boundaries))
         opaque_functions.report_hidden(aten_gm, graph_report, config.enabled_passes())
         total = 0
         for name in config.enabled_passes():

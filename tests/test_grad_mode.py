@@ -198,3 +198,10 @@ def test_amax_chain_is_fused_only_without_a_gradient():
     torch._dynamo.reset()
     torch.compile(f, backend=flashfuse.backend(remainder="eager"))(t).sum().backward()
     torch.testing.assert_close(t.grad, torch.tensor([[[[0.25, 0.25], [0.0, 0.5]]]]))
+
+
+def test_the_report_names_a_value_that_crosses_the_switch():
+    x = torch.randn(3, 8, requires_grad=True)
+    report = assert_fused(_pow_mean_rsqrt, x, rms_norm=0)
+    (note,) = [n for n in report.notes if "torch.no_grad()" in n]
+    assert "`mean`" in note and "grad disabled" in note and "used with grad enabled by `add`" in note, note
