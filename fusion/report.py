@@ -55,6 +55,12 @@ def short_source(src: str) -> str:
     return re.split(r"[\\/]", src)[-1] if src else ""
 
 
+def at_source(node: fx.Node | None) -> str:
+    """` at model.py:41` for a node with the user's stack trace, else ''."""
+    src = short_source(source_of(node)) if node is not None else ""
+    return f" at {src}" if src else ""
+
+
 def jsonable(value: Any) -> Any:
     """A JSON-serialisable form of a pass's detail value (dtypes, sympy expressions, tensors -> text)."""
     if value is None or isinstance(value, (bool, int, str)):

@@ -25,8 +25,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flashfuse.kernels.attention import score_mod as sm
 from flashfuse.passes import PassContext, register_pass
+from flashfuse.passes.eltwise_chain import mutates
+from flashfuse.passes.norm_match import strip_upcast
 from flashfuse.passes.normalize import val
-from flashfuse.report import source_of, short_source
+from flashfuse.report import at_source
 
 aten = torch.ops.aten
 NAME = "attention"
@@ -52,9 +54,7 @@ class NotFusable(Exception):
         self.node = node
 
 
-def _where(node: fx.Node | None) -> str:
-    src = short_source(source_of(node)) if node is not None else ""
-    return f" at {src}" if src else ""
+_where = at_source
 
 
 def _op_name(node: fx.Node) -> str:
@@ -874,19 +874,6 @@ def _check_scores_stay_inside(builder, S: fx.Node, pv: fx.Node) -> None:
                                  "computed twice", u)
 
 
-def _upcast_source(node: fx.Node) -> fx.Node | None:
-    """x for `x.float()` (to / _to_copy with only a dtype) of a half-precision x, else None: an exact cast."""
-    if not (node.op == "call_function" and node.target in (aten.to.dtype, aten._to_copy.default)
-            and isinstance(node.args[0], fx.Node)):
-        return None
-    if node.target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
-        return None
-    src, out = val(node.args[0]), val(node)
-    if src is None or out is None or out.dtype != torch.float32 or src.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    return node.args[0]
-
-
 def _one_dtype(q: fx.Node, k: fx.Node, v: fx.Node, S: fx.Node):
     """Q, K, V in one dtype, as the kernel takes them. `q.float() @ k.float().mT` with V in half precision
     (scores formed in fp32, probabilities cast back before P·V) reads the half-precision Q and K: the upcast is
@@ -894,7 +881,7 @@ def _one_dtype(q: fx.Node, k: fx.Node, v: fx.Node, S: fx.Node):
     dtypes = {val(x).dtype for x in (q, k, v)}
     if len(dtypes) == 1:
         return q, k, v
-    stripped = [_upcast_source(x) or x for x in (q, k, v)]
+    stripped = [strip_upcast(x) for x in (q, k, v)]
     if len({val(x).dtype for x in stripped}) == 1:
         return tuple(stripped)
     raise NotFusable(f"Q, K and V have different dtypes ({', '.join(str(val(x).dtype) for x in (q, k, v))})", S)
@@ -930,9 +917,9 @@ def _check_no_write_before_pv(gm: fx.GraphModule, S: fx.Node, pv: fx.Node, build
     for n in gm.graph.nodes:
         if not order[S] <= order[n] < order[pv]:
             continue
-        schema = getattr(n.target, "_schema", None)
-        if n.op != "call_function" or schema is None or not schema.is_mutable:
+        if not mutates(n):
             continue
+        schema = n.target._schema
         writes = [arg for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write]
         written = [a for a, arg in zip(n.args, schema.arguments) if arg in writes]
         written += [n.kwargs[arg.name] for arg in writes if arg.name in n.kwargs]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashfuse.passes.attention import SOFTMAX_OPS, downstream
+from flashfuse.passes.attention import SOFTMAX_OPS, _parse_einsum, downstream
 from flashfuse.passes.eltwise_chain import insert_call, known_equal
 from flashfuse.passes.normalize import val
 
@@ -118,8 +118,6 @@ def _scores_by_linear(gm, node: fx.Node) -> int:
 def _einsum_scores_keys_not_last(gm, node: fx.Node) -> int:
     """softmax(einsum(a, b -> out), d) where out[d] is the key index but the output is not (shared..., query,
     key): the einsum rebuilt in that order, the softmax over its last dim, the result permuted back."""
-    from flashfuse.passes.attention import _parse_einsum
-
     if node.target not in SOFTMAX_OPS or len(node.args) < 2 or not isinstance(node.args[1], int):
         return 0
     es, ops = node.args[0], []  # ops: scalar ops between the einsum and the softmax (a scale), nearest first
@@ -154,8 +152,6 @@ def _einsum_scores_keys_not_last(gm, node: fx.Node) -> int:
 
 def _permuted_probabilities_in_einsum(gm, node: fx.Node) -> int:
     """einsum(eq, [permute(P, perm), v]) with P from a softmax: the permutation folded into P's subscripts."""
-    from flashfuse.passes.attention import _parse_einsum
-
     if not (node.target is aten.einsum.default and isinstance(node.args[1], (list, tuple)) and len(node.args[1]) == 2):
         return 0
     pp, v = node.args[1]

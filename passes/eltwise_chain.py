@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from flashfuse.passes import PassContext, register_pass
-from flashfuse.passes.normalize import val
+from flashfuse.passes.normalize import traced, val
 
 aten = torch.ops.aten
 NAME = "eltwise_chain"
@@ -390,7 +390,7 @@ def _reshape_of(node: Any) -> fx.Node | None:
     # strides are trusted on values the re-trace computed (marked by normalize) and on those computed here by
     # fake execution, not on other passes' outputs (the attention op's layout is not P·V's)
     src = node.args[0]
-    known = "flashfuse_requires_grad" in src.meta or src.meta.get(_STRIDES_KNOWN) or src.op == "placeholder"
+    known = traced(src) or src.meta.get(_STRIDES_KNOWN) or src.op == "placeholder"
     return src if known and x is not None and x.is_contiguous() else None
 
 
@@ -444,11 +444,10 @@ def sink_reshapes(gm: fx.GraphModule) -> int:
 def run(gm: fx.GraphModule, ctx: PassContext) -> int:
     from flashfuse.kernels import pointwise as pw
 
-    if kernel_fusions_enabled(ctx):
-        sink_reshapes(gm)
-
-    order = order_of(gm)
     enabled = kernel_fusions_enabled(ctx)
+    if enabled:
+        sink_reshapes(gm)
+    order = order_of(gm)
     autocast = autocast_nodes(gm)
     done: set[fx.Node] = set()
     rewrites = 0

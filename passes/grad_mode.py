@@ -79,15 +79,14 @@ def insert(gm: fx.GraphModule) -> list[tuple[fx.Node, bool]]:
 
 def describe(added: list[tuple[fx.Node, bool]]) -> str:
     """The report's note for the boundaries `insert` put in, naming the first crossing value."""
-    from flashfuse.report import short_source, source_of
+    from flashfuse.report import at_source
 
     boundary, consumer_mode = added[0]
     producer = boundary.args[0]
     consumer = next(iter(boundary.users), None)
-    where = lambda n: f" at {short_source(source_of(n))}" if n is not None and source_of(n) else ""  # noqa: E731
-    first = (f"`{producer.name}`{where(producer)} is computed with grad {'disabled' if consumer_mode else 'enabled'}"
-             f" and used with grad {'enabled' if consumer_mode else 'disabled'}"
-             + (f" by `{consumer.name}`{where(consumer)}" if consumer is not None else ""))
+    before, after = ("disabled", "enabled") if consumer_mode else ("enabled", "disabled")
+    first = (f"`{producer.name}`{at_source(producer)} is computed with grad {before} and used with grad {after}"
+             + (f" by `{consumer.name}`{at_source(consumer)}" if consumer is not None else ""))
     return (f"{len(added)} value(s) cross a torch.no_grad() / enable_grad() switch, e.g. {first}: no fusion "
             "includes ops from both sides")
 

@@ -274,6 +274,12 @@ def _computes_grad(node: fx.Node, grad_enabled: bool) -> bool:
     return any(requires_grad(a) for a in node.all_input_nodes)
 
 
+def traced(node: fx.Node) -> bool:
+    """A node the re-trace computed (marked by mark_requires_grad): its fake value, strides included, is the
+    op's own, where a node a pass inserted may carry another node's value."""
+    return _REQUIRES_GRAD in node.meta
+
+
 def requires_grad(node) -> bool:
     """Whether `node`'s value requires grad when the graph runs (see mark_requires_grad). A node a pass
     inserted since has no mark: it is computed from its inputs, assuming grad mode on (the safe answer)."""
