@@ -76,8 +76,10 @@ def _check(expr, q, k, v, sides=(), scalars=(), side_needs_grad=None, tol=None, 
     assert torch.equal(out.isnan(), rout.isnan()), "NaN rows differ from eager"
     ok = ~rout.isnan()
     assert _rel(out[ok], rout[ok]) < tol, f"out rel err {_rel(out[ok], rout[ok])}"
-    finite = torch.isfinite(rlse) & (rlse > -1e30)
-    assert torch.allclose(lse[finite].double(), rlse[finite].double(), rtol=tol, atol=tol * 10)
+    assert lse.shape == (B, Hq, 2, Nq) and lse.dtype == torch.float32
+    got, want = reference.row_lse(lse), reference.row_lse(rlse)
+    finite = torch.isfinite(want) & (want > -1e30)
+    assert torch.allclose(got[finite], want[finite], rtol=tol, atol=tol * 10)
     if not check_bwd:
         return out
     g = torch.Generator().manual_seed(123)
@@ -193,10 +195,10 @@ def test_analysis_splits_masks_and_folds_log2e():
     assert not codegen.analyze(0.25 * S + sm.side(0), 1).fold
     # a bool side only inside a condition keeps the fold
     assert codegen.analyze(sympy.Piecewise((-OO, sympy.Ne(sm.side(0), 0)), (S, True)), 1).fold
-    # finfo.min fills are clamped to fp32 range after folding (a fully filled row stays uniform)
-    fill = sympy.Piecewise((-3.4028234663852886e38, KI > QI), (0.25 * S, True))
-    consts = [abs(float(c)) for c in codegen.analyze(fill, 0).value_exp2.atoms(sympy.Float)]
-    assert max(consts) <= codegen.FP32_MAX
+    # huge finite fills (finfo.min, -1e9) keep the value unfolded: the row max is saved exactly
+    assert not codegen.analyze(sympy.Piecewise((-3.4028234663852886e38, KI > QI), (0.25 * S, True)), 0).fold
+    assert not codegen.analyze(sympy.Piecewise((-1e9, KI > QI), (0.125 * S, True)), 0).fold
+    assert codegen.analyze(0.125 * S + 0.5 * (QI - KI), 0).fold  # ALiBi: index terms are not constants
     # a soft cap is bounded: no running max (upper bound 5*log2(e) in exp2 units); a plain scale is not
     assert abs(codegen.analyze(5.0 * sympy.tanh(S / 20), 0).static_max - 5 / math.log(2)) < 1e-9
     assert codegen.analyze(0.25 * S, 0).static_max is None
@@ -292,9 +294,8 @@ def test_additive_mask_with_inf_and_finfo_min_rows():
     add = torch.where(torch.rand(1, 1, Nq, Nk, generator=g) < 0.3, float("-inf"), 0.0)
     add[:, :, 7] = torch.finfo(torch.float32).min
     add[:, :, 9, :5] = torch.finfo(torch.float32).min
-    rows = torch.ones(Nq, dtype=torch.bool)
-    rows[7] = False  # eager's gradient through a finfo.min-filled row: the kernels give none (see docs)
-    out = _check(0.25 * S + sm.side(0), q, k, v, sides=[add.to(_dev())], dout_row_mask=rows.view(1, 1, -1, 1))
+    # the finfo.min row gets eager's gradient too (the row max and log2 of the sum are saved apart)
+    out = _check(0.25 * S + sm.side(0), q, k, v, sides=[add.to(_dev())], side_needs_grad=[True])
     assert torch.allclose(out[:, :, 7].double(), v.double().mean(2), atol=1e-5)
 
 
@@ -302,9 +303,58 @@ def test_finfo_min_fill_of_index_mask_gives_uniform_rows():
     """masked_fill(causal, finfo.min) with Nq > Nk: the first rows are all fill -> mean of v."""
     q, k, v = _qkv(1, 2, 2, 30, 20, 16, torch.float32)
     fill = sympy.Piecewise((-3.4028234663852886e38, KI > QI + NK - NQ), (0.25 * S, True))
-    out = _check(fill, q, k, v, check_bwd=False)
+    out = _check(fill, q, k, v)  # the backward too: dV gets the uniform rows' share, as in eager
     assert torch.allclose(out[:, :, :10].double(), v.double().mean(2, keepdim=True).expand(-1, -1, 10, -1),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("fill, additive", [(-1e9, False), (-1e4, False), (torch.finfo(torch.float32).min, False),
+                                            (torch.finfo(torch.float32).min, True)])
+def test_rows_of_huge_finite_fills_get_eagers_gradient(fill, additive):
+    """Query rows whose every key is filled with a huge finite value (padding under a -1e9 / finfo.min fill):
+    eager's softmax is uniform there (or nearly, when the fill is added to the scores) and its gradient
+    reaches V (and Q, K through an additive fill). A single saved m + log(l) rounds log(l) away at
+    |m| >= 2^20: the row max and log2(l) are saved apart. fp16 too: its scores are fp32 in the kernels."""
+    for dtype in (torch.float32, torch.float16):
+        B, H, Nq, Nk = 2, 2, 13, 19
+        q, k, v = _qkv(B, H, H, Nq, Nk, 16, dtype, seed=11)
+        g = torch.Generator().manual_seed(12)
+        masked = torch.rand(B, 1, Nq, Nk, generator=g) < 0.3
+        masked[0, :, [2, 9]] = True   # fully filled rows
+        masked[1, :, 5] = True
+        if additive:  # finfo.min absorbs the score in fp32 and in float64 alike: uniform in both
+            side = torch.where(masked, fill, 0.0).to(torch.float32)
+            expr = 0.25 * S + sm.side(0)
+        else:
+            side = masked
+            expr = sympy.Piecewise((fill, sympy.Ne(sm.side(0), 0)), (0.25 * S, True))
+        an = codegen.analyze(expr, 1)
+        assert not an.fold, "a huge fill must keep the kernel unfolded (exact row max)"
+        out = _check(expr, q, k, v, sides=[side.to(_dev())])
+        assert torch.allclose(out[0, :, 2].double(), v[0].double().mean(1), atol=2e-3)
+
+
+def test_additive_minus_1e9_rows_match_fp32_eager():
+    """s + (-1e9) on a fully padded row: fp32 rounds every score to -1e9 (ulp 64), so eager's softmax is
+    uniform there (a float64 reference is not: it keeps s). The kernels must give eager's fp32 answer,
+    gradients included (the add passes them on to q and k)."""
+    B, H, Nq, Nk = 2, 2, 13, 19
+    q, k, v = _qkv(B, H, H, Nq, Nk, 16, torch.float32, seed=21)
+    g = torch.Generator().manual_seed(22)
+    masked = torch.rand(B, 1, Nq, Nk, generator=g) < 0.3
+    masked[0, :, [2, 9]] = True
+    add = torch.where(masked, -1e9, 0.0).to(_dev())
+    text = sm.to_text(0.25 * S + sm.side(0))
+    out, stats = _ti().attention_forward(q, k, v, [add], [], text, 0.0, None, "ieee")
+    dout = torch.randn(out.shape, generator=g).to(out)
+    dq, dk, dv, _ = _ti().attention_backward(dout, q, k, v, out, stats, [add], [], text, 0.0, None, [False], "ieee")
+    ref = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    rout = torch.softmax(ref[0] @ ref[1].transpose(-1, -2) * 0.25 + add, -1) @ ref[2]
+    rout.backward(dout)
+    assert torch.allclose(out[0, :, 2], v[0].mean(1), atol=1e-5)  # uniform, as eager in fp32
+    assert _rel(out, rout) < 1e-4
+    for name, a, r in (("dq", dq, ref[0].grad), ("dk", dk, ref[1].grad), ("dv", dv, ref[2].grad)):
+        assert _rel(a, r) < 1e-4, f"{name} rel err {_rel(a, r)}"
 
 
 def test_alibi_with_per_head_slope_side_and_scalar():

@@ -126,7 +126,7 @@ def test_flag_want_runs_or_skips_each_kernel(flag_value, want, runs):
     text = sm.to_text(0.25 * sm.score)
     flag = torch.tensor([flag_value], dtype=torch.int32, device=_dev())
     out = torch.full((1, 2, 13, 16), 7.0, device=_dev())
-    lse = torch.full((1, 2, 13), 7.0, device=_dev())
+    lse = torch.full((1, 2, 2, 13), 7.0, device=_dev())  # the row stats: max, log2 sum
     _ti().attention_forward(q, k, v, [], [], text, 0.0, None, "ieee", flag, want, into=(out, lse))
     ref_out, ref_lse, _ = reference.attention_forward(q, k, v, [], [], text, 0.0, None), None, None
     assert torch.allclose(out, ref_out[0], atol=1e-5) == runs

@@ -462,16 +462,9 @@ ATTENTION = [
     case("per_sample_temperature_with_gradient", lambda: Fn(per_sample_temperature),
          (*_q(327), rand(B, seed=330).abs() + 0.5), dict(attention=1)),
     case("padded_query_rows_fully_filled_finfo_min_3d_mask", lambda: Fn(padded_query_rows_finfo_min),
-         (*_q(331), KEEP), dict(attention=1),
-         xfail=("WRONG GRADIENT: fused (bool mask (2,1,7,7), fill -3.4028e38), the output matches eager (uniform "
-                "rows) but dV differs: rel L2 0.354, max abs 0.58 on every key of batch 1 (the batch with padded, "
-                "fully filled query rows); dQ, dK match. The fully filled rows' uniform probabilities are left out of"
-                " dV = P^T dO")),
+         (*_q(331), KEEP), dict(attention=1)),
     case("padded_query_rows_additive_hf_finfo_min", lambda: Fn(padded_query_rows_additive_finfo_min),
-         (*_q(331), KEEP), dict(attention=1),
-         xfail=("WRONG GRADIENT: fused (score + 3.4e38*[mask] - 3.4e38), the output matches eager but all gradients "
-                "differ (max abs: dQ 0.68, dK 0.54, dV 0.52) for the padded query rows, which are s + finfo.min "
-                "everywhere (uniform in eager, and the add passes the softmax gradient on to q and k)")),
+         (*_q(331), KEEP), dict(attention=1)),
     case("fp16_hf_additive_finfo_min_softmax_fp32", lambda: Fn(fp16_hf_finfo_min_additive),
          (*qkv(seed=334, dtype=torch.float16), KEEP), dict(attention=1), tol=TOL_HALF),
     case("teacher_under_no_grad_student_outside", TeacherStudentAttention, (*_q(337), rand(B, H, N, HD, seed=340)),

@@ -11,6 +11,10 @@ Three steps:
 The value is folded into the exp2 domain (multiplied by log2(e) symbolically) when no float side tensor
 appears in it: a side may hold finfo.min, and finfo.min·log2(e) overflows fp32 to -inf, which would turn a
 fully filled row from eager's uniform average into NaN. Unfolded kernels use exp2((s - m)·log2(e)).
+Values with a huge finite constant (a -1e9 or finfo.min fill) stay unfolded too: the forward saves each
+row's max m (natural units) and log2 of its sum l apart, and the backward of an unfolded kernel recomputes
+P as exp2((s - m)·log2(e) - log2(l)). A single log-sum-exp m + log(l) would lose log(l) to rounding when
+|m| is huge (a row whose every key is filled), and that row's gradient with it.
 """
 from __future__ import annotations
 
@@ -137,13 +141,13 @@ def _sides_in_value(e: sympy.Basic) -> set:
     return out
 
 
-def _clamp_floats(e: sympy.Basic) -> sympy.Basic:
-    """Constants beyond fp32 range (finfo.min·log2e) become ±FP32_MAX, which keeps fills uniform."""
-    reps = {}
-    for f in e.atoms(sympy.Float):
-        if abs(float(f)) > FP32_MAX and math.isfinite(float(f)):
-            reps[f] = sympy.Float(math.copysign(FP32_MAX, float(f)))
-    return e.xreplace(reps) if reps else e
+# A constant at least this large (a finite fill such as -1e9 or finfo.min) can make a whole row's scores
+# huge: the backward then needs the row max exactly (stored in natural units, exact only when unfolded).
+HUGE_CONSTANT = 1000.0
+
+
+def _huge_constants(e: sympy.Basic) -> bool:
+    return any(math.isfinite(float(c)) and abs(float(c)) >= HUGE_CONSTANT for c in e.atoms(sympy.Number))
 
 
 def analyze(expr: sympy.Basic, n_sides: int) -> Analysis:
@@ -158,8 +162,8 @@ def analyze(expr: sympy.Basic, n_sides: int) -> Analysis:
         else:
             bounds.append(lb)
             linear.append(c)
-    fold = not _sides_in_value(value)
-    value_exp2 = _clamp_floats(sympy.piecewise_fold(value * sympy.Float(1.0 / math.log(2.0)))) if fold else value
+    fold = not _sides_in_value(value) and not _huge_constants(value)
+    value_exp2 = sympy.piecewise_fold(value * sympy.Float(1.0 / math.log(2.0))) if fold else value
     an = Analysis(expr, value, sympy.And(*other), sympy.And(*linear), bounds, fold, value_exp2, n_sides)
     an.static_max = _static_max(value_exp2, fold)
     return an
@@ -440,6 +444,7 @@ def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grad
     header = tt.HEADER.replace("@EXPR_TEXT@", str(expr).replace("\n", " "))
     header = header.replace("@EXP_SCALE@", "1.0" if an.fold else repr(1.0 / math.log(2.0)))
     header = header.replace("@LSE_SCALE@", repr(1.0 / math.log(2.0)) if an.fold else "1.0")
+    header = header.replace("@FOLDED@", str(an.fold))
     header = header.replace("@USE_STATIC_MAX@", str(an.static_max is not None))
     header = header.replace("@STATIC_MAX@", repr(float(an.static_max or 0.0)))
     fwd = fill(tt.FORWARD, sides_of(an.value))

@@ -92,20 +92,20 @@ def _launch_check(score_mod, q, k, sides, needs_grad):
 
 
 def forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits=None, empty_rows_zero=False):
-    """(out, lse) from both variants under the device check, or None when no side qualifies. `bits` as in
+    """(out, stats) from both variants under the device check, or None when no side qualifies. `bits` as in
     triton_impl.attention_forward: the variant that runs fills them."""
     checked = _launch_check(score_mod, q, k, sides, [False] * len(sides))
     if checked is None:
         return None
     flag, text, kept = checked
-    out, lse = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, 0,
+    out, stats = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, 0,
                                     bits=bits, empty_rows_zero=empty_rows_zero)
     ti.attention_forward(q, k, v, [sides[j] for j in kept], scalars, text, dropout_p, rng, precision, flag, 1,
-                         into=(out, lse), bits=bits, empty_rows_zero=empty_rows_zero)
-    return out, lse
+                         into=(out, stats), bits=bits, empty_rows_zero=empty_rows_zero)
+    return out, stats
 
 
-def backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision,
+def backward(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision,
              bits=None):
     """(dq, dk, dv, side gradients) from both variants under the device check, or None (as `forward`)."""
     checked = _launch_check(score_mod, q, k, sides, side_needs_grad)
@@ -113,9 +113,9 @@ def backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
         return None
     flag, text, kept = checked
     into = (empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v),
-            ti.backward_preprocess(out, dout, lse))
-    ti.attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
+            ti.backward_preprocess(out, dout, stats))
+    ti.attention_backward(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng,
                           [False] * len(sides), precision, flag, 0, into=into, bits=bits)
-    ti.attention_backward(dout, q, k, v, out, lse, [sides[j] for j in kept], scalars, text, dropout_p, rng,
+    ti.attention_backward(dout, q, k, v, out, stats, [sides[j] for j in kept], scalars, text, dropout_p, rng,
                           [False] * len(kept), precision, flag, 1, into=into, bits=bits)
     return into[0], into[1], into[2], [None] * len(sides)

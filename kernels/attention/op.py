@@ -96,7 +96,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
               scalars: list[float], score_mod: str, dropout_p: float, rng: Optional[torch.Tensor],
               precision: str, recognize_masks: bool = True, empty_rows_zero: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CPU/CUDA kernel of flashfuse::attention: out, lse and the dropout's keep bits, which the backward
+    """The CPU/CUDA kernel of flashfuse::attention: out, the row stats (B, H, 2, Nq) fp32 (row max and log2
+    of the row sum, kept apart so rows of huge fills keep their gradient; `reference.row_lse` joins them)
+    and the dropout's keep bits, which the backward
     reads instead of drawing again (`_empty_bits`: an empty tensor when there are none).
     `recognize_masks=False` keeps mask sides as tensors (no run-time recognition, mask_recognition.py): the
     pass sets it for graphs captured in CUDA graphs, whose replays never call back here."""
@@ -131,7 +133,7 @@ def _empty_bits(q, k, dropout_p, rng):
 def _attention_fake(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True,
                     empty_rows_zero=False):
     bsz, hq, nq, _ = q.shape
-    return _empty_out(q, v), q.new_empty((bsz, hq, nq), dtype=torch.float32), _empty_bits(q, k, dropout_p, rng)
+    return _empty_out(q, v), q.new_empty((bsz, hq, 2, nq), dtype=torch.float32), _empty_bits(q, k, dropout_p, rng)
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -143,7 +145,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The CPU/CUDA kernel of flashfuse::attention_backward: dq, dk, dv and the gradients of the sides whose
     `side_needs_grad` is set (in order). `dropout_bits`: the forward's third output (empty: draw again).
-    `empty_rows_zero` matters to the reference only: the kernels give rows with lse = -inf no gradient."""
+    `empty_rows_zero` matters to the reference only: the kernels give rows whose log2 sum is -inf no gradient."""
     bits = dropout_bits if dropout_bits is not None and dropout_bits.numel() and dropout_p > 0 else None
     triton = use_triton(q) and _has_triton_impl()
     checker = _device_mask_check(recognize_masks, sides) if triton else None

@@ -6,6 +6,8 @@ compare with the Triton kernels pass the kernels' mask explicitly.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from flashfuse.kernels.attention import dropout
@@ -68,21 +70,25 @@ def _empty_rows(logits):
 
 def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float, rng,
                       dropout_mask=None, block: int = QUERY_BLOCK, bits=None, empty_rows_zero=False):
-    """Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) in fp32. `bits`: a uint8 tensor of
-    `dropout.bits_shape` that receives the keep flags (packed, `dropout.pack_bits`). `empty_rows_zero`: rows
-    with nothing kept give out 0 and lse -inf (the kernels' flag of the same name)."""
+    """Returns out (B, Hq, Nq, Dv) in q's dtype and the row stats (B, Hq, 2, Nq) fp32 the kernels save: the
+    row max (natural units) and log2 of the row sum relative to it (`row_lse` joins them). `bits`: a uint8
+    tensor of `dropout.bits_shape` that receives the keep flags (packed, `dropout.pack_bits`).
+    `empty_rows_zero`: rows with nothing kept give out 0 and log2(sum) -inf (the kernels' flag of the same
+    name)."""
     expr = sm.from_text(score_mod)
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     kx, vx = _expand_kv(k, hq), _expand_kv(v, hq)
     out = torch.empty(bsz, nq, hq, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
+    stats = torch.empty(bsz, hq, 2, nq, dtype=torch.float32, device=q.device)
     for q0 in range(0, nq, block):
         qs = q[:, :, q0:q0 + block]
         env = _env(_scores(qs, kx, compute), sides, scalars, q0, nq, nk, compute)
         logits = _eval(expr, env, compute)
-        lse_blk = torch.logsumexp(logits, dim=-1)
+        row_max = logits.amax(-1)
+        safe = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        log2_sum = torch.log2(torch.exp(logits - safe[..., None]).sum(-1))  # -inf: nothing kept
         p = torch.softmax(logits, dim=-1)
         if dropout_p > 0 and rng is not None:
             keep = (dropout_mask[:, :, q0:q0 + block] if dropout_mask is not None
@@ -93,10 +99,17 @@ def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float,
         if empty_rows_zero:
             empty = _empty_rows(logits)
             p = p.masked_fill(empty[..., None], 0.0)
-            lse_blk = lse_blk.masked_fill(empty, float("-inf"))
+            log2_sum = log2_sum.masked_fill(empty, float("-inf"))
         out[:, :, q0:q0 + block] = torch.matmul(p, vx.to(compute)).to(q.dtype)
-        lse[:, :, q0:q0 + block] = lse_blk.float()
-    return out, lse
+        stats[:, :, 0, q0:q0 + block] = row_max.float()
+        stats[:, :, 1, q0:q0 + block] = log2_sum.float()
+    return out, stats
+
+
+def row_lse(stats: torch.Tensor) -> torch.Tensor:
+    """The natural log-sum-exp (B, H, Nq) of each row from the saved stats (for tests and users)."""
+    lse = stats[:, :, 0].double() + stats[:, :, 1].double() * math.log(2.0)
+    return torch.where(stats[:, :, 1] == float("-inf"), float("-inf"), lse)
 
 
 def _reduce_to(grad: torch.Tensor, shape) -> torch.Tensor:

@@ -145,11 +145,12 @@ def _tanh(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def attn_bwd_preprocess(Out, dOut, LSE, Delta, DQacc, stride_ob, stride_oh, stride_om, stride_od,
+def attn_bwd_preprocess(Out, dOut, Stats, Delta, DQacc, stride_ob, stride_oh, stride_om, stride_od,
                         stride_db, stride_dh, stride_dm, stride_dd, H, Nq,
                         DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
                         D: tl.constexpr = 1, BLOCK_D: tl.constexpr = 16, ZERO_DQ: tl.constexpr = False):
-    """Delta = rowsum(dO ∘ O), 0 on fully masked rows (lse = -inf, O = NaN) so they carry no gradient.
+    """Delta = rowsum(dO ∘ O), 0 on fully masked rows (log2(l) = -inf in the row stats, O = NaN) so they
+    carry no gradient.
     ZERO_DQ: also zero the same rows of the fp32 dQ accumulator (B, H, Nq, D) the fused backward adds into,
     which saves a memset launch."""
     pid_m = tl.program_id(0)
@@ -164,8 +165,8 @@ def attn_bwd_preprocess(Out, dOut, LSE, Delta, DQacc, stride_ob, stride_oh, stri
     do = tl.load(dOut + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
                  + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    delta = tl.where(lse == float("-inf"), 0.0, delta)
+    log2_l = tl.load(Stats + off_bh.to(tl.int64) * 2 * Nq + Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    delta = tl.where(log2_l == float("-inf"), 0.0, delta)
     tl.store(Delta + off_bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
     if ZERO_DQ:
         offs_k = tl.arange(0, BLOCK_D)

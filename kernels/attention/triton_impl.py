@@ -259,9 +259,10 @@ def _interleave(tensors, strides):
 
 def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag=None, flag_want=-1,
                       into=None, bits=None, empty_rows_zero=False):
-    """out, lse. With `flag` (mask_check.py), the kernel runs only if flag[0] == `flag_want`; `into`
-    = (out, lse) written in place, so two variants launched together share their outputs. `empty_rows_zero`:
-    rows with nothing kept (lse = -inf) give 0, not NaN or the uniform average (the user zeroed the masked
+    """out and the row stats (B, H, 2, Nq) fp32 the backward reads (row max and log2 of the row sum,
+    triton_templates.py). With `flag` (mask_check.py), the kernel runs only if flag[0] == `flag_want`; `into`
+    = (out, stats) written in place, so two variants launched together share their outputs. `empty_rows_zero`:
+    rows with nothing kept (log2 of the sum -inf) give 0, not NaN or the uniform average (the user zeroed the masked
     probabilities after the softmax). `bits`: a
     contiguous uint8 tensor of `dropout.bits_shape` that receives the keep flags of the dropout (the
     backward then reads them instead of drawing again); bytes of key blocks the mask skips stay unwritten."""
@@ -282,7 +283,7 @@ class _ForwardPlan:
         _check(q, k, v)
         bsz, hq, nq, _ = q.shape
         hkv, nk = k.shape[1], k.shape[2]
-        self.out_shape, self.lse_shape = (bsz, hq, nq, v.shape[-1]), (bsz, hq, nq)
+        self.out_shape, self.stats_shape = (bsz, hq, nq, v.shape[-1]), (bsz, hq, 2, nq)
         out = into[0] if into is not None else empty_bnhd(self.out_shape, q)
         self.empty = out.numel() == 0
         if self.empty:
@@ -302,17 +303,20 @@ class _ForwardPlan:
 
     def __call__(self, q, k, v, sides, rng, flag, into, bits):
         if into is not None:
-            out, lse = into
+            out, stats = into
+            if tuple(stats.shape) != self.stats_shape or not stats.is_contiguous():
+                raise ValueError(f"flashfuse attention: `into` row stats must be contiguous {self.stats_shape}, "
+                                 f"got {tuple(stats.shape)}")
         else:
             out = empty_bnhd(self.out_shape, q)
-            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+            stats = torch.empty(self.stats_shape, dtype=torch.float32, device=q.device)
         if self.empty:
-            return out, lse
+            return out, stats
         with _quiet():
-            self.launch((q, k, v, out, lse, rng if self.dropout else lse, bits if bits is not None else lse,
-                         flag if flag is not None else lse,
+            self.launch((q, k, v, out, stats, rng if self.dropout else stats, bits if bits is not None else stats,
+                         flag if flag is not None else stats,
                          *self.strides, *_interleave(sides, self.side_strides), *self.tail))
-        return out, lse
+        return out, stats
 
 
 _PRE_BLOCK = INTERPRET_BLOCK if INTERPRET else 64  # query rows per program of the backward preprocess
@@ -328,12 +332,17 @@ def _preprocess_launch(out, zero_dq_d: int = 0):
     return (_cdiv(nq, _PRE_BLOCK), bsz * hq), consts
 
 
-def backward_preprocess(out, dout, lse):
+def _empty_delta(stats):
+    bsz, hq, _, nq = stats.shape
+    return torch.empty((bsz, hq, nq), dtype=torch.float32, device=stats.device)
+
+
+def backward_preprocess(out, dout, stats):
     """Delta = rowsum(dO ∘ O) per query row (B, H, Nq) fp32, the first step of the backward."""
-    delta = torch.empty_like(lse)
+    delta = _empty_delta(stats)
     grid, consts = _preprocess_launch(out)
     _launcher(triton_common.attn_bwd_preprocess)(
-        grid, (out, dout, lse, delta, delta, *out.stride(), *dout.stride(), out.shape[1], out.shape[2]), consts)
+        grid, (out, dout, stats, delta, delta, *out.stride(), *dout.stride(), out.shape[1], out.shape[2]), consts)
     return delta
 
 
@@ -352,7 +361,7 @@ def _use_fused_backward(side_grads, flag_want, into) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
-def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
+def attention_backward(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
                        precision, flag=None, flag_want=-1, into=None, bits=None):
     """dq, dk, dv and the gradient of each side (None where `side_needs_grad` is off). `flag`, `flag_want`
     as in attention_forward; `into` = (dq, dk, dv, delta) written in place / read (`backward_preprocess`),
@@ -363,17 +372,17 @@ def attention_backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropo
     key = ("bwd", fused, score_mod, tuple(scalars), dropout_p, precision, flag_want, side_grads,
            None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
            None if into is None else tuple(_tkey(t) for t in into), None if bits is None else _tkey(bits),
-           _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(out), _tkey(lse), *[_tkey(s) for s in sides])
+           _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(out), _tkey(stats), *[_tkey(s) for s in sides])
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng,
+        plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng,
                                                 side_grads, precision, flag_want, into, bits, fused))
     with _quiet():
-        return plan(dout, q, k, v, out, lse, sides, rng, flag, into, bits)
+        return plan(dout, q, k, v, out, stats, sides, rng, flag, into, bits)
 
 
 class _BackwardPlan:
-    def __init__(self, dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_grads,
+    def __init__(self, dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng, side_grads,
                  precision, flag_want, into, bits, fused):
         _check(q, k, v)
         bsz, hq, nq, _ = q.shape
@@ -384,6 +393,9 @@ class _BackwardPlan:
         self.empty = q.numel() == 0 or k.numel() == 0
         if self.empty:
             return
+        if tuple(stats.shape) != (bsz, hq, 2, nq) or stats.dtype != torch.float32 or not stats.is_contiguous():
+            raise ValueError(f"flashfuse attention backward: row stats must be a contiguous fp32 (B, H, 2, Nq) = "
+                             f"{(bsz, hq, 2, nq)} tensor from the forward, got {tuple(stats.shape)} {stats.dtype}")
         dq, dk, dv = into[:3] if into is not None else (empty_bnhd(t.shape, t) for t in (q, k, v))
         mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
         if bits is not None:
@@ -410,7 +422,7 @@ class _BackwardPlan:
                                *_preprocess_launch(out, q.shape[-1] if fused else 0))
         self.pre_tail = (*out.stride(), *dout.stride(), hq, nq)
 
-    def __call__(self, dout, q, k, v, out, lse, sides, rng, flag, into, bits):
+    def __call__(self, dout, q, k, v, out, stats, sides, rng, flag, into, bits):
         side_grads = self.side_grads
         if into is not None:
             dq, dk, dv, delta = into
@@ -421,22 +433,22 @@ class _BackwardPlan:
             return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros_like(s) if g else None
                                                          for s, g in zip(sides, side_grads)]
         # the fused kernel's dQ, summed in fp32 (zeroed by the preprocess) and cast into dq at the end
-        dq_acc = torch.empty(self.dq_acc_shape, dtype=torch.float32, device=q.device) if self.fused else lse
+        dq_acc = torch.empty(self.dq_acc_shape, dtype=torch.float32, device=q.device) if self.fused else stats
         if delta is None:
-            delta = torch.empty_like(lse)
-            self.pre((out, dout, lse, delta, dq_acc, *self.pre_tail))
-        flag_arg = flag if flag is not None else lse
-        rng_arg = rng if self.dropout else lse
-        bits_arg = bits.view(torch.int32) if bits is not None else lse  # read as words (triton_common.saved_keep)
+            delta = _empty_delta(stats)
+            self.pre((out, dout, stats, delta, dq_acc, *self.pre_tail))
+        flag_arg = flag if flag is not None else stats
+        rng_arg = rng if self.dropout else stats
+        bits_arg = bits.view(torch.int32) if bits is not None else stats  # read as words (triton_common.saved_keep)
         side_args = _interleave(sides, self.side_strides)
         # gradient of each side that needs one, per element of (B, Hq, Nq, Nk), reduced below
         dside_full = [torch.zeros(self.dside_shape, dtype=torch.float32, device=q.device) if g else None
                       for g in side_grads]
-        self.dkdv((q, k, v, dout, lse, delta, dk, dv, rng_arg, bits_arg, flag_arg, dq_acc, *self.dkdv_strides,
+        self.dkdv((q, k, v, dout, stats, delta, dk, dv, rng_arg, bits_arg, flag_arg, dq_acc, *self.dkdv_strides,
                    *side_args, *self.dkdv_tail))
         if self.fused:
             return dq.copy_(dq_acc), dk, dv, [None] * len(sides)
-        self.dq((q, k, v, dout, lse, delta, dq, rng_arg, bits_arg, flag_arg, *self.dq_strides, *side_args, *self.dq_scalars,
+        self.dq((q, k, v, dout, stats, delta, dq, rng_arg, bits_arg, flag_arg, *self.dq_strides, *side_args, *self.dq_scalars,
                  *[d for d in dside_full if d is not None], *self.dq_tail))
         if not any(side_grads):
             return dq, dk, dv, [None] * len(sides)

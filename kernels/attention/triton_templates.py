@@ -4,7 +4,9 @@
 @KEEP_LINEAR@     the mask covered by the loop bounds (partial blocks only)
 @KEEP_OTHER@      a mask applied on every block (index conditions the bounds do not cover)
 @BOUNDS@ / @INV_BOUNDS@  per-block loop bounds;  @DSCORE@  ∂value/∂score;  @DSIDE_STORES@  side grads
-EXP_SCALE / LSE_SCALE: 1 and log2(e) when the value is folded into the exp2 domain, else log2(e) and 1.
+EXP_SCALE / LSE_SCALE: 1 and log2(e) when the value is folded into the exp2 domain (FOLDED), else log2(e)
+and 1. Stats (B, H, 2, Nq) fp32, what the forward saves per query row: [.., 0, :] the row max in natural
+units, [.., 1, :] log2 of the row sum relative to it (-inf: nothing kept, the row gets no gradient).
 DROPOUT (constexpr): 0 off, 1 drawn from Philox, 2 drawn and saved as keep bits (forward), 3 read from
 the saved bits (backward); see dropout.py.
 """
@@ -17,6 +19,7 @@ from flashfuse.kernels.attention.triton_common import dropout_keep, dropout_keep
 
 EXP_SCALE = tl.constexpr(@EXP_SCALE@)
 LSE_SCALE = tl.constexpr(@LSE_SCALE@)
+FOLDED = tl.constexpr(@FOLDED@)
 # a bounded value (soft cap): subtract its upper bound instead of keeping a running row max
 USE_STATIC_MAX = tl.constexpr(@USE_STATIC_MAX@)
 STATIC_MAX = tl.constexpr(@STATIC_MAX@)
@@ -82,7 +85,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 
 
 @triton.jit
-def attn_fwd(Q, K, V, Out, LSE, RNG, Bits, Flag,
+def attn_fwd(Q, K, V, Out, Stats, RNG, Bits, Flag,
              stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
              @SIDE_PARAMS@@SCALAR_PARAMS@
@@ -146,22 +149,48 @@ def attn_fwd(Q, K, V, Out, LSE, RNG, Bits, Flag,
     out = acc / l_i[:, None]
     if DROPOUT:
         out = out * keep_scale
-    lse = m_i / LSE_SCALE + tl.math.log2(l_i) * 0.6931471805599453  # natural log
-    # every score of the row is a huge fill (finfo.min): out is eager's uniform average, but m + log(l)
-    # rounds to m, so the backward could not recover P; mark the row fully masked (no gradient) instead
-    lse = tl.where(m_i < -1.0e30, float("-inf"), lse)
+    # the max and log2(l) apart: m + log(l) would round to m on a row of huge fills (see codegen)
+    log2_l = tl.math.log2(l_i)
     if EMPTY_ROWS_ZERO:  # the user zeroed the masked probabilities after the softmax: such rows give 0
-        out = tl.where((lse == float("-inf"))[:, None], 0.0, out)
+        log2_l = tl.where(m_i < -1.0e30, float("-inf"), log2_l)  # all filled (finfo.min) counts as empty
+        out = tl.where((log2_l == float("-inf"))[:, None], 0.0, out)
     tl.store(Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < DV))
-    tl.store(LSE + off_bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+    stats_row = Stats + off_bh.to(tl.int64) * 2 * Nq
+    tl.store(stats_row + offs_m, m_i / LSE_SCALE, mask=offs_m < Nq)
+    tl.store(stats_row + Nq + offs_m, log2_l, mask=offs_m < Nq)
 '''
 
-# P recomputed from the LSE; dL = P∘(dP − Delta) is the gradient w.r.t. the (natural) score value.
+# P recomputed from the saved row stats; dL = P∘(dP − Delta) is the gradient w.r.t. the (natural) score value.
 BACKWARD = '''
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+def _row_stats(stats_row, offs_m, row_ok, Nq):
+    """(a, b) of the rows offs_m such that P = exp2((s - a) * EXP_SCALE - b); rows with nothing kept get
+    a = +inf (P = 0). Folded kernels join the two into one log-sum-exp (b = 0: no huge values there)."""
+    m = tl.load(stats_row + offs_m, mask=row_ok, other=0.0)
+    log2_l = tl.load(stats_row + Nq + offs_m, mask=row_ok, other=float("-inf"))
+    empty = log2_l == float("-inf")
+    if FOLDED:
+        a = tl.where(empty, float("inf"), m * LSE_SCALE + log2_l)
+        b = 0.0
+    else:
+        a = tl.where(empty, float("inf"), m)
+        b = tl.where(empty, 0.0, log2_l)
+    return a, b
+
+
+@triton.jit
+def _probs(s, a, b):
+    """P of a score tile from its rows' (a, b), broadcast along the tile's other axis by the caller."""
+    if FOLDED:
+        p = tl.math.exp2(s - a)
+    else:
+        p = tl.math.exp2((s - a) * EXP_SCALE - b)
+    return p
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stats_row, delta_base, dq_base,
                     stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, n0, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                     @SIDE_PARAMS@@SCALAR_PARAMS@
@@ -182,16 +211,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                      mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        row_a, row_b = _row_stats(stats_row, offs_m, row_ok, Nq)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), float("inf"), lse * LSE_SCALE)
         qk = tl.dot(k, qT, input_precision=DOT_PREC)
 @LOAD_SIDES@
         s = @VALUE@
         if MASKED:
             s = tl.where(@KEEP_LINEAR@ & (kv_idx < Nk) & (q_idx < Nq), s, float("-inf"))
 @KEEP_OTHER@
-        p = tl.math.exp2((s - lse[None, :]) * EXP_SCALE)
+        if FOLDED:
+            p = _probs(s, row_a[None, :], row_b)
+        else:
+            p = _probs(s, row_a[None, :], row_b[None, :])
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         if DROPOUT:
             if DROPOUT == 3:  # the forward's saved flags, read straight into this (keys x queries) tile
@@ -214,7 +245,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG, Bits, Flag, DQacc,
+def attn_bwd_dkdv(Q, K, V, dOut, Stats, Delta, dK, dV, RNG, Bits, Flag, DQacc,
                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                   stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -268,21 +299,21 @@ def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG, Bits, Flag, DQacc,
         off_bh = off_b * H + off_h
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         do_base = dOut + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        lse_base = LSE + off_bh.to(tl.int64) * Nq
+        stats_row = Stats + off_bh.to(tl.int64) * 2 * Nq
         delta_base = Delta + off_bh.to(tl.int64) * Nq
         bits_row = Bits + off_bh.to(tl.int64) * Nq * NkW
         dq_base = DQacc + off_bh.to(tl.int64) * Nq * D
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stats_row, delta_base, dq_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                                  @SIDE_ARGS@@SCALAR_ARGS@
                                  True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH, DQ_ATOMIC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stats_row, delta_base, dq_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                                  @SIDE_ARGS@@SCALAR_ARGS@
                                  False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH, DQ_ATOMIC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stats_row, delta_base, dq_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, n_lo, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                                  @SIDE_ARGS@@SCALAR_ARGS@
@@ -296,7 +327,7 @@ def attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, RNG, Bits, Flag, DQacc,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _bwd_dq_inner(dq, q, do, row_a, row_b, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   offs_m, off_b, off_h, off_bh, Nq, Nk, start, end, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                   @SIDE_PARAMS@@SCALAR_PARAMS@@DSIDE_PARAMS@
                   MASKED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -328,7 +359,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
         if MASKED:
             s = tl.where(@KEEP_LINEAR@ & (kv_idx < Nk), s, float("-inf"))
 @KEEP_OTHER@
-        p = tl.math.exp2((s - lse[:, None]) * EXP_SCALE)
+        if FOLDED:
+            p = _probs(s, row_a[:, None], row_b)
+        else:
+            p = _probs(s, row_a[:, None], row_b[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             if DROPOUT == 3:
@@ -344,7 +378,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, RNG, Bits, Flag,
+def attn_bwd_dq(Q, K, V, dOut, Stats, Delta, dQ, RNG, Bits, Flag,
                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
@@ -371,8 +405,7 @@ def attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, RNG, Bits, Flag,
     do = tl.load(dOut + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
                  + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LSE_SCALE)
+    row_a, row_b = _row_stats(Stats + off_bh.to(tl.int64) * 2 * Nq, offs_m, row_ok, Nq)
     delta = tl.load(Delta + off_bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
@@ -396,15 +429,15 @@ def attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, RNG, Bits, Flag,
         fs = end
     fs = tl.minimum(tl.maximum(fs, start), end)
     fe = tl.maximum(tl.minimum(fe, end), fs)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _bwd_dq_inner(dq, q, do, row_a, row_b, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, off_b, off_h, off_bh, Nq, Nk, start, fs, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                        @SIDE_ARGS@@SCALAR_ARGS@@DSIDE_ARGS@
                        True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _bwd_dq_inner(dq, q, do, row_a, row_b, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, off_b, off_h, off_bh, Nq, Nk, fs, fe, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                        @SIDE_ARGS@@SCALAR_ARGS@@DSIDE_ARGS@
                        False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _bwd_dq_inner(dq, q, do, row_a, row_b, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, off_b, off_h, off_bh, Nq, Nk, fe, end, seed, rng_off, keep_thresh, keep_scale, bits_row, NkW,
                        @SIDE_ARGS@@SCALAR_ARGS@@DSIDE_ARGS@
                        True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PREC, DROPOUT, FAST_MATH)

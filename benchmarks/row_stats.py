@@ -1,0 +1,64 @@
+"""Cost of saving the row max and log2(l) apart (session 10): flashfuse::attention forward and
+forward+backward on score modifications that take each path, bf16, b=8 h=16 n=2048 d=64, causal.
+
+  causal_-inf          folded, one joined log-sum-exp in the backward (the common path: unchanged)
+  causal_finfo.min     a huge finite fill: unfolded, P = exp2((s - m)·log2e - log2 l) in the backward
+  causal_bias_side     a float (1, H, N, N) bias: unfolded before and after, one more add per element
+
+Run it twice on one machine, once with a copy of the previous version first on PYTHONPATH, to compare.
+Prints one JSON line per case (median ms over triton.testing.do_bench).
+"""
+import argparse
+import json
+import math
+
+import sympy
+import torch
+from triton.testing import do_bench
+
+import flashfuse
+import flashfuse.kernels.attention.op  # noqa: F401  (registers the op)
+from flashfuse.kernels.attention import score_mod as sm
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--label", default="current")
+    ap.add_argument("--n", type=int, default=2048)
+    args = ap.parse_args()
+    b, h, n, d = 8, 16, args.n, 64
+    b = max(1, 16384 // n)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = [torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+               for _ in range(3)]
+    S, QI, KI = sm.score, sm.q_idx, sm.kv_idx
+    scale = 1.0 / math.sqrt(d)
+    bias = torch.randn(1, h, n, n, device="cuda", generator=g)  # a relative-position-like bias: stays a side
+    cases = {
+        "causal_-inf": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S, True)), []),
+        "causal_finfo.min": (sympy.Piecewise((-3.4028234663852886e38, KI > QI), (scale * S, True)), []),
+        "causal_bias_side": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S + sm.side(0), True)), [bias]),
+    }
+    dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    for name, (expr, sides) in cases.items():
+        text = sm.to_text(expr)
+
+        def fwd():
+            return torch.ops.flashfuse.attention(q, k, v, sides, [], text, 0.0, None, "tf32")[0]
+
+        def fwd_bwd():
+            fwd().backward(dout)
+
+        with torch.no_grad():
+            fwd()
+        fwd_bwd()
+        row = dict(label=args.label, case=name, b=b, h=h, n=n, d=d, device=torch.cuda.get_device_name(),
+                   version=getattr(flashfuse, "__version__", "?"))
+        with torch.no_grad():
+            row["fwd_ms"] = do_bench(fwd, warmup=25, rep=200, return_mode="median")
+        row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, grad_to_none=[q, k, v], return_mode="median")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
