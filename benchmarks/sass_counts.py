@@ -21,7 +21,7 @@ from flashfuse.kernels.attention import triton_impl as ti
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "dOut": "*bf16", "dQ": "*bf16",
-         "dK": "*bf16", "dV": "*bf16", "LSE": "*fp32", "Delta": "*fp32", "RNG": "*i64", "Flag": "*i32",
+         "dK": "*bf16", "dV": "*bf16", "Stats": "*fp32", "Delta": "*fp32", "RNG": "*i64", "Flag": "*i32",
          "DQacc": "*fp32"}
 # attn_bwd_fused: the dK/dV kernel with DQ_ATOMIC (it also adds dQ), under its own configs
 _MODES = {"attn_fwd": (0, 1, 2), "attn_bwd_dkdv": (0, 1, 3), "attn_bwd_dq": (0, 1, 3), "attn_bwd_fused": (0, 1, 3)}
@@ -67,9 +67,12 @@ def main():
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--cfg", help="bm,bn,warps,stages (default: each kernel's first config)")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--fill", type=float, default=float("-inf"),
+                    help="the causal fill: -inf (folded kernels) or a huge finite one such as -1e9 (unfolded)")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    text = sm.to_text(sympy.Piecewise((-sympy.oo, sm.kv_idx > sm.q_idx + sm.Nk - sm.Nq),
+    fill = -sympy.oo if args.fill == float("-inf") else sympy.Float(args.fill)
+    text = sm.to_text(sympy.Piecewise((fill, sm.kv_idx > sm.q_idx + sm.Nk - sm.Nq),
                                       (sm.score / args.d ** 0.5, True)))
     mod = ti.load_module(text, 0, 0)
     bd = ti._block_d(args.d)

@@ -173,7 +173,7 @@ def _row_stats(stats_row, offs_m, row_ok, Nq):
     empty = log2_l == float("-inf")
     if FOLDED:
         a = tl.where(empty, float("inf"), m * LSE_SCALE + log2_l)
-        b = 0.0
+        b = tl.zeros_like(m)  # unused by _probs
     else:
         a = tl.where(empty, float("inf"), m)
         b = tl.where(empty, 0.0, log2_l)
@@ -219,10 +219,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stats_row, delta_base, dq_bas
         if MASKED:
             s = tl.where(@KEEP_LINEAR@ & (kv_idx < Nk) & (q_idx < Nq), s, float("-inf"))
 @KEEP_OTHER@
-        if FOLDED:
-            p = _probs(s, row_a[None, :], row_b)
-        else:
-            p = _probs(s, row_a[None, :], row_b[None, :])
+        p = _probs(s, row_a[None, :], row_b[None, :])
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         if DROPOUT:
             if DROPOUT == 3:  # the forward's saved flags, read straight into this (keys x queries) tile
@@ -359,10 +356,7 @@ def _bwd_dq_inner(dq, q, do, row_a, row_b, delta, k_base, v_base, stride_kn, str
         if MASKED:
             s = tl.where(@KEEP_LINEAR@ & (kv_idx < Nk), s, float("-inf"))
 @KEEP_OTHER@
-        if FOLDED:
-            p = _probs(s, row_a[:, None], row_b)
-        else:
-            p = _probs(s, row_a[:, None], row_b[:, None])
+        p = _probs(s, row_a[:, None], row_b[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             if DROPOUT == 3:
