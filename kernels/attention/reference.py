@@ -88,8 +88,10 @@ def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float,
         logits = _eval(expr, env, compute)
         row_max = logits.amax(-1)
         safe = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-        log2_sum = torch.log2(torch.exp(logits - safe[..., None]).sum(-1))  # -inf: nothing kept
-        p = torch.softmax(logits, dim=-1)
+        e = torch.exp(logits - safe[..., None])
+        row_sum = e.sum(-1)
+        log2_sum = torch.log2(row_sum)  # -inf: nothing kept
+        p = e / row_sum[..., None]  # the softmax (0 / 0 = NaN on rows with nothing kept, as eager)
         if dropout_p > 0 and rng is not None:
             keep = (dropout_mask[:, :, q0:q0 + block] if dropout_mask is not None
                     else _dropout_mask(rng, p.shape, q0, dropout_p, p.device))
@@ -108,8 +110,7 @@ def attention_forward(q, k, v, sides, scalars, score_mod: str, dropout_p: float,
 
 def row_lse(stats: torch.Tensor) -> torch.Tensor:
     """The natural log-sum-exp (B, H, Nq) of each row from the saved stats (for tests and users)."""
-    lse = stats[:, :, 0].double() + stats[:, :, 1].double() * math.log(2.0)
-    return torch.where(stats[:, :, 1] == float("-inf"), float("-inf"), lse)
+    return stats[:, :, 0].double() + stats[:, :, 1].double() * math.log(2.0)  # -inf where nothing is kept
 
 
 def _reduce_to(grad: torch.Tensor, shape) -> torch.Tensor:

@@ -285,6 +285,10 @@ class _ForwardPlan:
         hkv, nk = k.shape[1], k.shape[2]
         self.out_shape, self.stats_shape = (bsz, hq, nq, v.shape[-1]), (bsz, hq, 2, nq)
         out = into[0] if into is not None else empty_bnhd(self.out_shape, q)
+        # checked once per plan: the plan key holds `into`'s shapes and strides
+        if into is not None and (tuple(into[1].shape) != self.stats_shape or not into[1].is_contiguous()):
+            raise ValueError(f"flashfuse attention: `into` row stats must be contiguous {self.stats_shape}, "
+                             f"got {tuple(into[1].shape)}")
         self.empty = out.numel() == 0
         if self.empty:
             return
@@ -304,9 +308,6 @@ class _ForwardPlan:
     def __call__(self, q, k, v, sides, rng, flag, into, bits):
         if into is not None:
             out, stats = into
-            if tuple(stats.shape) != self.stats_shape or not stats.is_contiguous():
-                raise ValueError(f"flashfuse attention: `into` row stats must be contiguous {self.stats_shape}, "
-                                 f"got {tuple(stats.shape)}")
         else:
             out = empty_bnhd(self.out_shape, q)
             stats = torch.empty(self.stats_shape, dtype=torch.float32, device=q.device)

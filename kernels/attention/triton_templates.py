@@ -167,7 +167,7 @@ BACKWARD = '''
 @triton.jit
 def _row_stats(stats_row, offs_m, row_ok, Nq):
     """(a, b) of the rows offs_m such that P = exp2((s - a) * EXP_SCALE - b); rows with nothing kept get
-    a = +inf (P = 0). Folded kernels join the two into one log-sum-exp (b = 0: no huge values there)."""
+    a = +inf (P = 0). Folded kernels join the two into one log-sum-exp (b unused: no huge values there)."""
     m = tl.load(stats_row + offs_m, mask=row_ok, other=0.0)
     log2_l = tl.load(stats_row + Nq + offs_m, mask=row_ok, other=float("-inf"))
     empty = log2_l == float("-inf")
@@ -188,6 +188,7 @@ def _probs(s, a, b):
     else:
         p = tl.math.exp2((s - a) * EXP_SCALE - b)
     return p
+
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stats_row, delta_base, dq_base,
