@@ -6,7 +6,9 @@ forward+backward on score modifications that take each path, bf16, b=8 h=16 n=20
   causal_bias_side     a float (1, H, N, N) bias: unfolded before and after, one more add per element
 
 Run it twice on one machine, once with a copy of the previous version first on PYTHONPATH, to compare.
-Prints one JSON line per case (median ms over triton.testing.do_bench).
+Prints one JSON line per case (median ms over triton.testing.do_bench): forward, forward+backward through
+the op, the backward kernels alone, and the tiles the autotuner chose (FLASHFUSE_ATTN_AUTOTUNE=0: the first
+of each table, so that two versions run the same tiles).
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ from triton.testing import do_bench
 import flashfuse
 import flashfuse.kernels.attention.op  # noqa: F401  (registers the op)
 from flashfuse.kernels.attention import score_mod as sm
+from flashfuse.kernels.attention import triton_impl as ti
 
 
 def main():
@@ -57,6 +60,14 @@ def main():
         with torch.no_grad():
             row["fwd_ms"] = do_bench(fwd, warmup=25, rep=200, return_mode="median")
         row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, grad_to_none=[q, k, v], return_mode="median")
+        # the backward kernels alone (preprocess, dK/dV, dQ), on the forward's saved outputs
+        with torch.no_grad():
+            out, stats = ti.attention_forward(q, k, v, sides, [], text, 0.0, None, "tf32")
+        grads = [False] * len(sides)
+        row["bwd_ms"] = do_bench(lambda: ti.attention_backward(dout, q, k, v, out, stats, sides, [], text, 0.0, None,
+                                                               grads, "tf32"), warmup=25, rep=200, return_mode="median")
+        row["configs"] = {f"{key[0] % 10007}/{key[1]}/{key[2]}": str(getattr(t, "best_config", None))
+                          for key, t in ti._TUNED.items()}
         print(json.dumps(row), flush=True)
 
 

@@ -862,3 +862,30 @@ def test_gpu_softcap_bf16_fast_tanh():
                                                     0.0, None, [])
     for a, r in ((dq, rdq), (dk, rdk), (dv, rdv)):
         assert _rel(a, r) < 4e-2
+
+
+@gpu
+@pytest.mark.parametrize("fill", [-1e9, torch.finfo(torch.float32).min])
+def test_gpu_padded_rows_of_huge_fills_bf16(fill):
+    """Padding rows under a huge finite masked_fill on the GPU (bf16, tuned tiles, several key blocks): eager's
+    uniform row forward and its gradient to V (the row stats keep the max and log2(l) apart)."""
+    ti = _ti()
+    torch.manual_seed(5)
+    B, H, N, d = 2, 4, 517, 64
+    q, k, v = [torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    masked = torch.rand(B, 1, N, N, device="cuda") < 0.2
+    masked[:, :, N - 70:] = True  # the last 70 query rows of each batch are padding
+    masked[1, :, :40] = True
+    expr = sympy.Piecewise((fill, sympy.Ne(sm.side(0), 0)), (S / 8, True))
+    text = sm.to_text(expr)
+    out, stats = ti.attention_forward(q, k, v, [masked], [], text, 0.0, None, "tf32")
+    dout = torch.randn_like(out)
+    dq, dk, dv, _ = ti.attention_backward(dout, q, k, v, out, stats, [masked], [], text, 0.0, None, [False], "tf32")
+    qd, kd, vd = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref = torch.softmax((qd @ kd.transpose(-1, -2) / 8).masked_fill(masked, fill), -1) @ vd
+    ref.backward(dout.double())
+    assert _rel(out, ref) < 2e-2
+    assert torch.allclose(out[:, :, N - 70:].double(), vd[:, :, :].mean(2, keepdim=True).expand(-1, -1, 70, -1),
+                          atol=2e-2)
+    for name, a, r in (("dq", dq, qd.grad), ("dk", dk, kd.grad), ("dv", dv, vd.grad)):
+        assert _rel(a, r) < 4e-2, f"{name} rel err {_rel(a, r)}"

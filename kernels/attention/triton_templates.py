@@ -6,7 +6,9 @@
 @BOUNDS@ / @INV_BOUNDS@  per-block loop bounds;  @DSCORE@  ∂value/∂score;  @DSIDE_STORES@  side grads
 EXP_SCALE / LSE_SCALE: 1 and log2(e) when the value is folded into the exp2 domain (FOLDED), else log2(e)
 and 1. Stats (B, H, 2, Nq) fp32, what the forward saves per query row: [.., 0, :] the row max in natural
-units, [.., 1, :] log2 of the row sum relative to it (-inf: nothing kept, the row gets no gradient).
+units, [.., 1, :] log2 of the row sum relative to it (-inf: nothing kept, the row gets no gradient). FOLDED
+kernels (no huge constant, so m + log(l) loses nothing) save the joined natural log-sum-exp in [.., 0, :]
+and 0 in [.., 1, :] (-inf on empty rows): the same `reference.row_lse`, one load per row in the backward.
 DROPOUT (constexpr): 0 off, 1 drawn from Philox, 2 drawn and saved as keep bits (forward), 3 read from
 the saved bits (backward); see dropout.py.
 """
@@ -157,6 +159,9 @@ def attn_fwd(Q, K, V, Out, Stats, RNG, Bits, Flag,
     tl.store(Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < DV))
+    if FOLDED:  # no huge values here: join them as before, so the backward loads one number per row
+        m_i = m_i + log2_l
+        log2_l = tl.where(log2_l == float("-inf"), float("-inf"), 0.0)
     stats_row = Stats + off_bh.to(tl.int64) * 2 * Nq
     tl.store(stats_row + offs_m, m_i / LSE_SCALE, mask=offs_m < Nq)
     tl.store(stats_row + Nq + offs_m, log2_l, mask=offs_m < Nq)
@@ -167,14 +172,16 @@ BACKWARD = '''
 @triton.jit
 def _row_stats(stats_row, offs_m, row_ok, Nq):
     """(a, b) of the rows offs_m such that P = exp2((s - a) * EXP_SCALE - b); rows with nothing kept get
-    a = +inf (P = 0). Folded kernels join the two into one log-sum-exp (b unused: no huge values there)."""
-    m = tl.load(stats_row + offs_m, mask=row_ok, other=0.0)
-    log2_l = tl.load(stats_row + Nq + offs_m, mask=row_ok, other=float("-inf"))
-    empty = log2_l == float("-inf")
+    a = +inf (P = 0). Folded kernels saved the joined log-sum-exp in plane 0 (-inf: nothing kept): one load,
+    b unused."""
     if FOLDED:
-        a = tl.where(empty, float("inf"), m * LSE_SCALE + log2_l)
-        b = tl.zeros_like(m)  # unused by _probs
+        lse = tl.load(stats_row + offs_m, mask=row_ok, other=float("inf"))
+        a = tl.where(lse == float("-inf"), float("inf"), lse * LSE_SCALE)
+        b = a  # unused by _probs
     else:
+        m = tl.load(stats_row + offs_m, mask=row_ok, other=0.0)
+        log2_l = tl.load(stats_row + Nq + offs_m, mask=row_ok, other=float("-inf"))
+        empty = log2_l == float("-inf")
         a = tl.where(empty, float("inf"), m)
         b = tl.where(empty, 0.0, log2_l)
     return a, b
