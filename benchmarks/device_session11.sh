@@ -3,7 +3,8 @@
 # +5 % forward+backward on the common folded causal path (1.029 -> 1.082 ms, d64 n2048, autotuned). This run:
 # the GPU attention tests of the working tree (folded kernels save the joined log-sum-exp again: "v2"), then
 # before (.baseline = 4e8030d) / v1 (.v1 = eda7b6f) / v2 (working tree) with fixed tiles, twice interleaved,
-# then the causal n1024/2048 rows against FA2 with v2.
+# then the causal n1024/2048 rows against FA2 with v2, and again with the programs started in groups of heads,
+# heaviest causal blocks first (FLASHFUSE_ATTN_GROUP_HEADS: 100000 = one group, longest-first; 16).
 # Usage on the device (repo root): bash benchmarks/device_session11.sh   (results under $OUT)
 set -u; OUT=${OUT:-/tmp/flashfuse_out}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
@@ -16,7 +17,7 @@ for v in base v1; do
   src=.baseline; [ $v = v1 ] && src=.v1
   (cd $src && python -m pip install . --no-deps --no-build-isolation -q --target /tmp/$v 2>&1 | grep -v WARN | tail -2)
 done
-for rep in 1 2; do
+for rep in 1; do
   for v in base v1 v2; do
     pp=/tmp/$v; [ $v = v2 ] && pp=
     PYTHONPATH=$pp FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_CACHE_DIR=/tmp/ffcache_$v timeout 60 \
@@ -30,7 +31,15 @@ for ln in open(sys.argv[1]):
     r = json.loads(ln)
     print(f"{r['label']:12s} {r['case']:18s} fwd {r['fwd_ms']:.4f} fwd+bwd {r['fwd_bwd_ms']:.4f} bwd {r['bwd_ms']:.4f}")
 PY
-mkdir -p $OUT/sweep
+# (at most 8 files come back: the sweeps' JSON are copied out, their logs appended to one)
 timeout 100 python benchmarks/attention.py --d 64 128 --n 1024 2048 --causal yes --impls flashfuse sdpa_flash \
-    --out $OUT/sweep > $OUT/sweep.log 2>&1
-echo "sweep rc=$?"; grep -E "^d=" $OUT/sweep.log | cut -c1-110
+    --out /tmp/sweep_g0 > /tmp/sweep_g0.log 2>&1
+echo "sweep rc=$?"; grep -E "^d=" /tmp/sweep_g0.log | cut -c1-110
+for g in 100000 16; do
+  FLASHFUSE_ATTN_GROUP_HEADS=$g timeout 80 python benchmarks/attention.py --d 64 128 --n 1024 2048 --causal yes \
+      --impls flashfuse --out /tmp/sweep_g$g > /tmp/sweep_g$g.log 2>&1
+  echo "group_heads=$g rc=$?"; grep -E "^d=" /tmp/sweep_g$g.log | cut -c1-110
+done
+for g in 0 100000 16; do
+  cp /tmp/sweep_g$g/*.json $OUT/sweep_g$g.json 2>/dev/null; cat /tmp/sweep_g$g.log >> $OUT/sweeps.log
+done

@@ -889,3 +889,39 @@ def test_gpu_padded_rows_of_huge_fills_bf16(fill):
                           atol=2e-2)
     for name, a, r in (("dq", dq, qd.grad), ("dk", dk, kd.grad), ("dv", dv, vd.grad)):
         assert _rel(a, r) < 4e-2, f"{name} rel err {_rel(a, r)}"
+
+
+def _visit_kernel():
+    """A kernel that counts the (block, head) each program gets from block_order and records the blocks in
+    launch order (defined here: Triton resolves block_order among the module's globals)."""
+    global block_order
+    import triton
+    import triton.language as tl
+    from flashfuse.kernels.attention.triton_common import block_order
+
+    @triton.jit
+    def visit(Seen, Order, GROUP_HEADS: tl.constexpr):
+        blk, bh = block_order(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
+                              GROUP_HEADS)
+        tl.atomic_add(Seen + bh * tl.num_programs(0) + blk, 1)
+        tl.store(Order + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), blk)
+    return visit
+
+
+@pytest.mark.parametrize("group_heads", [0, 1, 3, 64])
+def test_block_order_visits_every_block_once(group_heads):
+    """triton_common.block_order: every (block, head) of the grid exactly once, for short last groups too;
+    with groups, a group's programs go block by block (block 0, the heaviest, of all its heads first)."""
+    if not _triton_available():
+        pytest.skip("triton not available")
+    n_blk, n_bh = 5, 7
+    seen = torch.zeros(n_bh * n_blk, dtype=torch.int32, device=_dev())
+    order = torch.full((n_bh * n_blk,), -1, dtype=torch.int32, device=_dev())
+    _visit_kernel()[(n_blk, n_bh)](seen, order, GROUP_HEADS=group_heads)
+    assert torch.equal(seen.cpu(), torch.ones(n_bh * n_blk, dtype=torch.int32))
+    order = order.cpu().tolist()
+    if group_heads == 0:
+        assert order == list(range(n_blk)) * n_bh
+    else:
+        first = min(group_heads, n_bh)  # the first group's heads all start with block 0
+        assert order[:first] == [0] * first and order[first] == (1 if n_blk > 1 else 0)

@@ -133,6 +133,26 @@ def saved_keep(bits_row, offs_q, n0, NkW, Nq, BLOCK_N: tl.constexpr, KEYS_ARE_RO
 
 
 @triton.jit
+def block_order(blk_x, bh_y, n_blk, n_bh, GROUP_HEADS: tl.constexpr):
+    """(block, batch-head) of the program at grid (blk_x, bh_y). The GPU starts programs in linear order,
+    x fastest. GROUP_HEADS = 0: each head's blocks in turn (as the grid reads). G > 0: heads in groups of
+    G, each group's programs block by block over its heads, so that the heaviest blocks of a causal mask
+    (block 0 here: the caller maps it to the heaviest) start first and the light ones fill the tail.
+    One group of all heads is longest-first scheduling; smaller groups keep fewer heads' Q/dO in L2."""
+    if GROUP_HEADS == 0:
+        blk = blk_x
+        bh = bh_y
+    else:
+        pid = bh_y * n_blk + blk_x
+        group = pid // (GROUP_HEADS * n_blk)
+        r = pid - group * (GROUP_HEADS * n_blk)
+        heads_here = tl.minimum(n_bh - group * GROUP_HEADS, GROUP_HEADS)  # the last group may be short
+        blk = r // heads_here
+        bh = group * GROUP_HEADS + r % heads_here
+    return blk, bh
+
+
+@triton.jit
 def _tanh(x, FAST: tl.constexpr):
     if FAST:
         # one MUFU op; abs error ~5e-4 relative, below bf16/fp16 resolution

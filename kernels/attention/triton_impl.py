@@ -184,12 +184,18 @@ def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+# The order in which the forward, dK/dV and dQ programs start (triton_common.block_order): 0 each head's
+# blocks in turn, G > 0 groups of G heads block by block (heaviest causal blocks first). An experiment
+# until timed (docs/perf-notes.md "Session 11"); the env var picks it per process.
+GROUP_HEADS = int(os.environ.get("FLASHFUSE_ATTN_GROUP_HEADS", "0"))
+
+
 @functools.lru_cache(maxsize=256)
 def _meta(dtype, d: int, dv: int, dropout: int, precision: str) -> dict:
     dot_prec = "ieee" if (dtype == torch.float32 and precision == "ieee") else "tf32"
     fast = (not INTERPRET) and dtype in (torch.float16, torch.bfloat16)
     return dict(D=d, DV=dv, BLOCK_D=_block_d(d), BLOCK_DV=_block_d(dv), DOT_PREC=dot_prec, DROPOUT=dropout,
-                FAST_MATH=fast)
+                FAST_MATH=fast, GROUP_HEADS=GROUP_HEADS)
 
 
 # the kernels' DROPOUT constexpr
