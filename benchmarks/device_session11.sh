@@ -10,9 +10,6 @@ set -u; OUT=${OUT:-/tmp/flashfuse_out}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
 nvidia-smi --query-gpu=name --format=csv,noheader
-FLASHFUSE_ATTN_AUTOTUNE=0 timeout 180 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
-    "tests/test_attention_zoo.py::test_gpu_nanogpt_bf16_autocast_train" > $OUT/pytest.log 2>&1
-echo pytest rc=$?; grep -E "passed|failed|FAILED|Error" $OUT/pytest.log | tail -8
 for v in base v1; do
   src=.baseline; [ $v = v1 ] && src=.v1
   (cd $src && python -m pip install . --no-deps --no-build-isolation -q --target /tmp/$v 2>&1 | grep -v WARN | tail -2)
@@ -31,15 +28,17 @@ for ln in open(sys.argv[1]):
     r = json.loads(ln)
     print(f"{r['label']:12s} {r['case']:18s} fwd {r['fwd_ms']:.4f} fwd+bwd {r['fwd_bwd_ms']:.4f} bwd {r['bwd_ms']:.4f}")
 PY
+FLASHFUSE_ATTN_AUTOTUNE=0 timeout 180 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+    "tests/test_attention_zoo.py::test_gpu_nanogpt_bf16_autocast_train" > $OUT/pytest.log 2>&1
+echo pytest rc=$?; grep -E "passed|failed|FAILED|Error" $OUT/pytest.log | tail -8
 # (at most 8 files come back: the sweeps' JSON are copied out, their logs appended to one)
 timeout 100 python benchmarks/attention.py --d 64 128 --n 1024 2048 --causal yes --impls flashfuse sdpa_flash \
     --out /tmp/sweep_g0 > /tmp/sweep_g0.log 2>&1
 echo "sweep rc=$?"; grep -E "^d=" /tmp/sweep_g0.log | cut -c1-110
+cp /tmp/sweep_g0/*.json $OUT/sweep_g0.json; cp /tmp/sweep_g0.log $OUT/sweeps.log
 for g in 100000 16; do
   FLASHFUSE_ATTN_GROUP_HEADS=$g timeout 80 python benchmarks/attention.py --d 64 128 --n 1024 2048 --causal yes \
       --impls flashfuse --out /tmp/sweep_g$g > /tmp/sweep_g$g.log 2>&1
   echo "group_heads=$g rc=$?"; grep -E "^d=" /tmp/sweep_g$g.log | cut -c1-110
-done
-for g in 0 100000 16; do
-  cp /tmp/sweep_g$g/*.json $OUT/sweep_g$g.json 2>/dev/null; cat /tmp/sweep_g$g.log >> $OUT/sweeps.log
+  cp /tmp/sweep_g$g/*.json $OUT/sweep_g$g.json; cat /tmp/sweep_g$g.log >> $OUT/sweeps.log
 done
