@@ -2,7 +2,8 @@
 forward+backward on score modifications that take each path, bf16, b=8 h=16 n=2048 d=64, causal.
 
   causal_-inf          folded, one joined log-sum-exp in the backward (the common path: unchanged)
-  causal_finfo.min     a huge finite fill: unfolded, P = exp2((s - m)·log2e - log2 l) in the backward
+  causal_finfo.min     a huge finite fill by index: since session 11 run as -inf (no row is all fill)
+  causal_finfo.min_mask_side  the same fill under a bool mask tensor: unfolded, P = exp2((s - m)·log2e - log2 l)
   causal_bias_side     a float (1, H, N, N) bias: unfolded before and after, one more add per element
 
 Run it twice on one machine, once with a copy of the previous version first on PYTHONPATH, to compare.
@@ -36,11 +37,15 @@ def main():
                for _ in range(3)]
     S, QI, KI = sm.score, sm.q_idx, sm.kv_idx
     scale = 1.0 / math.sqrt(d)
+    causal_mask = torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1)[None, None]
     bias = torch.randn(1, h, n, n, device="cuda", generator=g)  # a relative-position-like bias: stays a side
     cases = {
         "causal_-inf": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S, True)), []),
         "causal_finfo.min": (sympy.Piecewise((-3.4028234663852886e38, KI > QI), (scale * S, True)), []),
         "causal_bias_side": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S + sm.side(0), True)), [bias]),
+        # the causal mask as a bool tensor under finfo.min (a padding mask's spelling): rows could be all fill
+        "causal_finfo.min_mask_side": (sympy.Piecewise((-3.4028234663852886e38, sympy.Ne(sm.side(0), 0)),
+                                                       (scale * S, True)), [causal_mask]),
     }
     dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
     for name, (expr, sides) in cases.items():

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from flashfuse.kernels.attention import codegen
 from flashfuse.kernels.attention import score_mod as sm
 from flashfuse.passes import PassContext, register_pass
 from flashfuse.passes.eltwise_chain import mutates
@@ -693,7 +694,7 @@ def _strip_row_max(x, d: int):
 # --------------------------------------------------------------------------------------------------
 # The fill value up to which a pre-softmax fill counts as "masked" (finfo(float16).min; -inf and the fp32/bf16
 # finfo.min are below): the masked probabilities are then exp(fill - row max) = 0 wherever a row keeps anything.
-HUGE_FILL = -65504.0
+HUGE_FILL = codegen.HUGE_FILL
 # ops that give the same value, broadcast the same way against the scores (right-aligned)
 _SAME_VALUE_VIEWS = {aten.expand.default, aten.alias.default, aten.clone.default, aten.contiguous.default,
                      aten.detach.default}
@@ -779,27 +780,6 @@ def _same_value(a, b, depth: int = 12) -> bool:
     return all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args))  # constants: compared at the top
 
 
-_FINITE_SYMBOLS = {sm.score, sm.b, sm.h, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk}
-
-
-def _never_huge_negative(e: sympy.Basic) -> bool:
-    """e cannot be -inf or a huge negative fill: the score and index symbols under + * tanh abs min max, with
-    moderate constants. No side tensor (a float bias may hold -inf), no nested fill, no exp/log/division."""
-    for x in sympy.preorder_traversal(e):
-        if isinstance(x, sympy.Symbol):
-            if x not in _FINITE_SYMBOLS:
-                return False
-        elif x.is_Number:
-            if not x.is_finite or abs(float(x)) > 1e30:
-                return False
-        elif isinstance(x, sympy.Pow):
-            if x.free_symbols:
-                return False
-        elif not isinstance(x, (sympy.Add, sympy.Mul, sympy.tanh, sympy.Abs, sympy.Max, sympy.Min)):
-            return False
-    return True
-
-
 def _absorb_post_fill(expr: sympy.Basic, s_in: fx.Node, post: fx.Node, zeroed) -> sympy.Basic:
     """`softmax(fill(s, m, c)).masked_fill(m, 0)`: the post-fill zeroes probabilities that are already 0 except
     on rows where m masks every key, which it turns into 0 (NaN or the uniform average before). Proven when
@@ -827,7 +807,7 @@ def _absorb_post_fill(expr: sympy.Basic, s_in: fx.Node, post: fx.Node, zeroed) -
     pieces = expr.args if isinstance(expr, sympy.Piecewise) else ()
     huge = [i for i, (e, _) in enumerate(pieces) if e == -sympy.oo or (e.is_Number and e.is_finite and e <= HUGE_FILL)]
     if len(pieces) != 2 or pieces[1].cond != sympy.true or len(huge) != 1 or \
-            not _never_huge_negative(pieces[1 - huge[0]].expr):
+            not codegen.never_huge_negative(pieces[1 - huge[0]].expr):
         raise NotFusable(f"{why}: the scores have another mask or a bias that may hold -inf besides the fill "
                          f"`{_op_name(pre)}`{_where(pre)}, so rows it zeroes may differ from rows with nothing "
                          "kept", post)

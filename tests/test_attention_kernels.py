@@ -925,3 +925,42 @@ def test_block_order_visits_every_block_once(group_heads):
     else:
         first = min(group_heads, n_bh)  # the first group's heads all start with block 0
         assert order[:first] == [0] * first and order[first] == (1 if n_blk > 1 else 0)
+
+
+FMIN = torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize("expr, nq, nk, rewritten", [
+    (sympy.Piecewise((FMIN, KI > QI), (S / 4, True)), 13, 9, True),                 # top-left: key 0 always kept
+    (sympy.Piecewise((S / 4, KI <= QI + NK - NQ), (FMIN, True)), 9, 13, True),      # bottom-right, Nq <= Nk
+    (sympy.Piecewise((S / 4, KI <= QI + NK - NQ), (FMIN, True)), 13, 9, False),     # first rows all filled
+    (sympy.Piecewise((-1e9, KI > QI), (S / 4, True)), 13, 13, True),
+    (sympy.Piecewise((-1e4, KI > QI), (S / 4, True)), 13, 13, False),               # not huge: exp(-1e4 - m) may count
+    (sympy.Piecewise((FMIN, KI < QI + 4), (S / 4, True)), 13, 13, False),           # rows 9.. keep nothing
+    (sympy.Piecewise((FMIN, KI < QI - 20), (S / 4, True)), 13, 13, True),           # a window wider than the rows
+    (sympy.Piecewise((FMIN, abs(QI - KI) > 3), (S / 4, True)), 13, 13, False),      # not linear bounds: a mask
+    (sympy.Piecewise((FMIN, KI > QI), (S / 4 + sm.side(0), True)), 13, 13, False),  # a side may hold -inf
+])
+def test_huge_fills_run_as_masks_where_no_row_is_all_fill(expr, nq, nk, rewritten):
+    text = sm.to_text(expr)
+    out = codegen.fills_as_masks(text, nq, nk)
+    assert (out != text) == rewritten
+    if rewritten:
+        an = codegen.analyze(sm.from_text(out), 0)
+        assert an.fold and an.bounds and an.keep_other is sympy.true
+
+
+@pytest.mark.parametrize("nq, nk", [(9, 21), (21, 9)])
+def test_causal_finfo_min_fill_matches_eager_either_way(nq, nk):
+    """HF GPT-2's `where(causal, s, finfo.min)`, bottom-right: with Nq <= Nk the kernels run it as -inf (block
+    skipping, folded); with Nq > Nk the first rows are all fill (eager's uniform average, with gradients) and
+    the fill stays a value. Both against float64, gradients included."""
+    expr = sympy.Piecewise((S / 4, KI <= QI + NK - NQ), (FMIN, True))
+    assert (codegen.fills_as_masks(sm.to_text(expr), nq, nk) != sm.to_text(expr)) == (nq <= nk)
+    for dtype in (torch.float32, torch.float16):
+        q = torch.randn(2, 2, nq, 16, generator=torch.Generator().manual_seed(31)).to(_dev(), dtype)
+        k, v = [torch.randn(2, 2, nk, 16, generator=torch.Generator().manual_seed(s)).to(_dev(), dtype)
+                for s in (32, 33)]
+        out = _check(expr, q, k, v)
+        if nq > nk:
+            assert torch.allclose(out[:, :, 0].double(), v.double().mean(2), atol=2e-3)

@@ -19,6 +19,7 @@ P as exp2((s - m)·log2(e) - log2(l)). A single log-sum-exp m + log(l) would los
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import sympy
@@ -167,6 +168,73 @@ def analyze(expr: sympy.Basic, n_sides: int) -> Analysis:
     an = Analysis(expr, value, sympy.And(*other), sympy.And(*linear), bounds, fold, value_exp2, n_sides)
     an.static_max = _static_max(value_exp2, fold)
     return an
+
+
+# A fill at most this large (finfo(float16).min; -1e9 and the fp32/bf16 finfo.min are below) gives masked
+# probabilities exp(fill - row max) = 0 in fp32 on every row that keeps a real score.
+HUGE_FILL = -65504.0
+_FINITE_SYMBOLS = {sm.score, sm.b, sm.h, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk}
+
+
+def never_huge_negative(e: sympy.Basic) -> bool:
+    """e cannot be -inf or a huge negative fill: the score and index symbols under + * tanh abs min max, with
+    moderate constants. No side tensor (a float bias may hold -inf), no nested fill, no exp/log/division."""
+    for x in sympy.preorder_traversal(e):
+        if isinstance(x, sympy.Symbol):
+            if x not in _FINITE_SYMBOLS:
+                return False
+        elif x.is_Number:
+            if not x.is_finite or abs(float(x)) > 1e30:
+                return False
+        elif isinstance(x, sympy.Pow):
+            if x.free_symbols:
+                return False
+        elif not isinstance(x, (sympy.Add, sympy.Mul, sympy.tanh, sympy.Abs, sympy.Max, sympy.Min)):
+            return False
+    return True
+
+
+def _rows_all_keep_a_key(bounds: list, nq: int, nk: int) -> bool:
+    """Every query row 0..nq-1 keeps at least one key 0..nk-1 under these linear bounds. The kept interval's
+    width min(uppers) - max(lowers) is concave in q, so it is smallest at q = 0 or q = nq - 1."""
+    subs = {sm.Nq: nq, sm.Nk: nk}
+    for q in {0, nq - 1}:
+        lo, hi = 0, nk - 1
+        for b in bounds:
+            x = int(b.alpha * q + b.beta.subs(subs))
+            lo, hi = (lo, min(hi, x)) if b.upper else (max(lo, x), hi)
+        if lo > hi:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def fills_as_masks(score_mod_text: str, nq: int, nk: int) -> str:
+    """The score modification the kernels run for these lengths: `where(keep, value, fill)` with a huge
+    fill (HF GPT-2's finfo.min, -1e9) under an index-only condition becomes `-inf` where every query row
+    keeps a key (causal with Nq <= Nk, say). There the fill's probabilities are exactly 0 as with -inf, so
+    the kernels skip the filled blocks and fold the value, and nothing changes. Where a row may be all
+    fill (eager's uniform average and its gradient), or the keep condition is not made of linear bounds,
+    the text comes back unchanged."""
+    expr = sm.from_text(score_mod_text)
+    if nq <= 0 or nk <= 0 or not isinstance(expr, sympy.Piecewise) or len(expr.args) != 2 or \
+            expr.args[1].cond is not sympy.true or not _index_only(expr.args[0].cond):
+        return score_mod_text
+    (e0, c0), (e1, _) = expr.args
+    huge = [e.is_Number and e.is_finite and e <= HUGE_FILL for e in (e0, e1)]
+    if huge == [True, False]:
+        keep, value = sympy.Not(c0), e1
+    elif huge == [False, True]:
+        keep, value = c0, e0
+    else:
+        return score_mod_text
+    if not never_huge_negative(value):
+        return score_mod_text
+    masked = sympy.Piecewise((NEG_INF, sympy.Not(keep)), (value, True))
+    an = analyze(masked, 0)
+    if an.keep_other is not sympy.true or not _rows_all_keep_a_key(an.bounds, nq, nk):
+        return score_mod_text
+    return sm.to_text(masked)
 
 
 def _interval(e: sympy.Basic):

@@ -298,7 +298,8 @@ class _ForwardPlan:
         self.empty = out.numel() == 0
         if self.empty:
             return
-        mod = load_module(score_mod, len(sides), len(scalars), (), side_layout(sides))
+        # a huge fill that leaves no row empty at these lengths runs as -inf (skipped blocks, folded)
+        mod = load_module(codegen.fills_as_masks(score_mod, nq, nk), len(sides), len(scalars), (), side_layout(sides))
         if bits is not None:
             _check_bits(bits, q, k)
         meta = _common_meta(q, v, dropout_p, rng, precision,
@@ -404,7 +405,8 @@ class _BackwardPlan:
             raise ValueError(f"flashfuse attention backward: row stats must be a contiguous fp32 (B, H, 2, Nq) = "
                              f"{(bsz, hq, 2, nq)} tensor from the forward, got {tuple(stats.shape)} {stats.dtype}")
         dq, dk, dv = into[:3] if into is not None else (empty_bnhd(t.shape, t) for t in (q, k, v))
-        mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
+        mod = load_module(codegen.fills_as_masks(score_mod, nq, nk), len(sides), len(scalars), side_grads,
+                          side_layout(sides))
         if bits is not None:
             _check_bits(bits, q, k)
         meta = _common_meta(q, v, dropout_p, rng, precision, DROPOUT_DRAW if bits is None else DROPOUT_FROM_SAVED)
