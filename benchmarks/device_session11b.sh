@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 (cd .prev && python -m pip install . --no-deps --no-build-isolation -q --target /tmp/prev 2>&1 | grep -v WARN | tail -2)
 for v in prev now; do
   pp=/tmp/$v; [ $v = now ] && pp=
-  PYTHONPATH=$pp FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_CACHE_DIR=/tmp/ffcache_$v timeout 90 \
+  PYTHONPATH=$pp FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_CACHE_DIR=/tmp/ffcache_$v timeout 75 \
       python benchmarks/row_stats.py --label "${v}_fixed" --n 2048 >> $OUT/row_stats.jsonl 2>> $OUT/row_stats.err
   echo "$v rc=$?"
 done
@@ -20,11 +20,11 @@ for ln in open(sys.argv[1]):
     r = json.loads(ln)
     print(f"{r['label']:10s} {r['case']:18s} fwd {r['fwd_ms']:.4f} fwd+bwd {r['fwd_bwd_ms']:.4f} bwd {r['bwd_ms']:.4f}")
 PY
-FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+FLASHFUSE_ATTN_AUTOTUNE=0 timeout 110 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
     "tests/test_attention_zoo.py::test_gpu_nanogpt_bf16_autocast_train" > $OUT/pytest.log 2>&1
 echo pytest rc=$?; grep -E "passed|failed|FAILED|Error" $OUT/pytest.log | tail -8
 for g in 0 16; do
-  FLASHFUSE_ATTN_GROUP_HEADS=$g timeout 110 python benchmarks/attention.py --d 64 128 --n 1024 8192 --causal both \
+  FLASHFUSE_ATTN_GROUP_HEADS=$g timeout 45 python benchmarks/attention.py --d 128 --n 8192 --causal both \
       --modes fwd+bwd --impls flashfuse --out /tmp/sw$g --partial $OUT/order_g$g.json > /tmp/sw$g.log 2>&1
   echo "group_heads=$g rc=$?"; grep -E "^d=" /tmp/sw$g.log | cut -c1-110; cat /tmp/sw$g.log >> $OUT/sweeps.log
 done
