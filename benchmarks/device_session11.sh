@@ -22,12 +22,7 @@ for rep in 1; do
     echo "$v rep $rep rc=$?"
   done
 done
-python - "$OUT/row_stats.jsonl" <<'PY'
-import json, sys
-for ln in open(sys.argv[1]):
-    r = json.loads(ln)
-    print(f"{r['label']:12s} {r['case']:18s} fwd {r['fwd_ms']:.4f} fwd+bwd {r['fwd_bwd_ms']:.4f} bwd {r['bwd_ms']:.4f}")
-PY
+python benchmarks/row_stats.py --table $OUT/row_stats.jsonl
 FLASHFUSE_ATTN_AUTOTUNE=0 timeout 180 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
     "tests/test_attention_zoo.py::test_gpu_nanogpt_bf16_autocast_train" > $OUT/pytest.log 2>&1
 echo pytest rc=$?; grep -E "passed|failed|FAILED|Error" $OUT/pytest.log | tail -8

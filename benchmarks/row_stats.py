@@ -29,7 +29,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", default="current")
     ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--table", help="print the lines of this JSONL output as a table and exit")
     args = ap.parse_args()
+    if args.table:
+        for ln in open(args.table):
+            r = json.loads(ln)
+            print(f"{r['label']:12s} {r['case']:28s} fwd {r['fwd_ms']:.4f} fwd+bwd {r['fwd_bwd_ms']:.4f} "
+                  f"bwd {r['bwd_ms']:.4f}")
+        return
     b, h, n, d = 8, 16, args.n, 64
     b = max(1, 16384 // n)
     g = torch.Generator(device="cuda").manual_seed(0)
