@@ -940,6 +940,12 @@ FMIN = torch.finfo(torch.float32).min
     (sympy.Piecewise((FMIN, KI < QI - 20), (S / 4, True)), 13, 13, True),           # a window wider than the rows
     (sympy.Piecewise((FMIN, abs(QI - KI) > 3), (S / 4, True)), 13, 13, False),      # not linear bounds: a mask
     (sympy.Piecewise((FMIN, KI > QI), (S / 4 + sm.side(0), True)), 13, 13, False),  # a side may hold -inf
+    # HF models' additive causal mask: value + where(keep, 0, finfo.min)
+    (S / 4 + sympy.Piecewise((0, KI <= QI + NK - NQ), (FMIN, True)), 9, 13, True),
+    (S / 4 + sympy.Piecewise((0, KI <= QI + NK - NQ), (FMIN, True)), 13, 9, False),
+    (S / 4 + sympy.Piecewise((FMIN, KI > QI), (0, True)), 13, 13, True),
+    (S / 4 + sympy.Piecewise((1, KI <= QI), (FMIN, True)), 13, 13, False),           # the kept branch adds 1: not a mask
+    (S / 4 + sympy.Piecewise((0, KI <= QI), (FMIN, True)) + sm.side(0), 13, 13, False),
 ])
 def test_huge_fills_run_as_masks_where_no_row_is_all_fill(expr, nq, nk, rewritten):
     text = sm.to_text(expr)
@@ -952,10 +958,15 @@ def test_huge_fills_run_as_masks_where_no_row_is_all_fill(expr, nq, nk, rewritte
 
 @pytest.mark.parametrize("nq, nk", [(9, 21), (21, 9)])
 def test_causal_finfo_min_fill_matches_eager_either_way(nq, nk):
-    """HF GPT-2's `where(causal, s, finfo.min)`, bottom-right: with Nq <= Nk the kernels run it as -inf (block
-    skipping, folded); with Nq > Nk the first rows are all fill (eager's uniform average, with gradients) and
-    the fill stays a value. Both against float64, gradients included."""
-    expr = sympy.Piecewise((S / 4, KI <= QI + NK - NQ), (FMIN, True))
+    """`where(causal, s, finfo.min)` and HF's `s + where(causal, 0, finfo.min)`, bottom-right: with Nq <= Nk the
+    kernels run them as -inf (block skipping, folded); with Nq > Nk the first rows are all fill (eager's uniform
+    average, with gradients) and the fill stays a value. Both against float64, gradients included."""
+    for expr in (sympy.Piecewise((S / 4, KI <= QI + NK - NQ), (FMIN, True)),
+                 S / 4 + sympy.Piecewise((0, KI <= QI + NK - NQ), (FMIN, True))):  # HF's additive causal mask
+        _finfo_min_causal_case(expr, nq, nk)
+
+
+def _finfo_min_causal_case(expr, nq, nk):
     assert (codegen.fills_as_masks(sm.to_text(expr), nq, nk) != sm.to_text(expr)) == (nq <= nk)
     for dtype in (torch.float32, torch.float16):
         q = torch.randn(2, 2, nq, 16, generator=torch.Generator().manual_seed(31)).to(_dev(), dtype)

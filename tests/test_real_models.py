@@ -288,6 +288,36 @@ def test_handwritten_models_fused_and_equal_to_eager(factory, make_input):
     flashfuse.testing.assert_close_to_eager(model, x, grads=True, options={"remainder": "eager"})
 
 
+@pytest.mark.parametrize("factory", [_gpt2, _llama], ids=["gpt2", "llama_gqa"])
+def test_hf_causal_mask_runs_as_minus_inf(factory, monkeypatch):
+    """HF causal LMs add `where(causal, 0, finfo.min)` to the scores. No row is all fill when Nq <= Nk, so the
+    kernels run it as -inf (codegen.fills_as_masks): the blocks above the diagonal are skipped, not computed
+    and filled. Checked on the score modification the kernels receive, with and without a padding mask of
+    ones (recognised at run time as no padding)."""
+    from flashfuse.kernels.attention import codegen
+    seen = []
+    real = codegen.fills_as_masks
+
+    def record(text, nq, nk):
+        out = real(text, nq, nk)
+        seen.append(out != text)
+        return out
+    monkeypatch.setattr(codegen, "fills_as_masks", record)
+    from flashfuse.kernels.attention import triton_impl
+    monkeypatch.setattr(triton_impl, "_PLANS", {})  # plans of earlier tests would skip the call
+    torch.manual_seed(0)
+    model, _ = factory()
+    compiled = torch.compile(model.eval(), backend=flashfuse.backend(remainder="eager"))
+    ids = torch.randint(1, 101, (2, 12))
+    for mask in (None, torch.ones(2, 12, dtype=torch.long)):
+        seen.clear()
+        with torch.no_grad():
+            out = _first_tensor(compiled(input_ids=ids, attention_mask=mask))
+            ref = _first_tensor(model(input_ids=ids, attention_mask=mask))
+        assert seen and all(seen), seen
+        assert (out - ref).norm() / ref.norm() < 1e-4
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_training_mode_fuses_attention_dropout(arch):
     """Training mode with attention dropout: the dropout is drawn inside the fused op (one op per layer,

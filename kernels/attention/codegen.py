@@ -208,26 +208,50 @@ def _rows_all_keep_a_key(bounds: list, nq: int, nk: int) -> bool:
     return True
 
 
+def _is_huge_fill(e: sympy.Basic) -> bool:
+    return bool(e.is_Number and e.is_finite and e <= HUGE_FILL)
+
+
+def _fill_split(expr: sympy.Basic):
+    """(keep, value) of `Piecewise((fill, cond), (value, True))` (either order), or of the additive mask of HF
+    models `value + Piecewise((0, keep), (fill, True))` (either order): a huge constant fill where an
+    index-only condition says. None for anything else."""
+    if isinstance(expr, sympy.Add):  # value + (0 or fill)
+        pw = [t for t in expr.args if isinstance(t, sympy.Piecewise)]
+        if len(pw) != 1:
+            return None
+        split = _fill_split(pw[0])
+        if split is None or not any(a.expr == 0 for a in pw[0].args):
+            return None
+        return split[0], sympy.Add(*[t for t in expr.args if t is not pw[0]]) + split[1]
+    if not isinstance(expr, sympy.Piecewise) or len(expr.args) != 2 or expr.args[1].cond is not sympy.true or \
+            not _index_only(expr.args[0].cond):
+        return None
+    (e0, c0), (e1, _) = expr.args
+    huge = [_is_huge_fill(e0), _is_huge_fill(e1)]
+    if huge == [True, False]:
+        return sympy.Not(c0), e1
+    if huge == [False, True]:
+        return c0, e0
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def fills_as_masks(score_mod_text: str, nq: int, nk: int) -> str:
     """The score modification the kernels run for these lengths: `where(keep, value, fill)` with a huge
-    fill (HF GPT-2's finfo.min, -1e9) under an index-only condition becomes `-inf` where every query row
+    fill (finfo.min, -1e9) under an index-only condition, or HF models' additive `value + where(keep, 0,
+    finfo.min)` (the causal mask of GPT-2, LLaMA, Mistral), becomes `-inf` where every query row
     keeps a key (causal with Nq <= Nk, say). There the fill's probabilities are exactly 0 as with -inf, so
     the kernels skip the filled blocks and fold the value, and nothing changes. Where a row may be all
     fill (eager's uniform average and its gradient), or the keep condition is not made of linear bounds,
     the text comes back unchanged."""
     expr = sm.from_text(score_mod_text)
-    if nq <= 0 or nk <= 0 or not isinstance(expr, sympy.Piecewise) or len(expr.args) != 2 or \
-            expr.args[1].cond is not sympy.true or not _index_only(expr.args[0].cond):
+    if nq <= 0 or nk <= 0:
         return score_mod_text
-    (e0, c0), (e1, _) = expr.args
-    huge = [e.is_Number and e.is_finite and e <= HUGE_FILL for e in (e0, e1)]
-    if huge == [True, False]:
-        keep, value = sympy.Not(c0), e1
-    elif huge == [False, True]:
-        keep, value = c0, e0
-    else:
+    split = _fill_split(expr)
+    if split is None:
         return score_mod_text
+    keep, value = split
     if not never_huge_negative(value):
         return score_mod_text
     masked = sympy.Piecewise((NEG_INF, sympy.Not(keep)), (value, True))
