@@ -159,15 +159,25 @@ def handwritten(args):
         att = att.masked_fill(pos.view(n, 1) < pos.view(1, n), float("-inf"))
         return F.softmax(att, dim=-1) @ v
 
+    fmin = torch.finfo(torch.bfloat16).min
+
+    def hf_additive_causal(q, k, v):  # HF GPT-2 / LLaMA eager: scores + a (0 | finfo.min) mask made in-graph
+        i = torch.arange(q.shape[-2], device=q.device)
+        add = torch.zeros((), device=q.device, dtype=q.dtype).masked_fill(i.view(-1, 1) < i.view(1, -1), fmin)
+        att = (q @ k.transpose(-2, -1)) * scale + add
+        return F.softmax(att, dim=-1) @ v
+
     S, QI, KI, NQ, NK = sm.score, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk
     direct = {  # the same modification for the op called directly (when the pass does not fire)
         "nanogpt_causal": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S, True)), []),
         "softcap": (30.0 * sympy.tanh(scale * S / 30.0), []),
         "alibi": (sympy.Piecewise((-sympy.oo, QI < KI), (scale * S + sm.side(0) * (KI - QI), True)),
                   [slopes.view(1, h, 1, 1)]),
+        "hf_additive_causal": (scale * S + sympy.Piecewise((0, KI <= QI), (fmin, True)), []),
     }
     rows = []
-    for name, fn in (("nanogpt_causal", nanogpt), ("softcap", softcap), ("alibi", alibi)):
+    for name, fn in (("nanogpt_causal", nanogpt), ("softcap", softcap), ("alibi", alibi),
+                     ("hf_additive_causal", hf_additive_causal)):
         with torch.no_grad():
             ref = fn(q.float(), k.float(), v.float())
             res = {}
