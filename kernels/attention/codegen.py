@@ -14,7 +14,10 @@ fully filled row from eager's uniform average into NaN. Unfolded kernels use exp
 Values with a huge finite constant (a -1e9 or finfo.min fill) stay unfolded too: the forward saves each
 row's max m (natural units) and log2 of its sum l apart, and the backward of an unfolded kernel recomputes
 P as exp2((s - m)·log2(e) - log2(l)). A single log-sum-exp m + log(l) would lose log(l) to rounding when
-|m| is huge (a row whose every key is filled), and that row's gradient with it.
+|m| is huge (a row whose every key is filled), and that row's gradient with it. Folded kernels save the
+joined log-sum-exp (one load per row in the backward). `fills_as_masks` turns a huge fill under an
+index-only mask into -inf for the lengths where no row can be all fill (HF's causal masks): then the
+fill's blocks are skipped and the value folds.
 """
 from __future__ import annotations
 
