@@ -1385,5 +1385,10 @@ def _describe(gm, expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, rep
     parts.append(f"d={qv.shape[-1]}")
     if rank != 4:
         parts.append(f"{rank}-D inputs")
+    if isinstance(nq, int) and isinstance(nk, int):
+        text = sm.to_text(expr)
+        if codegen.fills_as_masks(text, nq, nk) != text:
+            parts.append(f"its huge fill runs as -inf at Nq={nq}, Nk={nk} (no row is all fill: masked blocks "
+                         "skipped)")
     parts.append(f"score = {expr}")
     return ", ".join(parts)

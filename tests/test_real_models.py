@@ -294,16 +294,15 @@ def test_hf_causal_mask_runs_as_minus_inf(factory, monkeypatch):
     kernels run it as -inf (codegen.fills_as_masks): the blocks above the diagonal are skipped, not computed
     and filled. Checked on the score modification the kernels receive, with and without a padding mask of
     ones (recognised at run time as no padding)."""
-    from flashfuse.kernels.attention import codegen
-    seen = []
-    real = codegen.fills_as_masks
-
-    def record(text, nq, nk):
-        out = real(text, nq, nk)
-        seen.append(out != text)
-        return out
-    monkeypatch.setattr(codegen, "fills_as_masks", record)
+    from flashfuse.kernels.attention import score_mod as sm
     from flashfuse.kernels.attention import triton_impl
+    seen = []  # the score modification of each kernel module loaded
+    real = triton_impl.load_module
+
+    def record(text, *args, **kwargs):
+        seen.append(str(sm.from_text(text)))
+        return real(text, *args, **kwargs)
+    monkeypatch.setattr(triton_impl, "load_module", record)
     monkeypatch.setattr(triton_impl, "_PLANS", {})  # plans of earlier tests would skip the call
     torch.manual_seed(0)
     model, _ = factory()
@@ -314,8 +313,10 @@ def test_hf_causal_mask_runs_as_minus_inf(factory, monkeypatch):
         with torch.no_grad():
             out = _first_tensor(compiled(input_ids=ids, attention_mask=mask))
             ref = _first_tensor(model(input_ids=ids, attention_mask=mask))
-        assert seen and all(seen), seen
+        assert seen and all("-oo" in t and "3.40282" not in t for t in seen), seen
         assert (out - ref).norm() / ref.norm() < 1e-4
+    report = flashfuse.explain(model, input_ids=ids)  # and the report says so
+    assert str(report).count("its huge fill runs as -inf at Nq=12, Nk=12") == LAYERS, str(report)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
