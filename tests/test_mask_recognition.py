@@ -61,3 +61,66 @@ def test_a_recognized_mask_keeps_its_address_taken():
     padded[..., -3:] = 0.0
     _, _, kept = mask_recognition.specialize(text, [padded], 8, 8)
     assert kept == [0]
+
+
+def _grid_env(nq, nk, s):
+    return {"score": s, "q_idx": torch.arange(nq)[:, None], "kv_idx": torch.arange(nk)[None, :], "Nq": nq, "Nk": nk,
+            "b": torch.arange(s.shape[0])[:, None, None, None], "h": torch.arange(s.shape[1])[:, None, None]}
+
+
+FMIN = torch.finfo(torch.float32).min
+
+
+def _padded(nq, nk, pad_left=0, pad_right=0, batch=3):
+    keep = torch.ones(batch, 1, 1, nk, dtype=torch.bool)
+    if pad_right:
+        keep[1, ..., nk - pad_right:] = False
+    if pad_left:
+        keep[2, ..., :pad_left] = False
+    return torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq) & keep
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("spelling", ["masked_fill_-inf", "where_finfo_min", "hf_additive"])
+def test_causal_and_right_padding_split_into_causal_and_a_key_row(spelling):
+    """HF causal LMs with a padding mask hand over one (B, 1, N, N) mask of causal & padding. Recognized: the
+    causal part becomes -inf by index (key blocks above the diagonal skipped) and the side becomes the
+    mask's last row (B, 1, 1, Nk), a view. Same values as the original on every kept score; masked scores
+    above the diagonal are -inf instead of a fill, which gives them probability 0 either way (every row
+    keeps a key)."""
+    nq, nk = 6, 9
+    m = _padded(nq, nk, pad_right=3)
+    side, S = sm.side(0), sm.score
+    expr = {"masked_fill_-inf": sympy.Piecewise((-sympy.oo, sympy.Eq(side, 0)), (S / 4, True)),
+            "where_finfo_min": sympy.Piecewise((S / 4, sympy.Ne(side, 0)), (FMIN, True)),
+            "hf_additive": S / 4 + sympy.Piecewise((0, sympy.Ne(side, 0)), (FMIN, True))}[spelling]
+    new, sides, kept = mask_recognition.specialize(sm.to_text(expr), [m], nq, nk)
+    assert kept == [0] and sides[0].shape == (3, 1, 1, nk) and sides[0].data_ptr() == m[:, :, -1:].data_ptr()
+    new_expr = sm.from_text(new)
+    assert isinstance(new_expr, sympy.Piecewise) and new_expr.args[0].expr == -sympy.oo
+    s = torch.randn(3, 1, nq, nk)
+    a = sm.evaluate(new_expr, {**_grid_env(nq, nk, s), "side0": sides[0]})
+    b = sm.evaluate(expr, {**_grid_env(nq, nk, s), "side0": m})
+    assert torch.equal(a[m.expand_as(a)], b[m.expand_as(b)])
+    masked = a[~m.expand_as(a)]  # -inf above the diagonal, the spelling's own fill on padded keys below it
+    assert bool((masked <= -65504).all()) and bool((masked == float("-inf")).any())
+
+
+def test_left_padding_a_soft_mask_or_a_stray_bit_stay_as_they_are():
+    nq, nk = 6, 9
+    side, S = sm.side(0), sm.score
+    fill = sm.to_text(sympy.Piecewise((S / 4, sympy.Ne(side, 0)), (FMIN, True)))
+    # left padding: the first rows of batch 2 keep no key (eager's uniform average over all keys)
+    new, sides, _ = mask_recognition.specialize(fill, [_padded(nq, nk, pad_left=4)], nq, nk)
+    assert new == fill and sides[0].shape == (3, 1, nq, nk)
+    # a soft mask: masked scores get -10, not a fill, so -inf would change them
+    soft = sm.to_text(S / 4 + sympy.Piecewise((0, sympy.Ne(side, 0)), (-10, True)))
+    new, sides, _ = mask_recognition.specialize(soft, [_padded(nq, nk, pad_right=2)], nq, nk)
+    assert new == soft and sides[0].shape == (3, 1, nq, nk)
+    # not causal & padding: one bit above the diagonal
+    m = _padded(nq, nk, pad_right=2)
+    m[0, 0, 0, 5] = True
+    new, sides, _ = mask_recognition.specialize(fill, [m], nq, nk)
+    assert new == fill and sides[0] is m

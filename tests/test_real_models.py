@@ -317,6 +317,18 @@ def test_hf_causal_mask_runs_as_minus_inf(factory, monkeypatch):
         assert (out - ref).norm() / ref.norm() < 1e-4
     report = flashfuse.explain(model, input_ids=ids)  # and the report says so
     assert str(report).count("its huge fill runs as -inf at Nq=12, Nk=12") == LAYERS, str(report)
+    # with padding, causal and padding come as one (B, 1, N, N) mask: right padding splits into causal by index
+    # (-oo, skipped blocks) and a row of kept keys; left padding leaves rows with no key, and the mask as it is
+    for left, split in ((False, True), (True, False)):
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, slice(0, 3) if left else slice(9, 12)] = 0
+        seen.clear()
+        with torch.no_grad():
+            out = _first_tensor(compiled(input_ids=ids, attention_mask=mask))
+            ref = _first_tensor(model(input_ids=ids, attention_mask=mask))
+        assert seen and all(("-oo" in t) == split for t in seen), (left, seen)
+        keep = mask.bool()[..., None].expand_as(ref)
+        assert (out - ref)[keep].norm() / ref[keep].norm() < 1e-4
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

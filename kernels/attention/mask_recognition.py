@@ -78,14 +78,15 @@ def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
         if len(_RESULTS) > _MAX_CACHE:
             _RESULTS.clear()
         hit = _RESULTS[rkey] = _specialize(score_mod, sides, nq, nk, needs_grad)
-    text, kept, _held = hit
-    return text, [sides[i] for i in kept], list(kept)
+    text, kept, _held, replaced = hit
+    return text, [replaced.get(i, sides[i]) for i in kept], list(kept)
 
 
 def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
     expr = sm.from_text(score_mod)
     keep_idx = list(range(len(sides)))
     changed = False
+    replaced: dict = {}  # side index -> the tensor the kernels get instead (a causal & key-padding mask's keys)
     for i, t in enumerate(sides):
         if needs_grad is not None and needs_grad[i]:
             continue
@@ -96,6 +97,9 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
             continue
         key = (_key(t), nq, nk)
         pred = _CACHE.get(key)
+        if pred is not None and pred[2] is not None:  # causal & key padding, seen before
+            expr = _wrap_causal(expr, conds, replaced, i, pred[2])
+            continue
         if pred is None:
             pattern = _nonzero_pattern(t, nq, nk)
             pred = False
@@ -108,9 +112,14 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
                     if bool((want == pattern).all()):
                         pred = cand
                         break
+            padding = _causal_key_padding(t, nq, nk) if pred is False else None
             if len(_CACHE) > _MAX_CACHE:
                 _CACHE.clear()
-            _CACHE[key] = (pred, t.untyped_storage() if pred is not False else None)
+            _CACHE[key] = (pred, t.untyped_storage() if pred is not False or padding is not None else None,
+                           padding)
+            if padding is not None:
+                expr = _wrap_causal(expr, conds, replaced, i, padding)
+                continue
         else:
             pred = pred[0]
         if pred is False:
@@ -118,10 +127,57 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
         expr = expr.xreplace({c: (pred if isinstance(c, sympy.Ne) else sympy.Not(pred)) for c in conds})
         keep_idx.remove(i)
         changed = True
-    if not changed:
-        return score_mod, tuple(keep_idx), ()
+    if not changed and not replaced:
+        return score_mod, tuple(keep_idx), (), {}
     mapping = {sm.side(old): sm.side(new) for new, old in enumerate(keep_idx)}
     expr = expr.xreplace(mapping)
     # hold the recognized sides' storages: their addresses cannot be reused while this entry lives
-    held = tuple(t.untyped_storage() for i, t in enumerate(sides) if i not in keep_idx)
-    return sm.to_text(expr), tuple(keep_idx), held
+    held = tuple(t.untyped_storage() for i, t in enumerate(sides) if i not in keep_idx or i in replaced)
+    return sm.to_text(expr), tuple(keep_idx), held, replaced
+
+
+# ---- causal & key padding (HF causal LMs with a padding mask: one (B, 1, N, N) mask of both) ----
+_CAUSAL = sm.kv_idx <= sm.q_idx + sm.Nk - sm.Nq
+
+
+def _causal_key_padding(t: torch.Tensor, nq: int, nk: int):
+    """The (B', H', 1, Nk) view of t's last query row when `t != 0` is exactly `causal & keep[b, h, kv]`
+    (bottom-right causal, keep = that last row) and every query row keeps a key, else None. Row 0 keeps the
+    fewest keys (0 .. Nk - Nq), so it decides the second condition; left padding fails it."""
+    if nk < nq or nq == 0 or t.dim() != 4 or tuple(t.shape[-2:]) != (nq, nk):
+        return None
+    nz = t != 0
+    keep = nz[:, :, -1:, :]
+    qi = torch.arange(nq, device=t.device)[:, None]
+    ki = torch.arange(nk, device=t.device)[None, :]
+    if not bool((nz == ((ki <= qi + (nk - nq)) & keep)).all()):
+        return None
+    if not bool(keep[..., : nk - nq + 1].any(-1).all()):
+        return None
+    return t[:, :, -1:, :]
+
+
+def _is_fill(e) -> bool:
+    """-inf, a huge constant fill, or a moderate value plus one (HF's additive form)."""
+    from flashfuse.kernels.attention import codegen
+    if e == -sympy.oo or (e.is_Number and e.is_finite and e <= codegen.HUGE_FILL):
+        return True
+    if isinstance(e, sympy.Add):
+        fills = [a for a in e.args if a.is_Number and a.is_finite and a <= codegen.HUGE_FILL]
+        rest = sympy.Add(*[a for a in e.args if a not in fills])
+        return len(fills) == 1 and codegen.never_huge_negative(rest)
+    return False
+
+
+def _wrap_causal(expr, conds, replaced: dict, i: int, keys):
+    """expr with side i's mask split into `causal` (as -inf: key blocks above the diagonal skipped) and the
+    keys it keeps (side i becomes `keys`, the mask's last row: loaded per key block, not per score). Exact
+    when every row keeps a key (checked) and masked scores are a fill: their probabilities are 0 either way.
+    Anything else (a soft mask, other sides or fills in the value) leaves expr as it is."""
+    from flashfuse.kernels.attention import codegen
+    on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) else sympy.false for c in conds})
+    off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) else sympy.true for c in conds})
+    if not codegen.never_huge_negative(on) or not _is_fill(off):
+        return expr
+    replaced[i] = keys
+    return sympy.Piecewise((-sympy.oo, sympy.Not(_CAUSAL)), (expr, True))
