@@ -167,6 +167,15 @@ def handwritten(args):
         att = (q @ k.transpose(-2, -1)) * scale + add
         return F.softmax(att, dim=-1) @ v
 
+    # HF with a padding mask: one (B, 1, N, N) bool mask of causal & right padding (half the batch pads 1/8)
+    keep = torch.ones(b, 1, 1, n, dtype=torch.bool, device="cuda")
+    keep[: b // 2, ..., n - n // 8:] = False
+    padded = torch.ones(n, n, dtype=torch.bool, device="cuda").tril() & keep
+
+    def hf_padded_causal(q, k, v):
+        att = ((q @ k.transpose(-2, -1)) * scale).masked_fill(~padded, fmin)
+        return F.softmax(att, dim=-1) @ v
+
     S, QI, KI, NQ, NK = sm.score, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk
     direct = {  # the same modification for the op called directly (when the pass does not fire)
         "nanogpt_causal": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S, True)), []),
@@ -174,10 +183,11 @@ def handwritten(args):
         "alibi": (sympy.Piecewise((-sympy.oo, QI < KI), (scale * S + sm.side(0) * (KI - QI), True)),
                   [slopes.view(1, h, 1, 1)]),
         "hf_additive_causal": (scale * S + sympy.Piecewise((0, KI <= QI), (fmin, True)), []),
+        "hf_padded_causal": (sympy.Piecewise((scale * S, sympy.Ne(sm.side(0), 0)), (fmin, True)), [padded]),
     }
     rows = []
     for name, fn in (("nanogpt_causal", nanogpt), ("softcap", softcap), ("alibi", alibi),
-                     ("hf_additive_causal", hf_additive_causal)):
+                     ("hf_additive_causal", hf_additive_causal), ("hf_padded_causal", hf_padded_causal)):
         with torch.no_grad():
             ref = fn(q.float(), k.float(), v.float())
             res = {}
