@@ -150,9 +150,9 @@ def _causal_key_padding(t: torch.Tensor, nq: int, nk: int):
     keep = nz[:, :, -1:, :]
     qi = torch.arange(nq, device=t.device)[:, None]
     ki = torch.arange(nk, device=t.device)[None, :]
-    if not bool((nz == ((ki <= qi + (nk - nq)) & keep)).all()):
-        return None
-    if not bool(keep[..., : nk - nq + 1].any(-1).all()):
+    exact = (nz == ((ki <= qi + (nk - nq)) & keep)).all()
+    row0_keeps = keep[..., : nk - nq + 1].any(-1).all()
+    if not bool(exact & row0_keeps):  # one host sync for both
         return None
     return t[:, :, -1:, :]
 
