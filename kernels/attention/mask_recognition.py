@@ -171,13 +171,17 @@ def _is_fill(e) -> bool:
 
 def _wrap_causal(expr, conds, replaced: dict, i: int, keys):
     """expr with side i's mask split into `causal` (as -inf: key blocks above the diagonal skipped) and the
-    keys it keeps (side i becomes `keys`, the mask's last row: loaded per key block, not per score). Exact
-    when every row keeps a key (checked) and masked scores are a fill: their probabilities are 0 either way.
-    Anything else (a soft mask, other sides or fills in the value) leaves expr as it is."""
+    keys it keeps (side i becomes `keys`, the mask's last row: loaded per key block, not per score), every
+    masked score -inf. Exact when every row keeps a key (checked) and masked scores are a fill: their
+    probabilities are 0 either way. Anything else (a soft mask, other sides or fills in the value) leaves
+    expr as it is."""
     from flashfuse.kernels.attention import codegen
     on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) else sympy.false for c in conds})
     off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) else sympy.true for c in conds})
     if not codegen.never_huge_negative(on) or not _is_fill(off):
         return expr
     replaced[i] = keys
-    return sympy.Piecewise((-sympy.oo, sympy.Not(_CAUSAL)), (expr, True))
+    # the fill becomes -inf too (no row is all fill): no huge constant left, so the kernels fold the value
+    # (nested: one Piecewise would merge the two -inf cases into one condition that is not index-only)
+    inner = sympy.Piecewise((-sympy.oo, sympy.Eq(sm.side(i), 0)), (on, True))
+    return sympy.Piecewise((-sympy.oo, sympy.Not(_CAUSAL)), (inner, True))
