@@ -805,7 +805,7 @@ def _absorb_post_fill(expr: sympy.Basic, s_in: fx.Node, post: fx.Node, zeroed) -
                          f"only -inf or a finfo.min-like fill "
                          f"(<= {HUGE_FILL:g}) leaves the masked probabilities at 0", post)
     pieces = expr.args if isinstance(expr, sympy.Piecewise) else ()
-    huge = [i for i, (e, _) in enumerate(pieces) if e == -sympy.oo or (e.is_Number and e.is_finite and e <= HUGE_FILL)]
+    huge = [i for i, (e, _) in enumerate(pieces) if e == -sympy.oo or codegen.is_huge_fill(e)]
     if len(pieces) != 2 or pieces[1].cond != sympy.true or len(huge) != 1 or \
             not codegen.never_huge_negative(pieces[1 - huge[0]].expr):
         raise NotFusable(f"{why}: the scores have another mask or a bias that may hold -inf besides the fill "

@@ -211,7 +211,8 @@ def _rows_all_keep_a_key(bounds: list, nq: int, nk: int) -> bool:
     return True
 
 
-def _is_huge_fill(e: sympy.Basic) -> bool:
+def is_huge_fill(e: sympy.Basic) -> bool:
+    """e is a finite constant fill of at most HUGE_FILL (finfo.min, -1e9, finfo(float16).min)."""
     return bool(e.is_Number and e.is_finite and e <= HUGE_FILL)
 
 
@@ -231,7 +232,7 @@ def _fill_split(expr: sympy.Basic):
             not _index_only(expr.args[0].cond):
         return None
     (e0, c0), (e1, _) = expr.args
-    huge = [_is_huge_fill(e0), _is_huge_fill(e1)]
+    huge = [is_huge_fill(e0), is_huge_fill(e1)]
     if huge == [True, False]:
         return sympy.Not(c0), e1
     if huge == [False, True]:
@@ -248,10 +249,9 @@ def fills_as_masks(score_mod_text: str, nq: int, nk: int) -> str:
     the kernels skip the filled blocks and fold the value, and nothing changes. Where a row may be all
     fill (eager's uniform average and its gradient), or the keep condition is not made of linear bounds,
     the text comes back unchanged."""
-    expr = sm.from_text(score_mod_text)
     if nq <= 0 or nk <= 0:
         return score_mod_text
-    split = _fill_split(expr)
+    split = _fill_split(sm.from_text(score_mod_text))
     if split is None:
         return score_mod_text
     keep, value = split

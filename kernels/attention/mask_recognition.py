@@ -19,6 +19,7 @@ from __future__ import annotations
 import sympy
 import torch
 
+from flashfuse.kernels.attention import codegen
 from flashfuse.kernels.attention import score_mod as sm
 
 _CACHE: dict = {}     # per side tensor state -> recognized predicate (or False)
@@ -159,11 +160,10 @@ def _causal_key_padding(t: torch.Tensor, nq: int, nk: int):
 
 def _is_fill(e) -> bool:
     """-inf, a huge constant fill, or a moderate value plus one (HF's additive form)."""
-    from flashfuse.kernels.attention import codegen
-    if e == -sympy.oo or (e.is_Number and e.is_finite and e <= codegen.HUGE_FILL):
+    if e == -sympy.oo or codegen.is_huge_fill(e):
         return True
     if isinstance(e, sympy.Add):
-        fills = [a for a in e.args if a.is_Number and a.is_finite and a <= codegen.HUGE_FILL]
+        fills = [a for a in e.args if codegen.is_huge_fill(a)]
         rest = sympy.Add(*[a for a in e.args if a not in fills])
         return len(fills) == 1 and codegen.never_huge_negative(rest)
     return False
@@ -175,7 +175,6 @@ def _wrap_causal(expr, conds, replaced: dict, i: int, keys):
     masked score -inf. Exact when every row keeps a key (checked) and masked scores are a fill: their
     probabilities are 0 either way. Anything else (a soft mask, other sides or fills in the value) leaves
     expr as it is."""
-    from flashfuse.kernels.attention import codegen
     on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) else sympy.false for c in conds})
     off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) else sympy.true for c in conds})
     if not codegen.never_huge_negative(on) or not _is_fill(off):
