@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# The next device call (written in session 11, when the device time ran out). Each part names what it checks.
-# Usage on the device (repo root): bash benchmarks/device_next.sh   (results under $OUT; at most 8 files)
+# Session 12's device calls. Usage on the device (repo root): bash benchmarks/device_next.sh order|train
+# (results under $OUT; at most 8 files). Each part names what it checks.
 set -u; OUT=${OUT:-/tmp/flashfuse_out}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
 nvidia-smi --query-gpu=name --format=csv,noheader
-# 1. huge fills as masks (codegen.fills_as_masks): the finfo.min causal case should take the -inf case's time;
-#    the bool-mask-side case is the unfolded path that keeps the row max and log2(l) apart
-FLASHFUSE_ATTN_AUTOTUNE=0 timeout 75 python benchmarks/row_stats.py --label next_fixed --n 2048 > $OUT/row_stats.jsonl 2> $OUT/row_stats.err
-echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats.jsonl
-# 2. GPU tests of the attention kernels (session 11's new bf16 padding-rows test among them)
-FLASHFUSE_ATTN_AUTOTUNE=0 timeout 110 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
-    "tests/test_attention_zoo.py::test_gpu_nanogpt_bf16_autocast_train" > $OUT/pytest.log 2>&1
-echo pytest rc=$?; grep -E "passed|failed|FAILED|Error" $OUT/pytest.log | tail -8
-# 3. hand-written variants through torch.compile, the HF additive causal mask among them
-timeout 150 python benchmarks/attention.py --part handwritten --out /tmp/hw > $OUT/handwritten.log 2>&1
-echo "handwritten rc=$?"; tail -5 $OUT/handwritten.log
-# 4. launch order at long sequences: groups of 16 heads gained 1-4 % at n 1024-2048 (H200); default only if
-#    n 8192 does not lose
-for g in 0 16; do
-  FLASHFUSE_ATTN_GROUP_HEADS=$g timeout 100 python benchmarks/attention.py --d 64 128 --n 8192 --causal both \
-      --modes fwd+bwd --impls flashfuse --out /tmp/sw$g --partial $OUT/order_g$g.json > /tmp/sw$g.log 2>&1
-  echo "group_heads=$g rc=$?"; grep -E "^d=" /tmp/sw$g.log | cut -c1-110
-done
+if [ "${1:-order}" = order ]; then
+  # 1. GPU tests of the kernels (causal now in the grouped launch order) and the nanoGPT train steps
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+      "tests/test_attention_zoo.py::test_gpu_nanogpt_bf16_autocast_train" > $OUT/pytest.log 2>&1
+  echo pytest rc=$?; grep -E "passed|failed|FAILED|Error" $OUT/pytest.log | tail -8
+  # 2. launch order for causal triangles: grid order (0) vs groups of 16 heads (the default now), with FA2
+  for g in 0 16; do
+    impls="flashfuse"; [ $g = 16 ] && impls="flashfuse sdpa_flash"
+    FLASHFUSE_ATTN_GROUP_HEADS=$g timeout 130 python benchmarks/attention.py --d 64 128 --n 1024 2048 --causal yes \
+        --modes fwd+bwd --impls $impls --out /tmp/ca$g --partial $OUT/order_causal_g$g.json > /tmp/ca$g.log 2>&1
+    echo "group_heads=$g rc=$?"; grep -E "^d=" /tmp/ca$g.log | cut -c1-110
+  done
+else
+  # 3. HF LLaMA-style training steps: the causal mask's finfo.min fill now runs as -inf (skipped blocks), and
+  #    right padding splits into causal & a key side; Inductor on the SDPA model is the bar
+  for m in llama llama_pad; do
+    timeout 270 python benchmarks/train_gpt.py --model $m --configs 8x512 --modes flashfuse,sdpa --out $OUT \
+        --tag _session12 > $OUT/train_$m.log 2>&1
+    echo "train $m rc=$?"; tail -4 $OUT/train_$m.log
+  done
+fi

@@ -3,7 +3,7 @@ for eager, Inductor, flashfuse and, as the bar, Inductor on the same model with 
 also the compile (warm-up) time and the longest sequence that trains at batch 1. All bf16 autocast, fused AdamW.
   --model gpt2   GPT-2 small, hand-written causal attention (masked_fill on a tril buffer), dropout 0.1
   --model bert   BERT-large-style encoder (transformers, eager attention) with padding masks
-  --model llama  LLaMA-style GQA decoder (transformers, eager attention)
+  --model llama  LLaMA-style GQA decoder (transformers, eager attention); llama_pad: with right padding
 
     python benchmarks/train_gpt.py --out DIR [--model gpt2] [--configs 8x1024,2x4096] [--modes eager,inductor,flashfuse,sdpa]
     python benchmarks/train_gpt.py --out DIR --longest 16384,32768,65536
@@ -98,14 +98,14 @@ def hf_model(name, t, sdpa, tiny=False):
             num_attention_heads=4 if tiny else 16, intermediate_size=128 if tiny else 4096,
             max_position_embeddings=max(512, t), attn_implementation=attn)
         return transformers.BertForMaskedLM(cfg), 30522
-    if name == "llama":
+    if name in ("llama", "llama_pad"):
         cfg = transformers.LlamaConfig(
             vocab_size=32000, hidden_size=64 if tiny else 2048, num_hidden_layers=2 if tiny else 16,
             num_attention_heads=4 if tiny else 32, num_key_value_heads=1 if tiny else 8,
             intermediate_size=128 if tiny else 5632, max_position_embeddings=max(2048, t),
             attn_implementation=attn, bos_token_id=0, eos_token_id=0, pad_token_id=0)
         return transformers.LlamaForCausalLM(cfg), 32000
-    raise ValueError(f"unknown model {name!r}: gpt2, bert or llama")
+    raise ValueError(f"unknown model {name!r}: gpt2, bert, llama or llama_pad")
 
 
 def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=0.1):
@@ -136,13 +136,15 @@ def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=
     idx = torch.randint(0, vocab, (b, t), device=device)
     tgt = torch.randint(0, vocab, (b, t), device=device)
     mask = torch.ones(b, t, dtype=torch.long, device=device)
-    mask[b // 2:, -(t // 8):] = 0  # padding in half of the batch (BERT)
+    mask[b // 2:, -(t // 8):] = 0  # right padding in half of the batch (BERT, llama_pad)
 
     def loss_of():
         if model_name == "gpt2":
             return fwd(idx, tgt)
         if model_name == "bert":
             return fwd(input_ids=idx, attention_mask=mask, labels=tgt).loss
+        if model_name == "llama_pad":  # right padding: the causal & padding mask the kernels split
+            return fwd(input_ids=idx, attention_mask=mask, labels=idx).loss
         return fwd(input_ids=idx, labels=idx).loss
 
     def step(marks=None):
@@ -218,7 +220,8 @@ def plot(rows, env, path, model="gpt2"):
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cfgs))], [f"{b} x {t}" for b, t in cfgs])
         ax.set_ylabel(label)
     axes[0].legend()
-    title = {"gpt2": "GPT-2 small", "bert": "BERT-large-style", "llama": "LLaMA-style GQA"}.get(model, model)
+    title = {"gpt2": "GPT-2 small", "bert": "BERT-large-style", "llama": "LLaMA-style GQA",
+             "llama_pad": "LLaMA-style GQA, right padding"}.get(model, model)
     fig.suptitle(f"{title} training step, bf16 autocast — {env['device']}, torch {env['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -230,7 +233,8 @@ def main():
     ap.add_argument("--configs", default="8x1024,2x4096")
     ap.add_argument("--modes", default="eager,inductor,flashfuse,sdpa")
     ap.add_argument("--longest", default="")
-    ap.add_argument("--model", default="gpt2", help="gpt2 (hand-written nanoGPT), bert (HF, padding), llama (HF, GQA)")
+    ap.add_argument("--model", default="gpt2", help="gpt2 (hand-written nanoGPT), bert (HF, padding), llama (HF, GQA), "
+                    "llama_pad (llama with right padding)")
     ap.add_argument("--dropout", type=float, default=0.1, help="GPT-2's dropout (attention, residual, MLP)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args()

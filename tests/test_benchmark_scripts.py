@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 
-@pytest.mark.parametrize("model_name", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("model_name", ["gpt2", "bert", "llama", "llama_pad"])
 def test_train_step_runs_fused_and_learns(model_name):
     if model_name != "gpt2":
         pytest.importorskip("transformers")

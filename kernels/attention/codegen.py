@@ -264,6 +264,15 @@ def fills_as_masks(score_mod_text: str, nq: int, nk: int) -> str:
     return sm.to_text(masked)
 
 
+@functools.lru_cache(maxsize=256)
+def triangular(score_mod_text: str) -> bool:
+    """The kept region is one causal triangle: a single upper bound kv <= q + c and no other index-only
+    condition. Its programs differ in work block by block (triton_impl's launch order groups heads for it)."""
+    an = analyze(sm.from_text(score_mod_text), 0)
+    return (an.keep_other is sympy.true and len(an.bounds) == 1 and an.bounds[0].upper
+            and an.bounds[0].alpha == 1)
+
+
 def _interval(e: sympy.Basic):
     """Interval of a score-only expression (None when unbounded or not understood)."""
     if e.is_Number:

@@ -184,10 +184,15 @@ def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-# The order in which the forward, dK/dV and dQ programs start (triton_common.block_order): 0 each head's
-# blocks in turn, G > 0 groups of G heads block by block (heaviest causal blocks first). An experiment
-# until timed (docs/perf-notes.md "Session 11"); the env var picks it per process.
-GROUP_HEADS = int(os.environ.get("FLASHFUSE_ATTN_GROUP_HEADS", "0"))
+# The order in which the forward, dK/dV and dQ programs of a causal triangle start (triton_common.block_order):
+# groups of G heads block by block, heaviest blocks first; 0 each head's blocks in turn, as the grid reads.
+# Other masks keep the grid's order: their programs carry equal work, and grouping heads only spreads L2 over
+# more heads' K/V (non-causal n 8192 lost 4-10 %, docs/perf-notes.md "Session 12").
+GROUP_HEADS = int(os.environ.get("FLASHFUSE_ATTN_GROUP_HEADS", "16"))
+
+
+def _group_heads(score_mod: str) -> int:
+    return GROUP_HEADS if codegen.triangular(score_mod) else 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -195,7 +200,7 @@ def _meta(dtype, d: int, dv: int, dropout: int, precision: str) -> dict:
     dot_prec = "ieee" if (dtype == torch.float32 and precision == "ieee") else "tf32"
     fast = (not INTERPRET) and dtype in (torch.float16, torch.bfloat16)
     return dict(D=d, DV=dv, BLOCK_D=_block_d(d), BLOCK_DV=_block_d(dv), DOT_PREC=dot_prec, DROPOUT=dropout,
-                FAST_MATH=fast, GROUP_HEADS=GROUP_HEADS)
+                FAST_MATH=fast)
 
 
 # the kernels' DROPOUT constexpr
@@ -299,7 +304,8 @@ class _ForwardPlan:
         if self.empty:
             return
         # a huge fill that leaves no row empty at these lengths runs as -inf (skipped blocks, folded)
-        mod = load_module(codegen.fills_as_masks(score_mod, nq, nk), len(sides), len(scalars), (), side_layout(sides))
+        score_mod = codegen.fills_as_masks(score_mod, nq, nk)
+        mod = load_module(score_mod, len(sides), len(scalars), (), side_layout(sides))
         if bits is not None:
             _check_bits(bits, q, k)
         meta = _common_meta(q, v, dropout_p, rng, precision,
@@ -310,7 +316,8 @@ class _ForwardPlan:
         self.side_strides = _side_strides(sides, (bsz, hq, nq, nk))
         self.tail = (*[float(x) for x in scalars], hq, nq, nk, hq // hkv, *_dropout_args(dropout_p))
         self.launch = FixedLaunch(kernel, lambda m: (_cdiv(nq, m["BLOCK_M"]), bsz * hq),
-                                  {**meta, **blocks, "FLAG_WANT": flag_want, "EMPTY_ROWS_ZERO": empty_rows_zero})
+                                  {**meta, **blocks, "FLAG_WANT": flag_want, "EMPTY_ROWS_ZERO": empty_rows_zero,
+                                   "GROUP_HEADS": _group_heads(score_mod)})
 
     def __call__(self, q, k, v, sides, rng, flag, into, bits):
         if into is not None:
@@ -405,8 +412,8 @@ class _BackwardPlan:
             raise ValueError(f"flashfuse attention backward: row stats must be a contiguous fp32 (B, H, 2, Nq) = "
                              f"{(bsz, hq, 2, nq)} tensor from the forward, got {tuple(stats.shape)} {stats.dtype}")
         dq, dk, dv = into[:3] if into is not None else (empty_bnhd(t.shape, t) for t in (q, k, v))
-        mod = load_module(codegen.fills_as_masks(score_mod, nq, nk), len(sides), len(scalars), side_grads,
-                          side_layout(sides))
+        score_mod = codegen.fills_as_masks(score_mod, nq, nk)
+        mod = load_module(score_mod, len(sides), len(scalars), side_grads, side_layout(sides))
         if bits is not None:
             _check_bits(bits, q, k)
         meta = _common_meta(q, v, dropout_p, rng, precision, DROPOUT_DRAW if bits is None else DROPOUT_FROM_SAVED)
@@ -420,7 +427,7 @@ class _BackwardPlan:
         self.dkdv_tail = (*scalar_args, hq, hkv, nq, nk, hq // hkv, *_dropout_args(dropout_p))
         self.dq_scalars = scalar_args
         self.dq_tail = (hq, nq, nk, hq // hkv, *_dropout_args(dropout_p))
-        consts = {**meta, "FLAG_WANT": flag_want}
+        consts = {**meta, "FLAG_WANT": flag_want, "GROUP_HEADS": _group_heads(score_mod)}
         kernel, blocks = _kernel(mod, "attn_bwd_dkdv", meta["BLOCK_D"], "attn_bwd_fused" if fused else "")
         self.dkdv = FixedLaunch(kernel, lambda m: (_cdiv(nk, m["BLOCK_N"]), bsz * hkv),
                                 {**consts, **blocks, "DQ_ATOMIC": fused})
