@@ -188,6 +188,8 @@ def handwritten(args):
     rows = []
     for name, fn in (("nanogpt_causal", nanogpt), ("softcap", softcap), ("alibi", alibi),
                      ("hf_additive_causal", hf_additive_causal), ("hf_padded_causal", hf_padded_causal)):
+        if args.cases and name not in args.cases:
+            continue
         with torch.no_grad():
             ref = fn(q.float(), k.float(), v.float())
             res = {}
@@ -266,6 +268,7 @@ def main():
     p.add_argument("--plot", help="only plot this sweep JSON")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which flex cases are skipped")
     p.add_argument("--partial", help="rewrite this JSON after every shape")
+    p.add_argument("--cases", nargs="+", help="--part handwritten: only these variants (e.g. alibi softcap)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="attention dropout p (flashfuse vs sdpa_flash); written to attention_sweep_dropout.json")
     args = p.parse_args()

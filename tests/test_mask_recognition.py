@@ -125,3 +125,104 @@ def test_left_padding_a_soft_mask_or_a_stray_bit_stay_as_they_are():
     m[0, 0, 0, 5] = True
     new, sides, _ = mask_recognition.specialize(fill, [m], nq, nk)
     assert new == fill and sides[0] is m
+
+
+# ---- position vectors (ALiBi written with a `pos = arange(n)` buffer) ----
+def _alibi_expr():
+    """ALiBi as the pass captures it when `pos` is a buffer: slopes, pos as a row and a column in the value,
+    pos as a column and a row in the causal mask."""
+    s = sm.side
+    return sympy.Piecewise((-sympy.oo, s(3) < s(4)), (0.25 * sm.score + s(0) * (s(1) - s(2)), True))
+
+
+def _alibi_sides(pos, n):
+    return [torch.rand(1, 4, 1, 1), pos.view(1, 1, 1, n), pos.view(1, 1, n, 1), pos.view(n, 1), pos.view(1, n)]
+
+
+def test_position_buffer_becomes_the_index():
+    n = 9
+    sides = _alibi_sides(torch.arange(n), n)
+    text, kept_sides, kept = mask_recognition.specialize(sm.to_text(_alibi_expr()), sides, n, n)
+    assert kept == [0] and kept_sides[0] is sides[0]
+    expr = sm.from_text(text)
+    assert sm.side_ids(expr) == [0] and expr.has(sm.q_idx) and expr.has(sm.kv_idx)
+    from flashfuse.kernels.attention import codegen
+    assert codegen.analyze(expr, 1).bounds  # the mask is index-only now: key blocks above the diagonal skipped
+    s = torch.randn(1, 4, n, n)
+    a = sm.evaluate(expr, {**_grid_env(n, n, s), "side0": sides[0]})
+    b = sm.evaluate(_alibi_expr(), {**_grid_env(n, n, s), **{f"side{i}": t for i, t in enumerate(sides)}})
+    assert torch.equal(a, b)
+
+
+def test_position_vectors_that_are_not_the_index_stay_sides():
+    n = 9
+    text = sm.to_text(_alibi_expr())
+    for pos in (torch.arange(n) + 1, torch.arange(n).flip(0), torch.arange(n).float() * 1.5):
+        _, _, kept = mask_recognition.specialize(text, _alibi_sides(pos, n), n, n)
+        assert kept == [0, 1, 2, 3, 4], pos
+    # bf16 rounds 257 to 256: equal to arange in bf16, not in value
+    n = 300
+    pos = torch.arange(n).to(torch.bfloat16)
+    _, _, kept = mask_recognition.specialize(text, _alibi_sides(pos, n), n, n)
+    assert kept == [0, 1, 2, 3, 4]
+    # per batch positions (B, 1, 1, N) are not one row
+    expr = 0.25 * sm.score + sm.side(0)
+    _, _, kept = mask_recognition.specialize(sm.to_text(expr), [torch.arange(n).expand(2, 1, 1, n)], n, n)
+    assert kept == [0]
+
+
+def test_position_buffer_changed_in_place_is_rechecked():
+    n = 9
+    pos = torch.arange(n)
+    text = sm.to_text(_alibi_expr())
+    _, _, kept = mask_recognition.specialize(text, _alibi_sides(pos, n), n, n)
+    assert kept == [0]
+    pos[3] = 7
+    _, _, kept = mask_recognition.specialize(text, _alibi_sides(pos, n), n, n)
+    assert kept == [0, 1, 2, 3, 4]
+
+
+def test_alibi_with_a_position_buffer_through_compile(monkeypatch):
+    """End to end: ALiBi written with a registered `pos` buffer fuses, the kernels get the index (one side
+    left: the slopes) and the numbers and gradients equal eager's."""
+    import math
+
+    import flashfuse
+    from flashfuse.kernels.attention import triton_impl
+
+    seen = []
+    real = triton_impl.load_module
+
+    def record(text, n_sides, *args, **kwargs):
+        seen.append((str(sm.from_text(text)), n_sides))
+        return real(text, n_sides, *args, **kwargs)
+    monkeypatch.setattr(triton_impl, "load_module", record)
+    monkeypatch.setattr(triton_impl, "_PLANS", {})
+
+    class Alibi(torch.nn.Module):
+        def __init__(self, h, n):
+            super().__init__()
+            self.h, self.n = h, n
+            self.register_buffer("slopes", torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)]))
+            self.register_buffer("pos", torch.arange(n))
+
+        def forward(self, q, k, v):
+            n = q.shape[-2]
+            pos = self.pos[:n]
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            att = att + self.slopes.view(1, self.h, 1, 1) * (pos.view(1, 1, 1, n) - pos.view(1, 1, n, 1))
+            att = att.masked_fill(pos.view(n, 1) < pos.view(1, n), float("-inf"))
+            return torch.softmax(att, dim=-1) @ v
+
+    torch.manual_seed(0)
+    model = Alibi(2, 32)
+    q, k, v = [torch.randn(1, 2, 21, 16, requires_grad=True) for _ in range(3)]
+    out = torch.compile(model, backend=flashfuse.backend(remainder="eager"))(q, k, v)
+    ref = model(*(t.double() for t in (q, k, v)))
+    assert seen and all(ns == 1 and "kv_idx" in t and "-oo" in t for t, ns in seen), seen
+    assert (out.double() - ref).norm() / ref.norm() < 1e-4
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    refs = torch.autograd.grad(ref, (q, k, v), g.double())
+    for a, r in zip(grads, refs):
+        assert (a.double() - r).norm() / r.norm() < 1e-4

@@ -1,5 +1,7 @@
 """Run-time recognition of mask tensors that are index patterns (a registered `tril` buffer, HF's causal
-mask without padding), so they take the kernel's symbolic path: key blocks skipped, no mask loads.
+mask without padding), so they take the kernel's symbolic path: key blocks skipped, no mask loads. Position
+vectors (`pos = torch.arange(n)` as a buffer, viewed as a row or a column: ALiBi's distances and masks) become
+the query or key index the same way.
 
 The pass cannot prove at compile time that a buffer *is* causal: Dynamo does not guard on tensor values
 and a buffer can be changed in place later. So the op checks the actual tensor each time it changes
@@ -93,6 +95,12 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
             continue
         if t.is_floating_point() and t.requires_grad:
             continue
+        index = _index_side(t, nq, nk)
+        if index is not None:  # a position vector (ALiBi's `pos` buffer): the index itself, anywhere in expr
+            expr = expr.xreplace({sm.side(i): index})
+            keep_idx.remove(i)
+            changed = True
+            continue
         conds = side_conditions(expr, i)
         if not conds:
             continue
@@ -135,6 +143,39 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
     # hold the recognized sides' storages: their addresses cannot be reused while this entry lives
     held = tuple(t.untyped_storage() for i, t in enumerate(sides) if i not in keep_idx or i in replaced)
     return sm.to_text(expr), tuple(keep_idx), held, replaced
+
+
+# ---- position vectors: a side that is arange along the query or the key axis ----
+def _index_axis(t: torch.Tensor, nq: int, nk: int):
+    """q_idx when t broadcasts to (B, H, Nq, Nk) as one column (varies along queries only), kv_idx as one
+    row, else None (lengths 1 are left alone: there a row and a column are the same thing)."""
+    if t.dim() == 0 or t.dim() > 4 or t.dtype == torch.bool or t.is_complex():
+        return None
+    shape = (1,) * (4 - t.dim()) + tuple(t.shape)
+    if shape[:2] != (1, 1):
+        return None
+    if shape[2:] == (1, nk) and nk > 1:
+        return sm.kv_idx
+    if shape[2:] == (nq, 1) and nq > 1:
+        return sm.q_idx
+    return None
+
+
+def _index_side(t: torch.Tensor, nq: int, nk: int):
+    """The index symbol that t equals exactly (0, 1, ..., n - 1 along its axis), else None. Compared in
+    float64, so a bf16 `arange` that rounds (2049 -> 2048) is not taken for the index. Cached like masks."""
+    axis = _index_axis(t, nq, nk)
+    if axis is None:
+        return None
+    key = ("index", _key(t))
+    hit = _CACHE.get(key)
+    if hit is None:
+        n = t.numel()
+        equal = torch.equal(t.reshape(-1).to(torch.float64), torch.arange(n, dtype=torch.float64, device=t.device))
+        if len(_CACHE) > _MAX_CACHE:
+            _CACHE.clear()
+        hit = _CACHE[key] = (equal, t.untyped_storage() if equal else None)
+    return axis if hit[0] else None
 
 
 # ---- causal & key padding (HF causal LMs with a padding mask: one (B, 1, N, N) mask of both) ----
