@@ -1298,8 +1298,9 @@ def _concrete_side(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.T
     computed, or the inputs are fake. Used for the report only, never to decide what to compute."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    slices, n = [], node
-    while n.op == "call_function" and n.target == aten.slice.Tensor:
+    slices, n = [], node  # slices and views, outermost first
+    while n.op == "call_function" and n.target in (aten.slice.Tensor, aten.view.default, aten.reshape.default,
+                                                   aten.unsqueeze.default):
         slices.append(n)
         n = n.args[0]
     if n.op != "placeholder":
@@ -1312,6 +1313,12 @@ def _concrete_side(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.T
     if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor):
         return None
     for sl in reversed(slices):
+        if sl.target != aten.slice.Tensor:  # a view: the node's own output shape
+            shape = tuple(val(sl).shape)
+            if not all(isinstance(x, int) for x in shape):
+                return None
+            t = t.reshape(shape)
+            continue
         dim = sl.args[1] if len(sl.args) > 1 else 0
         start = sl.args[2] if len(sl.args) > 2 and isinstance(sl.args[2], int) else 0
         length = val(sl).shape[dim]  # the slice's own output length (a size hint under dynamic shapes)
@@ -1319,8 +1326,9 @@ def _concrete_side(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.T
     return t
 
 
-def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs: bool) -> list[str]:
-    """'causal (tril buffer ...)' for a mask input that is lower-triangular now, else kind and shape."""
+def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs: bool, nq, nk) -> list[str]:
+    """'causal (tril buffer ...)' for a mask input that is lower-triangular now, 'key positions (...)' for a
+    row or column equal to 0..n-1 now (an `arange` buffer), else kind and shape."""
     from flashfuse.kernels.attention import mask_recognition
     from flashfuse.kernels.attention.op import device_mask_check_enabled
 
@@ -1336,6 +1344,12 @@ def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs:
                 how = ("checked on the device at every replay" if device_mask_check_enabled()
                        else "loaded per tile: not re-checked under CUDA graphs")
             words.append(f"causal (tril buffer {_shape_str(t.shape)}, {how})")
+        elif (t is not None and isinstance(nq, int) and isinstance(nk, int)
+              and mask_recognition._index_side(t, nq, nk) is not None):
+            axis = "key" if mask_recognition._index_axis(t, nq, nk) == sm.kv_idx else "query"
+            how = ("loaded per tile under CUDA graphs" if cuda_graphs
+                   else f"verified at run time: the {axis} index, not a load")
+            words.append(f"{axis} positions (arange {_shape_str(t.shape)}, {how})")
         else:
             words.append(desc)
     return words
@@ -1365,7 +1379,7 @@ def _describe(gm, expr, builder: ScoreModBuilder, dropout_p: float, qv, ktv, rep
         parts.append("sliding window / banded mask")
     elif index_conds:
         parts.append("index mask")
-    parts += _side_words(gm, builder, expr, example_inputs, cuda_graphs)
+    parts += _side_words(gm, builder, expr, example_inputs, cuda_graphs, qv.shape[-2], ktv.shape[-1])
     unmasked = expr.args[-1].expr if isinstance(expr, sympy.Piecewise) else expr
     coeff = unmasked.coeff(sm.score) if unmasked.is_Add or unmasked.is_Mul else None
     if coeff is not None and coeff.is_Number and coeff != 0:
