@@ -226,3 +226,5 @@ def test_alibi_with_a_position_buffer_through_compile(monkeypatch):
     refs = torch.autograd.grad(ref, (q, k, v), g.double())
     for a, r in zip(grads, refs):
         assert (a.double() - r).norm() / r.norm() < 1e-4
+    report = str(flashfuse.explain(model, q, k, v))  # the report names them
+    assert report.count("key positions (arange") == 2 and report.count("query positions (arange") == 2, report
