@@ -104,6 +104,25 @@ def test_weight_of_shape_1_1_n_and_mid_rounding():
     run_case("layer_norm", True, torch.float32, 100, True, mid_dtype=torch.float16)
 
 
+@pytest.mark.parametrize("kind, residual", [("layer_norm", True), ("rms_norm", False)])
+def test_backward_with_the_next_row_prefetched(kind, residual, monkeypatch):
+    """The backward's PREFETCH variant (an autotuned choice on GPUs) against float64, with programs whose
+    row ranges are uneven (23 rows over 4 programs: 6, 6, 6, 5)."""
+    from flashfuse.kernels.norms import impl
+    real = impl.norm_bwd_kernel
+    calls = []
+
+    class Prefetching:
+        def __getitem__(self, grid):
+            def launch(*args, **flags):
+                calls.append(grid)
+                return real[grid](*args, **{**flags, "PREFETCH": True})
+            return launch
+    monkeypatch.setattr(impl, "norm_bwd_kernel", Prefetching())
+    run_case(kind, residual, torch.float32, 33, True, rows=(23,), device="cpu")
+    assert calls
+
+
 def test_reference_path_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     run_case("layer_norm", True, torch.float32, 33, True, device="cpu")

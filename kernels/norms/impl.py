@@ -96,7 +96,8 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def _tuned_bwd():
-    configs = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+    # PREFETCH (load the next row during this row's sums): an autotuned choice until timed on the GPU
+    configs = [triton.Config({"PREFETCH": p}, num_warps=w) for p in (False, True) for w in (4, 8, 16)]
     return triton.autotune(configs=configs, key=["N", "IS_RMS", "HAS_W", "HAS_B", "HAS_DH", "MID"],
                            prune_configs_by={"early_config_prune": _prune_bwd})(norm_bwd_kernel)
 

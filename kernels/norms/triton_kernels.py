@@ -72,9 +72,11 @@ def norm_fwd_kernel(X, R, H, W, B, Y, M, N, stride_x, stride_r, stride_h, stride
 def norm_bwd_kernel(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog,
                     stride_dy, stride_x, stride_dh, stride_dx, eps,
                     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DH: tl.constexpr,
-                    MID: tl.constexpr, BLOCK_N: tl.constexpr):
+                    MID: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (RMSNorm: without the mean(g) term).
-    Each program walks `rows_per_prog` rows and writes its partial dw/db sums to row `pid` of DW/DB."""
+    Each program walks `rows_per_prog` rows and writes its partial dw/db sums to row `pid` of DW/DB.
+    PREFETCH: the next row's x and dy are loaded before this row's reductions, so each program keeps a load
+    in flight while it reduces (one row at a time leaves the memory idle during the four row sums)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -84,9 +86,21 @@ def norm_bwd_kernel(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog,
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_prog  # int64 rows: no offset overflow on huge tensors
     row_end = tl.minimum(row_start + rows_per_prog, M)
+    if PREFETCH:
+        # masks as column limits (N, or 0 past the program's last row): plain integer arithmetic
+        first = cols < tl.maximum(tl.minimum(row_end - row_start, 1), 0) * N
+        x_next = tl.load(X + row_start * stride_x + cols, mask=first, other=0.0)
+        dy_next = tl.load(DY + row_start * stride_dy + cols, mask=first, other=0.0)
     for row64 in range(row_start, row_end):
-        x = tl.load(X + row64 * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            more = cols < tl.minimum(row_end - row64 - 1, 1) * N
+            x_next = tl.load(X + (row64 + 1) * stride_x + cols, mask=more, other=0.0)
+            dy_next = tl.load(DY + (row64 + 1) * stride_dy + cols, mask=more, other=0.0)
+        else:
+            x = tl.load(X + row64 * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=col_ok, other=0.0).to(tl.float32)
         if IS_RMS:
             rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
             xhat = x * rstd
