@@ -96,7 +96,8 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def _tuned_bwd():
-    # PREFETCH (load the next row during this row's sums): an autotuned choice until timed on the GPU
+    # PREFETCH (load the next row during this row's sums) won at every shape timed (H100, session 12:
+    # LayerNorm fwd+bwd 16384x4096 305 -> 271 us); kept in the search so other GPUs can still choose
     configs = [triton.Config({"PREFETCH": p}, num_warps=w) for p in (False, True) for w in (4, 8, 16)]
     return triton.autotune(configs=configs, key=["N", "IS_RMS", "HAS_W", "HAS_B", "HAS_DH", "MID"],
                            prune_configs_by={"early_config_prune": _prune_bwd})(norm_bwd_kernel)
@@ -203,7 +204,8 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
                 if _autotune_enabled():
                     launcher(_tuned_bwd())((programs,), args, flags)
                 else:
-                    launcher(norm_bwd_kernel)((programs,), args, {**flags, "num_warps": heuristic_bwd(block_n)})
+                    launcher(norm_bwd_kernel)((programs,), args, {**flags, "num_warps": heuristic_bwd(block_n),
+                                                                   "PREFETCH": True})
         else:
             norm_bwd_kernel[(programs,)](*args, **flags)
     else:
