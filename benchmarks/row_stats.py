@@ -5,6 +5,10 @@ forward+backward on score modifications that take each path, bf16, b=8 h=16 n=20
   causal_finfo.min     a huge finite fill by index: since session 11 run as -inf (no row is all fill)
   causal_finfo.min_mask_side  the same fill under a bool mask tensor: unfolded, P = exp2((s - m)·log2e - log2 l)
   causal_bias_side     a float (1, H, N, N) bias: unfolded before and after, one more add per element
+  causal_padding_row   causal by index & a (B, 1, 1, N) bool key-padding row (HF padded causal LMs after the
+                       split; half the batch pads its last N/8 keys): a row side, prefetched since session 13
+  causal_alibi_slope   ALiBi: a (1, H, 1, 1) slope side times (kv_idx - q_idx), causal by index: loaded once
+                       per program since session 13 (FLASHFUSE_ATTN_SIDE_PREFETCH=0: every step, as before)
 
 Run it twice on one machine, once with a copy of the previous version first on PYTHONPATH, to compare.
 Prints one JSON line per case (median ms over triton.testing.do_bench): forward, forward+backward through
@@ -29,6 +33,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", default="current")
     ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--cases", nargs="+", help="only these cases")
     ap.add_argument("--table", help="print the lines of this JSONL output as a table and exit")
     args = ap.parse_args()
     if args.table:
@@ -46,6 +51,9 @@ def main():
     scale = 1.0 / math.sqrt(d)
     causal_mask = torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1)[None, None]
     bias = torch.randn(1, h, n, n, device="cuda", generator=g)  # a relative-position-like bias: stays a side
+    keep = torch.ones(b, 1, 1, n, dtype=torch.bool, device="cuda")
+    keep[: b // 2, ..., n - n // 8:] = False
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda").view(1, h, 1, 1)
     cases = {
         "causal_-inf": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S, True)), []),
         "causal_finfo.min": (sympy.Piecewise((-3.4028234663852886e38, KI > QI), (scale * S, True)), []),
@@ -53,9 +61,15 @@ def main():
         # the causal mask as a bool tensor under finfo.min (a padding mask's spelling): rows could be all fill
         "causal_finfo.min_mask_side": (sympy.Piecewise((-3.4028234663852886e38, sympy.Ne(sm.side(0), 0)),
                                                        (scale * S, True)), [causal_mask]),
+        "causal_padding_row": (sympy.Piecewise((-sympy.oo, KI > QI), (-sympy.oo, sympy.Eq(sm.side(0), 0)),
+                                               (scale * S, True)), [keep]),
+        "causal_alibi_slope": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S + sm.side(0) * (KI - QI), True)),
+                               [slopes]),
     }
     dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
     for name, (expr, sides) in cases.items():
+        if args.cases and name not in args.cases:
+            continue
         text = sm.to_text(expr)
 
         def fwd():

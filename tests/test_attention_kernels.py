@@ -370,6 +370,34 @@ def test_alibi_with_per_head_slope_side_and_scalar():
     _check(sm.side(0) * S, q, k, v, sides=[temp])
 
 
+def test_sides_of_every_layout_across_several_blocks_both_walks():
+    """A scalar, a per-key row (bool padding and a learned float row), a per-query column and a full tile in
+    one expression, over lengths of several blocks each way: the forward and dQ loops walk keys (rows
+    prefetched a block ahead, columns and scalars loaded once), dK/dV walks queries (the other way round)."""
+    B, H, Nq, Nk = 2, 2, 37, 45
+    q, k, v = _qkv(B, H, H, Nq, Nk, 16, torch.float32, seed=11)
+    g = torch.Generator().manual_seed(12)
+    slope = (0.1 + torch.rand(1, H, 1, 1, generator=g)).to(_dev())
+    keep = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
+    keep[1, ..., 30:] = False          # the second batch pads its last 15 keys (blocks 2 and 3 of 16)
+    keep[0, ..., 17] = False           # and a hole inside a block
+    row = torch.randn(B, 1, 1, Nk, generator=g).to(_dev())
+    col = (0.5 + torch.rand(B, H, Nq, 1, generator=g)).to(_dev())
+    full = torch.randn(1, H, Nq, Nk, generator=g).to(_dev())
+    value = sm.side(2) * 0.25 * S + sm.side(0) * (KI - QI) * 0.1 + sm.side(3) + 0.5 * sm.side(4)
+    expr = sympy.Piecewise((-OO, KI > QI + NK - NQ), (-OO, sympy.Eq(sm.side(1), 0)), (value, True))
+    _check(expr, q, k, v, sides=[slope, keep.to(_dev()), col, row, full],
+           side_needs_grad=[False, False, False, True, True])
+    # the walked axis ends inside a block on both sides, and the module holds the prefetch
+    layout = _ti().side_layout([slope, keep, col, row, full])
+    src = codegen.generate_source(sm.to_text(expr), 5, 0, (False, False, False, True, True), layout)
+    assert "side1_nx = tl.load" in src and "side3_nx = tl.load" in src and "side2_nx" in src  # dK/dV: column
+    fwd = src[src.index("def _fwd_inner"):src.index("def attn_fwd")]
+    loop = fwd.index("for start_n")
+    assert fwd.index("side0 = tl.load") < loop and fwd.index("side2 = tl.load") < loop  # invariant: once
+    assert fwd.index("side4 = tl.load") > loop  # full tiles stay in the loop
+
+
 def test_softcap_tanh():
     q, k, v = _qkv(1, 2, 2, 19, 37, 32, torch.float32)
     q = q * 3

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import sympy
 
@@ -478,18 +479,56 @@ def inverse_bounds_code(bounds: list, indent: str) -> str:
 # 3. source generation
 # ---------------------------------------------------------------------------------------------------
 
-def _side_load(i: int, q_bcast: bool = False, kv_bcast: bool = False) -> str:
+def _side_load(i: int, q_bcast: bool = False, kv_bcast: bool = False, q: str = "q_idx", kv: str = "kv_idx",
+               name: str | None = None, convert: bool = True) -> str:
     """Load of side i for the tile: a scalar, a row, a column or the full tile, by its broadcast dims,
-    so a per-head slope costs one load per tile, not BLOCK_M*BLOCK_N gathers of the same address."""
+    so a per-head slope costs one load per tile, not BLOCK_M*BLOCK_N gathers of the same address.
+    `q` / `kv`: the index expressions (the next block's, for a prefetch)."""
     base = f"side{i}_ptr + off_b.to(tl.int64) * side{i}_sb + off_h.to(tl.int64) * side{i}_sh"
+    conv = ".to(tl.float32)" if convert else ""
+    target = name or f"side{i}"
     if q_bcast and kv_bcast:
-        return f"        side{i} = tl.load({base}).to(tl.float32)"
+        return f"        {target} = tl.load({base}){conv}"
     if q_bcast:
-        return f"        side{i} = tl.load({base} + kv_idx * side{i}_sn, mask=kv_idx < Nk, other=0).to(tl.float32)"
+        return f"        {target} = tl.load({base} + {kv} * side{i}_sn, mask={kv} < Nk, other=0){conv}"
     if kv_bcast:
-        return f"        side{i} = tl.load({base} + q_idx * side{i}_sm, mask=q_idx < Nq, other=0).to(tl.float32)"
-    return (f"        side{i} = tl.load({base} + q_idx * side{i}_sm + kv_idx * side{i}_sn,"
-            f" mask=(q_idx < Nq) & (kv_idx < Nk), other=0).to(tl.float32)")
+        return f"        {target} = tl.load({base} + {q} * side{i}_sm, mask={q} < Nq, other=0){conv}"
+    return (f"        {target} = tl.load({base} + {q} * side{i}_sm + {kv} * side{i}_sn,"
+            f" mask=({q} < Nq) & ({kv} < Nk), other=0){conv}")
+
+
+def side_loads(ids, layout, walks_keys: bool) -> tuple[str, str, str]:
+    """(before the loop, top of each step, after the QK dot) code loading sides `ids` in a loop over key
+    blocks (`walks_keys`: forward and dQ, q_idx fixed) or query blocks (dK/dV, kv_idx fixed).
+    Why not all in the loop: the compiler pipelines the loads that feed dots, not these small ones, so each
+    step waited on a global load before its softmax. A side that does not vary along the walked axis (a
+    per-head slope, a per-key padding row in dK/dV) is loaded once; a row or column that varies is loaded one
+    block ahead (its latency hidden behind a step's dots); full tiles stay where they were."""
+    pre, nxt, tile = [], [], []
+    block = "BLOCK_N" if walks_keys else "BLOCK_M"
+    in_loop = os.environ.get("FLASHFUSE_ATTN_SIDE_PREFETCH", "1") == "0"  # A/B switch: every load in the loop
+    for i in ids:
+        q_b, kv_b = layout[i]
+        if in_loop:
+            tile.append(_side_load(i, q_b, kv_b))
+            continue
+        varies = not kv_b if walks_keys else not q_b
+        if not varies:
+            pre.append(_side_load(i, q_b, kv_b))
+        elif q_b or kv_b:  # a row (walking keys) or a column (walking queries): prefetched
+            first = f"(start + tl.arange(0, {block}))[None, :]"  # the walked index is a row in both orientations
+            if walks_keys:
+                pre.append(_side_load(i, q_b, kv_b, kv=first, name=f"side{i}_nx", convert=False))
+                nxt.append(f"        side{i} = side{i}_nx.to(tl.float32)")
+                nxt.append(_side_load(i, q_b, kv_b, kv=f"(kv_idx + {block})", name=f"side{i}_nx", convert=False))
+            else:
+                pre.append(_side_load(i, q_b, kv_b, q=first, name=f"side{i}_nx", convert=False))
+                nxt.append(f"        side{i} = side{i}_nx.to(tl.float32)")
+                nxt.append(_side_load(i, q_b, kv_b, q=f"(q_idx + {block})", name=f"side{i}_nx", convert=False))
+        else:
+            tile.append(_side_load(i, q_b, kv_b))
+    # the loads before the loop sit at function level: one indent less
+    return "\n".join(line[4:] for line in pre), "\n".join(nxt), "\n".join(tile)
 
 
 def _tile(e: sympy.Basic) -> str:
@@ -530,13 +569,16 @@ def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grad
 
     def fill(template: str, load_ids) -> str:
         out = template
+        pre, nxt, tile = side_loads(load_ids, layout, walks_keys=True)
+        pre_q, nxt_q, tile_q = side_loads(load_ids, layout, walks_keys=False)
         if an.keep_linear is sympy.true:
             out = out.replace("@KEEP_LINEAR@ & ", "")
         reps = {
             "@SIDE_PARAMS@": side_params, "@SIDE_ARGS@": side_params,
             "@SCALAR_PARAMS@": scalar_params, "@SCALAR_ARGS@": scalar_params,
             "@DSIDE_PARAMS@": dside_params, "@DSIDE_ARGS@": dside_params,
-            "@LOAD_SIDES@": "\n".join(_side_load(i, *layout[i]) for i in load_ids),
+            "@PRE_SIDES_Q@": pre_q, "@NEXT_SIDES_Q@": nxt_q, "@LOAD_SIDES_Q@": tile_q,
+            "@PRE_SIDES@": pre, "@NEXT_SIDES@": nxt, "@LOAD_SIDES@": tile,
             "@VALUE@": _tile(an.value_exp2), "@KEEP_LINEAR@": keep_linear, "@KEEP_OTHER@": keep_other,
             "@BOUNDS@": bounds_code(an.bounds, "    "), "@INV_BOUNDS@": inverse_bounds_code(an.bounds, "    "),
             "@DSCORE@": print_triton(d_score), "@DSIDE_STORES@": dside_stores,

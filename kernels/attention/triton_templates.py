@@ -1,6 +1,10 @@
 """Templates of the generated attention kernels. `codegen.generate_source` replaces the @NAME@ markers:
 @SIDE_PARAMS@ / @SCALAR_PARAMS@ / @DSIDE_PARAMS@  argument lists (each ending in ", " or empty)
-@LOAD_SIDES@      loads of the side tiles the value uses;  @VALUE@  the score value (fp32 tile)
+@PRE_SIDES@ / @NEXT_SIDES@ / @LOAD_SIDES@  loads of the sides the value uses (codegen.side_loads): before the
+                  key loop (loop-invariant sides; the first block of the prefetched ones), at the top of
+                  each step (the next block's row or column), after the QK dot (full tiles). The _Q
+                  variants serve the dK/dV loop, which walks queries instead of keys.
+@VALUE@           the score value (fp32 tile)
 @KEEP_LINEAR@     the mask covered by the loop bounds (partial blocks only)
 @KEEP_OTHER@      a mask applied on every block (index conditions the bounds do not cover)
 @BOUNDS@ / @INV_BOUNDS@  per-block loop bounds;  @DSCORE@  ∂value/∂score;  @DSIDE_STORES@  side grads
@@ -38,9 +42,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
+@PRE_SIDES@
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_idx = offs_n[None, :]
+@NEXT_SIDES@
         k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         if MASKED:
@@ -212,9 +218,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stats_row, delta_base, dq_bas
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_idx = offs_n[:, None]
+@PRE_SIDES_Q@
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_idx = offs_m[None, :]
+@NEXT_SIDES_Q@
         row_ok = offs_m < Nq
         qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
                      mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
@@ -223,7 +231,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stats_row, delta_base, dq_bas
         row_a, row_b = _row_stats(stats_row, offs_m, row_ok, Nq)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         qk = tl.dot(k, qT, input_precision=DOT_PREC)
-@LOAD_SIDES@
+@LOAD_SIDES_Q@
         s = @VALUE@
         if MASKED:
             s = tl.where(@KEEP_LINEAR@ & (kv_idx < Nk) & (q_idx < Nq), s, float("-inf"))
@@ -343,9 +351,11 @@ def _bwd_dq_inner(dq, q, do, row_a, row_b, delta, k_base, v_base, stride_kn, str
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
+@PRE_SIDES@
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_idx = offs_n[None, :]
+@NEXT_SIDES@
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         if MASKED:
