@@ -177,13 +177,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default="layer_norm,rms_norm,add_layer_norm,add_rms_norm")
     ap.add_argument("--ratio-from-graphs", action="store_true",
                     help="fwd+bwd ratio from CUDA-graph replays (kernel time) instead of end-to-end steps")
+    ap.add_argument("--shapes", help="only these shapes, e.g. 16384x1024,4096x8192")
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script on CPU (tiny shapes, "
                     "TRITON_INTERPRET=1, wall-clock timer): the numbers mean nothing")
     args = ap.parse_args(argv)
     global DEVICE, SHAPES, do_bench
     if args.cpu_smoke:
         DEVICE, SHAPES, do_bench = "cpu", [(64, 33), (16, 100)], _wall_clock_bench
-    elif not torch.cuda.is_available():
+    if args.shapes and not args.cpu_smoke:
+        SHAPES = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if not args.cpu_smoke and not torch.cuda.is_available():
         print("norms benchmark: needs a CUDA GPU", file=sys.stderr)
         return 1
     import triton
