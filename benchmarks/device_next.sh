@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Session 13's device call. Usage on the device (repo root): bash benchmarks/device_next.sh
+# Session 13's first device call (results: docs/perf-notes.md, Session 13; the side prefetch is now off by
+# default, so part 2's A/B needs FLASHFUSE_ATTN_SIDE_PREFETCH=1 for its second run, as written). Next: per-block
+# flags for padding rows, LayerNorm backward at N 1024, dropout backward, d128 n1024 causal.
+# Usage on the device (repo root): bash benchmarks/device_next.sh
 # (results under $OUT). Each part names what it checks.
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2

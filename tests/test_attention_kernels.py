@@ -370,10 +370,13 @@ def test_alibi_with_per_head_slope_side_and_scalar():
     _check(sm.side(0) * S, q, k, v, sides=[temp])
 
 
-def test_sides_of_every_layout_across_several_blocks_both_walks():
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+def test_sides_of_every_layout_across_several_blocks_both_walks(prefetch, monkeypatch):
     """A scalar, a per-key row (bool padding and a learned float row), a per-query column and a full tile in
     one expression, over lengths of several blocks each way: the forward and dQ loops walk keys (rows
     prefetched a block ahead, columns and scalars loaded once), dK/dV walks queries (the other way round)."""
+    monkeypatch.setenv("FLASHFUSE_ATTN_SIDE_PREFETCH", prefetch)  # off by default (slower on the H100)
+    monkeypatch.setattr(_ti(), "_PLANS", {})  # plans hold the module they were built with
     B, H, Nq, Nk = 2, 2, 37, 45
     q, k, v = _qkv(B, H, H, Nq, Nk, 16, torch.float32, seed=11)
     g = torch.Generator().manual_seed(12)
@@ -391,6 +394,9 @@ def test_sides_of_every_layout_across_several_blocks_both_walks():
     # the walked axis ends inside a block on both sides, and the module holds the prefetch
     layout = _ti().side_layout([slope, keep, col, row, full])
     src = codegen.generate_source(sm.to_text(expr), 5, 0, (False, False, False, True, True), layout)
+    if prefetch == "0":
+        assert "_nx" not in src
+        return
     assert "side1_nx = tl.load" in src and "side3_nx = tl.load" in src and "side2_nx" in src  # dK/dV: column
     fwd = src[src.index("def _fwd_inner"):src.index("def attn_fwd")]
     loop = fwd.index("for start_n")

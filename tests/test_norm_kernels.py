@@ -123,37 +123,6 @@ def test_backward_with_the_next_row_prefetched(kind, residual, monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("rows_per_step", [2, 4])
-@pytest.mark.parametrize("kind, residual, affine", [("layer_norm", True, True), ("rms_norm", False, True),
-                                                    ("layer_norm", False, False)])
-def test_backward_several_rows_per_step(kind, residual, affine, rows_per_step, monkeypatch):
-    """The backward's ROWS variant (an autotuned choice for short rows on GPUs) against float64: 23 rows over 4
-    programs (6, 6, 6, 5), so steps of 4 rows end inside a program's range and rows past it must add nothing
-    to dw / db."""
-    from flashfuse.kernels.norms import impl
-    real = impl.norm_bwd_kernel
-    calls = []
-
-    class SeveralRows:
-        def __getitem__(self, grid):
-            def launch(*args, **flags):
-                calls.append(grid)
-                return real[grid](*args, **{**flags, "ROWS": rows_per_step})
-            return launch
-    monkeypatch.setattr(impl, "norm_bwd_kernel", SeveralRows())
-    run_case(kind, residual, torch.float32, 33, affine, rows=(23,), device="cpu")
-    assert calls
-
-
-def test_backward_rows_choices_follow_the_row_length():
-    from flashfuse.kernels.norms.impl import _prune_bwd, _tuned_bwd
-    configs = _tuned_bwd().configs
-    for block_n, most in ((1024, 4), (2048, 2), (4096, 1), (16384, 1)):
-        kept = _prune_bwd(configs, {}, BLOCK_N=block_n)
-        assert max(c.kwargs["ROWS"] for c in kept) == most
-        assert any(c.kwargs["ROWS"] == 1 and c.kwargs["PREFETCH"] for c in kept)
-
-
 def test_reference_path_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     run_case("layer_norm", True, torch.float32, 33, True, device="cpu")

@@ -44,7 +44,8 @@ def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple 
     side_layout: per side, whether it broadcasts over queries and over keys (see `side_layout`)."""
     side_grads = tuple(bool(g) for g in side_grads) or (False,) * n_sides
     side_layout = tuple(side_layout) or ((False, False),) * n_sides
-    key = (score_mod, n_sides, n_scalars, side_grads, side_layout)
+    # the side-prefetch switch changes the generated source (codegen.side_loads)
+    key = (score_mod, n_sides, n_scalars, side_grads, side_layout, os.environ.get("FLASHFUSE_ATTN_SIDE_PREFETCH"))
     mod = _MODULES.get(key)
     if mod is not None:
         return mod

@@ -89,25 +89,16 @@ def _tuned_fwd():
                            prune_configs_by={"early_config_prune": _prune_fwd})(norm_fwd_kernel)
 
 
-def _bwd_rows_choices(block_n: int) -> tuple[int, ...]:
-    # several rows per step only where a row is short (<= 2048): a tile of 4 rows of 1024 holds 4096 floats
-    # per array, as one row of 4096 does
-    return (1, 2, 4) if block_n <= 1024 else (1, 2) if block_n <= 2048 else (1,)
-
-
 def _prune_bwd(configs, named_args, **kwargs):
     block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
-    return [c for c in configs if c.num_warps in _bwd_warp_choices(block_n)
-            and c.kwargs.get("ROWS", 1) in _bwd_rows_choices(block_n)] or configs[:1]
+    return [c for c in configs if c.num_warps in _bwd_warp_choices(block_n)] or configs[:1]
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_bwd():
     # PREFETCH (load the next row during this row's sums) won at every shape timed (H100, session 12:
     # LayerNorm fwd+bwd 16384x4096 305 -> 271 us); kept in the search so other GPUs can still choose
-    # ROWS (session 13, for LayerNorm at 1024 where the backward trailed Inductor's by 10 %): not timed yet
-    configs = [triton.Config({"PREFETCH": p, "ROWS": 1}, num_warps=w) for p in (False, True) for w in (4, 8, 16)]
-    configs += [triton.Config({"PREFETCH": False, "ROWS": r}, num_warps=w) for r in (2, 4) for w in (4, 8)]
+    configs = [triton.Config({"PREFETCH": p}, num_warps=w) for p in (False, True) for w in (4, 8, 16)]
     return triton.autotune(configs=configs, key=["N", "IS_RMS", "HAS_W", "HAS_B", "HAS_DH", "MID"],
                            prune_configs_by={"early_config_prune": _prune_bwd})(norm_bwd_kernel)
 

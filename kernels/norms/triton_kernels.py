@@ -72,18 +72,11 @@ def norm_fwd_kernel(X, R, H, W, B, Y, M, N, stride_x, stride_r, stride_h, stride
 def norm_bwd_kernel(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog,
                     stride_dy, stride_x, stride_dh, stride_dx, eps,
                     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DH: tl.constexpr,
-                    MID: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False,
-                    ROWS: tl.constexpr = 1):
+                    MID: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (RMSNorm: without the mean(g) term).
     Each program walks `rows_per_prog` rows and writes its partial dw/db sums to row `pid` of DW/DB.
     PREFETCH: the next row's x and dy are loaded before this row's reductions, so each program keeps a load
-    in flight while it reduces (one row at a time leaves the memory idle during the four row sums).
-    ROWS > 1 (short rows): ROWS rows per step as one (ROWS, BLOCK_N) tile, so each step's four sums cost one
-    round of cross-warp reductions for ROWS rows instead of one per row; PREFETCH is then ignored."""
-    if ROWS > 1:
-        _norm_bwd_rows(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog, stride_dy, stride_x, stride_dh, stride_dx,
-                       eps, IS_RMS, HAS_W, HAS_B, HAS_DH, MID, BLOCK_N, ROWS)
-        return
+    in flight while it reduces (one row at a time leaves the memory idle during the four row sums)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -134,51 +127,3 @@ def norm_bwd_kernel(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog,
         tl.store(DW + pid * N + cols, dw, mask=col_ok)
     if HAS_B:
         tl.store(DB + pid * N + cols, db, mask=col_ok)
-
-
-@triton.jit
-def _norm_bwd_rows(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog, stride_dy, stride_x, stride_dh, stride_dx, eps,
-                   IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DH: tl.constexpr,
-                   MID: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
-    """norm_bwd_kernel on ROWS rows at a time (same formulas, reductions along axis 1). Rows past the
-    program's range load as 0: their dy is 0, so they add nothing to dw / db, and their dx is not stored."""
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    if HAS_W:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    row_start = pid.to(tl.int64) * rows_per_prog
-    row_end = tl.minimum(row_start + rows_per_prog, M)
-    for r0 in range(row_start, row_end, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        mask = (rows < row_end)[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if IS_RMS:
-            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
-            xhat = x * rstd[:, None]
-        else:
-            mean = tl.sum(x, axis=1) / N
-            d = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
-            xhat = d * rstd[:, None]
-        if HAS_W:
-            g = dy * w[None, :]
-            dw += dy * _round_mid(xhat, MID)
-        else:
-            g = dy
-        if HAS_B:
-            db += dy
-        if IS_RMS:
-            dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None])
-        else:
-            dx = rstd[:, None] * (g - (tl.sum(g, axis=1) / N)[:, None] - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None])
-        if HAS_DH:
-            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    if HAS_W:
-        tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
-    if HAS_B:
-        tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
