@@ -5,10 +5,11 @@ forward+backward on score modifications that take each path, bf16, b=8 h=16 n=20
   causal_finfo.min     a huge finite fill by index: since session 11 run as -inf (no row is all fill)
   causal_finfo.min_mask_side  the same fill under a bool mask tensor: unfolded, P = exp2((s - m)·log2e - log2 l)
   causal_bias_side     a float (1, H, N, N) bias: unfolded before and after, one more add per element
-  causal_padding_row   causal by index & a (B, 1, 1, N) bool key-padding row (HF padded causal LMs after the
-                       split; half the batch pads its last N/8 keys): a row side, prefetched since session 13
-  causal_alibi_slope   ALiBi: a (1, H, 1, 1) slope side times (kv_idx - q_idx), causal by index: loaded once
-                       per program since session 13 (FLASHFUSE_ATTN_SIDE_PREFETCH=0: every step, as before)
+  causal_padding_row   causal by index & a (B, 1, 1, N) bool key-padding row, nested as HF padded causal LMs
+                       get it after the split (mask_recognition._wrap_causal; half the batch pads its last
+                       N/8 keys). Session 13's run had one flat Piecewise: no block skipped, 4x the time.
+  causal_alibi_slope   ALiBi: a (1, H, 1, 1) slope side times (kv_idx - q_idx), causal by index
+  FLASHFUSE_ATTN_SIDE_PREFETCH=1 hoists / prefetches the side loads (codegen.side_loads; off by default)
 
 Run it twice on one machine, once with a copy of the previous version first on PYTHONPATH, to compare.
 Prints one JSON line per case (median ms over triton.testing.do_bench): forward, forward+backward through
@@ -61,8 +62,9 @@ def main():
         # the causal mask as a bool tensor under finfo.min (a padding mask's spelling): rows could be all fill
         "causal_finfo.min_mask_side": (sympy.Piecewise((-3.4028234663852886e38, sympy.Ne(sm.side(0), 0)),
                                                        (scale * S, True)), [causal_mask]),
-        "causal_padding_row": (sympy.Piecewise((-sympy.oo, KI > QI), (-sympy.oo, sympy.Eq(sm.side(0), 0)),
-                                               (scale * S, True)), [keep]),
+        # nested: one Piecewise would merge both -inf cases into a condition that is not index-only
+        "causal_padding_row": (sympy.Piecewise((-sympy.oo, KI > QI), (sympy.Piecewise(
+            (-sympy.oo, sympy.Eq(sm.side(0), 0)), (scale * S, True)), True)), [keep]),
         "causal_alibi_slope": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S + sm.side(0) * (KI - QI), True)),
                                [slopes]),
     }

@@ -373,8 +373,9 @@ def test_alibi_with_per_head_slope_side_and_scalar():
 @pytest.mark.parametrize("prefetch", ["0", "1"])
 def test_sides_of_every_layout_across_several_blocks_both_walks(prefetch, monkeypatch):
     """A scalar, a per-key row (bool padding and a learned float row), a per-query column and a full tile in
-    one expression, over lengths of several blocks each way: the forward and dQ loops walk keys (rows
-    prefetched a block ahead, columns and scalars loaded once), dK/dV walks queries (the other way round)."""
+    one expression, over lengths of several blocks each way, with the loads in the loop (the default) and
+    hoisted / prefetched: the forward and dQ loops walk keys (rows one block ahead, columns and scalars once),
+    dK/dV walks queries (the other way round)."""
     monkeypatch.setenv("FLASHFUSE_ATTN_SIDE_PREFETCH", prefetch)  # off by default (slower on the H100)
     monkeypatch.setattr(_ti(), "_PLANS", {})  # plans hold the module they were built with
     B, H, Nq, Nk = 2, 2, 37, 45

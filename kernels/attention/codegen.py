@@ -497,38 +497,37 @@ def _side_load(i: int, q_bcast: bool = False, kv_bcast: bool = False, q: str = "
             f" mask=({q} < Nq) & ({kv} < Nk), other=0){conv}")
 
 
+def side_prefetch_on() -> bool:
+    """FLASHFUSE_ATTN_SIDE_PREFETCH=1: `side_loads` hoists and prefetches. Off by default: on the H100
+    (session 13) the prefetched padding row made HF padded causal slower (0.285 -> 0.328 ms) and the hoisted
+    ALiBi slope changed nothing (0.225 -> 0.228); kept for experiments on other GPUs."""
+    return os.environ.get("FLASHFUSE_ATTN_SIDE_PREFETCH", "0") == "1"
+
+
 def side_loads(ids, layout, walks_keys: bool) -> tuple[str, str, str]:
     """(before the loop, top of each step, after the QK dot) code loading sides `ids` in a loop over key
     blocks (`walks_keys`: forward and dQ, q_idx fixed) or query blocks (dK/dV, kv_idx fixed).
-    Why not all in the loop: the compiler pipelines the loads that feed dots, not these small ones, so each
-    step waited on a global load before its softmax. A side that does not vary along the walked axis (a
-    per-head slope, a per-key padding row in dK/dV) is loaded once; a row or column that varies is loaded one
-    block ahead (its latency hidden behind a step's dots); full tiles stay where they were."""
+    By default every load sits after the QK dot. With `side_prefetch_on()`, a side that does not vary along
+    the walked axis (a per-head slope, a per-key padding row in dK/dV) is loaded once before the loop, and a
+    row or column that varies is loaded one block ahead and carried; full tiles stay in the loop. The idea
+    was that the pipeliner leaves these small loads on the critical path; the H100 did not bear it out."""
     pre, nxt, tile = [], [], []
     block = "BLOCK_N" if walks_keys else "BLOCK_M"
-    # off by default: on the H100 (session 13) the prefetched padding row made HF padded causal slower
-    # (0.285 -> 0.328 ms) and the hoisted ALiBi slope changed nothing (0.225 -> 0.228); kept for experiments
-    in_loop = os.environ.get("FLASHFUSE_ATTN_SIDE_PREFETCH", "0") != "1"
+    walked = "kv" if walks_keys else "q"  # the index keyword of _side_load that changes from step to step
+    prefetch = side_prefetch_on()
     for i in ids:
         q_b, kv_b = layout[i]
-        if in_loop:
-            tile.append(_side_load(i, q_b, kv_b))
-            continue
         varies = not kv_b if walks_keys else not q_b
-        if not varies:
-            pre.append(_side_load(i, q_b, kv_b))
-        elif q_b or kv_b:  # a row (walking keys) or a column (walking queries): prefetched
-            first = f"(start + tl.arange(0, {block}))[None, :]"  # the walked index is a row in both orientations
-            if walks_keys:
-                pre.append(_side_load(i, q_b, kv_b, kv=first, name=f"side{i}_nx", convert=False))
-                nxt.append(f"        side{i} = side{i}_nx.to(tl.float32)")
-                nxt.append(_side_load(i, q_b, kv_b, kv=f"(kv_idx + {block})", name=f"side{i}_nx", convert=False))
-            else:
-                pre.append(_side_load(i, q_b, kv_b, q=first, name=f"side{i}_nx", convert=False))
-                nxt.append(f"        side{i} = side{i}_nx.to(tl.float32)")
-                nxt.append(_side_load(i, q_b, kv_b, q=f"(q_idx + {block})", name=f"side{i}_nx", convert=False))
-        else:
+        if not prefetch or (varies and not (q_b or kv_b)):  # full tiles always load in the loop
             tile.append(_side_load(i, q_b, kv_b))
+        elif not varies:
+            pre.append(_side_load(i, q_b, kv_b))
+        else:  # a row (walking keys) or a column (walking queries), one block ahead
+            first = f"(start + tl.arange(0, {block}))[None, :]"  # the walked index is a row in both orientations
+            pre.append(_side_load(i, q_b, kv_b, name=f"side{i}_nx", convert=False, **{walked: first}))
+            nxt.append(f"        side{i} = side{i}_nx.to(tl.float32)")
+            nxt.append(_side_load(i, q_b, kv_b, name=f"side{i}_nx", convert=False,
+                                  **{walked: f"({walked}_idx + {block})"}))
     # the loads before the loop sit at function level: one indent less
     return "\n".join(line[4:] for line in pre), "\n".join(nxt), "\n".join(tile)
 

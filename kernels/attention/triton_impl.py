@@ -45,7 +45,7 @@ def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple 
     side_grads = tuple(bool(g) for g in side_grads) or (False,) * n_sides
     side_layout = tuple(side_layout) or ((False, False),) * n_sides
     # the side-prefetch switch changes the generated source (codegen.side_loads)
-    key = (score_mod, n_sides, n_scalars, side_grads, side_layout, os.environ.get("FLASHFUSE_ATTN_SIDE_PREFETCH"))
+    key = (score_mod, n_sides, n_scalars, side_grads, side_layout, codegen.side_prefetch_on())
     mod = _MODULES.get(key)
     if mod is not None:
         return mod
