@@ -105,9 +105,11 @@ def test_weight_of_shape_1_1_n_and_mid_rounding():
 
 
 @pytest.mark.parametrize("kind, residual", [("layer_norm", True), ("rms_norm", False)])
-def test_backward_with_the_next_row_prefetched(kind, residual, monkeypatch):
+@pytest.mark.parametrize("paired", [True, False], ids=["paired_sums", "serial_sums"])
+def test_backward_with_the_next_row_prefetched(kind, residual, paired, monkeypatch):
     """The backward's PREFETCH variant (an autotuned choice on GPUs) against float64, with programs whose
-    row ranges are uneven (23 rows over 4 programs: 6, 6, 6, 5)."""
+    row ranges are uneven (23 rows over 4 programs: 6, 6, 6, 5), with its row sums reduced in pairs (the
+    default) and one after the other."""
     from flashfuse.kernels.norms import impl
     real = impl.norm_bwd_kernel
     calls = []
@@ -116,7 +118,7 @@ def test_backward_with_the_next_row_prefetched(kind, residual, monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **flags):
                 calls.append(grid)
-                return real[grid](*args, **{**flags, "PREFETCH": True})
+                return real[grid](*args, **{**flags, "PREFETCH": True, "PAIRED": paired})
             return launch
     monkeypatch.setattr(impl, "norm_bwd_kernel", Prefetching())
     run_case(kind, residual, torch.float32, 33, True, rows=(23,), device="cpu")
