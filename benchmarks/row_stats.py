@@ -9,6 +9,8 @@ forward+backward on score modifications that take each path, bf16, b=8 h=16 n=20
                        get it after the split (mask_recognition._wrap_causal; half the batch pads its last
                        N/8 keys). Session 13's run had one flat Piecewise: no block skipped, 4x the time.
   causal_alibi_slope   ALiBi: a (1, H, 1, 1) slope side times (kv_idx - q_idx), causal by index
+  causal_key_counts    the padding of causal_padding_row as key counts (B, 1, 1, 1), a loop bound: what
+                       mask_recognition now makes of right padding
   FLASHFUSE_ATTN_SIDE_PREFETCH=1 hoists / prefetches the side loads (codegen.side_loads; off by default)
 
 Run it twice on one machine, once with a copy of the previous version first on PYTHONPATH, to compare.
@@ -54,6 +56,7 @@ def main():
     bias = torch.randn(1, h, n, n, device="cuda", generator=g)  # a relative-position-like bias: stays a side
     keep = torch.ones(b, 1, 1, n, dtype=torch.bool, device="cuda")
     keep[: b // 2, ..., n - n // 8:] = False
+    counts = keep.sum(-1, keepdim=True, dtype=torch.int32)  # (B, 1, 1, 1)
     slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda").view(1, h, 1, 1)
     cases = {
         "causal_-inf": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S, True)), []),
@@ -67,6 +70,9 @@ def main():
             (-sympy.oo, sympy.Eq(sm.side(0), 0)), (scale * S, True)), True)), [keep]),
         "causal_alibi_slope": (sympy.Piecewise((-sympy.oo, KI > QI), (scale * S + sm.side(0) * (KI - QI), True)),
                                [slopes]),
+        # the same padding as key counts (right padding: each batch keeps a prefix), a loop bound
+        "causal_key_counts": (sympy.Piecewise((-sympy.oo, KI > QI), (sympy.Piecewise(
+            (-sympy.oo, KI >= sm.key_count(sm.side(0))), (scale * S, True)), True)), [counts]),
     }
     dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
     for name, (expr, sides) in cases.items():

@@ -1344,6 +1344,8 @@ def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs:
                 how = ("checked on the device at every replay" if device_mask_check_enabled()
                        else "loaded per tile: not re-checked under CUDA graphs")
             words.append(f"causal (tril buffer {_shape_str(t.shape)}, {how})")
+        elif (padding := _key_padding_words(t, expr, i, nq, nk, cuda_graphs)) is not None:
+            words.append(padding)
         elif (t is not None and isinstance(nq, int) and isinstance(nk, int)
               and mask_recognition._index_side(t, nq, nk) is not None):
             axis = "key" if mask_recognition._index_axis(t, nq, nk) == sm.kv_idx else "query"
@@ -1353,6 +1355,29 @@ def _side_words(gm, builder: ScoreModBuilder, expr, example_inputs, cuda_graphs:
         else:
             words.append(desc)
     return words
+
+
+def _key_padding_words(t, expr, i: int, nq, nk, cuda_graphs: bool) -> str | None:
+    """'key padding (...)' for a mask input that holds key padding now (alone or with causal, as HF models
+    build it): right padding runs as key counts (loop bounds), other padding as one row of keys."""
+    from flashfuse.kernels.attention import mask_recognition
+
+    if t is None or not isinstance(nq, int) or not isinstance(nk, int) or t.dim() != 4:
+        return None
+    if mask_recognition.side_conditions(expr, i):
+        found = mask_recognition._key_padding(t, nq, nk)
+        if found is None:
+            return None
+        causal, kind, _ = found
+    elif isinstance(expr, sympy.Add) and mask_recognition._additive_key_padding(expr, i, t, nk) is not None:
+        causal, kind = False, "counts"
+    else:
+        return None
+    what = "key padding" + (" & causal" if causal else "")
+    if cuda_graphs:
+        return f"{what} ({_shape_str(t.shape)}, loaded per tile under CUDA graphs)"
+    how = "key counts: blocks past them skipped" if kind == "counts" else "one row of keys per block"
+    return f"{what} ({_shape_str(t.shape)}, {how}; verified at run time)"
 
 
 def _is_causal_condition(c) -> bool:

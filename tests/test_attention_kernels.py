@@ -512,6 +512,62 @@ def test_empty_key_blocks_are_never_loaded():
         os.environ.pop("FLASHFUSE_ATTN_AUTOTUNE")
 
 
+def _key_count_expr(causal: bool):
+    """Right padding as mask_recognition writes it: keys at or past key_count(side0) are masked."""
+    inner = sympy.Piecewise((-OO, KI >= sm.key_count(sm.side(0))), (0.25 * S, True))
+    return sympy.Piecewise((-OO, KI > QI + NK - NQ), (inner, True)) if causal else inner
+
+
+@pytest.mark.parametrize("causal, hq, hkv, per_head", [(True, 2, 2, False), (False, 4, 2, True),
+                                                       (True, 4, 1, True)])
+def test_key_counts_bound_the_loops(causal, hq, hkv, per_head):
+    """Per-batch (or per-head) key counts as loop bounds: forward and gradients against float64, counts at
+    block edges, inside a block and of one key, GQA; the backward walks the bounds per query head."""
+    nq, nk = (29, 37) if causal else (23, 37)
+    counts = [37, 16, 9, 32] if not causal else [37, 16, 9, 30]  # causal rows keep a key: >= nk - nq + 1 = 9
+    b = len(counts)
+    c = torch.tensor(counts, dtype=torch.int32).view(b, 1, 1, 1)
+    if per_head:  # head h keeps one key fewer per head, down to the row rule's minimum
+        c = torch.maximum(c - torch.arange(hq, dtype=torch.int32).view(1, hq, 1, 1), torch.tensor(nk - nq + 1))
+    q, k, v = _qkv(b, hq, hkv, nq, nk, 16, torch.float32, seed=5)
+    _check(_key_count_expr(causal), q, k, v, sides=[c.to(_dev())])
+    from flashfuse.kernels.attention.codegen import analyze
+    an = analyze(_key_count_expr(causal), 1, frozenset({0}))
+    assert an.keep_other is sympy.true and an.fold and len(an.bounds) == 1 + causal
+
+
+def test_key_blocks_past_the_count_are_never_loaded():
+    """NaN planted in K and V at and after the first key block past each batch's count: a kernel that loaded
+    them would give NaN rows (forward) and NaN dq; dk and dv of those keys are 0."""
+    ti = _ti()
+    blk = ti.INTERPRET_BLOCK if ti.INTERPRET else 128
+    os.environ["FLASHFUSE_ATTN_AUTOTUNE"] = "0"
+    try:
+        n = 3 * blk
+        counts = [blk + 3, 1, 2 * blk]
+        q, k, v = _qkv(3, 2, 2, n, n, 16, torch.float32, seed=7)
+        kp, vp = k.clone(), v.clone()
+        for i, c in enumerate(counts):
+            past = -(-c // blk) * blk
+            kp[i, :, past:] = float("nan")
+            vp[i, :, past:] = float("nan")
+        side = torch.tensor(counts, dtype=torch.int32, device=q.device).view(3, 1, 1, 1)
+        text = sm.to_text(_key_count_expr(False))
+        out, lse = ti.attention_forward(q, kp, vp, [side], [], text, 0.0, None, "ieee")
+        ref, _ = reference.attention_forward(q.double(), k.double(), v.double(), [side], [], text, 0.0, None)
+        assert not out.isnan().any() and _rel(out, ref) < 1e-5
+        dout = torch.randn_like(out)
+        dq, dk, dv, _ = ti.attention_backward(dout, q, kp, vp, out, lse, [side], [], text, 0.0, None, [False],
+                                              "ieee")
+        assert not dq.isnan().any()
+        for i, c in enumerate(counts):
+            past = -(-c // blk) * blk
+            assert not dk[i, :, :past].isnan().any() and not dv[i, :, :past].isnan().any()
+            assert bool((dk[i, :, c:] == 0).all()) and bool((dv[i, :, c:] == 0).all())
+    finally:
+        os.environ.pop("FLASHFUSE_ATTN_AUTOTUNE")
+
+
 # ---------------------------------------------------------------- dropout
 
 def _binomial_ok(keep: torch.Tensor, p: float) -> bool:

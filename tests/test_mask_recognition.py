@@ -1,4 +1,6 @@
 """A mask tensor that is an index pattern takes the symbolic path, re-checked whenever it changes."""
+import math
+
 import sympy
 import torch
 
@@ -84,19 +86,27 @@ import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("spelling", ["masked_fill_-inf", "where_finfo_min", "hf_additive"])
-def test_causal_and_right_padding_split_into_causal_and_a_key_row(spelling):
+@pytest.mark.parametrize("holes", [False, True], ids=["right_padding", "holes"])
+def test_causal_and_right_padding_split_into_causal_and_key_counts(spelling, holes):
     """HF causal LMs with a padding mask hand over one (B, 1, N, N) mask of causal & padding. Recognized: the
-    causal part becomes -inf by index (key blocks above the diagonal skipped) and the side becomes the
+    causal part becomes -inf by index (key blocks above the diagonal skipped). Right padding (each batch keeps
+    a prefix of keys) becomes key counts (B, 1, 1, 1) int32, a loop bound; a keep row with holes becomes the
     mask's last row (B, 1, 1, Nk), a view. Same values as the original on every kept score; masked scores
     are -inf instead of a fill, which gives them probability 0 either way (every row keeps a key)."""
     nq, nk = 6, 9
     m = _padded(nq, nk, pad_right=3)
+    if holes:
+        m[0, :, :, 4] = False  # batch 0 drops key 4 only
     side, S = sm.side(0), sm.score
     expr = {"masked_fill_-inf": sympy.Piecewise((-sympy.oo, sympy.Eq(side, 0)), (S / 4, True)),
             "where_finfo_min": sympy.Piecewise((S / 4, sympy.Ne(side, 0)), (FMIN, True)),
             "hf_additive": S / 4 + sympy.Piecewise((0, sympy.Ne(side, 0)), (FMIN, True))}[spelling]
     new, sides, kept = mask_recognition.specialize(sm.to_text(expr), [m], nq, nk)
-    assert kept == [0] and sides[0].shape == (3, 1, 1, nk) and sides[0].data_ptr() == m[:, :, -1:].data_ptr()
+    assert kept == [0]
+    if holes:
+        assert sides[0].shape == (3, 1, 1, nk) and sides[0].data_ptr() == m[:, :, -1:].data_ptr()
+    else:
+        assert sides[0].dtype == torch.int32 and sides[0].view(-1).tolist() == [nk, nk - 3, nk]
     new_expr = sm.from_text(new)
     assert isinstance(new_expr, sympy.Piecewise) and new_expr.args[0].expr == -sympy.oo
     s = torch.randn(3, 1, nq, nk)
@@ -104,9 +114,73 @@ def test_causal_and_right_padding_split_into_causal_and_a_key_row(spelling):
     b = sm.evaluate(expr, {**_grid_env(nq, nk, s), "side0": m})
     assert torch.equal(a[m.expand_as(a)], b[m.expand_as(b)])
     assert bool((a[~m.expand_as(a)] == float("-inf")).all())
-    from flashfuse.kernels.attention import codegen
-    an = codegen.analyze(new_expr, 1)
-    assert an.bounds and an.fold, "causal as loop bounds, and no fill left to keep the value unfolded"
+    from flashfuse.kernels.attention import codegen, triton_impl
+    an = codegen.analyze(new_expr, 1, frozenset(i for i, (qb, kb) in enumerate(triton_impl.side_layout(sides))
+                                                 if qb and kb))
+    assert an.fold, "no fill left to keep the value unfolded"
+    assert len(an.bounds) == (1 if holes else 2), "causal (and the key count) as loop bounds"
+    assert an.keep_other is sympy.true
+
+
+def test_key_counts_can_be_switched_off(monkeypatch):
+    """FLASHFUSE_ATTN_KEY_COUNTS=0 (read at import; the module flag here) keeps right padding as a key row."""
+    monkeypatch.setattr(mask_recognition, "KEY_COUNTS", False)
+    monkeypatch.setattr(mask_recognition, "_CACHE", {})
+    monkeypatch.setattr(mask_recognition, "_RESULTS", {})
+    m = _padded(6, 9, pad_right=3)
+    text = sm.to_text(sympy.Piecewise((-sympy.oo, sympy.Eq(sm.side(0), 0)), (sm.score, True)))
+    _, sides, _ = mask_recognition.specialize(text, [m], 6, 9)
+    assert sides[0].shape == (3, 1, 1, 9) and sides[0].dtype == torch.bool
+
+
+def _encoder_mask(nq, nk, counts):
+    keep = torch.arange(nk)[None, :] < torch.tensor(counts)[:, None]
+    return keep[:, None, None, :].expand(len(counts), 1, nq, nk).contiguous()  # (B, 1, Nq, Nk), as HF 5.x
+
+
+@pytest.mark.parametrize("counts, want", [([9, 6, 1], "counts"), ([9, 0, 4], None)],
+                         ids=["right_padding", "a_batch_keeps_no_key"])
+def test_encoder_key_padding_becomes_key_counts(counts, want):
+    """HF encoders (BERT) hand over a (B, 1, N, N) bool mask of key padding, every row alike, under an
+    additive finfo.min. Right padding becomes key counts; a batch that keeps no key (eager: a uniform
+    average over the fills) stays a mask."""
+    nq, nk = 5, 9
+    m = _encoder_mask(nq, nk, counts)
+    expr = sm.score / 4 + sympy.Piecewise((0, sympy.Ne(sm.side(0), 0)), (FMIN, True))
+    new, sides, kept = mask_recognition.specialize(sm.to_text(expr), [m], nq, nk)
+    if want is None:
+        assert new == sm.to_text(expr) and sides[0] is m
+        return
+    assert sides[0].dtype == torch.int32 and sides[0].view(-1).tolist() == counts
+    s = torch.randn(3, 1, nq, nk)
+    a = sm.evaluate(sm.from_text(new), {**_grid_env(nq, nk, s), "side0": sides[0]})
+    b = sm.evaluate(expr, {**_grid_env(nq, nk, s), "side0": m})
+    assert torch.equal(a[m], b[m]) and bool((a[~m] == float("-inf")).all())
+
+
+@pytest.mark.parametrize("fill, pad_left, want", [(FMIN, False, True), (-1e9, False, True), (-10.0, False, False),
+                                                  (FMIN, True, False)],
+                         ids=["finfo_min", "minus_1e9", "soft_minus_10", "left_padding"])
+def test_additive_key_row_becomes_key_counts(fill, pad_left, want):
+    """`scores + (1 - mask[:, None, None, :]) * fill` as encoders write it by hand: a (B, 1, 1, Nk) float row.
+    Right padding under a huge fill becomes key counts; a soft fill or left padding stays a side."""
+    nq, nk = 5, 9
+    mask = torch.ones(3, 1, 1, nk)
+    if pad_left:
+        mask[1, ..., :3] = 0
+    else:
+        mask[1, ..., 6:] = 0
+    mask[2, ..., 1:] = 0  # batch 2 keeps its first key only
+    expr = sm.score / 4 + (1 - sm.side(0)) * fill
+    new, sides, _ = mask_recognition.specialize(sm.to_text(expr), [mask], nq, nk)
+    if not want:
+        assert new == sm.to_text(expr) and sides[0] is mask
+        return
+    assert sides[0].view(-1).tolist() == [9, 6, 1]
+    s = torch.randn(3, 1, nq, nk)
+    a = sm.evaluate(sm.from_text(new), {**_grid_env(nq, nk, s), "side0": sides[0]})
+    keep = (mask != 0).expand(3, 1, nq, nk)
+    assert torch.allclose(a[keep], (s / 4)[keep]) and bool((a[~keep] == float("-inf")).all())
 
 
 def test_left_padding_a_soft_mask_or_a_stray_bit_stay_as_they_are():
@@ -228,3 +302,38 @@ def test_alibi_with_a_position_buffer_through_compile(monkeypatch):
         assert (a.double() - r).norm() / r.norm() < 1e-4
     report = str(flashfuse.explain(model, q, k, v))  # the report names them
     assert report.count("key positions (arange") == 2 and report.count("query positions (arange") == 2, report
+
+
+def test_encoder_padding_through_compile_runs_as_key_counts_and_explain_says_so(monkeypatch):
+    """A hand-written encoder attention with HF 5.x's (B, 1, N, N) bool padding mask under an additive
+    finfo.min: compiled, the op gets key counts (right padding) and the numbers are eager's; explain names
+    the mask as key padding run as key counts."""
+    import flashfuse
+    from flashfuse.kernels.attention import triton_impl
+
+    seen = []
+    real = triton_impl.attention_forward
+
+    def spy(q, k, v, sides, scalars, score_mod, *a, **kw):
+        seen.append((score_mod, [(tuple(s.shape), s.dtype) for s in sides]))
+        return real(q, k, v, sides, scalars, score_mod, *a, **kw)
+
+    monkeypatch.setattr(triton_impl, "attention_forward", spy)
+
+    def encoder(q, k, v, mask):
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        att = att + torch.zeros((), dtype=att.dtype).masked_fill(~mask, torch.finfo(att.dtype).min)
+        return torch.softmax(att, dim=-1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = [torch.randn(3, 2, 21, 16, requires_grad=True) for _ in range(3)]
+    mask = _encoder_mask(21, 21, [21, 13, 1])
+    out = torch.compile(encoder, backend=flashfuse.backend(remainder="eager"))(q, k, v, mask)
+    ref = encoder(*(t.double() for t in (q, k, v)), mask)
+    assert seen and all("key_count" in t and sides == [((3, 1, 1, 1), torch.int32)] for t, sides in seen), seen
+    assert (out.double() - ref).norm() / ref.norm() < 1e-4
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
+        assert (a.double() - r).norm() / r.norm() < 1e-4
+    report = str(flashfuse.explain(encoder, q, k, v, mask))
+    assert "key padding ((3,1,21,21)" in report and "key counts" in report, report

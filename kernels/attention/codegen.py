@@ -41,8 +41,32 @@ NEG_INF = -sympy.oo
 _INDEX_ONLY = set(sm.INDEX_SYMBOLS)
 
 
+def kv_len(j: int) -> sympy.Symbol:
+    """The kernels' name for `key_count(side_j)` (score_mod.key_count: mask_recognition writes right padding
+    so) when side j is one value per program. An integer known before the key loop, it joins the loop bounds
+    like Nk: key blocks past it are skipped, and only the block that straddles it is masked."""
+    return sympy.Symbol(f"kvlen{j}", integer=True)
+
+
+def _is_kv_len(x: sympy.Basic) -> bool:
+    return isinstance(x, sympy.Symbol) and x.name.startswith("kvlen")
+
+
 def _index_only(e: sympy.Basic) -> bool:
-    return e.free_symbols <= _INDEX_ONLY
+    return all(x in _INDEX_ONLY or _is_kv_len(x) for x in e.free_symbols)
+
+
+def _lengths_as_symbols(expr: sympy.Basic, len_sides) -> sympy.Basic:
+    """key_count(side_j) -> kvlen_j for the sides in `len_sides` (one value per program). Elsewhere it stays,
+    is not index-only, and prints as the side's value (a mask on every score, correct and slower)."""
+    if not len_sides:
+        return expr
+    reps = {f: kv_len(sm.side_ids(f)[0]) for f in expr.atoms(sm.key_count) if sm.side_ids(f)[0] in len_sides}
+    return expr.xreplace(reps) if reps else expr
+
+
+def kv_len_ids(e: sympy.Basic) -> list[int]:
+    return sorted(int(x.name[5:]) for x in e.free_symbols if _is_kv_len(x))
 
 
 def _split_keep(expr: sympy.Basic):
@@ -77,7 +101,8 @@ def _split_keep(expr: sympy.Basic):
 
 @dataclasses.dataclass
 class LinearBound:
-    """kv_idx <= alpha*q_idx + beta (upper) or kv_idx >= alpha*q_idx + beta (lower); beta over Nq, Nk."""
+    """kv_idx <= alpha*q_idx + beta (upper) or kv_idx >= alpha*q_idx + beta (lower); beta over Nq, Nk and
+    per-program key counts (kv_len)."""
     upper: bool
     alpha: int
     beta: sympy.Basic
@@ -87,7 +112,7 @@ def linear_bound(rel: sympy.Basic):
     if not isinstance(rel, (sympy.StrictLessThan, sympy.LessThan, sympy.StrictGreaterThan, sympy.GreaterThan)):
         return None
     e = sympy.expand(rel.lhs - rel.rhs)
-    if not e.free_symbols <= {sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk}:
+    if not all(x in (sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk) or _is_kv_len(x) for x in e.free_symbols):
         return None
     try:
         poly = sympy.Poly(e, sm.q_idx, sm.kv_idx, sm.Nq, sm.Nk)
@@ -99,7 +124,8 @@ def linear_bound(rel: sympy.Basic):
     a = e.coeff(sm.q_idx)
     c = sympy.expand(e - bk * sm.kv_idx - a * sm.q_idx)
     if bk not in (1, -1) or not a.is_integer or not all(
-            x.is_integer for x in (sympy.Poly(c, sm.Nq, sm.Nk).coeffs() if c.free_symbols else [c])):
+            x.is_integer for x in (sympy.Poly(c, *sorted(c.free_symbols, key=str)).coeffs()
+                                   if c.free_symbols else [c])):
         return None
     strict = isinstance(rel, (sympy.StrictLessThan, sympy.StrictGreaterThan))
     less = isinstance(rel, (sympy.StrictLessThan, sympy.LessThan))  # e < 0 or e <= 0
@@ -155,7 +181,10 @@ def _huge_constants(e: sympy.Basic) -> bool:
     return any(math.isfinite(float(c)) and abs(float(c)) >= HUGE_CONSTANT for c in e.atoms(sympy.Number))
 
 
-def analyze(expr: sympy.Basic, n_sides: int) -> Analysis:
+def analyze(expr: sympy.Basic, n_sides: int, len_sides=frozenset()) -> Analysis:
+    """len_sides: the sides that are one value per program (scalar layout); key_count(side_j) of those is a
+    key count (kv_len) that may bound the loops."""
+    expr = _lengths_as_symbols(expr, len_sides)
     keep, value = _split_keep(expr)
     keep = sympy.logic.boolalg.to_nnf(keep)  # ~(a | b) -> ~a & ~b, so each inequality can become a bound
     conj = list(keep.args) if isinstance(keep, sympy.And) else ([] if keep is sympy.true else [keep])
@@ -414,6 +443,8 @@ def print_triton(e: sympy.Basic, names: dict | None = None) -> str:
             return f"tl.where({a} > 0, 1.0, tl.where({a} < 0, 0.0, 0.5))"
         if isinstance(x, sympy.DiracDelta):
             return "(0.0)"
+        if isinstance(x, sm.key_count):
+            return p(x.args[0])
         fn = _FUNCS.get(type(x)) or _FUNCS.get(x.func)
         if fn is not None:
             return f"{fn}(({p(x.args[0])}).to(tl.float32))" if fn != "_tanh" else f"_tanh(({p(x.args[0])}).to(tl.float32), FAST_MATH)"
@@ -452,11 +483,13 @@ def inverse_bounds_code(bounds: list, indent: str) -> str:
             lines.append(f"{indent}q_flo = Nq")
             continue
         if bd.alpha == 0:
-            # a bound on kv alone: the whole block is kept or not; no restriction on q, no full range
-            # unless it holds for the whole block
+            # a bound on kv alone (a key count): no restriction on q where some key of the block is kept,
+            # nothing where none is (the block is skipped), full only where every key is
             beta = print_triton(bd.beta)
-            cond = f"(n_hi <= {beta})" if bd.upper else f"(n_lo >= {beta})"
-            lines.append(f"{indent}q_flo = tl.where({cond}, q_flo, Nq)")
+            full = f"(n_hi <= {beta})" if bd.upper else f"(n_lo >= {beta})"
+            some = f"(n_lo <= {beta})" if bd.upper else f"(n_hi >= {beta})"
+            lines.append(f"{indent}q_flo = tl.where({full}, q_flo, Nq)")
+            lines.append(f"{indent}q_hi = tl.where({some}, q_hi, -1)")
             continue
         # kv <= alpha*q + beta  <=>  alpha*q >= kv - beta ; kv >= alpha*q + beta <=> alpha*q <= kv - beta
         beta = print_triton(bd.beta)
@@ -544,11 +577,10 @@ def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grad
     from flashfuse.kernels.attention import triton_templates as tt
 
     expr = sm.from_text(score_mod_text)
-    an = analyze(expr, n_sides)
+    layout = tuple(side_layout) or ((False, False),) * n_sides
+    an = analyze(expr, n_sides, frozenset(i for i, (q_b, kv_b) in enumerate(layout) if q_b and kv_b))
     d_score = sympy.diff(an.value, sm.score)
     d_sides = {i: sympy.diff(an.value, sm.side(i)) for i, g in enumerate(side_grads) if g}
-
-    layout = tuple(side_layout) or ((False, False),) * n_sides
 
     def sides_of(*es):
         ids = set()
@@ -568,10 +600,18 @@ def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grad
         f" mask=(q_idx < Nq) & (kv_idx < Nk))"
         for i, de in d_sides.items())
 
+    # key counts (kv_len): one int per program, loaded before the bounds and at the top of each inner loop
+    len_loads = [f"kvlen{j} = tl.load(side{j}_ptr + off_b.to(tl.int64) * side{j}_sb"
+                 f" + off_h.to(tl.int64) * side{j}_sh).to(tl.int32)" for j in kv_len_ids(an.expr)]
+
+    def lines_at(indent: str, extra: str = "") -> str:
+        return "\n".join([indent + line for line in len_loads] + ([extra] if extra else []))
+
     def fill(template: str, load_ids) -> str:
         out = template
         pre, nxt, tile = side_loads(load_ids, layout, walks_keys=True)
         pre_q, nxt_q, tile_q = side_loads(load_ids, layout, walks_keys=False)
+        pre, pre_q = lines_at("    ", pre), lines_at("    ", pre_q)
         if an.keep_linear is sympy.true:
             out = out.replace("@KEEP_LINEAR@ & ", "")
         reps = {
@@ -581,7 +621,8 @@ def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grad
             "@PRE_SIDES_Q@": pre_q, "@NEXT_SIDES_Q@": nxt_q, "@LOAD_SIDES_Q@": tile_q,
             "@PRE_SIDES@": pre, "@NEXT_SIDES@": nxt, "@LOAD_SIDES@": tile,
             "@VALUE@": _tile(an.value_exp2), "@KEEP_LINEAR@": keep_linear, "@KEEP_OTHER@": keep_other,
-            "@BOUNDS@": bounds_code(an.bounds, "    "), "@INV_BOUNDS@": inverse_bounds_code(an.bounds, "    "),
+            "@BOUNDS@": lines_at("    ", bounds_code(an.bounds, "    ")),
+            "@INV_BOUNDS@": lines_at("        ", inverse_bounds_code(an.bounds, "        ")),
             "@DSCORE@": print_triton(d_score), "@DSIDE_STORES@": dside_stores,
         }
         for k, v in reps.items():

@@ -18,11 +18,16 @@ calls take the general path, which loads the mask.
 """
 from __future__ import annotations
 
+import os
+
 import sympy
 import torch
 
 from flashfuse.kernels.attention import codegen
 from flashfuse.kernels.attention import score_mod as sm
+
+# Right padding as key counts (loop bounds) rather than a row of kept keys; FLASHFUSE_ATTN_KEY_COUNTS=0 for A/B.
+KEY_COUNTS = os.environ.get("FLASHFUSE_ATTN_KEY_COUNTS", "1") != "0"
 
 _CACHE: dict = {}     # per side tensor state -> recognized predicate (or False)
 _RESULTS: dict = {}   # per (score_mod, side states, sizes) -> (new text, kept indices)
@@ -101,12 +106,17 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
             keep_idx.remove(i)
             changed = True
             continue
+        additive = _additive_key_padding(expr, i, t, nk)
+        if additive is not None:  # BERT's (1 - mask) * finfo.min added to the scores, right padding
+            expr, counts = additive
+            replaced[i] = counts
+            continue
         conds = side_conditions(expr, i)
         if not conds:
             continue
         key = (_key(t), nq, nk)
         pred = _CACHE.get(key)
-        if pred is not None and pred[2] is not None:  # causal & key padding, seen before
+        if pred is not None and pred[2] is not None:  # key padding (with or without causal), seen before
             expr = _wrap_causal(expr, conds, replaced, i, pred[2])
             continue
         if pred is None:
@@ -121,7 +131,7 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
                     if bool((want == pattern).all()):
                         pred = cand
                         break
-            padding = _causal_key_padding(t, nq, nk) if pred is False else None
+            padding = _key_padding(t, nq, nk) if pred is False else None
             if len(_CACHE) > _MAX_CACHE:
                 _CACHE.clear()
             _CACHE[key] = (pred, t.untyped_storage() if pred is not False or padding is not None else None,
@@ -178,25 +188,77 @@ def _index_side(t: torch.Tensor, nq: int, nk: int):
     return axis if hit[0] else None
 
 
-# ---- causal & key padding (HF causal LMs with a padding mask: one (B, 1, N, N) mask of both) ----
+# ---- key padding, alone (HF encoders) or with causal (HF causal LMs): one (B, 1, N, N) mask of both ----
 _CAUSAL = sm.kv_idx <= sm.q_idx + sm.Nk - sm.Nq
 
 
-def _causal_key_padding(t: torch.Tensor, nq: int, nk: int):
-    """The (B', H', 1, Nk) view of t's last query row when `t != 0` is exactly `causal & keep[b, h, kv]`
-    (bottom-right causal, keep = that last row) and every query row keeps a key, else None. Row 0 keeps the
-    fewest keys (0 .. Nk - Nq), so it decides the second condition; left padding fails it."""
-    if nk < nq or nq == 0 or t.dim() != 4 or tuple(t.shape[-2:]) != (nq, nk):
+def _key_padding(t: torch.Tensor, nq: int, nk: int):
+    """(causal, kind, tensor) when `t != 0` is exactly `keep[b, h, kv]` (key padding, rows all alike) or
+    `causal & keep[b, h, kv]` (bottom-right causal: HF causal LMs with a padding mask), keep being t's last
+    query row, and every query row keeps a key. kind "counts": (B', H', 1, 1) int32 numbers of kept keys,
+    when each keep row is a prefix (right padding: the kernels bound their loops by it, codegen.kv_len);
+    kind "row": the (B', H', 1, Nk) view of the last row, loaded per key block. None otherwise. Under causal,
+    row 0 keeps the fewest keys (0 .. Nk - Nq), so it decides the second condition; left padding fails it."""
+    if nq == 0 or nk == 0 or t.dim() != 4 or tuple(t.shape[-2:]) != (nq, nk):
         return None
     nz = t != 0
     keep = nz[:, :, -1:, :]
     qi = torch.arange(nq, device=t.device)[:, None]
     ki = torch.arange(nk, device=t.device)[None, :]
-    exact = (nz == ((ki <= qi + (nk - nq)) & keep)).all()
-    row0_keeps = keep[..., : nk - nq + 1].any(-1).all()
-    if not bool(exact & row0_keeps):  # one host sync for both
+    counts = keep.sum(-1, keepdim=True, dtype=torch.int32)
+    checks = [(nz == keep).all(), (counts >= 1).all(), (keep == (ki < counts)).all()]
+    if nk >= nq:
+        checks += [(nz == ((ki <= qi + (nk - nq)) & keep)).all(), keep[..., : nk - nq + 1].any(-1).all()]
+    flags = torch.stack(checks).tolist()  # one host sync
+    plain, prefix = flags[0] and flags[1], flags[2]
+    causal = len(flags) > 3 and flags[3] and flags[4]
+    if not (plain or causal):
         return None
-    return t[:, :, -1:, :]
+    if prefix and KEY_COUNTS:
+        return causal and not plain, "counts", counts
+    return causal and not plain, "row", t[:, :, -1:, :]
+
+
+# ---- additive key padding (BERT-style encoders: scores + (1 - mask) * finfo.min, one row per batch) ----
+def _additive_key_padding(expr, i: int, t: torch.Tensor, nk: int):
+    """(new expr, (B', H', 1, 1) int32 key counts) when the scores get a term g(side i) added, side i a row of
+    keys (B', H', 1, Nk) (`scores + (1 - mask) * finfo.min` as encoders write it), and g is 0 on a prefix of
+    at least one key and a fill (<= HUGE_FILL, -inf included) after it in every row; the rest of the sum is
+    never a huge negative. Then `kv_idx >= key_count` is masked instead, a loop bound. Exact: kept scores add
+    0, and a fill's probability is 0 either way when the row keeps a key. None otherwise."""
+    s = sm.side(i)
+    if not isinstance(expr, sympy.Add) or t.dim() > 4 or t.requires_grad:
+        return None
+    # g: the terms of the side and constants (sympy spreads (1 - m) * fill into fill - fill * m)
+    in_g = [a.free_symbols <= {s} for a in expr.args]
+    g = sympy.Add(*[a for a, y in zip(expr.args, in_g) if y])
+    rest = sympy.Add(*[a for a, y in zip(expr.args, in_g) if not y])
+    if g.free_symbols != {s} or not codegen.never_huge_negative(rest):
+        return None
+    shape = (1,) * (4 - t.dim()) + tuple(t.shape)
+    if shape[2] != 1 or shape[3] != nk or nk == 0:
+        return None
+    key = ("additive", _key(t), nk, sm.to_text(g))
+    hit = _CACHE.get(key)
+    if hit is None:
+        ok = False
+        if KEY_COUNTS:
+            try:
+                row = torch.as_tensor(sm.evaluate(g, {s.name: t.reshape(shape).double()})).expand(shape)
+            except Exception:  # noqa: BLE001 (a term torch cannot evaluate: leave the side as it is)
+                row = None
+            if row is not None:
+                keep = row == 0
+                counts = keep.sum(-1, keepdim=True, dtype=torch.int32)
+                ki = torch.arange(nk, device=t.device)
+                ok = bool((keep | (row <= codegen.HUGE_FILL)).all() & (keep == (ki < counts)).all()
+                          & (counts >= 1).all())  # one host sync
+        if len(_CACHE) > _MAX_CACHE:
+            _CACHE.clear()
+        hit = _CACHE[key] = (counts if ok else None, t.untyped_storage() if ok else None)
+    if hit[0] is None:
+        return None
+    return sympy.Piecewise((-sympy.oo, sympy.GreaterThan(sm.kv_idx, sm.key_count(s))), (rest, True)), hit[0]
 
 
 def _is_fill(e) -> bool:
@@ -210,18 +272,24 @@ def _is_fill(e) -> bool:
     return False
 
 
-def _wrap_causal(expr, conds, replaced: dict, i: int, keys):
-    """expr with side i's mask split into `causal` (as -inf: key blocks above the diagonal skipped) and the
-    keys it keeps (side i becomes `keys`, the mask's last row: loaded per key block, not per score), every
-    masked score -inf. Exact when every row keeps a key (checked) and masked scores are a fill: their
-    probabilities are 0 either way. Anything else (a soft mask, other sides or fills in the value) leaves
-    expr as it is."""
+def _wrap_causal(expr, conds, replaced: dict, i: int, padding):
+    """expr with side i's mask split into the keys it keeps and, for causal & padding, `causal` (as -inf:
+    key blocks above the diagonal skipped), every masked score -inf. `padding` from `_key_padding`: side i
+    becomes the key counts (`kv_idx >= key_count(side i)` masked: a loop bound) or the mask's last row
+    (loaded per key block, not per score). Exact when every row keeps a key (checked) and masked scores are a
+    fill: their probabilities are 0 either way. Anything else (a soft mask, other sides or fills in the
+    value) leaves expr as it is."""
     on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) else sympy.false for c in conds})
     off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) else sympy.true for c in conds})
     if not codegen.never_huge_negative(on) or not _is_fill(off):
         return expr
-    replaced[i] = keys
+    causal, kind, tensor = padding
+    replaced[i] = tensor
     # the fill becomes -inf too (no row is all fill): no huge constant left, so the kernels fold the value
     # (nested: one Piecewise would merge the two -inf cases into one condition that is not index-only)
-    inner = sympy.Piecewise((-sympy.oo, sympy.Eq(sm.side(i), 0)), (on, True))
-    return sympy.Piecewise((-sympy.oo, sympy.Not(_CAUSAL)), (inner, True))
+    if kind == "counts":
+        padded = sympy.GreaterThan(sm.kv_idx, sm.key_count(sm.side(i)))
+    else:
+        padded = sympy.Eq(sm.side(i), 0)
+    inner = sympy.Piecewise((-sympy.oo, padded), (on, True))
+    return sympy.Piecewise((-sympy.oo, sympy.Not(_CAUSAL)), (inner, True)) if causal else inner

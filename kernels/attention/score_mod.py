@@ -30,6 +30,14 @@ def scalar(i: int) -> sympy.Symbol:
     return sympy.Symbol(f"scalar{i}")
 
 
+class key_count(sympy.Function):
+    """key_count(side_j): how many keys batch b / head h keeps, read from side j (one integer per batch and
+    head). Only mask_recognition writes it (right padding: `kv_idx >= key_count(side_j)` is masked), so it
+    never stands for anything a user wrote; the kernels turn it into a loop bound (codegen.kv_len)."""
+    is_integer = True
+    nargs = 1
+
+
 def to_text(expr: sympy.Basic) -> str:
     """A stable text form of the expression (the op's `score_mod` argument, and a cache key)."""
     return sympy.srepr(expr)
@@ -41,6 +49,7 @@ def from_text(text: str) -> sympy.Basic:
     ns = {name: getattr(sympy, name) for name in dir(sympy) if not name.startswith("_")}
     ns["ExprCondPair"] = sympy.functions.elementary.piecewise.ExprCondPair
     ns["true"], ns["false"] = sympy.true, sympy.false
+    ns["key_count"] = key_count
     return eval(text, {"__builtins__": {}}, ns)
 
 
@@ -68,6 +77,7 @@ _UNARY = {
     sympy.tanh: torch.tanh, sympy.exp: torch.exp, sympy.log: torch.log, sympy.Abs: torch.abs,
     sympy.sin: torch.sin, sympy.cos: torch.cos, sympy.floor: torch.floor, sympy.ceiling: torch.ceil,
     sympy.sign: torch.sign, sympy.erf: torch.erf, sympy.sqrt: torch.sqrt,
+    key_count: lambda t: t,
 }
 _RELATIONS = {
     sympy.StrictLessThan: torch.lt, sympy.LessThan: torch.le, sympy.StrictGreaterThan: torch.gt,

@@ -300,18 +300,19 @@ def attn_bwd_dkdv(Q, K, V, dOut, Stats, Delta, dK, dV, RNG, Bits, Flag, DQacc,
     NkW = (Nk + 31) // 32  # 32-bit words per row of the saved keep bits (DROPOUT 3: read)
     n_lo = start_n * BLOCK_N
     n_hi = tl.minimum(n_lo + BLOCK_N, Nk) - 1
-@INV_BOUNDS@
-    start = (tl.maximum(q_lo, 0) // BLOCK_M) * BLOCK_M
-    end = tl.maximum(tl.minimum(q_hi + 1, Nq), start)
-    fs = ((tl.maximum(q_flo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    fe = (tl.maximum(tl.minimum(q_fhi, Nq - 1) + 1, 0) // BLOCK_M) * BLOCK_M
-    if n_lo + BLOCK_N > Nk:  # an edge key block is never full
-        fs = end
-    fs = tl.minimum(tl.maximum(fs, start), end)
-    fe = tl.maximum(tl.minimum(fe, end), fs)
     for g in range(0, GROUP):
         off_h = off_hkv * GROUP + g
         off_bh = off_b * H + off_h
+        # per query head: a key count (codegen.kv_len) may differ from head to head
+@INV_BOUNDS@
+        start = (tl.maximum(q_lo, 0) // BLOCK_M) * BLOCK_M
+        end = tl.maximum(tl.minimum(q_hi + 1, Nq), start)
+        fs = ((tl.maximum(q_flo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        fe = (tl.maximum(tl.minimum(q_fhi, Nq - 1) + 1, 0) // BLOCK_M) * BLOCK_M
+        if n_lo + BLOCK_N > Nk:  # an edge key block is never full
+            fs = end
+        fs = tl.minimum(tl.maximum(fs, start), end)
+        fe = tl.maximum(tl.minimum(fe, end), fs)
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         do_base = dOut + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
         stats_row = Stats + off_bh.to(tl.int64) * 2 * Nq
