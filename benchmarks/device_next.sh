@@ -1,35 +1,53 @@
 #!/usr/bin/env bash
-# Session 13's first device call (results: docs/perf-notes.md, Session 13; the side prefetch is now off by
-# default, so part 2's A/B needs FLASHFUSE_ATTN_SIDE_PREFETCH=1 for its second run, as written). Next: per-block
-# flags for padding rows, LayerNorm backward at N 1024, dropout backward, d128 n1024 causal.
-# Usage on the device (repo root): bash benchmarks/device_next.sh
+# Session 14's device calls. Usage on the device (repo root): bash benchmarks/device_next.sh norms|attention|all
+# (all: the attention part, then a shorter norms part, within one 10-minute call)
 # (results under $OUT). Each part names what it checks.
-set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT
+set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-norms}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
 nvidia-smi --query-gpu=name --format=csv,noheader
-# 1. GPU tests of the kernels (side loads in the loop, the default; the CPU tests cover both settings)
-FLASHFUSE_ATTN_AUTOTUNE=0 timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
-    > $OUT/pytest_kernels.log 2>&1
-echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_kernels.log | tail -6
-# 2. A/B on one machine, fixed tiles: every side load in the loop (0, the default) vs hoisted / prefetched (1).
-#    Session 13's prediction (padding row 0.297 -> ~0.215 ms, ALiBi ~10 % faster) did not hold.
-for p in 0 1; do
-  FLASHFUSE_ATTN_SIDE_PREFETCH=$p FLASHFUSE_ATTN_AUTOTUNE=0 timeout 70 python benchmarks/row_stats.py --label prefetch$p \
-      --cases causal_-inf causal_padding_row causal_alibi_slope >> $OUT/row_stats.jsonl 2> $OUT/row_stats_$p.err
-  echo "row_stats prefetch=$p rc=$?"
-done
-python benchmarks/row_stats.py --table $OUT/row_stats.jsonl
-# 3. hand-written rows through torch.compile (autotuned, default settings)
-timeout 110 python benchmarks/attention.py --part handwritten --cases nanogpt_causal alibi hf_padded_causal \
-    --out /tmp/hw > $OUT/handwritten.log 2>&1
-echo "handwritten rc=$?"; grep -E "^(alibi|nanogpt|hf_)" $OUT/handwritten.log
-# 4. LayerNorm / RMSNorm at row length 1024, where the LayerNorm backward trails Inductor's (session 13 ran
-#    this with ROWS, several rows per backward step, in the search: no gain, reverted)
-timeout 100 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024 --ratio-from-graphs \
-    --budget-s 80 --out $OUT/n1024 > $OUT/norms_1024.log 2>&1
-echo "norms 1024 rc=$?"; grep -E "cg" $OUT/norms_1024.log | head -20
-# 5. residual add + norm with the prefetching backward (MEASURED_RATIO's add_* rows come from session 13)
-timeout 120 python benchmarks/norms.py --ops add_layer_norm,add_rms_norm --ratio-from-graphs --budget-s 90 \
-    --out $OUT > $OUT/norms_add.log 2>&1
-echo "norms rc=$?"; grep -E "cg" $OUT/norms_add.log | head -40
+if [ "$PART" = all ]; then
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 80 python benchmarks/row_stats.py --label counts \
+      --cases causal_-inf causal_padding_row causal_key_counts > $OUT/row_stats.jsonl 2> $OUT/row_stats.err
+  echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats.jsonl
+  timeout 90 python benchmarks/attention.py --part handwritten --cases nanogpt_causal hf_padded_causal \
+      --out /tmp/hw1 > $OUT/handwritten_kc1.log 2>&1
+  echo "handwritten rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten_kc1.log
+  FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_NORM_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu \
+      tests/test_attention_kernels.py tests/test_real_models.py tests/test_norm_kernels.py > $OUT/pytest_gpu.log 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_gpu.log | tail -6
+  timeout 120 python benchmarks/norm_bwd_sweep.py --shapes 16384x1024 --out $OUT/norm_bwd_sweep.jsonl \
+      > $OUT/norm_bwd_sweep.log 2>&1
+  echo "sweep rc=$?"; tail -3 $OUT/norm_bwd_sweep.log
+  timeout 90 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024 --ratio-from-graphs \
+      --budget-s 70 --out $OUT/n1024 > $OUT/norms_1024.log 2>&1
+  echo "norms 1024 rc=$?"; grep -E "cg" $OUT/norms_1024.log | head -20
+fi
+if [ "$PART" = norms ]; then
+  # LayerNorm fwd+bwd at 16384x1024 trails Inductor by 10 %: the backward kernel alone over PAIRED (row sums
+  # reduced in pairs) x PREFETCH x warps x programs per SM, then per-kernel profiles of a fwd+bwd step
+  timeout 230 python benchmarks/norm_bwd_sweep.py --shapes 16384x1024,16384x4096 --out $OUT/norm_bwd_sweep.jsonl \
+      > $OUT/norm_bwd_sweep.log 2>&1
+  echo "sweep rc=$?"; tail -3 $OUT/norm_bwd_sweep.log
+  # the ops end to end at 1024 (autotuned; PAIRED on, the default)
+  timeout 100 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024 --ratio-from-graphs \
+      --budget-s 80 --out $OUT/n1024 > $OUT/norms_1024.log 2>&1
+  echo "norms 1024 rc=$?"; grep -E "cg" $OUT/norms_1024.log | head -20
+  timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_norm_kernels.py > $OUT/pytest_norms.log 2>&1
+  echo "pytest norms rc=$?"; tail -2 $OUT/pytest_norms.log
+fi
+if [ "$PART" = attention ]; then
+  # right padding as key counts (loop bounds) against the key row and causal alone, fixed tiles, one process
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 90 python benchmarks/row_stats.py --label counts \
+      --cases causal_-inf causal_padding_row causal_key_counts > $OUT/row_stats.jsonl 2> $OUT/row_stats.err
+  echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats.jsonl
+  # HF padded causal through torch.compile, autotuned: key counts on (the default) and off
+  for kc in 1 0; do
+    FLASHFUSE_ATTN_KEY_COUNTS=$kc timeout 100 python benchmarks/attention.py --part handwritten \
+        --cases nanogpt_causal hf_padded_causal --out /tmp/hw$kc > $OUT/handwritten_kc$kc.log 2>&1
+    echo "handwritten key_counts=$kc rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten_kc$kc.log
+  done
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 170 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+      tests/test_real_models.py > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+fi
