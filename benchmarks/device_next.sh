@@ -7,21 +7,18 @@ python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "$PART" = all ]; then
-  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 80 python benchmarks/row_stats.py --label counts \
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 70 python benchmarks/row_stats.py --label counts \
       --cases causal_-inf causal_padding_row causal_key_counts > $OUT/row_stats.jsonl 2> $OUT/row_stats.err
   echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats.jsonl
-  timeout 90 python benchmarks/attention.py --part handwritten --cases nanogpt_causal hf_padded_causal \
-      --out /tmp/hw1 > $OUT/handwritten_kc1.log 2>&1
-  echo "handwritten rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten_kc1.log
   FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_NORM_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu \
-      tests/test_attention_kernels.py tests/test_real_models.py tests/test_norm_kernels.py > $OUT/pytest_gpu.log 2>&1
+      tests/test_attention_kernels.py tests/test_norm_kernels.py > $OUT/pytest_gpu.log 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_gpu.log | tail -6
-  timeout 120 python benchmarks/norm_bwd_sweep.py --shapes 16384x1024 --out $OUT/norm_bwd_sweep.jsonl \
+  timeout 100 python benchmarks/norm_bwd_sweep.py --shapes 16384x1024 --prefetch 1 --out $OUT/norm_bwd_sweep.jsonl \
       > $OUT/norm_bwd_sweep.log 2>&1
   echo "sweep rc=$?"; tail -3 $OUT/norm_bwd_sweep.log
-  timeout 90 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024 --ratio-from-graphs \
-      --budget-s 70 --out $OUT/n1024 > $OUT/norms_1024.log 2>&1
-  echo "norms 1024 rc=$?"; grep -E "cg" $OUT/norms_1024.log | head -20
+  timeout 80 python benchmarks/attention.py --part handwritten --cases nanogpt_causal hf_padded_causal \
+      --out /tmp/hw1 > $OUT/handwritten_kc1.log 2>&1
+  echo "handwritten rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten_kc1.log
 fi
 if [ "$PART" = norms ]; then
   # LayerNorm fwd+bwd at 16384x1024 trails Inductor by 10 %: the backward kernel alone over PAIRED (row sums

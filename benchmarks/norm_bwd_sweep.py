@@ -29,7 +29,7 @@ def resident_per_sm(n_regs: int, warps: int) -> int:
     return max(0, min(65536 // (per_warp * warps), 64 // warps))
 
 
-def sweep(kind: str, m: int, n: int, rows: list):
+def sweep(kind: str, m: int, n: int, rows: list, prefetches=(False, True)):
     import triton
     from triton.testing import do_bench_cudagraph
 
@@ -45,7 +45,7 @@ def sweep(kind: str, m: int, n: int, rows: list):
     block_n = triton.next_power_of_2(n)
     warp_choices = (4, 8) if block_n <= 2048 else (8, 16)
     for paired in (False, True):
-        for prefetch in (False, True):
+        for prefetch in prefetches:
             for warps in warp_choices:
                 for per_sm in (2, 4, 6, 8, 12, 16):
                     programs = min(m, sms * per_sm)
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="16384x1024")
     ap.add_argument("--kinds", default="layer_norm,rms_norm")
     ap.add_argument("--parts", default="kernel,profile")
+    ap.add_argument("--prefetch", default="0,1", help="PREFETCH values to sweep")
     ap.add_argument("--out", help="append the rows to this JSON-lines file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         m, n = (int(v) for v in shape.split("x"))
         for kind in args.kinds.split(","):
             if "kernel" in args.parts:
-                sweep(kind, m, n, rows)
+                sweep(kind, m, n, rows, tuple(bool(int(p)) for p in args.prefetch.split(",")))
             if "profile" in args.parts:
                 profile(kind, m, n, rows)
     if args.out:
