@@ -1374,8 +1374,12 @@ def _key_padding_words(t, expr, i: int, nq, nk, cuda_graphs: bool) -> str | None
     else:
         return None
     what = "key padding" + (" & causal" if causal else "")
-    if cuda_graphs:
-        return f"{what} ({_shape_str(t.shape)}, loaded per tile under CUDA graphs)"
+    if cuda_graphs:  # mask_check.py: per-batch masks with conditions get key counts on the device
+        from flashfuse.kernels.attention.op import device_mask_check_enabled
+        on_device = (device_mask_check_enabled() and kind == "counts" and nq == nk and t.shape[0] > 1
+                     and mask_recognition.side_conditions(expr, i))
+        how = "key counts checked on the device at every replay" if on_device else "loaded per tile under CUDA graphs"
+        return f"{what} ({_shape_str(t.shape)}, {how})"
     how = "key counts: blocks past them skipped" if kind == "counts" else "one row of keys per block"
     return f"{what} ({_shape_str(t.shape)}, {how}; verified at run time)"
 

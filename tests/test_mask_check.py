@@ -139,3 +139,44 @@ def test_flag_want_runs_or_skips_each_kernel(flag_value, want, runs):
                              flag, want, into=(*fresh, delta))
     for g in fresh:
         assert bool((g == 7.0).all()) == (not runs)
+
+
+def _padding_masks(n=19):
+    """(name, (B, 1, n, n) bool mask, flag the device check must give, kept-key counts)."""
+    counts = torch.tensor([n, 11, 1])
+    keep = torch.arange(n)[None, :] < counts[:, None]  # right padding
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    enc = keep[:, None, None, :].expand(3, 1, n, n).contiguous()
+    dec = causal & keep[:, None, None, :]
+    left = causal & keep.flip(-1)[:, None, None, :]  # left padding: row 0 of batch 1 keeps no key
+    empty = enc.clone()
+    empty[2] = False  # a batch that keeps nothing: eager's uniform average over the fills
+    holes = dec.clone()
+    holes[0, ..., 5] = False
+    return [("causal_and_right_padding", dec, 2, counts), ("encoder_right_padding", enc, 3, counts),
+            ("causal_per_batch", causal.expand(3, 1, n, n), 2, torch.full((3,), n)),
+            ("left_padding", left, 0, None), ("a_batch_keeps_nothing", empty, 0, None), ("holes", holes, 0, None)]
+
+
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _padding_masks()])
+def test_padding_check_counts_keys_and_flags_only_right_padding(case):
+    _, mask, want, counts = _padding_masks()[case]
+    flag, got = _mc().padding_check(mask.to(_dev()))
+    assert flag.item() == want
+    if counts is not None:
+        assert got.view(-1).tolist() == counts.tolist()
+
+
+@pytest.mark.parametrize("case", [0, 1, 5], ids=["causal_and_right_padding", "encoder_right_padding", "holes"])
+def test_op_under_the_device_check_with_padding_masks_matches_float64(case, monkeypatch):
+    """HF-style per-batch masks under the device check (CUDA-graph captures): the key-count variants give the
+    numbers of host recognition and of float64; a key row with holes takes the general kernel."""
+    monkeypatch.setenv("FLASHFUSE_DEVICE_MASK_CHECK", "1")
+    _, mask, _, _ = _padding_masks()[case]
+    mask = mask.to(_dev())
+    g = torch.Generator().manual_seed(case)
+    q, k, v = [torch.randn(3, 2, 19, 16, generator=g).to(_dev()) for _ in range(3)]
+    checked = _op_run(q, k, v, [mask])
+    host = _op_run(q, k, v, [mask], recognize=True)
+    for a, b, r in zip(checked, host, _reference(q, k, v, mask)):
+        assert _rel(a, b) < 1e-6 and _rel(a, r) < 1e-5

@@ -337,3 +337,45 @@ def test_encoder_padding_through_compile_runs_as_key_counts_and_explain_says_so(
         assert (a.double() - r).norm() / r.norm() < 1e-4
     report = str(flashfuse.explain(encoder, q, k, v, mask))
     assert "key padding ((3,1,21,21)" in report and "key counts" in report, report
+
+
+@pytest.mark.parametrize("device_check, words", [(True, "key counts checked on the device at every replay"),
+                                                 (False, "loaded per tile under CUDA graphs")])
+def test_padding_under_cuda_graph_mode_is_checked_on_the_device(device_check, words, monkeypatch):
+    """mode="reduce-overhead": no host recognition (a replay could not follow a changed mask); a per-batch
+    padding mask gets key counts from the device check instead (mask_check.padding_check), or stays a loaded
+    side with FLASHFUSE_DEVICE_MASK_CHECK=0. Same numbers either way; explain says which."""
+    import flashfuse
+    from flashfuse.report import Report, _active
+
+    from flashfuse.kernels.attention import mask_check
+
+    monkeypatch.setenv("FLASHFUSE_DEVICE_MASK_CHECK", "1" if device_check else "0")
+    flags = []
+    real = mask_check.padding_check
+
+    def spy(side):
+        flag, counts = real(side)
+        flags.append(flag.item())
+        return flag, counts
+
+    monkeypatch.setattr(mask_check, "padding_check", spy)
+
+    def decoder(q, k, v, mask):
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        return torch.softmax(att.masked_fill(~mask, torch.finfo(att.dtype).min), dim=-1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = [torch.randn(3, 2, 21, 16) for _ in range(3)]
+    mask = torch.ones(21, 21, dtype=torch.bool).tril() & _encoder_mask(21, 21, [21, 13, 1])
+    report = Report()
+    _active.append(report)
+    try:
+        out = torch.compile(decoder, backend="flashfuse", mode="reduce-overhead")(q, k, v, mask)
+    finally:
+        _active.pop()
+    assert report.count("attention") == 1, str(report)
+    assert words in str(report.matches[0]), str(report)
+    ref = decoder(*(t.double() for t in (q, k, v)), mask)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+    assert flags == ([2] if device_check else []), flags  # the causal & key-counts variant ran

@@ -12,6 +12,10 @@ and skip no key block. Here instead:
    above the diagonal skipped, no mask loads) runs when flag == 1, the general one when flag == 0; the
    other exits at once (`FLAG_WANT` in the templates). All of it is captured and replayed, so a mask changed
    between replays is checked again: never a wrong number.
+A mask with a batch dim > 1 (HF padding masks) is checked instead for right padding (`padding_check`): the
+kept keys of each (b, h) are counted on the device, and flag 2 runs causal & key counts, flag 3 key counts
+alone (encoders), both with the counts as loop bounds (mask_recognition's key counts). A tril buffer shared
+by the batch keeps the cheaper causal check.
 On by default since measured on the H100 (GPT-2 8x1024 under reduce-overhead: 28.0 -> 23.1 ms per step,
 docs/perf-notes.md); FLASHFUSE_DEVICE_MASK_CHECK=0 switches it off (the mask is then loaded on every tile).
 """
@@ -79,43 +83,134 @@ def causal_check(side: torch.Tensor) -> torch.Tensor:
     return flag
 
 
+# ---- key padding under CUDA graphs: per-batch masks (HF causal LMs and encoders with a padding mask) ----
+FLAG_GENERAL, FLAG_CAUSAL, FLAG_CAUSAL_COUNTS, FLAG_COUNTS = 0, 1, 2, 3
+
+
+def padding_variants(score_mod: str, i: int) -> list:
+    """[(flag, score_mod)] with side i read as key counts: causal & right padding, then right padding alone
+    (mask_recognition._wrap_causal writes both, side i becoming the counts). Empty when the masked scores are
+    not a fill (a soft mask: -inf would change them)."""
+    expr = sm.from_text(score_mod)
+    conds = mask_recognition.side_conditions(expr, i)
+    out = []
+    for flag, causal in ((FLAG_CAUSAL_COUNTS, True), (FLAG_COUNTS, False)):
+        replaced: dict = {}
+        new = mask_recognition._wrap_causal(expr, conds, replaced, i, (causal, "counts", None))
+        if replaced:
+            out.append((flag, sm.to_text(new)))
+    return out
+
+
+@triton.jit
+def key_count_kernel(Side, stride_b, stride_h, stride_m, stride_n, H1, Nq, Nk, Counts, BLOCK_N: tl.constexpr):
+    """Counts[b * H1 + h] = the nonzeros in the last query row of Side[b, h]."""
+    bh = tl.program_id(0)
+    row = Side + (bh // H1).to(tl.int64) * stride_b + (bh % H1).to(tl.int64) * stride_h + (Nq - 1) * stride_m
+    total = tl.zeros([BLOCK_N], tl.int32)
+    for start in range(0, Nk, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        total += (tl.load(row + offs * stride_n, mask=offs < Nk, other=0) != 0).to(tl.int32)
+    tl.store(Counts + bh, tl.sum(total))
+
+
+@triton.jit
+def padding_check_kernel(Side, stride_b, stride_h, stride_m, stride_n, H1, Nq, Nk, Counts, Ok,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Ok[0] = 0 when Side's nonzero pattern is not `causal & kv_idx < count` somewhere, Ok[1] = 0 when it
+    is not `kv_idx < count` (count: its (b, h)'s Counts); both 0 when a count is 0 (rows that keep no key)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    count = tl.load(Counts + bh)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+    s = tl.load(Side + (bh // H1).to(tl.int64) * stride_b + (bh % H1).to(tl.int64) * stride_h
+                + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, mask=inside, other=0)
+    nz = s != 0
+    keep = offs_n[None, :] < count
+    if tl.sum((inside & (nz != ((offs_n[None, :] <= offs_m[:, None]) & keep))).to(tl.int32)) > 0:
+        tl.store(Ok, 0)
+    if tl.sum((inside & (nz != keep)).to(tl.int32)) > 0:
+        tl.store(Ok + 1, 0)
+    if count < 1:
+        tl.store(Ok, 0)
+        tl.store(Ok + 1, 0)
+
+
+@triton.jit
+def choose_kernel(Ok, Flag):
+    causal_counts = tl.load(Ok) != 0
+    counts = tl.load(Ok + 1) != 0
+    tl.store(Flag, tl.where(causal_counts, 2, tl.where(counts, 3, 0)))
+
+
+def padding_check(side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flag [1] int32, counts (B1, H1, 1, 1) int32) for a (B1, H1, N, N) mask, on the device: flag 2 when it
+    is causal & right padding, 3 when it is right padding alone (every row alike), else 0; the counts are the
+    kept keys of each (b, h)'s last row."""
+    b1, h1, nq, nk = side.shape
+    if side.dtype == torch.bool:
+        side = side.view(torch.uint8)
+    counts = torch.empty(b1, h1, 1, 1, dtype=torch.int32, device=side.device)
+    ok = torch.ones(2, dtype=torch.int32, device=side.device)
+    flag = torch.empty(1, dtype=torch.int32, device=side.device)
+    block = ti.INTERPRET_BLOCK if ti.INTERPRET else 64
+    key_count_kernel[(b1 * h1,)](side, *side.stride(), h1, nq, nk, counts, BLOCK_N=block if ti.INTERPRET else 1024)
+    padding_check_kernel[(triton.cdiv(nq, block), triton.cdiv(nk, block), b1 * h1)](
+        side, *side.stride(), h1, nq, nk, counts, ok, BLOCK_M=block, BLOCK_N=block)
+    choose_kernel[(1,)](ok, flag)
+    return flag, counts
+
+
 def _launch_check(score_mod, q, k, sides, needs_grad):
-    """(flag, specialized score_mod, indices of the sides it keeps), the check launched; None when no side
-    qualifies (the caller then takes the general path alone)."""
+    """(flag, [(flag value, score_mod, sides)] of the specialized variants), the check launched; None when no
+    side qualifies (the caller then takes the general path alone). A mask with a batch dim (HF padding masks)
+    is checked for right padding, with or without causal (its counts are loop bounds); a mask shared by the
+    batch (a tril buffer) for causal alone, which costs fewer launches."""
     if q.numel() == 0 or k.numel() == 0:
         return None
     cand = candidate(score_mod, sides, q.shape[2], k.shape[2], needs_grad)
     if cand is None:
         return None
     i, text, kept = cand
-    return causal_check(sides[i]), text, kept
+    if sides[i].shape[0] > 1 and mask_recognition.KEY_COUNTS:
+        variants = padding_variants(score_mod, i)
+        if variants:
+            flag, counts = padding_check(sides[i])
+            return flag, [(want, vtext, [counts if j == i else t for j, t in enumerate(sides)])
+                          for want, vtext in variants]
+    return causal_check(sides[i]), [(FLAG_CAUSAL, text, [sides[j] for j in kept])]
 
 
 def forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits=None, empty_rows_zero=False):
-    """(out, stats) from both variants under the device check, or None when no side qualifies. `bits` as in
+    """(out, stats) from every variant under the device check, or None when no side qualifies. `bits` as in
     triton_impl.attention_forward: the variant that runs fills them."""
     checked = _launch_check(score_mod, q, k, sides, [False] * len(sides))
     if checked is None:
         return None
-    flag, text, kept = checked
-    out, stats = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, 0,
-                                    bits=bits, empty_rows_zero=empty_rows_zero)
-    ti.attention_forward(q, k, v, [sides[j] for j in kept], scalars, text, dropout_p, rng, precision, flag, 1,
-                         into=(out, stats), bits=bits, empty_rows_zero=empty_rows_zero)
+    flag, variants = checked
+    out, stats = ti.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag,
+                                      FLAG_GENERAL, bits=bits, empty_rows_zero=empty_rows_zero)
+    for want, text, vsides in variants:
+        ti.attention_forward(q, k, v, vsides, scalars, text, dropout_p, rng, precision, flag, want,
+                             into=(out, stats), bits=bits, empty_rows_zero=empty_rows_zero)
     return out, stats
 
 
 def backward(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng, side_needs_grad, precision,
              bits=None):
-    """(dq, dk, dv, side gradients) from both variants under the device check, or None (as `forward`)."""
+    """(dq, dk, dv, side gradients) from every variant under the device check, or None (as `forward`)."""
     checked = _launch_check(score_mod, q, k, sides, side_needs_grad)
     if checked is None:
         return None
-    flag, text, kept = checked
+    flag, variants = checked
     into = (empty_bnhd(q.shape, q), empty_bnhd(k.shape, k), empty_bnhd(v.shape, v),
             ti.backward_preprocess(out, dout, stats))
     ti.attention_backward(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng,
-                          [False] * len(sides), precision, flag, 0, into=into, bits=bits)
-    ti.attention_backward(dout, q, k, v, out, stats, [sides[j] for j in kept], scalars, text, dropout_p, rng,
-                          [False] * len(kept), precision, flag, 1, into=into, bits=bits)
+                          [False] * len(sides), precision, flag, FLAG_GENERAL, into=into, bits=bits)
+    for want, text, vsides in variants:
+        ti.attention_backward(dout, q, k, v, out, stats, vsides, scalars, text, dropout_p, rng,
+                              [False] * len(vsides), precision, flag, want, into=into, bits=bits)
     return into[0], into[1], into[2], [None] * len(sides)
