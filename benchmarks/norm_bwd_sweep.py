@@ -43,7 +43,7 @@ def sweep(kind: str, m: int, n: int, rows: list, prefetches=(False, True)):
     is_rms = kind == "rms_norm"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     block_n = triton.next_power_of_2(n)
-    warp_choices = (4, 8) if block_n <= 2048 else (8, 16)
+    warp_choices = (4, 8, 16) if block_n <= 2048 else (8, 16)
     for paired in (False, True):
         for prefetch in prefetches:
             for warps in warp_choices:
