@@ -13,6 +13,10 @@ if [ "$PART" = all ] || [ "$PART" = min ]; then
   FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_NORM_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_attention_kernels.py tests/test_norm_kernels.py > $OUT/pytest_gpu.log 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_gpu.log | tail -6
+  # the device mask check (causal, and now key counts of padding masks) on CUDA
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 60 python -m pytest -q -p no:cacheprovider tests/test_mask_check.py \
+      > $OUT/pytest_mask_check.log 2>&1
+  echo "pytest mask_check rc=$?"; tail -1 $OUT/pytest_mask_check.log
   [ "$PART" = min ] && exit 0
   timeout 90 python benchmarks/norm_bwd_sweep.py --shapes 16384x1024 --prefetch 1 --out $OUT/norm_bwd_sweep.jsonl \
       > $OUT/norm_bwd_sweep.log 2>&1
