@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Session 14's device calls. Usage on the device (repo root): bash benchmarks/device_next.sh norms|attention|all
-# (all: the attention part, then a shorter norms part, within one 10-minute call; min: row_stats and the GPU tests)
+# (all: the attention part, then a shorter norms part, within one 10-minute call; min: this session's
+# kernel tests on CUDA and the key-counts A/B)
 # (results under $OUT). Each part names what it checks.
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-norms}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
 nvidia-smi --query-gpu=name --format=csv,noheader
-if [ "$PART" = all ] || [ "$PART" = min ]; then
+if [ "$PART" = min ]; then
+  # this session's kernel changes on CUDA (small shapes): key counts, the device padding check, the norm kernels
+  FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_NORM_AUTOTUNE=0 timeout 100 python -m pytest -q -p no:cacheprovider \
+      tests/test_attention_kernels.py -k "key_count or key_blocks_past" tests/test_mask_check.py \
+      tests/test_norm_kernels.py > $OUT/pytest_min.log 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_min.log | tail -6
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 70 python benchmarks/row_stats.py --label counts \
+      --cases causal_-inf causal_padding_row causal_key_counts > $OUT/row_stats.jsonl 2> $OUT/row_stats.err
+  echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats.jsonl
+  exit 0
+fi
+if [ "$PART" = all ]; then
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 70 python benchmarks/row_stats.py --label counts \
       --cases causal_-inf causal_padding_row causal_key_counts > $OUT/row_stats.jsonl 2> $OUT/row_stats.err
   echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats.jsonl
@@ -17,7 +29,6 @@ if [ "$PART" = all ] || [ "$PART" = min ]; then
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 60 python -m pytest -q -p no:cacheprovider tests/test_mask_check.py \
       > $OUT/pytest_mask_check.log 2>&1
   echo "pytest mask_check rc=$?"; tail -1 $OUT/pytest_mask_check.log
-  [ "$PART" = min ] && exit 0
   timeout 90 python benchmarks/norm_bwd_sweep.py --shapes 16384x1024 --prefetch 1 --out $OUT/norm_bwd_sweep.jsonl \
       > $OUT/norm_bwd_sweep.log 2>&1
   echo "sweep rc=$?"; tail -3 $OUT/norm_bwd_sweep.log
