@@ -10,7 +10,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "$PART" = min ]; then
   # this session's kernel changes on CUDA (small shapes): key counts, the device padding check, the norm kernels
   FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_NORM_AUTOTUNE=0 timeout 100 python -m pytest -q -p no:cacheprovider \
-      tests/test_attention_kernels.py -k "key_count or key_blocks_past" tests/test_mask_check.py \
+      tests/test_attention_kernels.py::test_key_counts_bound_the_loops \
+      tests/test_attention_kernels.py::test_key_blocks_past_the_count_are_never_loaded tests/test_mask_check.py \
       tests/test_norm_kernels.py > $OUT/pytest_min.log 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_min.log | tail -6
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 70 python benchmarks/row_stats.py --label counts \
