@@ -5,6 +5,7 @@ variants when no device is at hand. Static counts are not time: confirm on the d
 
     python benchmarks/sass_counts.py                       # d = 64 bf16 causal, the first configs
     python benchmarks/sass_counts.py --kernel attn_bwd_dkdv --cfg 32,128,8,3
+    python benchmarks/sass_counts.py --padding counts      # HF padded causal as key counts (or: row)
 """
 import argparse
 import os
@@ -36,7 +37,7 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
                               text=True, check=True).stdout
 
 
-def build(mod, name, consts, warps, stages, arch):
+def build(mod, name, consts, warps, stages, arch, side_ptr="*i32"):
     if name in ("attn_bwd_dkdv", "attn_bwd_fused"):
         consts = {**consts, "DQ_ATOMIC": name == "attn_bwd_fused"}
         name = "attn_bwd_dkdv"
@@ -49,6 +50,8 @@ def build(mod, name, consts, warps, stages, arch):
             sig[a] = "*u8" if name == "attn_fwd" else "*i32"
         elif a in _PTRS:
             sig[a] = _PTRS[a]
+        elif a.endswith("_ptr"):  # side tensors (--padding)
+            sig[a] = side_ptr
         else:
             sig[a] = "fp32" if a == "keep_scale" else "i32"
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
@@ -69,12 +72,22 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--fill", type=float, default=float("-inf"),
                     help="the causal fill: -inf (folded kernels) or a huge finite one such as -1e9 (unfolded)")
+    ap.add_argument("--padding", choices=("none", "row", "counts"), default="none",
+                    help="causal & right padding as HF models give it: a key row loaded per block (bool side "
+                         "(B, 1, 1, Nk)) or key counts (int32 side (B, 1, 1, 1), a loop bound)")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     fill = -sympy.oo if args.fill == float("-inf") else sympy.Float(args.fill)
-    text = sm.to_text(sympy.Piecewise((fill, sm.kv_idx > sm.q_idx + sm.Nk - sm.Nq),
-                                      (sm.score / args.d ** 0.5, True)))
-    mod = ti.load_module(text, 0, 0)
+    value = sm.score / args.d ** 0.5
+    side_ptr, n_sides, layout = "*i32", 0, ()
+    if args.padding != "none":
+        padded = (sympy.GreaterThan(sm.kv_idx, sm.key_count(sm.side(0))) if args.padding == "counts"
+                  else sympy.Eq(sm.side(0), 0))
+        value = sympy.Piecewise((-sympy.oo, padded), (value, True))
+        side_ptr, n_sides = ("*i32", 1) if args.padding == "counts" else ("*u8", 1)
+        layout = ((True, args.padding == "counts"),)
+    text = sm.to_text(sympy.Piecewise((fill, sm.kv_idx > sm.q_idx + sm.Nk - sm.Nq), (value, True)))
+    mod = ti.load_module(text, n_sides, 0, (), layout)
     bd = ti._block_d(args.d)
     for name in args.kernel:
         cfg = [int(x) for x in args.cfg.split(",")] if args.cfg else _TABLES[name][ti._dclass(bd)][0]
@@ -82,7 +95,7 @@ def main():
         for mode in _MODES[name]:
             consts = dict(D=args.d, DV=args.d, BLOCK_D=bd, BLOCK_DV=bd, DOT_PREC="tf32", FAST_MATH=True,
                           FLAG_WANT=-1, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=mode)
-            sass, usage = build(mod, name, consts, warps, stages, args.arch)
+            sass, usage = build(mod, name, consts, warps, stages, args.arch, side_ptr)
             ops = " ".join(f"{op} {sum(op in ln for ln in sass)}" for op in ("IMAD", "LOP3", "LDG", "LDS", "HGMMA", "RED", "ATOM"))
             print(f"{name:14s} {bm}x{bn} w{warps} s{stages} DROPOUT={mode}: {len(sass):5d} instructions  {ops}  {usage}")
 
