@@ -1364,11 +1364,13 @@ def _key_padding_words(t, expr, i: int, nq, nk, cuda_graphs: bool) -> str | None
 
     if t is None or not isinstance(nq, int) or not isinstance(nk, int) or t.dim() != 4:
         return None
-    if mask_recognition.side_conditions(expr, i):
-        found = mask_recognition._key_padding(t, nq, nk)
+    conds = mask_recognition.side_conditions(expr, i)
+    if conds:
+        keeps = mask_recognition._kept_where(expr, conds)
+        found = mask_recognition._key_padding(t, nq, nk, keeps) if keeps is not None else None
         if found is None:
             return None
-        causal, kind, _ = found
+        causal, kind, _, _ = found
     elif isinstance(expr, sympy.Add) and mask_recognition._additive_key_padding(expr, i, t, nk) is not None:
         causal, kind = False, "counts"
     else:

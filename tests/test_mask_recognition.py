@@ -379,3 +379,38 @@ def test_padding_under_cuda_graph_mode_is_checked_on_the_device(device_check, wo
     ref = decoder(*(t.double() for t in (q, k, v)), mask)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
     assert flags == ([2] if device_check else []), flags  # the causal & key-counts variant ran
+
+
+@pytest.mark.parametrize("counts, want", [([21, 13, 1], True), ([21, 0, 4], False), ([21, 13, -1], False)],
+                         ids=["right_padding", "a_batch_keeps_no_key", "holes"])
+def test_key_row_mask_written_by_hand_becomes_key_counts(counts, want, monkeypatch):
+    """`att.masked_fill(mask[:, None, None, :] == 0, -inf)`: the side is the padding (nonzero = masked), a
+    (B, 1, 1, N) row. Right padding becomes key counts; a batch that keeps no key (eager: NaN rows) or a row
+    with holes stays a row side. Same numbers as eager."""
+    import flashfuse
+    from flashfuse.kernels.attention import triton_impl
+
+    seen = []
+    real = triton_impl.attention_forward
+
+    def spy(q, k, v, sides, *a, **kw):
+        seen.append([(tuple(t.shape), t.dtype) for t in sides])
+        return real(q, k, v, sides, *a, **kw)
+
+    monkeypatch.setattr(triton_impl, "attention_forward", spy)
+
+    def encoder(q, k, v, mask):
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        return torch.softmax(att.masked_fill(mask[:, None, None, :] == 0, float("-inf")), dim=-1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = [torch.randn(3, 2, 21, 16) for _ in range(3)]
+    mask = (torch.arange(21)[None, :] < torch.tensor(counts).abs()[:, None]).long()
+    if counts[-1] < 0:
+        mask[2, 0] = 0  # batch 2 keeps key 1 only: not a prefix
+    out = torch.compile(encoder, backend=flashfuse.backend(remainder="eager"))(q, k, v, mask)
+    ref = encoder(*(t.double() for t in (q, k, v)), mask)
+    assert seen == [[((3, 1, 1, 1), torch.int32)]] if want else seen and seen[0][0][0] == (3, 1, 1, 21), seen
+    ok = ~ref.isnan()
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert (out.double()[ok] - ref[ok]).norm() / ref[ok].norm() < 1e-5

@@ -96,7 +96,7 @@ def padding_variants(score_mod: str, i: int) -> list:
     out = []
     for flag, causal in ((FLAG_CAUSAL_COUNTS, True), (FLAG_COUNTS, False)):
         replaced: dict = {}
-        new = mask_recognition._wrap_causal(expr, conds, replaced, i, (causal, "counts", None))
+        new = mask_recognition._wrap_causal(expr, conds, replaced, i, (causal, "counts", None, True))
         if replaced:
             out.append((flag, sm.to_text(new)))
     return out

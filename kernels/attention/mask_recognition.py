@@ -114,7 +114,8 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
         conds = side_conditions(expr, i)
         if not conds:
             continue
-        key = (_key(t), nq, nk)
+        keeps = _kept_where(expr, conds)  # which value of the side keeps a score (for key padding)
+        key = (_key(t), nq, nk, keeps)
         pred = _CACHE.get(key)
         if pred is not None and pred[2] is not None:  # key padding (with or without causal), seen before
             expr = _wrap_causal(expr, conds, replaced, i, pred[2])
@@ -131,7 +132,7 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
                     if bool((want == pattern).all()):
                         pred = cand
                         break
-            padding = _key_padding(t, nq, nk) if pred is False else None
+            padding = _key_padding(t, nq, nk, keeps) if pred is False and keeps is not None else None
             if len(_CACHE) > _MAX_CACHE:
                 _CACHE.clear()
             _CACHE[key] = (pred, t.untyped_storage() if pred is not False or padding is not None else None,
@@ -192,16 +193,30 @@ def _index_side(t: torch.Tensor, nq: int, nk: int):
 _CAUSAL = sm.kv_idx <= sm.q_idx + sm.Nk - sm.Nq
 
 
-def _key_padding(t: torch.Tensor, nq: int, nk: int):
-    """(causal, kind, tensor) when `t != 0` is exactly `keep[b, h, kv]` (key padding, rows all alike) or
+def _kept_where(expr, conds):
+    """True when the scores are kept where the side is nonzero and a fill where it is 0 (HF's bool masks),
+    False the other way round (`masked_fill(mask == 0, ...)`: the side is the padding), None when neither
+    (a soft mask, or no fill)."""
+    on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) else sympy.false for c in conds})
+    off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) else sympy.true for c in conds})
+    if codegen.never_huge_negative(on) and _is_fill(off):
+        return True
+    if codegen.never_huge_negative(off) and _is_fill(on):
+        return False
+    return None
+
+
+def _key_padding(t: torch.Tensor, nq: int, nk: int, keeps: bool = True):
+    """(causal, kind, tensor) when `t != 0` is exactly `keep[b, h, kv]` (key padding: rows all alike, or t one
+    row) or
     `causal & keep[b, h, kv]` (bottom-right causal: HF causal LMs with a padding mask), keep being t's last
     query row, and every query row keeps a key. kind "counts": (B', H', 1, 1) int32 numbers of kept keys,
     when each keep row is a prefix (right padding: the kernels bound their loops by it, codegen.kv_len);
     kind "row": the (B', H', 1, Nk) view of the last row, loaded per key block. None otherwise. Under causal,
     row 0 keeps the fewest keys (0 .. Nk - Nq), so it decides the second condition; left padding fails it."""
-    if nq == 0 or nk == 0 or t.dim() != 4 or tuple(t.shape[-2:]) != (nq, nk):
-        return None
-    nz = t != 0
+    if nq == 0 or nk == 0 or t.dim() != 4 or t.shape[-1] != nk or t.shape[-2] not in (1, nq):
+        return None  # (B', H', Nq, Nk) as HF builds it, or a row of keys (B', H', 1, Nk) as people write it
+    nz = (t != 0) if keeps else (t == 0)  # kept scores
     keep = nz[:, :, -1:, :]
     qi = torch.arange(nq, device=t.device)[:, None]
     ki = torch.arange(nk, device=t.device)[None, :]
@@ -215,8 +230,8 @@ def _key_padding(t: torch.Tensor, nq: int, nk: int):
     if not (plain or causal):
         return None
     if prefix and KEY_COUNTS:
-        return causal and not plain, "counts", counts
-    return causal and not plain, "row", t[:, :, -1:, :]
+        return causal and not plain, "counts", counts, keeps
+    return causal and not plain, "row", t[:, :, -1:, :], keeps
 
 
 # ---- additive key padding (BERT-style encoders: scores + (1 - mask) * finfo.min, one row per batch) ----
@@ -279,17 +294,17 @@ def _wrap_causal(expr, conds, replaced: dict, i: int, padding):
     (loaded per key block, not per score). Exact when every row keeps a key (checked) and masked scores are a
     fill: their probabilities are 0 either way. Anything else (a soft mask, other sides or fills in the
     value) leaves expr as it is."""
-    on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) else sympy.false for c in conds})
-    off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) else sympy.true for c in conds})
+    causal, kind, tensor, keeps = padding
+    on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) == keeps else sympy.false for c in conds})
+    off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) == keeps else sympy.true for c in conds})
     if not codegen.never_huge_negative(on) or not _is_fill(off):
         return expr
-    causal, kind, tensor = padding
     replaced[i] = tensor
     # the fill becomes -inf too (no row is all fill): no huge constant left, so the kernels fold the value
     # (nested: one Piecewise would merge the two -inf cases into one condition that is not index-only)
     if kind == "counts":
         padded = sympy.GreaterThan(sm.kv_idx, sm.key_count(sm.side(i)))
     else:
-        padded = sympy.Eq(sm.side(i), 0)
+        padded = sympy.Eq(sm.side(i), 0) if keeps else sympy.Ne(sm.side(i), 0)
     inner = sympy.Piecewise((-sympy.oo, padded), (on, True))
     return sympy.Piecewise((-sympy.oo, sympy.Not(_CAUSAL)), (inner, True)) if causal else inner
