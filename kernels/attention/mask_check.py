@@ -21,6 +21,8 @@ docs/perf-notes.md); FLASHFUSE_DEVICE_MASK_CHECK=0 switches it off (the mask is 
 """
 from __future__ import annotations
 
+import functools
+
 import sympy
 import torch
 import triton
@@ -87,10 +89,11 @@ def causal_check(side: torch.Tensor) -> torch.Tensor:
 FLAG_GENERAL, FLAG_CAUSAL, FLAG_CAUSAL_COUNTS, FLAG_COUNTS = 0, 1, 2, 3
 
 
-def padding_variants(score_mod: str, i: int) -> list:
-    """[(flag, score_mod)] with side i read as key counts: causal & right padding, then right padding alone
-    (mask_recognition._wrap_causal writes both, side i becoming the counts). Empty when the masked scores are
-    not a fill (a soft mask: -inf would change them)."""
+@functools.lru_cache(maxsize=256)
+def padding_variants(score_mod: str, i: int) -> tuple:
+    """((flag, score_mod), ...) with side i read as key counts: causal & right padding, then right padding
+    alone (mask_recognition._wrap_causal writes both, side i becoming the counts). Empty when the masked scores
+    are not a fill (a soft mask: -inf would change them). Cached: captured calls ask on every call."""
     expr = sm.from_text(score_mod)
     conds = mask_recognition.side_conditions(expr, i)
     out = []
@@ -99,7 +102,7 @@ def padding_variants(score_mod: str, i: int) -> list:
         new = mask_recognition._wrap_causal(expr, conds, replaced, i, (causal, "counts", None, True))
         if replaced:
             out.append((flag, sm.to_text(new)))
-    return out
+    return tuple(out)
 
 
 @triton.jit
@@ -156,8 +159,9 @@ def padding_check(side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.empty(b1, h1, 1, 1, dtype=torch.int32, device=side.device)
     ok = torch.ones(2, dtype=torch.int32, device=side.device)
     flag = torch.empty(1, dtype=torch.int32, device=side.device)
-    block = ti.INTERPRET_BLOCK if ti.INTERPRET else 64
-    key_count_kernel[(b1 * h1,)](side, *side.stride(), h1, nq, nk, counts, BLOCK_N=block if ti.INTERPRET else 1024)
+    block = ti.INTERPRET_BLOCK if ti.INTERPRET else 64  # the check's tiles
+    row_block = ti.INTERPRET_BLOCK if ti.INTERPRET else 1024  # the count's steps along a row
+    key_count_kernel[(b1 * h1,)](side, *side.stride(), h1, nq, nk, counts, BLOCK_N=row_block)
     padding_check_kernel[(triton.cdiv(nq, block), triton.cdiv(nk, block), b1 * h1)](
         side, *side.stride(), h1, nq, nk, counts, ok, BLOCK_M=block, BLOCK_N=block)
     choose_kernel[(1,)](ok, flag)

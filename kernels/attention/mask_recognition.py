@@ -193,12 +193,18 @@ def _index_side(t: torch.Tensor, nq: int, nk: int):
 _CAUSAL = sm.kv_idx <= sm.q_idx + sm.Nk - sm.Nq
 
 
+def _on_off(expr, conds, keeps: bool = True):
+    """(expr where the side keeps a score, expr where it does not); `keeps`: a nonzero side keeps."""
+    on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) == keeps else sympy.false for c in conds})
+    off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) == keeps else sympy.true for c in conds})
+    return on, off
+
+
 def _kept_where(expr, conds):
     """True when the scores are kept where the side is nonzero and a fill where it is 0 (HF's bool masks),
     False the other way round (`masked_fill(mask == 0, ...)`: the side is the padding), None when neither
     (a soft mask, or no fill)."""
-    on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) else sympy.false for c in conds})
-    off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) else sympy.true for c in conds})
+    on, off = _on_off(expr, conds)
     if codegen.never_huge_negative(on) and _is_fill(off):
         return True
     if codegen.never_huge_negative(off) and _is_fill(on):
@@ -207,12 +213,11 @@ def _kept_where(expr, conds):
 
 
 def _key_padding(t: torch.Tensor, nq: int, nk: int, keeps: bool = True):
-    """(causal, kind, tensor) when `t != 0` is exactly `keep[b, h, kv]` (key padding: rows all alike, or t one
-    row) or
-    `causal & keep[b, h, kv]` (bottom-right causal: HF causal LMs with a padding mask), keep being t's last
-    query row, and every query row keeps a key. kind "counts": (B', H', 1, 1) int32 numbers of kept keys,
-    when each keep row is a prefix (right padding: the kernels bound their loops by it, codegen.kv_len);
-    kind "row": the (B', H', 1, Nk) view of the last row, loaded per key block. None otherwise. Under causal,
+    """(causal, kind, tensor, keeps) when the kept scores (`t != 0`, or `t == 0` when not `keeps`) are exactly
+    `keep[b, h, kv]` (key padding: rows all alike, or t one row) or `causal & keep[b, h, kv]` (bottom-right
+    causal: HF causal LMs with a padding mask), keep being t's last query row, and every query row keeps a
+    key. kind "counts": (B', H', 1, 1) int32 numbers of kept keys, when each keep row is a prefix (right
+    padding: the kernels bound their loops by it, codegen.kv_len); kind "row": the (B', H', 1, Nk) view of the last row, loaded per key block. None otherwise. Under causal,
     row 0 keeps the fewest keys (0 .. Nk - Nq), so it decides the second condition; left padding fails it."""
     if nq == 0 or nk == 0 or t.dim() != 4 or t.shape[-1] != nk or t.shape[-2] not in (1, nq):
         return None  # (B', H', Nq, Nk) as HF builds it, or a row of keys (B', H', 1, Nk) as people write it
@@ -295,8 +300,7 @@ def _wrap_causal(expr, conds, replaced: dict, i: int, padding):
     fill: their probabilities are 0 either way. Anything else (a soft mask, other sides or fills in the
     value) leaves expr as it is."""
     causal, kind, tensor, keeps = padding
-    on = expr.xreplace({c: sympy.true if isinstance(c, sympy.Ne) == keeps else sympy.false for c in conds})
-    off = expr.xreplace({c: sympy.false if isinstance(c, sympy.Ne) == keeps else sympy.true for c in conds})
+    on, off = _on_off(expr, conds, keeps)
     if not codegen.never_huge_negative(on) or not _is_fill(off):
         return expr
     replaced[i] = tensor
