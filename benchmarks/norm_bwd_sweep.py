@@ -23,10 +23,10 @@ EPS = 1e-5
 
 
 def resident_per_sm(n_regs: int, warps: int) -> int:
-    """Programs of `warps` warps one SM holds at once by registers and warp slots (H100: 64K registers,
-    64 warps; registers are allocated per warp in units of 256)."""
-    per_warp = ((max(n_regs, 1) * 32 + 255) // 256) * 256
-    return max(0, min(65536 // (per_warp * warps), 64 // warps))
+    """Programs of `warps` warps one SM holds at once by registers and warp slots (what the launch now sizes
+    the grid by: flashfuse.kernels.norms.impl.resident_per_sm)."""
+    from flashfuse.kernels.norms.impl import resident_per_sm as fit
+    return fit(n_regs, 0, warps, torch.cuda.get_device_properties(0))
 
 
 def sweep(kind: str, m: int, n: int, rows: list, prefetches=(False, True)):

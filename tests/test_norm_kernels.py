@@ -156,6 +156,33 @@ def test_heuristic_launch_choices():
         assert 1 <= len(kept) <= 6
 
 
+def test_backward_grid_is_one_wave_of_resident_programs():
+    """Programs per SM from registers / shared memory / warp slots: the `fit` the H100 sweep printed for the
+    registers it measured (session 15: 79-80 registers at 4 warps fit 6, 64 fit 8, 71 fit 7, 48 at 8 warps
+    fit 5, 40 at 16 warps fit 3, 32 at 16 warps fit 4)."""
+    from types import SimpleNamespace
+
+    from flashfuse.kernels.norms.impl import resident_per_sm
+    h100 = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                           shared_memory_per_multiprocessor=233472)
+    fits = {(79, 4): 6, (80, 4): 6, (64, 4): 8, (71, 4): 7, (48, 8): 5, (40, 16): 3, (32, 16): 4}
+    assert {k: resident_per_sm(r, 0, w, h100) for k, (r, w) in zip(fits, fits)} == fits
+    assert resident_per_sm(32, 100_000, 4, h100) == 2    # shared memory binds first
+    assert resident_per_sm(0, 0, 4, h100) == 0           # registers unknown: the caller keeps its rule
+    assert resident_per_sm(40, 0, 4, SimpleNamespace()) == 12  # properties missing: 64K registers, 2048 threads
+
+
+@pytest.mark.gpu
+def test_backward_learns_its_wave_and_stays_correct(no_autotune):
+    """The first backward launch of a specialization uses the fixed rule, later ones one wave from the
+    compiled kernel: both grids give float64's gradients."""
+    from flashfuse.kernels.norms import impl
+    impl._BWD_PER_SM.clear()
+    for _ in range(2):
+        run_case("layer_norm", False, torch.bfloat16, 1024, True, rows=(4096,), device="cuda", tol=1.6e-2)
+    assert impl._BWD_PER_SM and all(v > 0 for v in impl._BWD_PER_SM.values())
+
+
 def test_opcheck_fake_impls():
     x = torch.randn(4, 33, device=DEV, requires_grad=True)
     r = torch.randn(4, 33, device=DEV, requires_grad=True)

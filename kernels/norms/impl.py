@@ -45,8 +45,8 @@ def _flat_param(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------- launch choices
-# Autotuning (CUDA only) picks among a few configurations with 8-16 elements per thread (16 bf16 = two
-# 16-byte loads); FLASHFUSE_NORM_AUTOTUNE=0 uses the heuristic one alone (faster first call, e.g. in tests).
+# Autotuning (the forward, CUDA only) picks among a few configurations with 8-16 elements per thread (16 bf16 =
+# two 16-byte loads); FLASHFUSE_NORM_AUTOTUNE=0 uses the heuristic one alone (faster first call, e.g. in tests).
 def _autotune_enabled() -> bool:
     return os.environ.get("FLASHFUSE_NORM_AUTOTUNE", "1") != "0"
 
@@ -75,32 +75,52 @@ def _prune_fwd(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["ROWS"] == rows and c.num_warps == warps][:1] or configs[:1]
 
 
-def _bwd_warp_choices(block_n: int) -> tuple[int, ...]:
-    return (4, 8) if block_n <= 2048 else (8, 16)
+def bwd_warps(block_n: int) -> int:
+    """The backward's warps: 4 up to 2048 columns, 8 above (the autotuner's picks at 1024 / 4096 / 8192 on the
+    H100, session 12). The backward is no longer autotuned: its grid depends on the compiled kernel."""
+    return 4 if block_n <= 2048 else 8
 
 
-def heuristic_bwd(block_n: int) -> int:
-    return max(4, min(16, block_n // 512))
+def resident_per_sm(n_regs: int, shared: int, warps: int, props) -> int:
+    """Programs of `warps` warps that one SM holds at once, limited by registers (allocated per warp in units
+    of 256), shared memory and warp slots; 0 when the registers are unknown."""
+    if n_regs <= 0:
+        return 0
+    regs = getattr(props, "regs_per_multiprocessor", None) or 65536
+    threads = getattr(props, "max_threads_per_multi_processor", None) or 2048
+    smem = getattr(props, "shared_memory_per_multiprocessor", None) or 0
+    per_warp = ((n_regs * 32 + 255) // 256) * 256
+    fit = min(regs // (per_warp * warps), threads // (32 * warps))
+    if shared > 0 and smem > 0:
+        fit = min(fit, smem // shared)
+    return max(0, fit)
+
+
+# The backward's programs per SM, per (device, specialization): one full wave of resident programs. Each
+# program keeps its dw / db partial sums in registers across its rows, so a second, partial wave only lengthens
+# some SMs' work: LayerNorm 16384 x 1024 on the H100 (4 warps, 80 registers, 6 resident) took 46 us at 8 programs
+# per SM and 39 us at 6 (benchmarks/norm_bwd_sweep.py, session 15). Until a specialization is compiled, the
+# old fixed rule sizes its first launch.
+_BWD_PER_SM: dict = {}
+
+
+def _bwd_per_sm(key, n: int) -> int:
+    return _BWD_PER_SM.get(key) or (8 if n <= 2048 else 4)
+
+
+def _learn_bwd_per_sm(key, compiled, warps: int, device_index: int) -> None:
+    """Remember one wave for `key` from the compiled kernel's registers and shared memory (0: keep the rule)."""
+    meta = getattr(compiled, "metadata", None)
+    shared = getattr(meta, "shared", 0) if meta is not None else 0
+    fit = resident_per_sm(getattr(compiled, "n_regs", 0) or 0, shared or 0, warps,
+                          torch.cuda.get_device_properties(device_index))
+    _BWD_PER_SM[key] = fit
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_fwd():
     return triton.autotune(configs=_fwd_configs(), key=["N", "IS_RMS", "HAS_RES", "HAS_W", "HAS_B", "MID"],
                            prune_configs_by={"early_config_prune": _prune_fwd})(norm_fwd_kernel)
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
-    return [c for c in configs if c.num_warps in _bwd_warp_choices(block_n)] or configs[:1]
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned_bwd():
-    # PREFETCH (load the next row during this row's sums) won at every shape timed (H100, session 12:
-    # LayerNorm fwd+bwd 16384x4096 305 -> 271 us); kept in the search so other GPUs can still choose
-    configs = [triton.Config({"PREFETCH": p}, num_warps=w) for p in (False, True) for w in (4, 8, 16)]
-    return triton.autotune(configs=configs, key=["N", "IS_RMS", "HAS_W", "HAS_B", "HAS_DH", "MID"],
-                           prune_configs_by={"early_config_prune": _prune_bwd})(norm_bwd_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,9 +203,14 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
     dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device)
     dx2 = dx.view(-1, n)
     w = _flat_param(weight, n)
+    block_n = triton.next_power_of_2(n)
+    flags = dict(IS_RMS=is_rms, HAS_W=w is not None, HAS_B=has_bias, HAS_DH=dh is not None,
+                 MID=mid_code(mid_dtype), BLOCK_N=block_n)
     if x.is_cuda:
-        per_sm = 8 if n <= 2048 else 4
-        programs = max(1, min(m, _sm_count(x.device.index or 0) * per_sm))
+        device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        warps = bwd_warps(block_n)
+        wave_key = (device_index, x.dtype, dy.dtype, tuple(flags.items()))
+        programs = max(1, min(m, _sm_count(device_index) * _bwd_per_sm(wave_key, n)))
     else:
         programs = max(1, min(m, 4))
     rows_per_prog = triton.cdiv(max(m, 1), programs)
@@ -193,19 +218,16 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if w is not None else None
     db_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
     if m > 0:
-        block_n = triton.next_power_of_2(n)
         args = (dy2, x2, w if w is not None else x2, dh2, dx2,
                 dw_part if dw_part is not None else dx2, db_part if db_part is not None else dx2,
                 m, n, rows_per_prog, dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0), float(eps))
-        flags = dict(IS_RMS=is_rms, HAS_W=w is not None, HAS_B=has_bias, HAS_DH=dh is not None,
-                     MID=mid_code(mid_dtype), BLOCK_N=block_n)
         if x.is_cuda:
             with torch.cuda.device(x.device):
-                if _autotune_enabled():
-                    launcher(_tuned_bwd())((programs,), args, flags)
-                else:
-                    launcher(norm_bwd_kernel)((programs,), args, {**flags, "num_warps": heuristic_bwd(block_n),
-                                                                   "PREFETCH": True})
+                # PREFETCH (the next row loaded during this row's sums) won at every shape timed (H100,
+                # session 12: LayerNorm fwd+bwd 16384x4096 305 -> 271 us)
+                compiled = launcher(norm_bwd_kernel)((programs,), args, {**flags, "num_warps": warps, "PREFETCH": True})
+            if wave_key not in _BWD_PER_SM:
+                _learn_bwd_per_sm(wave_key, compiled, warps, device_index)
         else:
             norm_bwd_kernel[(programs,)](*args, **flags)
     else:
