@@ -32,18 +32,37 @@ from flashfuse.kernels.attention import score_mod as sm
 from flashfuse.kernels.attention import triton_impl as ti
 
 
+def kernel_times(fn, calls: int = 20) -> dict:
+    """Mean GPU time per call of each kernel `fn` launches, in microseconds (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us:
+            times[e.key[:40]] = round(us / calls, 1)
+    return times
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", default="current")
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--cases", nargs="+", help="only these cases")
     ap.add_argument("--table", help="print the lines of this JSONL output as a table and exit")
+    ap.add_argument("--profile", action="store_true",
+                    help="also each backward kernel's time (torch.profiler over 20 backward calls)")
     args = ap.parse_args()
     if args.table:
         for ln in open(args.table):
             r = json.loads(ln)
             print(f"{r['label']:12s} {r['case']:28s} fwd {r['fwd_ms']:.4f} fwd+bwd {r['fwd_bwd_ms']:.4f} "
-                  f"bwd {r['bwd_ms']:.4f}")
+                  f"bwd {r['bwd_ms']:.4f}", r.get("bwd_kernels_us", ""))
         return
     b, h, n, d = 8, 16, args.n, 64
     b = max(1, 16384 // n)
@@ -100,6 +119,9 @@ def main():
         grads = [False] * len(sides)
         row["bwd_ms"] = do_bench(lambda: ti.attention_backward(dout, q, k, v, out, stats, sides, [], text, 0.0, None,
                                                                grads, "tf32"), warmup=25, rep=200, return_mode="median")
+        if args.profile:
+            row["bwd_kernels_us"] = kernel_times(lambda: ti.attention_backward(
+                dout, q, k, v, out, stats, sides, [], text, 0.0, None, grads, "tf32"))
         row["configs"] = {f"{key[0] % 10007}/{key[1]}/{key[2]}": str(getattr(t, "best_config", None))
                           for key, t in ti._TUNED.items()}
         print(json.dumps(row), flush=True)
