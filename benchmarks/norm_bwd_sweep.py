@@ -57,7 +57,7 @@ def sweep(kind: str, m: int, n: int, rows: list, prefetches=(False, True)):
                     def launch():
                         return norm_bwd_kernel[(programs,)](
                             dy, x, w, dy, dx, dw, db, m, n, rpp, dy.stride(0), x.stride(0), dy.stride(0),
-                            dx.stride(0), EPS, IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_DH=False, MID=0,
+                            dx.stride(0), n, EPS, IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_DH=False, MID=0,
                             BLOCK_N=block_n, PREFETCH=prefetch, PAIRED=paired, num_warps=warps)
 
                     compiled = launch()

@@ -215,12 +215,15 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
         programs = max(1, min(m, 4))
     rows_per_prog = triton.cdiv(max(m, 1), programs)
     programs = triton.cdiv(max(m, 1), rows_per_prog)
-    dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if w is not None else None
-    db_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
+    # each program's partial dw and db side by side in one buffer: one reduction over the programs sums both
+    width = n * ((w is not None) + has_bias)
+    part = torch.empty((programs, width), dtype=torch.float32, device=x.device) if width else None
+    dw_part = part[:, :n] if w is not None else None
+    db_part = part[:, width - n:] if has_bias else None
     if m > 0:
         args = (dy2, x2, w if w is not None else x2, dh2, dx2,
                 dw_part if dw_part is not None else dx2, db_part if db_part is not None else dx2,
-                m, n, rows_per_prog, dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0), float(eps))
+                m, n, rows_per_prog, dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0), width, float(eps))
         if x.is_cuda:
             with torch.cuda.device(x.device):
                 # PREFETCH (the next row loaded during this row's sums) won at every shape timed (H100,
@@ -230,13 +233,11 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
                 _learn_bwd_per_sm(wave_key, compiled, warps, device_index)
         else:
             norm_bwd_kernel[(programs,)](*args, **flags)
-    else:
-        if dw_part is not None:
-            dw_part.zero_()
-        if db_part is not None:
-            db_part.zero_()
-    dw = dw_part.sum(0).to(weight.dtype).reshape(weight.shape) if weight is not None else x.new_empty(0)
-    db = db_part.sum(0) if has_bias else x.new_empty(0, dtype=torch.float32)
+    elif part is not None:
+        part.zero_()
+    sums = part.sum(0) if part is not None else None
+    dw = sums[:n].to(weight.dtype).reshape(weight.shape) if weight is not None else x.new_empty(0)
+    db = sums[width - n:] if has_bias else x.new_empty(0, dtype=torch.float32)
     return dx, dw, db
 
 

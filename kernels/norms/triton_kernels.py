@@ -80,12 +80,13 @@ def norm_fwd_kernel(X, R, H, W, B, Y, M, N, stride_x, stride_r, stride_h, stride
 
 @triton.jit
 def norm_bwd_kernel(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog,
-                    stride_dy, stride_x, stride_dh, stride_dx, eps,
+                    stride_dy, stride_x, stride_dh, stride_dx, stride_part, eps,
                     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DH: tl.constexpr,
                     MID: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False,
                     PAIRED: tl.constexpr = True):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (RMSNorm: without the mean(g) term).
-    Each program walks `rows_per_prog` rows and writes its partial dw/db sums to row `pid` of DW/DB.
+    Each program walks `rows_per_prog` rows and writes its partial dw/db sums to row `pid` of DW/DB (rows
+    `stride_part` apart: dw and db side by side in one buffer, summed by one reduction).
     PREFETCH: the next row's x and dy are loaded before this row's reductions, so each program keeps a load
     in flight while it reduces (one row at a time leaves the memory idle during the row sums).
     PAIRED: sums that do not depend on each other are reduced together (sum x with sum g, then sum d, d*d
@@ -160,6 +161,6 @@ def norm_bwd_kernel(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog,
             dx += tl.load(DH + row64 * stride_dh + cols, mask=col_ok, other=0.0).to(tl.float32)
         tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=col_ok)
     if HAS_W:
-        tl.store(DW + pid * N + cols, dw, mask=col_ok)
+        tl.store(DW + pid * stride_part + cols, dw, mask=col_ok)
     if HAS_B:
-        tl.store(DB + pid * N + cols, db, mask=col_ok)
+        tl.store(DB + pid * stride_part + cols, db, mask=col_ok)
