@@ -286,6 +286,71 @@ def test_bool_mask_side_with_fully_masked_rows():
     assert out[:, :, [3, 11]].isnan().all() and not out[:, :, rows].isnan().any()
 
 
+def _masked_fill_row(q, k, v, keep):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    return s.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1) @ v
+
+
+def _masked_fill_full(q, k, v, keep):
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    return torch.where(keep, s, float("-inf")).softmax(-1) @ v
+
+
+def _additive(q, k, v, bias):
+    return ((q @ k.transpose(-2, -1)) * 0.25 + bias).softmax(-1) @ v
+
+
+def _empty_row_cases(n):
+    g = torch.Generator().manual_seed(11)
+    right = torch.arange(n)[None, :] < torch.tensor([n, 0])[:, None]             # batch 1 keeps no key
+    holes = torch.stack([torch.arange(n) % 3 != 0, torch.zeros(n, dtype=torch.bool)])
+    per_query = torch.rand(2, 1, n, n, generator=g) > 0.3
+    per_query[1, 0, 5] = False                                                   # one row of batch 1
+    full_bias = torch.where(torch.rand(2, 1, n, n, generator=g) < 0.3, float("-inf"), 0.0)
+    full_bias[1, 0, 4] = float("-inf")
+    return {"right padding (key counts)": (_masked_fill_row, right),
+            "holes (key row)": (_masked_fill_row, holes),
+            "per-query mask": (_masked_fill_full, per_query),
+            "additive -inf row": (_additive, torch.zeros(2, 1, 1, n).masked_fill(~right[:, None, None, :],
+                                                                                  float("-inf"))),
+            "additive -inf mask": (_additive, full_bias)}
+
+
+@pytest.mark.parametrize("case", list(_empty_row_cases(21)))
+def test_rows_with_every_score_neg_inf_get_eagers_nans(case):
+    """A row with every score -inf: eager's softmax is NaN, so its output is NaN and P^T dO makes all of dV of
+    that batch and head NaN. A -inf fill's gradient is zero (dQ, dK stay finite), an additive -inf passes
+    the NaN on (that row of dQ, all of dK). flashfuse's NaNs must sit where eager's do, and every other
+    number equal eager's."""
+    import flashfuse
+    fn, mask = _empty_row_cases(21)[case]
+    results = []
+    for compiled in (False, True):
+        q, k, v = [torch.randn(2, 2, 21, 8, generator=torch.Generator().manual_seed(i), requires_grad=True)
+                   for i in range(3)]
+        f = torch.compile(fn, backend=flashfuse.backend(remainder="eager")) if compiled else fn
+        out = f(q, k, v, mask)
+        (out.nan_to_num() * torch.randn(out.shape, generator=torch.Generator().manual_seed(9))).sum().backward()
+        results.append((out, q.grad, k.grad, v.grad))
+    assert flashfuse.explain(fn, q, k, v, mask).count("attention") == 1
+    for name, want, got in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(want.isnan(), got.isnan()), (name, want.isnan().sum(), got.isnan().sum())
+        assert want.isnan().any() or name in ("dq", "dk")
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("expr, how", [
+    (sympy.Piecewise((-OO, KI > QI), (S / 4, True)), None),                      # causal: every row keeps q
+    (sympy.Piecewise((-OO, KI > QI + NK - NQ), (S / 4, True)), "fill"),         # bottom-right, Nq > Nk
+    (sympy.Piecewise((-OO, sympy.Eq(sm.side(0), 0)), (S / 4, True)), "fill"),   # a mask tensor
+    (sympy.Piecewise((-3.4e38, sympy.Eq(sm.side(0), 0)), (S / 4, True)), None),  # finfo.min: uniform rows
+    (S / 4 + sm.side(0), "additive"),                                           # a float mask may hold -inf
+    (S / 4, None),
+])
+def test_which_score_mods_can_give_rows_of_neg_inf(expr, how):
+    assert codegen.neg_inf_rows(sm.to_text(expr), 40, 21) == how
+
+
 def test_additive_mask_with_inf_and_finfo_min_rows():
     """Additive float mask: -inf entries, and one row filled with finfo.min (eager: uniform average)."""
     B, H, Nq, Nk = 1, 2, 23, 31

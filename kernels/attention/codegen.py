@@ -295,6 +295,21 @@ def fills_as_masks(score_mod_text: str, nq: int, nk: int) -> str:
 
 
 @functools.lru_cache(maxsize=256)
+def neg_inf_rows(score_mod_text: str, nq: int, nk: int) -> str | None:
+    """How a query row can have every score -inf, which eager's softmax turns into NaN (and its gradients
+    with it, see op._eager_nans_of_empty_rows): "fill" by a -inf fill not proven to leave each row a key
+    (the fill's own gradient is zero), "additive" by a float side tensor in the value that may hold -inf
+    (its gradient passes the NaN on to the scores), None when no row can be. Where both could, "fill"."""
+    expr = sm.from_text(score_mod_text)
+    if expr.has(NEG_INF):
+        an = analyze(expr, 0)
+        if not (an.keep_other is sympy.true and not an.value.has(NEG_INF)
+                and _rows_all_keep_a_key(an.bounds, nq, nk)):
+            return "fill"
+    return "additive" if _sides_in_value(expr) else None
+
+
+@functools.lru_cache(maxsize=256)
 def triangular(score_mod_text: str) -> bool:
     """The kept region is one causal triangle: a single upper bound kv <= q + c and no other index-only
     condition. Its programs differ in work block by block (triton_impl's launch order groups heads for it)."""

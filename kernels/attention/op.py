@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from flashfuse.kernels import registration
-from flashfuse.kernels.attention import dropout, mask_recognition, reference
+from flashfuse.kernels.attention import codegen, dropout, mask_recognition, reference
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -148,6 +148,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     `empty_rows_zero` matters to the reference only: the kernels give rows whose log2 sum is -inf no gradient."""
     bits = dropout_bits if dropout_bits is not None and dropout_bits.numel() and dropout_p > 0 else None
     triton = use_triton(q) and _has_triton_impl()
+    spelled = score_mod  # as the graph wrote it (mask recognition may rewrite it below)
     checker = _device_mask_check(recognize_masks, sides) if triton else None
     checked = checker.backward(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
                                precision, bits) if checker else None
@@ -170,8 +171,25 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             dout, q, k, v, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
             dropout_mask=None if bits is None else dropout.unpack_bits(bits, k.shape[2]),
             empty_rows_zero=empty_rows_zero)
+    nan_rows = codegen.neg_inf_rows(spelled, q.shape[2], k.shape[2]) if triton and not empty_rows_zero else None
+    if nan_rows:
+        _eager_nans_of_empty_rows(dq, dk, dv, lse, nan_rows == "additive")
     return (as_bnhd(dq), as_bnhd(dk), as_bnhd(dv),
             [d.contiguous() for d, g in zip(dsides, side_needs_grad) if g])
+
+
+def _eager_nans_of_empty_rows(dq, dk, dv, lse, additive: bool) -> None:
+    """Eager's gradients where a row has every score -inf. Its softmax is NaN, and P^T dO spreads the NaN over
+    all of dV of that batch and (key) head. A -inf fill's gradient is zero (masked_fill / where), so dQ and dK
+    keep the kernels' values; an additive -inf passes the NaN on: that row of dQ, and all of dK of the head.
+    The kernels give such rows P = 0 (their log2 sum, plane 1 of the row stats, is -inf)."""
+    b, hkv = dv.shape[0], dv.shape[1]
+    rows = lse[:, :, 1, :] == float("-inf")  # (B, Hq, Nq)
+    heads = rows.any(-1).view(b, hkv, -1).any(-1)[:, :, None, None]  # (B, Hkv, 1, 1)
+    dv.masked_fill_(heads, float("nan"))
+    if additive:
+        dk.masked_fill_(heads, float("nan"))
+        dq.masked_fill_(rows[..., None], float("nan"))
 
 
 def _attention_backward_fake(dout, q, k, v, out, lse, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
