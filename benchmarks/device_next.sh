@@ -14,13 +14,13 @@ if [ "$PART" = wave ]; then
   timeout 130 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes ${NORM_SHAPES:-16384x1024} \
       --ratio-from-graphs --budget-s 110 --out $OUT/norms_wave > $OUT/norms_wave.log 2>&1
   echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio" $OUT/norms_wave.log | head -24
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 70 python benchmarks/row_stats.py --label counts --profile \
+      --cases causal_-inf causal_key_counts > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
+  echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
   FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_NORM_AUTOTUNE=0 timeout 100 python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_norm_kernels.py tests/test_attention_kernels.py::test_key_counts_bound_the_loops \
       tests/test_attention_kernels.py::test_key_blocks_past_the_count_are_never_loaded > $OUT/pytest_wave.log 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_wave.log | tail -6
-  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 70 python benchmarks/row_stats.py --label counts --profile \
-      --cases causal_-inf causal_key_counts > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
-  echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
   for pad in none counts; do
     timeout 30 python benchmarks/sass_counts.py --kernel attn_bwd_dkdv attn_bwd_dq --padding $pad 2>&1 \
         | grep -v "DROPOUT=[13]" | tee -a $OUT/sass_triton36.txt
