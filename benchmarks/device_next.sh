@@ -27,6 +27,15 @@ if [ "$PART" = wave ] || [ "$PART" = short ]; then
         | grep -v "DROPOUT=[13]" | tee -a $OUT/sass_triton36.txt
   done
 fi
+if [ "$PART" = tiny ]; then
+  # LayerNorm 16384x1024 fwd+bwd against Inductor, then the attention backward's kernels (causal / counts)
+  timeout 80 python benchmarks/norms.py --ops layer_norm --shapes 16384x1024 --ratio-from-graphs --budget-s 60 \
+      --out $OUT/norms_tiny > $OUT/norms_tiny.log 2>&1
+  echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio" $OUT/norms_tiny.log | head -8
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 50 python benchmarks/row_stats.py --label counts --profile \
+      --cases causal_-inf causal_key_counts > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
+  echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
+fi
 if [ "$PART" = attention ]; then
   for kc in 1 0; do
     FLASHFUSE_ATTN_KEY_COUNTS=$kc timeout 100 python benchmarks/attention.py --part handwritten \
