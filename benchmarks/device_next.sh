@@ -15,7 +15,7 @@ if [ "$PART" = wave ] || [ "$PART" = short ]; then
       --ratio-from-graphs --budget-s 110 --out $OUT/norms_wave > $OUT/norms_wave.log 2>&1
   echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio" $OUT/norms_wave.log | head -24
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 70 python benchmarks/row_stats.py --label counts --profile \
-      --cases causal_-inf causal_key_counts > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
+      --cases causal_-inf causal_key_counts causal_key_counts causal_-inf > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
   echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
   [ "$PART" = short ] && exit 0  # short: the two timings alone
   FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_NORM_AUTOTUNE=0 timeout 100 python -m pytest -q -p no:cacheprovider -m gpu \
@@ -33,7 +33,7 @@ if [ "$PART" = tiny ]; then
       --out $OUT/norms_tiny > $OUT/norms_tiny.log 2>&1
   echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio" $OUT/norms_tiny.log | head -8
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 50 python benchmarks/row_stats.py --label counts --profile \
-      --cases causal_-inf causal_key_counts > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
+      --cases causal_-inf causal_key_counts causal_key_counts causal_-inf > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
   echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
 fi
 if [ "$PART" = attention ]; then
