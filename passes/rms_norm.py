@@ -36,8 +36,9 @@ def _library_form(gm, ctx, node: fx.Node) -> int:
     x, shape, weight, eps = args[0], args[1], node.kwargs.get("weight", args[2]), node.kwargs.get("eps", args[3])
     if not isinstance(x, fx.Node) or val(x) is None:
         return 0
-    if eps is None:  # F.rms_norm's default: the machine epsilon of the input dtype
-        eps = torch.finfo(val(x).dtype).eps
+    if eps is None:  # F.rms_norm's default: the machine epsilon of the type it computes in (fp32 for half inputs)
+        dtype = val(x).dtype
+        eps = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).eps
     if not is_number(eps):
         return 0
     feats = tuple(shape)
