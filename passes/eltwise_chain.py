@@ -152,6 +152,29 @@ def autocast_nodes(gm: fx.GraphModule) -> set[fx.Node] | None:
     return inside
 
 
+def autocast_devices(gm: fx.GraphModule, at: fx.Node) -> set[str]:
+    """The device types whose autocast is on at node `at`: the regions open around it in the graph, or
+    autocast on around the compiled call."""
+    stack = []
+    for n in gm.graph.nodes:
+        if n is at:
+            break
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name == "_enter_autocast":
+            stack.append((n.args[0], bool(n.args[2]) if len(n.args) > 2 else True))
+        elif name == "_exit_autocast" and stack:
+            stack.pop()
+    on: dict[str, bool] = {}
+    for device_type in ("cuda", "cpu"):
+        try:
+            on[device_type] = torch.is_autocast_enabled(device_type)
+        except (TypeError, RuntimeError):  # a build without that device type
+            on[device_type] = False
+    for dev, enabled in stack:  # inner regions override outer ones
+        on[dev] = enabled
+    return {d for d, e in on.items() if e}
+
+
 def in_autocast(regions: set[fx.Node] | None, nodes: Iterable[fx.Node]) -> bool:
     return regions is None or any(n in regions for n in nodes)
 

@@ -368,6 +368,7 @@ class Tail:
     mid_dtype: torch.dtype | None = None
     note: str = ""                      # why the tail stopped early, when that is worth saying
     features: tuple = ()                # the normalized trailing shape when it is more than one dim
+    out_dtype: torch.dtype | None = None  # when the fake value's dtype is not the real one (autocast)
 
 
 def match_tail(start: fx.Node, n: int, x_shape, have_weight=False, have_bias=False) -> Tail:
@@ -509,7 +510,7 @@ def norm_op(kind: str):
 
 def replace_norm(gm: fx.GraphModule, kind: str, x: fx.Node, tail: Tail, eps: float) -> fx.Node:
     """Insert flashfuse::<kind>(x, w, b, eps, mid, out_dtype) before tail.last and use it instead."""
-    out_dtype = val(tail.last).dtype
+    out_dtype = tail.out_dtype or val(tail.last).dtype
     args = [x, tail.weight, tail.bias, eps if isinstance(eps, fx.Node) else float(eps), tail.mid_dtype, out_dtype]
     new = insert_call(gm.graph, tail.last, norm_op(kind), args, tail.last)
     tail.last.replace_all_uses_with(new)
@@ -602,10 +603,38 @@ def hand_written_tail(ctx, fusion: str, x, dims, keepdim: bool, normed, pre_weig
     return tail
 
 
+AUTOCAST_NORM_NOTE = ("under autocast: eager's norm runs in autocast's dtype for its device (CUDA: LayerNorm in "
+                      "fp32; CPU: the input's dtype; pow / rsqrt of a hand-written form in fp32), which the fake "
+                      "values do not show; only CUDA's aten.layer_norm with nothing after it is proven; left as is")
+
+
+def _under_autocast(gm, anchor: fx.Node) -> bool:
+    """Autocast is on at the norm (a region with enabled=False, as OLMo writes its statistics, is off)."""
+    from flashfuse.passes.eltwise_chain import autocast_devices
+    return bool(autocast_devices(gm, anchor))
+
+
+def _cuda_layer_norm_in_fp32(gm, fusion: str, spelling: str, anchor: fx.Node, x, tail: Tail) -> bool:
+    """CUDA autocast runs aten.layer_norm in fp32 (its fp32 op list): input, weight and bias cast to fp32, an
+    fp32 output. That is what the fused op computes when its output dtype is fp32, whatever the run-time
+    input dtype. The CPU runs it in the input's dtype, and other norms have no documented policy: those
+    stay as they are. Sets the tail's output dtype; False when not proven."""
+    from flashfuse.passes.eltwise_chain import autocast_devices
+    if fusion != "layer_norm" or spelling != "aten.layer_norm" or tail.last is not anchor or tail.mid_dtype is not None:
+        return False
+    if autocast_devices(gm, anchor) != {"cuda"} or val(x) is None or val(x).device.type != "cuda":
+        return False
+    tail.out_dtype = torch.float32
+    return True
+
+
 def apply_norm(gm, ctx, fusion: str, x, tail: Tail, eps, spelling: str, anchor: fx.Node) -> int:
     """Check the policy and preconditions for one matched norm, then replace it and report (both norm passes)."""
     if isinstance(eps, fx.Node) and ctx.config.remainder != "eager":
         ctx.graph_report.add_near_miss(fusion, anchor, RUNTIME_EPS)
+        return 0
+    if _under_autocast(gm, anchor) and not _cuda_layer_norm_in_fp32(gm, fusion, spelling, anchor, x, tail):
+        ctx.graph_report.add_near_miss(fusion, anchor, AUTOCAST_NORM_NOTE)
         return 0
     x = strip_upcast(x)
     n = math.prod(tail.features) if tail.features else None

@@ -810,3 +810,31 @@ def test_gpu_norm_over_trailing_dims_bf16(model, kind):
         x = x[0]
     rep = check_against_eager(model, [x], "inductor", tol=1.5e-2)
     assert rep.count(kind) == 1, str(rep)
+
+
+def test_norms_under_cpu_autocast_are_left_alone_with_eagers_dtype():
+    """The CPU runs layer_norm / rms_norm under autocast in the input's dtype (here the autocast Linear's bf16),
+    which the fake values (float32) do not show: flashfuse must not bake float32 in. Left as is, with the
+    reason; an autocast region with enabled=False is off (OLMo writes its statistics so) and still fuses."""
+    class Block(nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.fc, self.norm = nn.Linear(16, 16), norm
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.norm(self.fc(x))
+
+    x = torch.randn(3, 16)
+    for norm, name in ((nn.LayerNorm(16), "layer_norm"), (nn.RMSNorm(16, eps=1e-6), "rms_norm")):
+        model = Block(norm)
+        out = torch.compile(copy.deepcopy(model), backend=flashfuse.backend(remainder="eager"))(x)
+        assert out.dtype == model(x).dtype == torch.bfloat16
+        report = ff_explain(model, x, options={"remainder": "eager"})
+        assert report.count(name) == 0
+        assert any("autocast" in m.reason for m in report.near_misses if m.fusion == name)
+
+    def off(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            return F.layer_norm(x, (16,))
+    assert ff_explain(off, x, options={"remainder": "eager"}).count("layer_norm") == 1
