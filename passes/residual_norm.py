@@ -35,6 +35,11 @@ def run(gm: fx.GraphModule, ctx) -> int:
 
 def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
     h, weight, bias, eps, mid_dtype, out_dtype = norm.args
+    flat = None  # a norm over several trailing dims runs on h flattened to one (layer_norm._flatten_trailing)
+    if is_op(h, aten.reshape.default) and len(h.users) == 1 and is_op(h.args[0], aten.add.Tensor):
+        flat, h = h, h.args[0]
+        if not all(isinstance(d, int) for d in val(h).shape):  # h's shape to view back: static sizes only
+            return 0
     if not (is_op(h, aten.add.Tensor) and len(h.args) == 2 and not h.kwargs):
         return 0
     a, b = h.args
@@ -67,11 +72,16 @@ def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
         return 0
     anchor = h.next
     others = len(h.users) - 1
+    if flat is not None:  # the same flattening of both terms (views when they are contiguous)
+        a, b = (insert_call(gm.graph, anchor, aten.reshape.default, [t, flat.args[1]], flat) for t in (a, b))
     fused = insert_call(gm.graph, anchor, norm_op(kind), [a, b, weight, bias, eps, mid_dtype, out_dtype], norm)
     h_new = insert_getitem(gm.graph, fused, 1)
     y = insert_getitem(gm.graph, fused, 0)
     norm.replace_all_uses_with(y)
     gm.graph.erase_node(norm)
+    if flat is not None:  # h's other users read it in its own shape
+        gm.graph.erase_node(flat)
+        h_new = insert_call(gm.graph, anchor, aten.reshape.default, [h_new, list(hv.shape)], h)
     h.replace_all_uses_with(h_new)
     used = f"h also used by {others} later op(s)" if others else "h not used elsewhere"
     text = f"flashfuse::{kind}: residual add fused into the norm ({used})"

@@ -838,3 +838,34 @@ def test_norms_under_cpu_autocast_are_left_alone_with_eagers_dtype():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
             return F.layer_norm(x, (16,))
     assert ff_explain(off, x, options={"remainder": "eager"}).count("layer_norm") == 1
+
+
+def test_residual_add_before_a_norm_over_two_dims():
+    """nn.LayerNorm([S, D])(x + y) runs on h flattened to S * D: the add joins it, x and y flattened the same
+    way, and h's later users (the residual stream, returned here) read it in its own shape."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm([5, 12])
+
+        def forward(self, x, y):
+            h = x + y
+            return self.norm(h) * 2, h.transpose(1, 2)
+
+    torch.manual_seed(3)
+    model = Block()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    x, y = torch.randn(3, 5, 12, requires_grad=True), torch.randn(3, 5, 12, requires_grad=True)
+    report = ff_explain(model, x, y, options={"remainder": "eager"})
+    assert report.count("residual_norm") == 1 and report.count("layer_norm") == 1
+    compiled = torch.compile(copy.deepcopy(model), backend=flashfuse.backend(remainder="eager"))
+    outs, refs = compiled(x, y), model(x, y)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and torch.allclose(o, r, atol=1e-5)
+    g = [torch.randn_like(r) for r in refs]
+    got = torch.autograd.grad(outs, [x, y], g)
+    want = torch.autograd.grad(refs, [x, y], g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
