@@ -78,7 +78,7 @@ def llama_rms_norm(x, w):
 
 
 def profile(kind: str, m: int, n: int, rows: list, steps: int = 20):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from profiling import kernel_times  # benchmarks/profiling.py (this script's folder is on sys.path)
 
     import flashfuse.kernels.norms  # noqa: F401  (registers the ops)
 
@@ -99,17 +99,7 @@ def profile(kind: str, m: int, n: int, rows: list, steps: int = 20):
     for name, fn in impls.items():
         def step():
             torch.autograd.grad([fn()], leaves, [dy])
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-        per_kernel = {}
-        for e in prof.key_averages():
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
-                per_kernel[e.key[:70]] = e.self_device_time_total / steps
+        per_kernel = kernel_times(step, steps, warmup=5)
         total = sum(per_kernel.values())
         row = dict(part="profile", kind=kind, shape=f"{m}x{n}", impl=name, total_us=round(total, 1),
                    kernels={k: round(v, 1) for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])})

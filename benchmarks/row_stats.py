@@ -30,23 +30,7 @@ import flashfuse
 import flashfuse.kernels.attention.op  # noqa: F401  (registers the op)
 from flashfuse.kernels.attention import score_mod as sm
 from flashfuse.kernels.attention import triton_impl as ti
-
-
-def kernel_times(fn, calls: int = 20) -> dict:
-    """Mean GPU time per call of each kernel `fn` launches, in microseconds (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times = {}
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us:
-            times[e.key[:40]] = round(us / calls, 1)
-    return times
+from profiling import kernel_times  # benchmarks/profiling.py (this script's folder is on sys.path)
 
 
 def main():
@@ -116,11 +100,13 @@ def main():
         with torch.no_grad():
             out, stats = ti.attention_forward(q, k, v, sides, [], text, 0.0, None, "tf32")
         grads = [False] * len(sides)
-        row["bwd_ms"] = do_bench(lambda: ti.attention_backward(dout, q, k, v, out, stats, sides, [], text, 0.0, None,
-                                                               grads, "tf32"), warmup=25, rep=200, return_mode="median")
+
+        def bwd():
+            return ti.attention_backward(dout, q, k, v, out, stats, sides, [], text, 0.0, None, grads, "tf32")
+
+        row["bwd_ms"] = do_bench(bwd, warmup=25, rep=200, return_mode="median")
         if args.profile:
-            row["bwd_kernels_us"] = kernel_times(lambda: ti.attention_backward(
-                dout, q, k, v, out, stats, sides, [], text, 0.0, None, grads, "tf32"))
+            row["bwd_kernels_us"] = {k: round(t, 1) for k, t in kernel_times(bwd, width=40).items()}
         row["configs"] = {f"{key[0] % 10007}/{key[1]}/{key[2]}": str(getattr(t, "best_config", None))
                           for key, t in ti._TUNED.items()}
         print(json.dumps(row), flush=True)
