@@ -1275,22 +1275,8 @@ def _broadcast_batch(g: Graph, node: fx.Node, q4) -> fx.Node:
 
 def _autocast_dtype(gm: fx.GraphModule, at: fx.Node, device_type: str):
     """The autocast dtype in force at node `at` for `device_type` (None when autocast is off)."""
-    stack = []
-    for n in gm.graph.nodes:
-        if n is at:
-            break
-        if n.op == "call_function" and getattr(n.target, "__name__", "") == "_enter_autocast":
-            dev, dtype, enabled = n.args[0], n.args[1], n.args[2]
-            stack.append((n, dev, dtype, enabled))
-        elif n.op == "call_function" and getattr(n.target, "__name__", "") == "_exit_autocast":
-            if stack:
-                stack.pop()
-    for _, dev, dtype, enabled in reversed(stack):
-        if dev == device_type:
-            return dtype if enabled else None
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+    from flashfuse.passes.eltwise_chain import autocast_state
+    return autocast_state(gm, at).get(device_type)
 
 
 def _concrete_side(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.Tensor | None:

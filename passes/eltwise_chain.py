@@ -152,8 +152,9 @@ def autocast_nodes(gm: fx.GraphModule) -> set[fx.Node] | None:
     return inside
 
 
-def autocast_devices(gm: fx.GraphModule, at: fx.Node) -> set[str]:
-    """The device types whose autocast is on at node `at`: the regions open around it in the graph, or
+def autocast_state(gm: fx.GraphModule, at: fx.Node) -> dict:
+    """{device type: autocast dtype} for the device types whose autocast is on at node `at`: the regions open
+    around it in the graph (inner ones override outer ones, `enabled=False` turns a device off), else
     autocast on around the compiled call."""
     stack = []
     for n in gm.graph.nodes:
@@ -161,18 +162,22 @@ def autocast_devices(gm: fx.GraphModule, at: fx.Node) -> set[str]:
             break
         name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
         if name == "_enter_autocast":
-            stack.append((n.args[0], bool(n.args[2]) if len(n.args) > 2 else True))
+            stack.append((n.args[0], n.args[1], bool(n.args[2]) if len(n.args) > 2 else True))
         elif name == "_exit_autocast" and stack:
             stack.pop()
-    on: dict[str, bool] = {}
+    state: dict = {}
     for device_type in ("cuda", "cpu"):
         try:
-            on[device_type] = torch.is_autocast_enabled(device_type)
+            if torch.is_autocast_enabled(device_type):
+                state[device_type] = torch.get_autocast_dtype(device_type)
         except (TypeError, RuntimeError):  # a build without that device type
-            on[device_type] = False
-    for dev, enabled in stack:  # inner regions override outer ones
-        on[dev] = enabled
-    return {d for d, e in on.items() if e}
+            continue
+    for dev, dtype, enabled in stack:
+        if enabled:
+            state[dev] = dtype
+        else:
+            state.pop(dev, None)
+    return state
 
 
 def in_autocast(regions: set[fx.Node] | None, nodes: Iterable[fx.Node]) -> bool:

@@ -608,21 +608,14 @@ AUTOCAST_NORM_NOTE = ("under autocast: eager's norm runs in autocast's dtype for
                       "values do not show; only CUDA's aten.layer_norm with nothing after it is proven; left as is")
 
 
-def _under_autocast(gm, anchor: fx.Node) -> bool:
-    """Autocast is on at the norm (a region with enabled=False, as OLMo writes its statistics, is off)."""
-    from flashfuse.passes.eltwise_chain import autocast_devices
-    return bool(autocast_devices(gm, anchor))
-
-
-def _cuda_layer_norm_in_fp32(gm, fusion: str, spelling: str, anchor: fx.Node, x, tail: Tail) -> bool:
+def _cuda_layer_norm_in_fp32(autocast_on: set, fusion: str, spelling: str, anchor: fx.Node, x, tail: Tail) -> bool:
     """CUDA autocast runs aten.layer_norm in fp32 (its fp32 op list): input, weight and bias cast to fp32, an
     fp32 output. That is what the fused op computes when its output dtype is fp32, whatever the run-time
     input dtype. The CPU runs it in the input's dtype, and other norms have no documented policy: those
     stay as they are. Sets the tail's output dtype; False when not proven."""
-    from flashfuse.passes.eltwise_chain import autocast_devices
     if fusion != "layer_norm" or spelling != "aten.layer_norm" or tail.last is not anchor or tail.mid_dtype is not None:
         return False
-    if autocast_devices(gm, anchor) != {"cuda"} or val(x) is None or val(x).device.type != "cuda":
+    if autocast_on != {"cuda"} or val(x) is None or val(x).device.type != "cuda":
         return False
     tail.out_dtype = torch.float32
     return True
@@ -633,7 +626,10 @@ def apply_norm(gm, ctx, fusion: str, x, tail: Tail, eps, spelling: str, anchor: 
     if isinstance(eps, fx.Node) and ctx.config.remainder != "eager":
         ctx.graph_report.add_near_miss(fusion, anchor, RUNTIME_EPS)
         return 0
-    if _under_autocast(gm, anchor) and not _cuda_layer_norm_in_fp32(gm, fusion, spelling, anchor, x, tail):
+    from flashfuse.passes.eltwise_chain import autocast_state
+    # autocast on at the norm (a region with enabled=False, as OLMo writes its statistics, is off)
+    autocast_on = set(autocast_state(gm, anchor))
+    if autocast_on and not _cuda_layer_norm_in_fp32(autocast_on, fusion, spelling, anchor, x, tail):
         ctx.graph_report.add_near_miss(fusion, anchor, AUTOCAST_NORM_NOTE)
         return 0
     x = strip_upcast(x)
