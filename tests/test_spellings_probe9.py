@@ -39,7 +39,7 @@ SQ2PI = math.sqrt(2.0 / math.pi)
 
 # ================================================================================================ harness
 # the same harness as probe6 (compile, compare outputs, gradients, requires_grad and in-place inputs)
-from test_spellings_probe6 import ERF, P, ROWS, TANH, Fn, case, rand, run_row  # noqa: E402
+from test_spellings_probe6 import ERF, P, ROWS, TANH, ChatGLMRMSNorm, Fn, case, rand, run_row  # noqa: E402
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -159,21 +159,6 @@ class BaichuanRMSNorm(nn.Module):
         return self.weight * hidden_states
 
 
-class GLM4RMSNorm(nn.Module):
-    """THUDM GLM-4 modeling_chatglm.py RMSNorm: the product with the weight in fp32, then cast to the input dtype."""
-
-    def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(normalized_shape, device=device, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
-        return (self.weight * hidden_states).to(input_dtype)
-
-
 class MetaLlamaRMSNorm(nn.Module):
     """meta-llama/llama model.py (also mistral-inference, Qwen-1): _norm(x.float()).type_as(x) * weight."""
 
@@ -225,12 +210,6 @@ class OlmoRMSLayerNorm(nn.Module):
         return x
 
 
-def _ones_weight(m):
-    """GLM-4 allocates its weight with torch.empty (the checkpoint fills it): start it at ones here."""
-    nn.init.ones_(m.weight)
-    return m
-
-
 class NormOverSqrtD(nn.Module):
     """RMSNorm in disguise: x / (||x||_2 * d**-0.5) * g, no eps at all (rms = ||x|| / sqrt(d))."""
 
@@ -249,7 +228,8 @@ RMS_NORM = [
          tol=TOL_HALF),
     case("internlm_rmsnorm_fp32_weight_fp16_input_fp32_out", lambda: BaichuanRMSNorm(D), (X3.to(FP16),),
          dict(rms_norm=1), tol=TOL_HALF),
-    case("glm4_rmsnorm_fp32_product_cast_bf16", lambda: _ones_weight(GLM4RMSNorm(D, dtype=BF16)), (X3.to(BF16),),
+    # GLM-4 writes the RMSNorm of ChatGLM2/3 (probe 6) again, here with bf16 weight and input
+    case("glm4_rmsnorm_fp32_product_cast_bf16", lambda: ChatGLMRMSNorm(D).to(BF16), (X3.to(BF16),),
          dict(rms_norm=1), tol=TOL_HALF),
     case("deepseek_v3_f_rms_norm_bf16", lambda: DeepSeekV3RMSNorm(D).to(BF16), (X3.to(BF16),), dict(rms_norm=1),
          tol=TOL_HALF),
