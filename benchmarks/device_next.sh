@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Session 15's device calls. Usage on the device (repo root): bash benchmarks/device_next.sh wave|attention
+# Device calls. Usage on the device (repo root): bash benchmarks/device_next.sh norms16|gpt16|wave|attention
 # (results under $OUT). Each part names what it checks.
 #   wave       the norm backward's grid as one wave of resident programs (GPU tests, then LayerNorm / RMSNorm
 #              16384x1024 and 16384x4096 against Inductor), and why key counts slow the attention backward
 #              (per-kernel times, causal alone against causal & key counts; triton's own sm_90 counts)
+#   norms16    issue 5's table: LayerNorm / RMSNorm at the three shapes with the one-wave backward, then the GPU
+#              norm tests, then the attention backward's kernels (causal / key counts)
+#   gpt16      issue 7: GPT-2 small train step, flashfuse against Inductor on the SDPA rewrite, 8x1024 and 2x4096
 #   attention  HF padded causal through torch.compile (key counts on and off), the GPU attention tests
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
@@ -26,6 +29,22 @@ if [ "$PART" = wave ] || [ "$PART" = short ]; then
     timeout 30 python benchmarks/sass_counts.py --kernel attn_bwd_dkdv attn_bwd_dq --padding $pad 2>&1 \
         | grep -v "DROPOUT=[13]" | tee -a $OUT/sass_triton36.txt
   done
+fi
+if [ "$PART" = norms16 ]; then
+  timeout 270 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024,16384x4096,4096x8192 \
+      --ratio-from-graphs --budget-s 240 --out $OUT/norms16 > $OUT/norms16.log 2>&1
+  echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio|GB/s" $OUT/norms16.log | head -40
+  FLASHFUSE_NORM_AUTOTUNE=0 timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_norm_kernels.py \
+      > $OUT/pytest_norms16.log 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_norms16.log | tail -6
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 60 python benchmarks/row_stats.py --label counts --profile \
+      --cases causal_-inf causal_key_counts causal_key_counts causal_-inf > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
+  echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
+fi
+if [ "$PART" = gpt16 ]; then
+  timeout 520 python benchmarks/train_gpt.py --configs 8x1024,2x4096 --modes flashfuse,sdpa --out $OUT --tag _session16 \
+      > $OUT/train_gpt16.log 2>&1
+  echo "train rc=$?"; tail -20 $OUT/train_gpt16.log
 fi
 if [ "$PART" = tiny ]; then
   # LayerNorm 16384x1024 fwd+bwd against Inductor, then the attention backward's kernels (causal / counts)
