@@ -262,6 +262,16 @@ def _pow(a, e, kw, ev):
     return sympy.Pow(a, _num(e), evaluate=ev)
 
 
+def _addcmul(a, b, c, kw, ev):
+    # a + value * b * c (torch.addcmul; Adam's moment updates spell it so)
+    return sympy.Add(a, sympy.Mul(_num(kw.get("value", 1)), b, c, evaluate=ev), evaluate=ev)
+
+
+def _addcdiv(a, b, c, kw, ev):
+    return sympy.Add(a, sympy.Mul(_num(kw.get("value", 1)), b, sympy.Pow(c, sympy.Integer(-1), evaluate=ev),
+                                  evaluate=ev), evaluate=ev)
+
+
 def _num(v: Any) -> sympy.Expr:
     if isinstance(v, sympy.Basic):
         return v
@@ -286,8 +296,10 @@ ARITHMETIC: dict[Any, Callable] = {
     aten.divide.Tensor: _div, aten.divide.Scalar: _div,
     aten.true_divide.Tensor: _div, aten.true_divide.Scalar: _div,
     aten.negative.default: _neg,
+    aten.addcmul.default: _addcmul,
+    aten.addcdiv.default: _addcdiv,
 }
-_KWARGS_OK = {"alpha"}
+_KWARGS_OK = {"alpha", "value"}
 
 
 def pow_exponent_ok(e: Any) -> bool:
@@ -366,7 +378,7 @@ def _chain_reason(node: fx.Node, like: torch.Tensor | None) -> str | None:
         return f"`{node.name}` computes in {None if out is None else out.dtype} (kernel: fp16/bf16/fp32)"
     if like is not None and out.dtype != like.dtype:
         return f"`{node.name}` changes dtype ({out.dtype} vs {like.dtype})"
-    if set(node.kwargs) - _KWARGS_OK or not is_number(node.kwargs.get("alpha", 1)):
+    if set(node.kwargs) - _KWARGS_OK or not all(is_number(node.kwargs.get(k, 1)) for k in _KWARGS_OK):
         return f"`{node.name}` has arguments {dict(node.kwargs)}"
     ref = like if like is not None else out
     for a in node.args:

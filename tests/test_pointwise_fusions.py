@@ -553,6 +553,20 @@ def test_eltwise_chain_rsub_div_alpha_pow_eager():
     check(chain_rsub_div, *xs, eltwise_chain=1)
 
 
+def chain_addcmul_addcdiv(a, b, c, d):
+    # Adam's second-moment spelling, then an addcdiv: both ops stay whole in the re-traced graph
+    v = torch.addcmul(a * 0.999, b, b, value=1 - 0.999)
+    return torch.addcdiv(c, d, v + 1e-8, value=-0.01)
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+def test_eltwise_chain_reads_addcmul_and_addcdiv(options):
+    xs = [rand(3, 7), rand(3, 7), rand(3, 7), rand(3, 7)]
+    xs[0] = xs[0].abs()
+    report = check(chain_addcmul_addcdiv, *xs, options=options, eltwise_chain=1)
+    assert report.matches[0].details["inputs"] == 4
+
+
 def test_eltwise_chain_keeps_the_order_of_operations():
     # sympy would simplify (x + 1e8) - 1e8 to x; the kernel must compute what eager computes
     f = lambda x, y: ((x + 1e8) - 1e8) * y  # noqa: E731

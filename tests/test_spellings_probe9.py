@@ -539,9 +539,7 @@ ELT = [
     case("batchnorm_eval_by_hand_running_stats", HandBatchNormEval, (X4,),
          dict(eltwise_chain=1, layer_norm=0, rms_norm=0)),
     case("addcmul_then_minus_product", lambda: Fn(lambda m, a, b, c, d, e: torch.addcmul(a, b, c, value=0.5) - d * e),
-         _t(5, 977), dict(eltwise_chain=1),
-         xfail="NOT FUSED: torch.addcmul(a, b, c, value=0.5) - d * e: nothing fused, no near-miss (the addcdiv "
-               "spelling torch.addcdiv(a, b, c.abs() + 1, value=-0.1) * d - e fuses: 6 ops over 5 tensors)"),
+         _t(5, 977), dict(eltwise_chain=1)),
     case("mixup_flip_batch", lambda: Fn(lambda m, x, y: 0.7 * x + (1 - 0.7) * x.flip(0) - y), _t(2, 983),
          dict(eltwise_chain=1)),
     case("outer_broadcast_chain", lambda: Fn(lambda m, a, b, c, d: a[:, None] * b[None, :] + c - d),
