@@ -6,6 +6,8 @@ Spellings: `aten.rms_norm` (nn.RMSNorm, F.rms_norm) and the hand-written forms
     y = weight * y.to(input_dtype)                       (LLaMA: the rounding before the weight is kept)
     weight * x * rsqrt(..)                               (weight first; `(w * x) * rsqrt(..)` in Python)
 `x.pow(2).mean(-1).unsqueeze(-1)` counts as the keepdim mean (norm_match.restore_keepdim).
+`x / (x.norm(2, -1, keepdim=True) * n**-0.5)` (or `/ (norm / sqrt(n))`) is the same with eps = 0: the 2-norm
+scaled by 1/sqrt(n) is the root mean square.
 Left alone, with the reason as a near-miss: eps outside the square root, statistics over another dim.
 """
 from __future__ import annotations
@@ -28,7 +30,9 @@ FUSION = "rms_norm"
 def run(gm: fx.GraphModule, ctx) -> int:
     rms_op = getattr(aten, "rms_norm", None)  # older torch: no aten.rms_norm, only hand-written forms
     return run_norm_pass(gm, rms_op.default if rms_op is not None else None, lambda n: _library_form(gm, ctx, n),
-                         lambda n: n.target is aten.mean.dim, lambda n: _hand_written(gm, ctx, n))
+                         lambda n: n.target in (aten.mean.dim, aten.linalg_vector_norm.default),
+                         lambda n: _vector_norm(gm, ctx, n) if n.target is aten.linalg_vector_norm.default
+                         else _hand_written(gm, ctx, n))
 
 
 def _library_form(gm, ctx, node: fx.Node) -> int:
@@ -63,7 +67,62 @@ def _is_centered(x: fx.Node) -> bool:
         and x.args[1].args[0] is x.args[0]
 
 
-def _hand_written(gm, ctx, ms: fx.Node) -> int:
+def _scaled_to_rms(norm: fx.Node):
+    """The node `norm * n**-0.5` / `norm / n**0.5` of a `linalg_vector_norm(x, 2, dims, keepdim)` whose only
+    user it is, with n the number of elements reduced: that value is sqrt(mean(x * x)). Else None."""
+    args = list(norm.args) + [None] * (4 - len(norm.args))
+    x, order, dims, keepdim = args[0], norm.kwargs.get("ord", args[1]), norm.kwargs.get("dim", args[2]), \
+        norm.kwargs.get("keepdim", args[3])
+    if set(norm.kwargs) - {"ord", "dim", "keepdim"} or order not in (2, 2.0) or not dims \
+            or not all(isinstance(d, int) for d in dims) or len(norm.users) != 1 or val(x) is None \
+            or not val(x).is_floating_point():
+        return None
+    size = 1
+    for d in dims:
+        size *= val(x).shape[d]
+    user = next(iter(norm.users))
+    if not isinstance(size, int) or not is_op(user, aten.mul.Tensor, aten.div.Tensor) or user.kwargs \
+            or len(user.args) != 2 or val(user) is None or val(user).dtype != val(x).dtype:
+        return None
+    a, c = user.args
+    if user.target is aten.mul.Tensor and c is norm:
+        a, c = c, a
+    if a is not norm or not is_number(c) or c <= 0:
+        return None
+    c2 = float(c) ** 2 * size if user.target is aten.mul.Tensor else size / float(c) ** 2
+    return (user, x, list(dims), bool(keepdim)) if abs(c2 - 1.0) < 1e-9 else None
+
+
+def _vector_norm(gm, ctx, norm: fx.Node) -> int:
+    """`x / (||x|| * n**-0.5)`: try the hand-written matcher on sqrt(mean(x * x)) put in the scaled norm's
+    place; if that does not fuse, put the user's nodes back (x * x in a half dtype could overflow where the
+    norm does not)."""
+    found = _scaled_to_rms(norm)
+    if found is None:
+        return 0
+    scaled, x, dims, keepdim = found
+    graph = gm.graph
+    with graph.inserting_before(scaled):
+        sq = graph.call_function(aten.mul.Tensor, (x, x))
+        ms = graph.call_function(aten.mean.dim, (sq, dims, keepdim))
+        root = graph.call_function(aten.sqrt.default, (ms,))
+    sq.meta["val"] = val(x)
+    ms.meta["val"] = val(scaled)  # the statistic has the norm's shape and dtype
+    root.meta["val"] = val(scaled)
+    for node in (sq, ms, root):
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in scaled.meta:
+                node.meta[key] = scaled.meta[key]
+    scaled.replace_all_uses_with(root)
+    if _hand_written(gm, ctx, ms, "hand-written rms norm (x/(||x||*n^-0.5))"):
+        return 1
+    root.replace_all_uses_with(scaled)
+    for node in (root, ms, sq):
+        graph.erase_node(node)
+    return 0
+
+
+def _hand_written(gm, ctx, ms: fx.Node, spelling: str | None = None) -> int:
     x = squared_input(ms.args[0])
     if not isinstance(x, fx.Node) or val(x) is None or _is_centered(x) or ms.kwargs.get("dtype") is not None:
         return 0
@@ -90,9 +149,10 @@ def _hand_written(gm, ctx, ms: fx.Node) -> int:
     tail = hand_written_tail(ctx, FUSION, x, dims, keepdim, normed, pre_weight, "mean of squares")
     if tail is None:
         return 0
-    spelling = "hand-written rms norm (x*rsqrt" if normed.target is aten.mul.Tensor else \
-        "hand-written rms norm (x/sqrt"
-    return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling + "(mean(x^2)+eps))", normed)
+    if spelling is None:
+        spelling = ("hand-written rms norm (x*rsqrt" if normed.target is aten.mul.Tensor else
+                    "hand-written rms norm (x/sqrt") + "(mean(x^2)+eps))"
+    return apply_norm(gm, ctx, FUSION, x, tail, eps, spelling, normed)
 
 
 def _reaches(node: fx.Node, target: fx.Node, depth: int = 4) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import pytest
 import torch
@@ -333,8 +334,61 @@ class SquaredVectorNormRMS(nn.Module):
         return x * torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2 / x.shape[-1] + 1e-6)
 
 
-RMS_SPELLINGS = [lambda: LlamaRMSNorm(N), DivSqrtRMS, ModuleRMS, T5LayerNorm, GemmaRMSNorm, SquaredVectorNormRMS]
-RMS_IDS = ["llama", "div_sqrt", "nn_RMSNorm", "t5", "gemma", "vector_norm_squared"]
+class NormOverSqrtNRMS(nn.Module):
+    """x / (||x|| * n**-0.5) * g: the 2-norm over sqrt(n) is the root mean square (eps = 0)."""
+
+    def __init__(self, dim=N):
+        super().__init__()
+        self.g = nn.Parameter(rand(dim, seed=13))
+
+    def forward(self, x):
+        return x / (x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** -0.5) * self.g
+
+
+class NormDividedRMS(nn.Module):
+    def forward(self, x):
+        return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) / math.sqrt(x.shape[-1]))
+
+
+class NormPlusEpsOutside(nn.Module):
+    def forward(self, x):
+        return x / (x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** -0.5 + 1e-6)
+
+
+RMS_SPELLINGS = [lambda: LlamaRMSNorm(N), DivSqrtRMS, ModuleRMS, T5LayerNorm, GemmaRMSNorm, SquaredVectorNormRMS,
+                 NormOverSqrtNRMS, NormDividedRMS]
+RMS_IDS = ["llama", "div_sqrt", "nn_RMSNorm", "t5", "gemma", "vector_norm_squared", "norm_times_rsqrt_n",
+           "norm_over_sqrt_n"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scaled_norm_not_fused_keeps_the_users_graph(dtype):
+    """eps outside the root is another function: the tentative sqrt(mean(x * x)) is taken back, so the graph
+    is the user's (in fp16 with |x| ~ 300, x * x would overflow where the norm does not). A LayerNorm beside
+    it makes the rewritten ATen graph the one that runs."""
+    class WithLayerNorm(nn.Module):
+        def forward(self, x):
+            return NormPlusEpsOutside()(x), F.layer_norm(x, (N,))
+
+    x = (rand(2, 5, N) * 300).to(dtype)
+    rep = explain(WithLayerNorm(), x)
+    assert rep.count() == 1 and rep.count("layer_norm") == 1, str(rep)
+    assert any("outside the square root" in nm.reason for nm in rep.near_misses), str(rep)
+    code = rep.graphs[0].code_after
+    assert "linalg_vector_norm" in code and "aten.mean" not in code, code
+    compiled = torch.compile(WithLayerNorm(), backend=flashfuse.backend(remainder="eager", passes=NORM_PASSES))
+    out, ref = compiled(x)[0], WithLayerNorm()(x)[0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_norm_scaled_by_another_number_is_not_rms():
+    class Scaled(nn.Module):
+        def forward(self, x):
+            return x / (x.norm(2, dim=-1, keepdim=True) * 0.1)
+
+    rep = explain(Scaled(), rand(2, 5, N))
+    assert rep.count("rms_norm") == 0, str(rep)
 
 
 def test_squared_vector_norm_with_another_use_stays_a_norm():

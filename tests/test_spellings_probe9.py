@@ -235,10 +235,7 @@ RMS_NORM = [
          tol=TOL_HALF),
     case("olmo_rms_layer_norm_autocast_disabled_bias", lambda: OlmoRMSLayerNorm(D), (X3,), dict(rms_norm=1)),
     case("nn_rmsnorm_default_eps_with_weight", lambda: nn.RMSNorm(D), (X3,), dict(rms_norm=1, layer_norm=0)),
-    case("rmsnorm_in_disguise_norm_times_d_pow_minus_half", lambda: NormOverSqrtD(D), (X3,), dict(rms_norm=1),
-         xfail="NOT FUSED: x / (x.norm(2, -1, keepdim=True) * d**-0.5) * g is RMSNorm with eps = 0 (equal to eager "
-               "to 1e-7), but it runs as an eltwise_chain ('3 pointwise ops over 3 tensors'): rms_norm=0, "
-               "no near-miss"),
+    case("rmsnorm_in_disguise_norm_times_d_pow_minus_half", lambda: NormOverSqrtD(D), (X3,), dict(rms_norm=1)),
     # ---- negatives
     case("mean_abs_l1_norm_not_rms", lambda: Fn(lambda m, x: x / (x.abs().mean(-1, keepdim=True) + 1e-6) * m.g,
                                                 g=P(D, base=1.0, seed=906)), (X3,), dict(rms_norm=0, layer_norm=0)),
