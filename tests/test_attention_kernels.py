@@ -422,6 +422,38 @@ def test_additive_minus_1e9_rows_match_fp32_eager():
         assert _rel(a, r) < 1e-4, f"{name} rel err {_rel(a, r)}"
 
 
+@pytest.mark.parametrize("padding", [False, True])
+def test_expanded_huge_mask_is_summed_before_the_score(padding):
+    """HF's `(1 - causal * padding) * finfo.min` added to T5's bias: sympy expands it to `-c + c * m`. Printed in
+    the expression's own order (-c + score + bias + c * m), fp32 loses the score and the bias and every kept row
+    came out uniform (found by hidden set #10). The mask's terms are summed first: eager's numbers."""
+    B, H, N = 2, 2, 21
+    q, k, v = _qkv(B, H, H, N, N, 8, torch.float32, seed=31)
+    g = torch.Generator().manual_seed(32)
+    bias = torch.randn(1, H, N, N, generator=g)
+    c = torch.finfo(torch.float32).max
+    causal = sympy.Piecewise((1, KI <= QI), (0, True))
+    keep = (torch.arange(N)[None] < torch.tensor([N, 9])[:, None]).float()[:, None, None, :]  # (B, 1, 1, N)
+    sides = [bias.to(_dev())]
+    expr = S + sm.side(0) + c * causal - c
+    if padding:
+        sides.append(keep.to(_dev()))
+        expr = S + sm.side(0) + c * sm.side(1) * causal - c
+    out = _check(expr, q, k, v, sides=sides, side_needs_grad=[True] + [False] * (len(sides) - 1))
+    tril = torch.ones(N, N).tril()
+    m = tril * keep if padding else tril
+    eager = torch.softmax(q.cpu() @ k.cpu().transpose(-1, -2) + bias + (1.0 - m) * torch.finfo(torch.float32).min,
+                          -1) @ v.cpu()
+    assert _rel(out.cpu(), eager) < 1e-5
+
+
+def test_add_terms_in_order_sums_a_cancelling_number_first():
+    c = sympy.Float(3.4028234663852886e38)
+    e = S + sm.side(0) + c * sm.side(1) - c
+    terms = sm.add_terms_in_order(e)
+    assert set(terms[:2]) == {-c, c * sm.side(1)} and terms[-1] == S
+
+
 def test_alibi_with_per_head_slope_side_and_scalar():
     H = 4
     q, k, v = _qkv(1, H, H, 26, 26, 16, torch.float32)

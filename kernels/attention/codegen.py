@@ -396,8 +396,8 @@ def print_triton(e: sympy.Basic, names: dict | None = None) -> str:
             if abs(v) > FP32_MAX and math.isfinite(v):
                 v = math.copysign(FP32_MAX, v)
             return f"({v!r})"
-        if isinstance(x, sympy.Add):
-            return "(" + " + ".join(p(a) for a in x.args) + ")"
+        if isinstance(x, sympy.Add):  # in sm.add_terms_in_order's order: a huge mask sum before the score
+            return "(" + " + ".join(p(a) for a in sm.add_terms_in_order(x)) + ")"
         if isinstance(x, sympy.Mul):
             num, den = [], []
             for a in x.args:

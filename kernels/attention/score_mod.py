@@ -64,10 +64,17 @@ def side_ids(expr: sympy.Basic) -> list[int]:
 def add_terms_in_order(e: sympy.Add) -> list:
     """The terms of a sum in the order to add them in floating point: terms without `score` first, then
     those with it. Masks like `(1 - m) * finfo.min` expand to `min - min*m`; adding the score in between
-    would lose it (min + s - min == 0 in fp32) where eager computes the mask first. Printers of the
-    expression (the Triton codegen, `evaluate`) must add in this order."""
+    would lose it (min + s - min == 0 in fp32) where eager computes the mask first. Among the terms without
+    the score, a number comes first together with the terms whose coefficient cancels it (`-c + c*m`, the
+    expanded `(m - 1) * c`), so a bias added beside such a mask is not lost in the huge sum either. Printers
+    of the expression (the Triton codegen, `evaluate`) add in this order."""
     free = [a for a in e.args if not a.has(score)]
     with_score = [a for a in e.args if a.has(score)]
+    numbers = [a for a in free if a.is_Number]
+    if numbers:
+        c = abs(numbers[0])
+        first = [a for a in free if a.is_Number or abs(a.as_coeff_Mul()[0]) == c]
+        free = first + [a for a in free if not any(a is f for f in first)]
     return free + with_score
 
 
