@@ -173,6 +173,9 @@ class ScoreModBuilder:
                 return Value(sm.Nq, 0, (), False)
             if _same(x, self.score_shape[-1]):
                 return Value(sm.Nk, 0, (), False)
+            in_lengths = _in_lengths(x, self.score_shape)  # e.g. a KV cache's diagonal offset Nk - Nq + 1
+            if in_lengths is not None:
+                return Value(in_lengths, 0, (), False)
         if isinstance(x, (torch.SymInt, torch.SymFloat, int, float)):
             return self.const(guard_scalar(x) if not isinstance(x, (int, float)) else x)
         raise NotFusable(f"`{node.name}` between the matmul and the softmax is not a tensor or a number",
@@ -369,13 +372,15 @@ class ScoreModBuilder:
         # index-only sources
         if target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
             nums = [a for a in args if not isinstance(a, torch.dtype)]
-            if any(isinstance(a, fx.Node) for a in nums[:1]) and len(nums) > 1:
-                raise _NotPointwise
             start, step = 0, 1
             if target != aten.arange.default:
                 start = nums[0]
                 step = nums[2] if len(nums) > 2 else kw.get("step", 1)
-            if isinstance(start, fx.Node) or isinstance(step, fx.Node):
+            # a symbolic start (x-transformers' arange(Nk - Nq, Nk) under dynamic shapes) is a polynomial of the
+            # lengths; any other run-time value makes the arange a side tensor
+            start, step = (_in_lengths(a.meta.get("val"), self.score_shape) if isinstance(a, fx.Node) else a
+                           for a in (start, step))
+            if start is None or step is None:
                 raise _NotPointwise
             return Value(start + step * _ax(0), 1, out_shape, False)
         if target in (aten.ones.default, aten.zeros.default, aten.full.default, aten.ones_like.default,
@@ -396,6 +401,8 @@ class ScoreModBuilder:
             if a.rank < 2:
                 raise _NotPointwise
             diag = args[1] if len(args) > 1 else kw.get("diagonal", 0)
+            if isinstance(diag, fx.Node):  # symbolic: a polynomial of Nq, Nk, or specialized with a guard
+                diag = self.sym_scalar(diag).expr
             r, c = _ax(a.rank - 2), _ax(a.rank - 1)
             keep = (c - r <= diag) if target == aten.tril.default else (c - r >= diag)
             zero = sympy.false if a.is_bool else 0
@@ -502,6 +509,24 @@ class ScoreModBuilder:
 
 class _NotPointwise(Exception):
     pass
+
+
+def _in_lengths(x: torch.SymInt, score_shape):
+    """x as a sympy polynomial of the symbols Nq, Nk when its free symbols are those of the scores' two last
+    dims, each a plain symbol (dynamic shapes); else None."""
+    if not isinstance(x, torch.SymInt):
+        return None
+    try:
+        expr = x.node.expr
+        syms = {}
+        for name, n in ((sm.Nq, score_shape[-2]), (sm.Nk, score_shape[-1])):
+            if isinstance(n, torch.SymInt) and isinstance(n.node.expr, sympy.Symbol):
+                syms.setdefault(n.node.expr, name)
+    except (AttributeError, IndexError):
+        return None
+    if not syms or not expr.free_symbols <= set(syms) or not expr.is_polynomial(*syms):
+        return None
+    return expr.xreplace(syms)
 
 
 def _nearest_ancestor(node: fx.Node, pred):

@@ -36,6 +36,12 @@ einsum's subscripts:
     softmax(einsum('bqhd,bkhd->bqkh'), 2)         -> permute(softmax(einsum('bqhd,bkhd->bhqk'), -1), ..)
     einsum('bqkh,bkhd->bqhd', permute(P, ..), v)  -> einsum('bhqk,bkhd->bqhd', P, v)
 
+A mask per window added in a 5-D view of the scores that splits the batch into (batch, windows) and views back
+(Swin as Microsoft and timm write it): the mask is broadcast and folded into the batch instead, a small copy
+of (B * nW, Hm, N, N) elements (Hm = the mask's heads, usually 1), and the add runs on the 4-D scores:
+
+    view(view(S, (b, nW, H, N, N)) + M, (b * nW, H, N, N)) -> S + M.expand(b, nW, Hm, N, N).reshape(b * nW, Hm, N, N)
+
 Probabilities on the right (SAGAN / BigGAN self-attention, output (B, C, N)):
 
     bmm(v, P.permute(0, 2, 1))                    -> matmul(P, v.transpose(-2, -1)).transpose(-2, -1)
@@ -94,11 +100,47 @@ def rewrite_layouts(gm: fx.GraphModule) -> int:
             changed += _round_trip_view(gm, node) or _scores_by_linear(gm, node) or _scores_viewed_to_4d(gm, node) or \
                 _einsum_scores_keys_not_last(gm, node) or _permuted_probabilities_in_einsum(gm, node) or \
                 _softmax_of_scores_viewed_to_3d(gm, node) or _probabilities_viewed_to_3d(gm, node) or \
-                _probabilities_on_the_right(gm, node) or _row_scale_after_pv(gm, node)
+                _probabilities_on_the_right(gm, node) or _row_scale_after_pv(gm, node) or _window_mask_in_5d_view(gm, node)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return changed
+
+
+def _window_mask_in_5d_view(gm, node: fx.Node) -> int:
+    """view(view(x, (b, nW, H, N, N)) + M, x's shape) with x (b * nW, H, N, N), a softmax downstream:
+    x + M folded into x's batch (M[i // nW, i % nW] for batch i, as the 5-D broadcast reads it)."""
+    if node.target not in VIEWS or not isinstance(node.args[0], fx.Node):
+        return 0
+    add = node.args[0]
+    if add.target is not aten.add.Tensor or add.kwargs or len(add.users) != 1 or len(add.args) != 2:
+        return 0
+    split = next((a for a in add.args if isinstance(a, fx.Node) and a.target in VIEWS and len(a.users) == 1
+                  and isinstance(a.args[0], fx.Node)), None)
+    mask = next((a for a in add.args if a is not split), None)
+    if split is None or not isinstance(mask, fx.Node):
+        return 0
+    x, m, s5, out = val(split.args[0]), val(mask), val(split), val(node)
+    if any(t is None for t in (x, m, s5, out)) or x.dim() != 4 or s5.dim() != 5 or m.dim() > 5 \
+            or not x.is_floating_point() or val(add).dtype != x.dtype:
+        return 0
+    same = lambda a, b: len(a) == len(b) and all(known_equal(i, j) for i, j in zip(a, b))  # noqa: E731
+    b, nw = s5.shape[0], s5.shape[1]
+    if not (same(out.shape, x.shape) and same(s5.shape[2:], x.shape[1:]) and known_equal(b * nw, x.shape[0])
+            and same(val(add).shape, s5.shape)):
+        return 0
+    m5 = (1,) * (5 - m.dim()) + tuple(m.shape)
+    if not all(known_equal(d, 1) or known_equal(d, full) for d, full in zip(m5, s5.shape)):
+        return 0
+    if not _feeds_softmax(node, limit=8):
+        return 0
+    heads = m5[2]
+    m_5d = _call(gm, node, aten.reshape.default, mask, list(m5))
+    wide = _call(gm, node, aten.expand.default, m_5d, [b, nw, heads, s5.shape[3], s5.shape[4]])
+    folded = _call(gm, node, aten.reshape.default, wide, [x.shape[0], heads, s5.shape[3], s5.shape[4]])
+    args = (split.args[0], folded) if add.args[0] is split else (folded, split.args[0])
+    node.replace_all_uses_with(_call(gm, node, aten.add.Tensor, *args))
+    return 1
 
 
 def _scores_by_linear(gm, node: fx.Node) -> int:

@@ -471,6 +471,30 @@ def test_scores_viewed_to_4d_for_the_mask_and_back_to_3d_for_the_softmax():
     check(f, *qkv(), mask)
 
 
+@pytest.mark.parametrize("mask_heads", [1, H], ids=["mask_per_window", "mask_per_window_and_head"])
+def test_window_mask_added_in_a_5d_view_of_the_scores(mask_heads):
+    """Swin (Microsoft, timm): scores of b * nW windows viewed to (b, nW, H, N, N) for the mask of each window, and
+    back to 4-D for the softmax. The mask is folded into the batch (attention_layouts._window_mask_in_5d_view)."""
+    nw = 2
+
+    def f(q, k, v, mask):
+        attn = q @ k.transpose(-2, -1) * 0.25
+        attn = attn.view(-1, nw, H, T, T) + mask.unsqueeze(0)
+        return attn.view(-1, H, T, T).softmax(-1) @ v
+    mask = torch.where(torch.rand(nw, mask_heads, T, T) < 0.3, -100.0, 0.0)
+    q, k, v = (torch.randn(2 * nw, H, T, 8) for _ in range(3))
+    check(f, q, k, v, mask)
+
+
+def test_5d_view_that_does_not_split_the_batch_is_left_alone():
+    def f(q, k, v, mask):  # the 5-D view splits the heads, not the batch: not a window mask
+        b, h, n, _ = q.shape
+        attn = (q @ k.transpose(-2, -1)).view(b, 2, h // 2, n, n) + mask
+        return attn.view(b, h, n, n).softmax(-1) @ v
+    q, k, v = (torch.randn(2, 4, T, 8) for _ in range(3))
+    check(f, q, k, v, torch.randn(2, 1, T, T), expected=0)
+
+
 def test_softmax_over_the_heads_of_3d_viewed_scores_is_left_alone():
     def f(q, k, v):  # the view folds (B, H); a softmax over dim 0 mixes heads: no attention, no rewrite
         b, h, n, d = q.shape
