@@ -33,15 +33,33 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
     graph_report.code_before = gm.code
     graph_report.graph_before = gm
 
-    rewritten = None
+    cuda_graphs = _uses_cuda_graphs(config, mode)
+    rewritten = rewrite(gm, example_inputs, config, graph_report, cuda_graphs)
+
+    # With nothing rewritten, lower the graph exactly as Dynamo gave it.
+    final = rewritten if rewritten is not None else gm
+    graph_report.code_after = final.code
+    graph_report.graph_after = final
+    for m in graph_report.matches:
+        logger.info("fused %s", m)
+    for nm in graph_report.near_misses:
+        logger.info("near-miss %s", nm)
+    return lower(final, example_inputs, config, mode)
+
+
+def rewrite(gm: fx.GraphModule, example_inputs: list, config: Config, graph_report, cuda_graphs: bool):
+    """The passes on one Dynamo graph: the rewritten ATen graph, or None when nothing was fused there (the
+    bodies of its checkpointed regions may still have been rewritten in place, see below). A failure
+    leaves the graph as Dynamo gave it, with the reason in the report."""
+    rewrite_checkpoint_bodies(gm, example_inputs, config, graph_report, cuda_graphs)
+    kept = len(graph_report.matches)  # the bodies' fusions stand whatever happens to this graph
     try:
         from flashfuse.passes.normalize import to_aten
 
         aten_gm = to_aten(gm, example_inputs)
         if logger.isEnabledFor(10):
             logger.debug("graph %d after normalize:\n%s", graph_report.index, aten_gm.code)
-        ctx = PassContext(config, graph_report, example_inputs, _graph_is_cuda(example_inputs),
-                          _uses_cuda_graphs(config, mode))
+        ctx = PassContext(config, graph_report, example_inputs, _graph_is_cuda(example_inputs), cuda_graphs)
         from flashfuse.passes import grad_mode, opaque_functions
 
         boundaries = grad_mode.insert(aten_gm)
@@ -62,22 +80,64 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config,
             aten_gm.graph.eliminate_dead_code()
             aten_gm.graph.lint()
             aten_gm.recompile()
-            rewritten = aten_gm
+            return aten_gm
     except Exception as exc:  # never let a pass failure change the user's program: compile it as is
         graph_report.notes.append(f"passes skipped for this graph: {type(exc).__name__}: {exc}")
         logger.warning("flashfuse: passes skipped for graph %d: %s: %s",
                        graph_report.index, type(exc).__name__, exc)
-        graph_report.matches.clear()
+        del graph_report.matches[kept:]
+    return None
 
-    # With nothing rewritten, lower the graph exactly as Dynamo gave it.
-    final = rewritten if rewritten is not None else gm
-    graph_report.code_after = final.code
-    graph_report.graph_after = final
-    for m in graph_report.matches:
-        logger.info("fused %s", m)
-    for nm in graph_report.near_misses:
-        logger.info("near-miss %s", nm)
-    return lower(final, example_inputs, config, mode)
+
+def rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs: list, config: Config, graph_report,
+                              cuda_graphs: bool) -> int:
+    """Each checkpointed region's body (`checkpoint(f, ..., use_reentrant=False)`: Dynamo's
+    tag_activation_checkpoint) is a graph of its own: rewrite it like any graph, on the fake values of the
+    region's inputs, and put the result in its place. The region stays a checkpoint: its forward, fused ops
+    included, is recomputed in the backward. Returns how many bodies were rewritten."""
+    from flashfuse.passes.opaque_functions import is_checkpoint
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not is_checkpoint(node):
+            continue
+        body = getattr(gm, node.args[0].target, None)
+        if not isinstance(body, fx.GraphModule):
+            continue
+        new = rewrite(body, _region_inputs(gm, node, example_inputs), config, graph_report, cuda_graphs)
+        if new is not None:
+            new.meta.update(body.meta)  # a selective-checkpoint policy (context_fn) rides on the body's meta
+            setattr(gm, node.args[0].target, new)
+            count += 1
+    return count
+
+
+def _region_inputs(gm: fx.GraphModule, node: fx.Node, example_inputs: list) -> list:
+    """Example inputs of a checkpointed region: the graph's own example input where the region reads a graph
+    input (a buffer's values stay visible), else a fake tensor like Dynamo's value, in the fake mode of this
+    compile (Dynamo traced with another one: tensors of the two must not meet)."""
+    from torch._guards import detect_fake_mode
+
+    given = {n: x for n, x in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
+    mode = detect_fake_mode(example_inputs)
+    out = []
+    for a in node.args[1:]:
+        if a in given:
+            out.append(given[a])
+            continue
+        v = a.meta.get("example_value", a.meta.get("val"))
+        with mode if mode is not None else _no_mode():
+            t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+        out.append(t.requires_grad_(v.requires_grad))
+    return out
+
+
+class _no_mode:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def lower(gm: fx.GraphModule, example_inputs: list, config: Config, mode: str | None) -> Callable:

@@ -82,8 +82,12 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
         return x
 
     fake_inputs = [fakeify(x) for x in example_inputs]
-    with torch.fx.traceback.preserve_node_meta(), fake_mode:
-        traced = make_fx(opaque_functions.Tracer(gm).run, pre_dispatch=True)(*fake_inputs)
+    tracer = opaque_functions.Tracer(gm)
+    try:
+        with torch.fx.traceback.preserve_node_meta(), fake_mode:
+            traced = make_fx(tracer.run, pre_dispatch=True)(*fake_inputs)
+    finally:
+        tracer.close()
     opaque_functions.restore(traced)
     mark_requires_grad(traced, example_inputs)
     functionalize_inplace(traced)

@@ -15,6 +15,7 @@ import re
 import torch
 import torch.fx as fx
 from torch._functorch.autograd_function import autograd_function_apply
+from torch._higher_order_ops.wrap import tag_activation_checkpoint
 
 from flashfuse.kernels.registration import define
 
@@ -36,21 +37,79 @@ def _fake(args, key):
 
 _opaque = define("opaque_function", "(Tensor[] args, int key) -> Tensor[]", _kernel, _fake)
 
+# Activation checkpointing (`torch.utils.checkpoint.checkpoint(f, ..., use_reentrant=False)`) reaches the
+# backend as the higher-order op tag_activation_checkpoint(body, *args): kept whole the same way. Its body is a
+# graph of its own, which the pipeline rewrites first (pipeline.rewrite_checkpoint_bodies): the attention inside
+# a checkpointed block is fused there and recomputed in the backward like the rest of the block.
+_CHECKPOINTS: dict[int, tuple] = {}  # key -> (body graph, kwargs of the call)
+
+
+def _checkpoint_kernel(args, key):
+    body, kwargs = _CHECKPOINTS[key]
+    return list(tag_activation_checkpoint(body, *args, **kwargs))
+
+
+def _checkpoint_fake(args, key):
+    body, _ = _CHECKPOINTS[key]
+    return list(fx.Interpreter(body).run(*args))
+
+
+_opaque_checkpoint = define("opaque_checkpoint", "(Tensor[] args, int key) -> Tensor[]", _checkpoint_kernel,
+                            _checkpoint_fake)
+
+
+def _tensor_args(node: fx.Node, start: int) -> bool:
+    return all(isinstance(a, fx.Node) and isinstance(a.meta.get("example_value", a.meta.get("val")), torch.Tensor)
+               for a in node.args[start:])
+
+
+def is_checkpoint(node: fx.Node) -> bool:
+    """A tag_activation_checkpoint call whose body is a graph module attribute and whose inputs are tensors."""
+    return node.op == "call_function" and node.target is tag_activation_checkpoint and bool(node.args) \
+        and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" and _tensor_args(node, 1)
+
 
 def kept_whole(node: fx.Node) -> bool:
-    """A custom autograd.Function call of a Dynamo graph whose inputs are all tensors: the calls the
-    re-trace keeps whole (normalize.to_aten refuses graphs with any other higher-order op)."""
-    return node.op == "call_function" and node.target is autograd_function_apply and all(
-        isinstance(a, fx.Node) and isinstance(a.meta.get("example_value", a.meta.get("val")), torch.Tensor)
-        for a in node.args[2:])
+    """A custom autograd.Function call of a Dynamo graph whose inputs are all tensors, or a checkpointed
+    region: the calls the re-trace keeps whole (normalize.to_aten refuses graphs with any other higher-order op)."""
+    return (node.op == "call_function" and node.target is autograd_function_apply and _tensor_args(node, 2)) \
+        or is_checkpoint(node)
 
 
 class Tracer(fx.Interpreter):
-    """Runs a Dynamo graph for make_fx, calling the opaque op where the graph applies a custom Function."""
+    """Runs a Dynamo graph for make_fx, calling the opaque op where the graph applies a custom Function.
+
+    An autocast region of the graph (`_enter_autocast` ... `_exit_autocast`) is entered for real while it is
+    traced, as `with torch.autocast(...)` does under torch.export: the pre-dispatch graph records the region
+    all the same, and the fake values inside it get autocast's dtypes. Called as plain functions, the two
+    were only recorded, so `softmax(s, dtype=float32).to(q.dtype) @ v` met an fp32 v beside the bf16 cast
+    and the re-trace failed (no fusion for the whole graph). `close()` leaves any region a failed trace left
+    open."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.open_autocast: list = []
 
     def run_node(self, n: fx.Node):
+        if n.op == "call_function" and n.target is torch.amp.autocast_mode._enter_autocast:
+            region = torch.amp.autocast_mode._UnmanagedAutocast(*self.fetch_args_kwargs_from_env(n)[0])
+            region.__enter__()
+            self.open_autocast.append(region)
+            return region
+        if n.op == "call_function" and n.target is torch.amp.autocast_mode._exit_autocast:
+            region = self.fetch_args_kwargs_from_env(n)[0][0]
+            if isinstance(region, torch.amp.autocast_mode.autocast) and region in self.open_autocast:
+                self.open_autocast.remove(region)
+                region.__exit__(None, None, None)
+                return None
         if not kept_whole(n):
             return super().run_node(n)
+        if is_checkpoint(n):
+            _, *tensors = self.fetch_args_kwargs_from_env(n)[0]
+            key = next(_KEYS)
+            _CHECKPOINTS[key] = (getattr(self.module, n.args[0].target), dict(n.kwargs))
+            _WHERE[key] = n.meta.get("stack_trace")
+            return tuple(_opaque_checkpoint(tensors, key))
         fwd, bwd, *tensors = self.fetch_args_kwargs_from_env(n)[0]
         key = next(_KEYS)
         _FUNCTIONS[key] = (fwd, bwd, dict(n.kwargs))
@@ -58,22 +117,36 @@ class Tracer(fx.Interpreter):
         return tuple(_opaque(tensors, key))
 
 
+    def close(self) -> None:
+        while self.open_autocast:
+            self.open_autocast.pop().__exit__(None, None, None)
+
+
 def restore(gm: fx.GraphModule) -> int:
-    """Put every recorded custom Function back as Dynamo's higher-order call; returns how many."""
+    """Put every recorded custom Function and checkpointed region back as Dynamo's higher-order call; returns
+    how many."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not _opaque:
+        if node.op == "call_function" and node.target is _opaque_checkpoint:
+            tensors, key = node.args
+            body, kwargs = _CHECKPOINTS[key]
+            name = f"_flashfuse_checkpoint_{key}_body"
+            gm.add_submodule(name, body)
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_function(tag_activation_checkpoint, (gm.graph.get_attr(name), *tensors), kwargs)
+        elif node.op == "call_function" and node.target is _opaque:
+            tensors, key = node.args
+            fwd, bwd, kwargs = _FUNCTIONS[key]
+            names = []
+            for part, module in (("fwd", fwd), ("bwd", bwd)):
+                name = f"_flashfuse_function_{key}_{part}"
+                gm.add_submodule(name, module)
+                names.append(name)
+            with gm.graph.inserting_before(node):
+                f, b = (gm.graph.get_attr(n) for n in names)
+                call = gm.graph.call_function(autograd_function_apply, (f, b, *tensors), kwargs)
+        else:
             continue
-        tensors, key = node.args
-        fwd, bwd, kwargs = _FUNCTIONS[key]
-        names = []
-        for part, module in (("fwd", fwd), ("bwd", bwd)):
-            name = f"_flashfuse_function_{key}_{part}"
-            gm.add_submodule(name, module)
-            names.append(name)
-        with gm.graph.inserting_before(node):
-            f, b = (gm.graph.get_attr(n) for n in names)
-            call = gm.graph.call_function(autograd_function_apply, (f, b, *tensors), kwargs)
         call.meta.update(node.meta)
         if _WHERE.get(key) and not call.meta.get("stack_trace"):
             call.meta["stack_trace"] = _WHERE[key]

@@ -1082,10 +1082,8 @@ SCORE_MODS = [
     # ---- relative position biases, temperatures
     case("swin_rel_pos_bias_table_index_buffer_w4", SwinWindowAttention, (rand(8, 16, E, seed=40),),
          dict(attention=1)),
-    case("swin_shifted_window_mask_minus_100_nW4", SwinShifted, (rand(8, 16, E, seed=41),), dict(attention=1),
-         xfail="NOT FUSED: `add` at the relative_position_bias line between the scores and the softmax is not an "
-               "elementwise op flashfuse understands (the unmasked window above fuses: the (B_/nW, nW, H, N, N) "
-               "view + mask.unsqueeze(1).unsqueeze(0) and the view back stop it)"),
+    # found by this set, fused since session 16 (attention_layouts._window_mask_in_5d_view)
+    case("swin_shifted_window_mask_minus_100_nW4", SwinShifted, (rand(8, 16, E, seed=41),), dict(attention=1)),
     case("swinv2_cosine_clamped_logit_scale_cpb_mlp_16_sigmoid", SwinV2WindowAttention, (rand(8, 16, E, seed=42),),
          dict(attention=1)),
     case("t5_encoder_relative_buckets_in_forward_n22", lambda: T5RelativeAttention(), _q(43, 22),
@@ -1164,13 +1162,11 @@ def test_negatives(make, inputs, counts, reason, details, opts):
 
 
 TRAINING = [
+    # found by this set (fused since session 16: pipeline.rewrite_checkpoint_bodies); the whole graph was skipped
     case("checkpoint_use_reentrant_false_around_attention_n21", CheckpointedAttention, (rand(B, 21, E, seed=130),),
-         dict(attention=1),
-         xfail="NOT FUSED: passes skipped for this graph: NotRetraceable: the graph calls tag_activation_checkpoint "
-               "(a custom autograd.Function, checkpointing, ...)"),
+         dict(attention=1)),
     case("checkpoint_use_reentrant_false_two_whole_blocks_n19", CheckpointedBlock, (rand(B, 19, E, seed=131),),
-         dict(attention=2),
-         xfail="NOT FUSED: passes skipped for this graph: NotRetraceable: the graph calls tag_activation_checkpoint"),
+         dict(attention=2)),
     # what is checkpointed must at least keep eager's numbers (no count asserted)
     case("checkpoint_use_reentrant_false_numbers_only_n21", CheckpointedAttention, (rand(B, 21, E, seed=129),), {}),
     case("scalar_mse_loss_of_a_block_compiled_n23", ScalarLoss, (rand(B, 23, E, seed=132), rand(B, 23, E, seed=133)),
@@ -1184,17 +1180,13 @@ TRAINING = [
     case("autocast_fp16_projections_and_causal_attention_n21", lambda: AutocastAttention(dtype=torch.float16),
          (rand(B, 21, E, seed=143),), dict(attention=1), tol=TOL_BF16),
     case("autocast_fp16_softmax_dtype_float32_n21", lambda: AutocastAttention("fp32_softmax", dtype=torch.float16),
-         (rand(B, 21, E, seed=144),), dict(attention=1), tol=TOL_BF16,
-         xfail="NOT FUSED: passes skipped for this graph: RuntimeError: expected scalar type torch.float16 but "
-               "found torch.float32 (while executing matmul(p, v)); outside autocast the same spelling fuses"),
+         (rand(B, 21, E, seed=144),), dict(attention=1), tol=TOL_BF16),
     case("autocast_bf16_projections_and_causal_attention_n21", lambda: AutocastAttention(), (rand(B, 21, E, seed=134),),
          dict(attention=1), tol=TOL_BF16, xfail_if=INTERPRETED, xfail=BF16_INTERPRETER),
     case("autocast_bf16_softcap_causal_n21", lambda: AutocastAttention("softcap"), (rand(B, 21, E, seed=135),),
          dict(attention=1), tol=TOL_BF16, xfail_if=INTERPRETED, xfail=BF16_INTERPRETER),
     case("autocast_bf16_softmax_dtype_float32_n21", lambda: AutocastAttention("fp32_softmax"),
-         (rand(B, 21, E, seed=136),), dict(attention=1), tol=TOL_BF16,
-         xfail="NOT FUSED: passes skipped for this graph: RuntimeError: expected scalar type torch.bfloat16 but "
-               "found torch.float32 (while executing matmul(p, v))"),
+         (rand(B, 21, E, seed=136),), dict(attention=1), tol=TOL_BF16, xfail_if=INTERPRETED, xfail=BF16_INTERPRETER),
     case("bf16_inputs_hf_causal_softmax_fp32_n25", lambda: Fn(bf16_hf_softmax_fp32), _q(137, 25, dtype=BF16),
          dict(attention=1), tol=TOL_BF16, xfail_if=INTERPRETED, xfail=BF16_INTERPRETER),
 ]
@@ -1339,18 +1331,15 @@ def _fwd_bwd_multi(model, inputs, seed):
     return out, [t.grad for t in ins]
 
 
-# Found here: under symbolic lengths, a mask whose diagonal is offset by Nk - Nq makes a pass raise (caught:
-# the graph runs unfused, eager's numbers). The same spellings fuse at static shapes (the table above), so a
-# KV-cache decoder that Dynamo recompiles with dynamic lengths loses the fusion.
-OFFSET_DYN = ("NOT FUSED: passes skipped for this graph: TypeError: '>=' not supported between instances of "
-              "'Add' and 'Node' (symbolic Nk - Nq diagonal offset; numbers are eager's)")
+# Found here (fixed in session 16): under symbolic lengths, a mask whose diagonal is offset by Nk - Nq made a pass
+# raise (caught: the graph ran unfused). The offset is now read as a polynomial of Nq and Nk.
 DYNAMIC = [
     pytest.param(lambda: Fn(softcap_no_mask), lambda i: _q(230 + 3 * i, (17, 25)[i], scale=2.0), id="softcap_encoder"),
     pytest.param(lambda: Fn(prefix_lm_static), lambda i: _q(236 + 3 * i, (17, 25)[i]), id="prefix_lm_static"),
     pytest.param(lambda: Fn(causal_kv_offset), lambda i: qkv(242 + 3 * i, nq=(5, 9)[i], nk=(23, 31)[i]),
-                 id="causal_kv_offset_triu", marks=pytest.mark.xfail(strict=True, reason=OFFSET_DYN)),
+                 id="causal_kv_offset_triu"),
     pytest.param(XTAlibi, lambda i: qkv(248 + 3 * i, nq=(5, 9)[i], nk=(23, 31)[i]),
-                 id="x_transformers_alibi_kv_offset", marks=pytest.mark.xfail(strict=True, reason=OFFSET_DYN)),
+                 id="x_transformers_alibi_kv_offset"),
 ]
 
 
