@@ -604,8 +604,8 @@ def hand_written_tail(ctx, fusion: str, x, dims, keepdim: bool, normed, pre_weig
 
 
 AUTOCAST_NORM_NOTE = ("under autocast: eager's norm runs in autocast's dtype for its device (CUDA: LayerNorm in "
-                      "fp32; CPU: the input's dtype; pow / rsqrt of a hand-written form in fp32), which the fake "
-                      "values do not show; only CUDA's aten.layer_norm with nothing after it is proven; left as is")
+                      "fp32; CPU: the input's dtype; pow / rsqrt of a hand-written form in fp32), a policy per op and "
+                      "device; only CUDA's aten.layer_norm with nothing after it is proven; left as is")
 
 
 def _cuda_layer_norm_in_fp32(autocast_on: set, fusion: str, spelling: str, anchor: fx.Node, x, tail: Tail) -> bool:

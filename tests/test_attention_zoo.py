@@ -665,7 +665,7 @@ def test_relative_position_bias_from_embedding_table():
 
 @pytest.mark.parametrize("where", ["ambient", "in_graph"])
 def test_autocast_dtypes_follow_eager(where):
-    """Pre-dispatch fake values do not show autocast's casts; the op must still see and return fp16."""
+    """Autocast around the call or inside the graph: the op must see and return fp16, as eager's matmuls."""
     def f(q, k, v):
         if where == "in_graph":
             with torch.autocast("cpu", dtype=torch.float16):
