@@ -31,13 +31,13 @@ if [ "$PART" = wave ] || [ "$PART" = short ]; then
   done
 fi
 if [ "$PART" = norms16 ]; then
-  timeout 270 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024,16384x4096,4096x8192 \
-      --ratio-from-graphs --budget-s 240 --out $OUT/norms16 > $OUT/norms16.log 2>&1
+  timeout 240 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024,16384x4096,4096x8192 \
+      --ratio-from-graphs --budget-s 200 --out $OUT/norms16 > $OUT/norms16.log 2>&1
   echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio|GB/s" $OUT/norms16.log | head -40
-  FLASHFUSE_NORM_AUTOTUNE=0 timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_norm_kernels.py \
+  FLASHFUSE_NORM_AUTOTUNE=0 timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests/test_norm_kernels.py \
       > $OUT/pytest_norms16.log 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_norms16.log | tail -6
-  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 60 python benchmarks/row_stats.py --label counts --profile \
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 50 python benchmarks/row_stats.py --label counts --profile \
       --cases causal_-inf causal_key_counts causal_key_counts causal_-inf > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
   echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
 fi
