@@ -406,3 +406,30 @@ def test_hf_vision_and_audio_models_fused_and_equal_to_eager(factory):
     # element-wise, through convolutions and several attention layers: fp32 reassociation reaches ~2e-5
     # on single gradient elements (Swin's patch embedding; the norm-wise error there is 3e-7)
     assert_close_to_eager(model, *inputs, options=options, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_hf_gradient_checkpointing_keeps_the_fusions(reentrant):
+    """`model.gradient_checkpointing_enable()`: every layer a checkpointed region. The attention inside each is
+    fused (pipeline.rewrite_checkpoint_bodies; before, the checkpoint made the whole graph unfusable), and the
+    loss and the gradients equal eager's."""
+    model, _ = _gpt2()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()  # checkpointing runs only in training mode (dropout is 0 in this config)
+    ids = torch.randint(1, 101, (2, 12), generator=torch.Generator().manual_seed(5))
+    test_model = copy.deepcopy(model)
+    report = Report()
+    compiled = torch.compile(test_model, backend=flashfuse.backend(remainder="eager"))
+    _active.append(report)
+    try:
+        loss = compiled(input_ids=ids, labels=ids).loss
+    finally:
+        _active.pop()
+    ref = model(input_ids=ids, labels=ids).loss
+    assert report.count("attention") == LAYERS, str(report)
+    loss.backward()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    for (name, p), q in zip(test_model.named_parameters(), model.parameters()):
+        if q.grad is not None:
+            assert (p.grad - q.grad).norm() <= 1e-4 * q.grad.norm() + 1e-7, name
