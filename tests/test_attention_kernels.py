@@ -454,6 +454,19 @@ def test_add_terms_in_order_sums_a_cancelling_number_first():
     assert set(terms[:2]) == {-c, c * sm.side(1)} and terms[-1] == S
 
 
+def test_abs_of_a_side_and_of_the_score_have_printable_gradients():
+    """x-transformers' ALiBi under dynamic shapes: -slope * |kv - pos| with the query positions a side tensor, and
+    a score term |s|. Over complex symbols sympy writes d|x| with re / im (not printable: the case was not
+    fused); score_mod.real_diff takes every symbol as real, d|x| = sign(x)."""
+    B, H, Nq, Nk = 1, 2, 9, 13
+    q, k, v = _qkv(B, H, H, Nq, Nk, 16, torch.float32, seed=41)
+    g = torch.Generator().manual_seed(42)
+    pos = (torch.arange(Nq, dtype=torch.float32) + (Nk - Nq) + 0.25).view(1, 1, Nq, 1)
+    slopes = torch.rand(1, H, 1, 1, generator=g) + 0.1
+    expr = 0.25 * S - sm.side(1) * sympy.Abs(KI - sm.side(0)) - 0.1 * sympy.Abs(S)
+    _check(expr, q, k, v, sides=[pos.to(_dev()), slopes.to(_dev())], side_needs_grad=[True, True])
+
+
 def test_alibi_with_per_head_slope_side_and_scalar():
     H = 4
     q, k, v = _qkv(1, H, H, 26, 26, 16, torch.float32)

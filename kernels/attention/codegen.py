@@ -594,8 +594,8 @@ def generate_source(score_mod_text: str, n_sides: int, n_scalars: int, side_grad
     expr = sm.from_text(score_mod_text)
     layout = tuple(side_layout) or ((False, False),) * n_sides
     an = analyze(expr, n_sides, frozenset(i for i, (q_b, kv_b) in enumerate(layout) if q_b and kv_b))
-    d_score = sympy.diff(an.value, sm.score)
-    d_sides = {i: sympy.diff(an.value, sm.side(i)) for i, g in enumerate(side_grads) if g}
+    d_score = sm.real_diff(an.value, sm.score)
+    d_sides = {i: sm.real_diff(an.value, sm.side(i)) for i, g in enumerate(side_grads) if g}
 
     def sides_of(*es):
         ids = set()

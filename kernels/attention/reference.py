@@ -128,8 +128,8 @@ def attention_backward(dout, q, k, v, sides, scalars, score_mod: str, dropout_p:
     import sympy
 
     expr = sm.from_text(score_mod)
-    d_score = sympy.diff(expr, sm.score)
-    d_sides = {i: sympy.diff(expr, sm.side(i)) for i, g in enumerate(side_needs_grad) if g}
+    d_score = sm.real_diff(expr, sm.score)
+    d_sides = {i: sm.real_diff(expr, sm.side(i)) for i, g in enumerate(side_needs_grad) if g}
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32

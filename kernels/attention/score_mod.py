@@ -78,6 +78,15 @@ def add_terms_in_order(e: sympy.Add) -> list:
     return free + with_score
 
 
+def real_diff(expr: sympy.Basic, sym: sympy.Symbol) -> sympy.Basic:
+    """d expr / d sym with every symbol taken as real (scores, indices and side values are): sympy's
+    derivative of |x| over complex symbols is written with re / im, which no printer knows; over reals it is
+    sign(x)."""
+    reals = {s: sympy.Symbol(s.name, real=True) for s in expr.free_symbols}
+    back = {r: s for s, r in reals.items()}
+    return sympy.diff(expr.xreplace(reals), reals.get(sym, sym)).xreplace(back)
+
+
 # ---- evaluation with torch (used by the reference implementation and by the tests) ----
 
 _UNARY = {
