@@ -1,6 +1,7 @@
 """normalize -> rewrite passes -> lower. The one direction data flows through flashfuse."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -126,18 +127,10 @@ def _region_inputs(gm: fx.GraphModule, node: fx.Node, example_inputs: list) -> l
             out.append(given[a])
             continue
         v = a.meta.get("example_value", a.meta.get("val"))
-        with mode if mode is not None else _no_mode():
+        with mode if mode is not None else contextlib.nullcontext():
             t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
         out.append(t.requires_grad_(v.requires_grad))
     return out
-
-
-class _no_mode:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def lower(gm: fx.GraphModule, example_inputs: list, config: Config, mode: str | None) -> Callable:
