@@ -467,6 +467,20 @@ def test_abs_of_a_side_and_of_the_score_have_printable_gradients():
     _check(expr, q, k, v, sides=[pos.to(_dev()), slopes.to(_dev())], side_needs_grad=[True, True])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_keys_at_all_gives_eagers_zeros(causal):
+    """Nk = 0: eager's softmax over an empty dim is empty and P.V an empty sum, so the output is 0 (not the NaN
+    of a row whose keys are all masked), and dq is 0 (found by hidden set #11)."""
+    q, k, v = _qkv(2, 2, 2, 5, 0, 16, torch.float32, seed=51)
+    expr = sympy.Piecewise((-sympy.oo, KI > QI), (0.25 * S, True)) if causal else 0.25 * S
+    text = sm.to_text(expr)
+    out, stats = _ti().attention_forward(q, k, v, [], [], text, 0.0, None, "ieee")
+    assert out.shape == (2, 2, 5, 16) and torch.equal(out, torch.zeros_like(out))
+    dout = torch.randn(out.shape).to(out)
+    dq, dk, dv, _ = _ti().attention_backward(dout, q, k, v, out, stats, [], [], text, 0.0, None, [], "ieee")
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape and dv.shape == v.shape
+
+
 def test_alibi_with_per_head_slope_side_and_scalar():
     H = 4
     q, k, v = _qkv(1, H, H, 26, 26, 16, torch.float32)

@@ -302,7 +302,10 @@ class _ForwardPlan:
             raise ValueError(f"flashfuse attention: `into` row stats must be contiguous {self.stats_shape}, "
                              f"got {tuple(into[1].shape)}")
         self.empty = out.numel() == 0
-        if self.empty:
+        # no keys at all: eager's softmax over an empty dim is empty and P.V an empty sum, zeros (a row whose
+        # keys are all masked is NaN instead, which is what the kernel gives when its key loop never runs)
+        self.no_keys = nk == 0
+        if self.empty or self.no_keys:
             return
         # a huge fill that leaves no row empty at these lengths runs as -inf (skipped blocks, folded)
         score_mod = codegen.fills_as_masks(score_mod, nq, nk)
@@ -328,6 +331,8 @@ class _ForwardPlan:
             stats = torch.empty(self.stats_shape, dtype=torch.float32, device=q.device)
         if self.empty:
             return out, stats
+        if self.no_keys:  # the row stats only feed the backward, which returns zeros without keys
+            return out.zero_(), stats.zero_()
         with _quiet():
             self.launch((q, k, v, out, stats, rng if self.dropout else stats, bits if bits is not None else stats,
                          flag if flag is not None else stats,
