@@ -6,6 +6,7 @@
 #              (per-kernel times, causal alone against causal & key counts; triton's own sm_90 counts)
 #   norms16    issue 5's table: LayerNorm / RMSNorm at the three shapes with the one-wave backward, then the GPU
 #              norm tests, then the attention backward's kernels (causal / key counts)
+#   norms16s   the same, short: GPU norm tests, then LayerNorm alone at the three shapes
 #   gpt16      issue 7: GPT-2 small train step, flashfuse against Inductor on the SDPA rewrite, 8x1024 and 2x4096
 #   attention  HF padded causal through torch.compile (key counts on and off), the GPU attention tests
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
@@ -40,6 +41,14 @@ if [ "$PART" = norms16 ]; then
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 50 python benchmarks/row_stats.py --label counts --profile \
       --cases causal_-inf causal_key_counts causal_key_counts causal_-inf > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
   echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
+fi
+if [ "$PART" = norms16s ]; then  # the short form (~300 s): the GPU norm tests first, then LayerNorm's three shapes
+  FLASHFUSE_NORM_AUTOTUNE=0 timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests/test_norm_kernels.py \
+      > $OUT/pytest_norms16.log 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_norms16.log | tail -6
+  timeout 150 python benchmarks/norms.py --ops layer_norm --shapes 16384x1024,16384x4096,4096x8192 \
+      --ratio-from-graphs --budget-s 120 --out $OUT/norms16 > $OUT/norms16.log 2>&1
+  echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio|GB/s" $OUT/norms16.log | head -30
 fi
 if [ "$PART" = gpt16 ]; then
   timeout 520 python benchmarks/train_gpt.py --configs 8x1024,2x4096 --modes flashfuse,sdpa --out $OUT --tag _session16 \
