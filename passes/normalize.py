@@ -53,7 +53,8 @@ class NotRetraceable(Exception):
 def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     """Re-trace a Dynamo graph to a pre-dispatch ATen graph on fake tensors.
 
-    A custom autograd.Function (Dynamo's `autograd_function_apply`) is kept whole (opaque_functions.py).
+    A custom autograd.Function (Dynamo's `autograd_function_apply`) and a checkpointed region are kept whole
+    (opaque_functions.py).
     Any other higher-order op is refused (NotRetraceable, so the pipeline compiles the graph as Dynamo gave
     it): re-tracing inlines such ops and can drop what they mean for autograd (a Function's own backward
     dropped this way made every gradient upstream of HF BLOOM's GeLUFunction wrong)."""
@@ -63,8 +64,8 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
                    if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
                    and not opaque_functions.kept_whole(n)})
     if hops:
-        raise NotRetraceable(f"the graph calls {', '.join(hops)} (a custom autograd.Function, checkpointing, ...): "
-                             "re-tracing it to ATen would drop what the op means for autograd")
+        raise NotRetraceable(f"the graph calls {', '.join(hops)} (control flow, a custom autograd.Function with "
+                             "non-tensor inputs, ...): re-tracing it to ATen would drop what the op means for autograd")
     if any(n.op == "call_function" and getattr(n.target, "__name__", "") == "_enter_inference_mode"
            for n in gm.graph.nodes):
         # make_fx records no trace of inference_mode: its ops would run with grad in the re-traced graph

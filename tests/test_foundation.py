@@ -262,8 +262,33 @@ def test_what_a_custom_function_hides_is_named_in_the_report():
 
 
 def test_other_higher_order_ops_leave_the_graph_as_dynamo_gave_it():
-    """Activation checkpointing is a higher-order op too; it is not re-traced: nothing fused, a note, and
-    eager's gradients."""
+    """A higher-order op other than a custom Function or a checkpoint (here torch.cond) is not re-traced:
+    nothing fused, a note, and eager's numbers."""
+    from flashfuse.report import Report, _active
+
+    def f(x, w):
+        def then(x):
+            return torch.nn.functional.layer_norm(x * w, (6,))
+
+        def other(x):
+            return torch.nn.functional.layer_norm(x - w, (6,))
+        return torch.cond(x.sum() > 0, then, other, (x,))
+
+    x, w = torch.randn(4, 6), torch.randn(6)
+    report = Report()
+    _active.append(report)
+    try:
+        out = torch.compile(f, backend=flashfuse.backend(remainder="eager", norm_policy="always"))(x, w)
+    finally:
+        _active.pop()
+    torch.testing.assert_close(out, f(x, w))
+    notes = [n for gr in report.graphs for n in gr.notes]
+    assert report.count("layer_norm") == 0 and any("re-tracing" in n and "cond" in n for n in notes), str(report)
+
+
+def test_checkpointed_region_is_rewritten_inside():
+    """Activation checkpointing is a higher-order op too, kept whole, its body rewritten (tests/test_checkpoint.py
+    has the attention cases): the LayerNorm inside is fused and the gradients are eager's."""
     from torch.utils.checkpoint import checkpoint
 
     from flashfuse.report import Report, _active
@@ -284,5 +309,4 @@ def test_other_higher_order_ops_leave_the_graph_as_dynamo_gave_it():
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(block(x, w), (x, w), g)):
         torch.testing.assert_close(a, b)
-    notes = [n for gr in report.graphs for n in gr.notes]
-    assert report.count("layer_norm") == 0 and any("re-tracing" in n for n in notes), str(report)
+    assert report.count("layer_norm") == 1, str(report)

@@ -256,6 +256,30 @@ def test_position_buffer_changed_in_place_is_rechecked():
     assert kept == [0, 1, 2, 3, 4]
 
 
+def test_a_freed_tensors_negative_entry_does_not_hide_a_new_one_at_its_address():
+    """Caches key on the data pointer and `_version`. A tensor that was not a position vector, freed, and an
+    arange allocated at its address with the same version 0 hit that entry and stayed unrecognized (the
+    previous test failed this way in the full suite, by the order of the tests). Negative entries now hold a
+    weak reference to their storage and count only while it is the one looked up. The stale entry is forged
+    here: address reuse cannot be forced."""
+    import weakref
+
+    n = 9
+    text = sm.to_text(_alibi_expr())
+    sides = _alibi_sides(torch.arange(n), n)
+    assert mask_recognition.specialize(text, sides, n, n)[2] == [0]
+    dead = weakref.ref(torch.zeros(1).untyped_storage())  # a storage freed at once
+    assert dead() is None
+    forged = 0
+    for key in list(mask_recognition._RESULTS):
+        if key[0] == text and key[1] == tuple(mask_recognition._key(t) for t in sides):
+            mask_recognition._RESULTS[key] = (text, (0, 1, 2, 3, 4), (), {}, (dead,) * len(sides))
+            forged += 1
+    assert forged == 1
+    assert mask_recognition.specialize(text, sides, n, n)[2] == [0]
+    assert mask_recognition._live(mask_recognition._hold(sides[1], False), sides[2])  # views of one storage
+
+
 def test_alibi_with_a_position_buffer_through_compile(monkeypatch):
     """End to end: ALiBi written with a registered `pos` buffer fuses, the kernels get the index (one side
     left: the slopes) and the numbers and gradients equal eager's."""

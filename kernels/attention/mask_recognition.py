@@ -11,7 +11,9 @@ A mismatch (or any side needing a gradient) leaves the expression as it was: nev
 
 Two things keep the cache sound. A recognized entry holds the side's storage, so no other tensor can
 be allocated at that address while the entry lives (a fresh mask of another batch landing on a freed
-mask's address, with the same `_version` 0, would otherwise hit). And nothing is recognized while a
+mask's address, with the same `_version` 0, would otherwise hit). An entry that recognized nothing holds
+a weak reference to the storage instead and is a hit only while that storage is the one looked up (else a
+tril buffer allocated where a freed padding mask was would never be recognized: slower, not wrong). And nothing is recognized while a
 CUDA graph is being captured: the check reads the tensor (a host sync, illegal in capture), and a
 replay runs the captured kernel without calling back here, whatever the mask holds by then; captured
 calls take the general path, which loads the mask.
@@ -19,6 +21,7 @@ calls take the general path, which loads the mask.
 from __future__ import annotations
 
 import os
+import weakref
 
 import sympy
 import torch
@@ -70,6 +73,23 @@ def _key(t: torch.Tensor):
     return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
 
 
+def _hold(t: torch.Tensor, recognized: bool):
+    """What a cache entry keeps of its side: the storage itself when something was recognized (its address
+    stays taken), else a weak reference to it."""
+    storage = t.untyped_storage()
+    if recognized:
+        return storage
+    try:
+        return weakref.ref(storage)
+    except TypeError:  # a storage without weak references: the key alone, as before
+        return None
+
+
+def _live(held, t: torch.Tensor) -> bool:
+    """An entry is about this tensor's storage (not one freed at the same address)."""
+    return not isinstance(held, weakref.ref) or held() is t.untyped_storage()
+
+
 def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
     """(score_mod, sides, kept) with recognized mask sides replaced by index predicates; `kept` lists the
     indices of the original sides that remain, in order."""
@@ -82,11 +102,11 @@ def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
             tuple(needs_grad) if needs_grad is not None else None,
             tuple(t.requires_grad for t in sides))
     hit = _RESULTS.get(rkey)
-    if hit is None:
+    if hit is None or not all(_live(h, t) for h, t in zip(hit[4], sides)):
         if len(_RESULTS) > _MAX_CACHE:
             _RESULTS.clear()
         hit = _RESULTS[rkey] = _specialize(score_mod, sides, nq, nk, needs_grad)
-    text, kept, _held, replaced = hit
+    text, kept, _held, replaced, _refs = hit
     return text, [replaced.get(i, sides[i]) for i in kept], list(kept)
 
 
@@ -117,6 +137,8 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
         keeps = _kept_where(expr, conds)  # which value of the side keeps a score (for key padding)
         key = (_key(t), nq, nk, keeps)
         pred = _CACHE.get(key)
+        if pred is not None and not _live(pred[1], t):
+            pred = None
         if pred is not None and pred[2] is not None:  # key padding (with or without causal), seen before
             expr = _wrap_causal(expr, conds, replaced, i, pred[2])
             continue
@@ -135,8 +157,7 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
             padding = _key_padding(t, nq, nk, keeps) if pred is False and keeps is not None else None
             if len(_CACHE) > _MAX_CACHE:
                 _CACHE.clear()
-            _CACHE[key] = (pred, t.untyped_storage() if pred is not False or padding is not None else None,
-                           padding)
+            _CACHE[key] = (pred, _hold(t, pred is not False or padding is not None), padding)
             if padding is not None:
                 expr = _wrap_causal(expr, conds, replaced, i, padding)
                 continue
@@ -147,13 +168,15 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
         expr = expr.xreplace({c: (pred if isinstance(c, sympy.Ne) else sympy.Not(pred)) for c in conds})
         keep_idx.remove(i)
         changed = True
+    # hold the recognized sides' storages (their addresses cannot be reused while this entry lives), weak
+    # references to the others
+    recognized = [i not in keep_idx or i in replaced for i in range(len(sides))]
+    refs = tuple(_hold(t, r) for t, r in zip(sides, recognized))
     if not changed and not replaced:
-        return score_mod, tuple(keep_idx), (), {}
+        return score_mod, tuple(keep_idx), (), {}, refs
     mapping = {sm.side(old): sm.side(new) for new, old in enumerate(keep_idx)}
     expr = expr.xreplace(mapping)
-    # hold the recognized sides' storages: their addresses cannot be reused while this entry lives
-    held = tuple(t.untyped_storage() for i, t in enumerate(sides) if i not in keep_idx or i in replaced)
-    return sm.to_text(expr), tuple(keep_idx), held, replaced
+    return sm.to_text(expr), tuple(keep_idx), refs, replaced, refs
 
 
 # ---- position vectors: a side that is arange along the query or the key axis ----
@@ -180,12 +203,12 @@ def _index_side(t: torch.Tensor, nq: int, nk: int):
         return None
     key = ("index", _key(t))
     hit = _CACHE.get(key)
-    if hit is None:
+    if hit is None or not _live(hit[1], t):
         n = t.numel()
         equal = torch.equal(t.reshape(-1).to(torch.float64), torch.arange(n, dtype=torch.float64, device=t.device))
         if len(_CACHE) > _MAX_CACHE:
             _CACHE.clear()
-        hit = _CACHE[key] = (equal, t.untyped_storage() if equal else None)
+        hit = _CACHE[key] = (equal, _hold(t, equal))
     return axis if hit[0] else None
 
 
@@ -260,7 +283,7 @@ def _additive_key_padding(expr, i: int, t: torch.Tensor, nk: int):
         return None
     key = ("additive", _key(t), nk, sm.to_text(g))
     hit = _CACHE.get(key)
-    if hit is None:
+    if hit is None or not _live(hit[1], t):
         ok = False
         if KEY_COUNTS:
             try:
@@ -275,7 +298,7 @@ def _additive_key_padding(expr, i: int, t: torch.Tensor, nk: int):
                           & (counts >= 1).all())  # one host sync
         if len(_CACHE) > _MAX_CACHE:
             _CACHE.clear()
-        hit = _CACHE[key] = (counts if ok else None, t.untyped_storage() if ok else None)
+        hit = _CACHE[key] = (counts if ok else None, _hold(t, ok))
     if hit[0] is None:
         return None
     return sympy.Piecewise((-sympy.oo, sympy.GreaterThan(sm.kv_idx, sm.key_count(s))), (rest, True)), hit[0]
