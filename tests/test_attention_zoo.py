@@ -771,10 +771,24 @@ def test_negative_bias_broadcasts_scores_to_a_larger_shape():
     _negative(f, *qkv(h=1), torch.randn(1, 4, T, T), reason="are broadcast to (2,4,11,11) before the softmax")
 
 
-def test_negative_expression_the_kernel_cannot_print_is_decided_at_compile_time():
-    def f(q, k, v):  # |s| has no derivative the generator prints (score is not declared real)
+def test_abs_of_the_scores_fuses():
+    def f(q, k, v):  # d|s| = sign(s): gradients are taken over real symbols (score_mod.real_diff)
         return (q @ k.mT).abs().mul(0.25).softmax(-1) @ v
-    _negative(f, *qkv(), reason="kernel generator cannot print")
+    check(f, *qkv())
+
+
+def test_expression_the_kernel_cannot_print_is_decided_at_compile_time():
+    """The pass asks the code generator before it rewrites (attention._check_kernel_can_print): a term without a
+    Triton spelling is a near-miss at compile time, not an error at the first call."""
+    import sympy
+
+    from flashfuse.kernels.attention import score_mod as sm
+    from flashfuse.passes import attention
+
+    assert attention._kernel_source_error(sm.to_text(0.25 * sm.score), 0) == ""
+    assert "cannot print" in attention._kernel_source_error(sm.to_text(sympy.atan(sm.score)), 0)
+    with pytest.raises(attention.NotFusable, match="kernel generator cannot print"):
+        attention._check_kernel_can_print(sm.to_text(sympy.atan(sm.score)), 0, None)
 
 
 def test_negative_head_dim_too_large():
