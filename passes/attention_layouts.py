@@ -52,7 +52,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes.attention import SOFTMAX_OPS, _parse_einsum, downstream
-from flashfuse.passes.eltwise_chain import insert_call, known_equal
+from flashfuse.passes.eltwise_chain import insert_call, known_equal, same_shape
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -124,10 +124,9 @@ def _window_mask_in_5d_view(gm, node: fx.Node) -> int:
     if any(t is None for t in (x, m, s5, out)) or x.dim() != 4 or s5.dim() != 5 or m.dim() > 5 \
             or not x.is_floating_point() or val(add).dtype != x.dtype:
         return 0
-    same = lambda a, b: len(a) == len(b) and all(known_equal(i, j) for i, j in zip(a, b))  # noqa: E731
     b, nw = s5.shape[0], s5.shape[1]
-    if not (same(out.shape, x.shape) and same(s5.shape[2:], x.shape[1:]) and known_equal(b * nw, x.shape[0])
-            and same(val(add).shape, s5.shape)):
+    if not (same_shape(out, x) and all(known_equal(i, j) for i, j in zip(s5.shape[2:], x.shape[1:]))
+            and known_equal(b * nw, x.shape[0]) and same_shape(val(add), s5)):
         return 0
     m5 = (1,) * (5 - m.dim()) + tuple(m.shape)
     if not all(known_equal(d, 1) or known_equal(d, full) for d, full in zip(m5, s5.shape)):

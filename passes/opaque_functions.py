@@ -116,7 +116,6 @@ class Tracer(fx.Interpreter):
         _WHERE[key] = n.meta.get("stack_trace")
         return tuple(_opaque(tensors, key))
 
-
     def close(self) -> None:
         while self.open_autocast:
             self.open_autocast.pop().__exit__(None, None, None)

@@ -12,10 +12,13 @@ Left alone, with the reason as a near-miss: eps outside the square root, statist
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
 from flashfuse.passes import register_pass
+from flashfuse.passes.eltwise_chain import insert_call
 from flashfuse.passes.norm_match import (apply_norm, exact_copies, hand_written_tail, is_number, is_op, match_tail,
                                          parse_denominator, parse_scale, per_feature, reduce_dims, run_norm_pass,
                                          trailing_shape,
@@ -77,9 +80,7 @@ def _scaled_to_rms(norm: fx.Node):
             or not all(isinstance(d, int) for d in dims) or len(norm.users) != 1 or val(x) is None \
             or not val(x).is_floating_point():
         return None
-    size = 1
-    for d in dims:
-        size *= val(x).shape[d]
+    size = math.prod(val(x).shape[d] for d in dims)
     user = next(iter(norm.users))
     if not isinstance(size, int) or not is_op(user, aten.mul.Tensor, aten.div.Tensor) or user.kwargs \
             or len(user.args) != 2 or val(user) is None or val(user).dtype != val(x).dtype:
@@ -101,24 +102,15 @@ def _vector_norm(gm, ctx, norm: fx.Node) -> int:
     if found is None:
         return 0
     scaled, x, dims, keepdim = found
-    graph = gm.graph
-    with graph.inserting_before(scaled):
-        sq = graph.call_function(aten.mul.Tensor, (x, x))
-        ms = graph.call_function(aten.mean.dim, (sq, dims, keepdim))
-        root = graph.call_function(aten.sqrt.default, (ms,))
-    sq.meta["val"] = val(x)
-    ms.meta["val"] = val(scaled)  # the statistic has the norm's shape and dtype
-    root.meta["val"] = val(scaled)
-    for node in (sq, ms, root):
-        for key in ("stack_trace", "nn_module_stack"):
-            if key in scaled.meta:
-                node.meta[key] = scaled.meta[key]
+    sq = insert_call(gm, scaled, aten.mul.Tensor, (x, x), like=scaled)
+    ms = insert_call(gm, scaled, aten.mean.dim, (sq, dims, keepdim), like=scaled)
+    root = insert_call(gm, scaled, aten.sqrt.default, (ms,), like=scaled)
     scaled.replace_all_uses_with(root)
     if _hand_written(gm, ctx, ms, "hand-written rms norm (x/(||x||*n^-0.5))"):
         return 1
     root.replace_all_uses_with(scaled)
     for node in (root, ms, sq):
-        graph.erase_node(node)
+        gm.graph.erase_node(node)
     return 0
 
 

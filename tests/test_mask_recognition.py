@@ -273,7 +273,7 @@ def test_a_freed_tensors_negative_entry_does_not_hide_a_new_one_at_its_address()
     forged = 0
     for key in list(mask_recognition._RESULTS):
         if key[0] == text and key[1] == tuple(mask_recognition._key(t) for t in sides):
-            mask_recognition._RESULTS[key] = (text, (0, 1, 2, 3, 4), (), {}, (dead,) * len(sides))
+            mask_recognition._RESULTS[key] = (text, (0, 1, 2, 3, 4), (dead,) * len(sides), {})
             forged += 1
     assert forged == 1
     assert mask_recognition.specialize(text, sides, n, n)[2] == [0]

@@ -102,11 +102,11 @@ def specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad=None):
             tuple(needs_grad) if needs_grad is not None else None,
             tuple(t.requires_grad for t in sides))
     hit = _RESULTS.get(rkey)
-    if hit is None or not all(_live(h, t) for h, t in zip(hit[4], sides)):
+    if hit is None or not all(_live(h, t) for h, t in zip(hit[2], sides)):
         if len(_RESULTS) > _MAX_CACHE:
             _RESULTS.clear()
         hit = _RESULTS[rkey] = _specialize(score_mod, sides, nq, nk, needs_grad)
-    text, kept, _held, replaced, _refs = hit
+    text, kept, _held, replaced = hit
     return text, [replaced.get(i, sides[i]) for i in kept], list(kept)
 
 
@@ -173,10 +173,10 @@ def _specialize(score_mod: str, sides: list, nq: int, nk: int, needs_grad):
     recognized = [i not in keep_idx or i in replaced for i in range(len(sides))]
     refs = tuple(_hold(t, r) for t, r in zip(sides, recognized))
     if not changed and not replaced:
-        return score_mod, tuple(keep_idx), (), {}, refs
+        return score_mod, tuple(keep_idx), refs, {}
     mapping = {sm.side(old): sm.side(new) for new, old in enumerate(keep_idx)}
     expr = expr.xreplace(mapping)
-    return sm.to_text(expr), tuple(keep_idx), refs, replaced, refs
+    return sm.to_text(expr), tuple(keep_idx), refs, replaced
 
 
 # ---- position vectors: a side that is arange along the query or the key axis ----
