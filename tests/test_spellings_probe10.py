@@ -1228,6 +1228,20 @@ def _errs(tag, out, ref, grads=(), ref_grads=()):
     return [(w, e) for w, e in errs if not e < TOL]
 
 
+def _each_call_vs_eager(ref, ff, compiled, calls, fwd_bwd):
+    """Each (tag, inputs) call of `compiled` (built on `ff`) against eager `ref`, gradients zeroed before each:
+    (mismatches, attention ops fused during each call)."""
+    bad, counts = [], []
+    for i, (tag, ins) in enumerate(calls):
+        ff.zero_grad()
+        ref.zero_grad()
+        (out, grads), c = _counted(lambda: fwd_bwd(compiled, ins, seed=i))
+        counts.append(c)
+        ref_out, ref_grads = fwd_bwd(ref, ins, seed=i)
+        bad += _errs(f"call {i}{tag}", out, ref_out, grads, ref_grads)
+    return bad, counts
+
+
 def _models(model):
     perturb(model, 77)
     return model, copy.deepcopy(model)
@@ -1291,15 +1305,8 @@ def test_two_sequence_lengths_recompile():
     makes Dynamo recompile with N dynamic; the first graph must have fused."""
     ref, ff = _models(CausalSelfAttention())
     compiled = torch.compile(ff, backend=_backend())
-    bad, counts = [], []
-    for i, n in enumerate((21, 33, 21)):
-        x = rand(B, n, E, seed=180 + i)
-        ff.zero_grad()
-        ref.zero_grad()
-        (out, grads), c = _counted(lambda: _fwd_bwd(compiled, x, seed=i))
-        counts.append(c)
-        ref_out, ref_grads = _fwd_bwd(ref, x, seed=i)
-        bad += _errs(f"call {i} (N={n})", out, ref_out, grads, ref_grads)
+    calls = [(f" (N={n})", rand(B, n, E, seed=180 + i)) for i, n in enumerate((21, 33, 21))]
+    bad, counts = _each_call_vs_eager(ref, ff, compiled, calls, _fwd_bwd)
     assert not bad, f"differs from eager: {bad}; attention counts per call {counts}"
     assert counts == [1, 1, 0], counts   # the recompiled graph (N symbolic) fuses too; N = 21 again reuses a graph
 
@@ -1309,15 +1316,8 @@ def test_compile_dynamic_true():
     leave it; either way every length must give eager's numbers and gradients."""
     ref, ff = _models(CausalSelfAttention())
     compiled = torch.compile(ff, backend=_backend(), dynamic=True)
-    bad, counts = [], []
-    for i, n in enumerate((19, 27, 40)):
-        x = rand(B, n, E, seed=190 + i)
-        ff.zero_grad()
-        ref.zero_grad()
-        (out, grads), c = _counted(lambda: _fwd_bwd(compiled, x, seed=i))
-        counts.append(c)
-        ref_out, ref_grads = _fwd_bwd(ref, x, seed=i)
-        bad += _errs(f"call {i} (N={n})", out, ref_out, grads, ref_grads)
+    calls = [(f" (N={n})", rand(B, n, E, seed=190 + i)) for i, n in enumerate((19, 27, 40))]
+    bad, counts = _each_call_vs_eager(ref, ff, compiled, calls, _fwd_bwd)
     assert not bad, f"differs from eager: {bad}; attention counts per call {counts}"
     # measured: the symbolic graph fuses (1), later lengths reuse it; a deliberate 0 would also be acceptable
     assert counts == [1, 0, 0], counts
@@ -1349,13 +1349,7 @@ def test_dynamic_true_score_mods(make, inputs):
     lengths: eager's numbers and gradients at two lengths, and the symbolic graph fused once."""
     ref, ff = _models(make())
     compiled = torch.compile(ff, backend=_backend(), dynamic=True)
-    bad, counts = [], []
-    for i in range(2):
-        ins = inputs(i)
-        (out, grads), c = _counted(lambda: _fwd_bwd_multi(compiled, ins, seed=i))
-        counts.append(c)
-        ref_out, ref_grads = _fwd_bwd_multi(ref, ins, seed=i)
-        bad += _errs(f"call {i}", out, ref_out, grads, ref_grads)
+    bad, counts = _each_call_vs_eager(ref, ff, compiled, [("", inputs(i)) for i in range(2)], _fwd_bwd_multi)
     assert not bad, f"differs from eager: {bad}; attention counts per call {counts}"
     assert counts == [1, 0], counts
 
@@ -1365,13 +1359,8 @@ def test_kv_cache_growing_offset_recompiles_keep_eager_numbers():
     of the offset mask must still give eager's numbers (whether or not it fuses)."""
     ref, ff = _models(Fn(causal_kv_offset))
     compiled = torch.compile(ff, backend=_backend())
-    bad, counts = [], []
-    for i, (nq, nk) in enumerate(((4, 20), (4, 24), (4, 28))):
-        ins = qkv(254 + 3 * i, nq=nq, nk=nk)
-        (out, grads), c = _counted(lambda: _fwd_bwd_multi(compiled, ins, seed=i))
-        counts.append(c)
-        ref_out, ref_grads = _fwd_bwd_multi(ref, ins, seed=i)
-        bad += _errs(f"call {i}", out, ref_out, grads, ref_grads)
+    calls = [("", qkv(254 + 3 * i, nq=nq, nk=nk)) for i, (nq, nk) in enumerate(((4, 20), (4, 24), (4, 28)))]
+    bad, counts = _each_call_vs_eager(ref, ff, compiled, calls, _fwd_bwd_multi)
     assert not bad, f"differs from eager: {bad}; attention counts per call {counts}"
     assert counts[0] == 1, counts
 
