@@ -9,6 +9,10 @@
 #   norms16s   the same, short: GPU norm tests, then LayerNorm alone at the three shapes
 #   gpt16      issue 7: GPT-2 small train step, flashfuse against Inductor on the SDPA rewrite, 8x1024 and 2x4096
 #   attention  HF padded causal through torch.compile (key counts on and off), the GPU attention tests
+#   s17a       issue 4: the backward's kernels, causal / key counts, with the launch order grouped (now on for
+#              both) and not (GROUP_HEADS=0); issue 5: the norm backward's programs per SM at 16384x1024 and
+#              the per-kernel profile against Inductor; then the GPU attention tests
+#   s17gpt     issue 7: GPT-2 2x4096 and 8x1024, flashfuse / SDPA, then where each 8x1024 step's time goes
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
@@ -63,6 +67,29 @@ if [ "$PART" = tiny ]; then
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 50 python benchmarks/row_stats.py --label counts --profile \
       --cases causal_-inf causal_key_counts causal_key_counts causal_-inf > $OUT/row_stats_profile.jsonl 2> $OUT/row_stats_profile.err
   echo "row_stats rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_profile.jsonl
+fi
+if [ "$PART" = s17a ]; then
+  for g in 16 0; do
+    FLASHFUSE_ATTN_GROUP_HEADS=$g FLASHFUSE_ATTN_AUTOTUNE=0 timeout 60 python benchmarks/row_stats.py --label g$g --profile \
+        --cases causal_-inf causal_key_counts causal_key_counts causal_-inf >> $OUT/row_stats_groups.jsonl 2>> $OUT/row_stats_groups.err
+    echo "row_stats G=$g rc=$?"
+  done
+  python benchmarks/row_stats.py --table $OUT/row_stats_groups.jsonl
+  timeout 150 python benchmarks/norm_bwd_sweep.py --shapes 16384x1024 --kinds rms_norm,layer_norm --prefetch 1 \
+      --out $OUT/norm_bwd_sweep.jsonl > $OUT/norm_bwd_sweep.log 2>&1
+  echo "sweep rc=$?"; grep -E '"part": "profile"' $OUT/norm_bwd_sweep.log | cut -c1-400
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+      > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+fi
+if [ "$PART" = s17gpt ]; then
+  timeout 420 python benchmarks/train_gpt.py --configs 2x4096,8x1024 --modes flashfuse,sdpa --out $OUT --tag _session17 \
+      > $OUT/train_gpt17.log 2>&1
+  echo "train rc=$?"; tail -8 $OUT/train_gpt17.log
+  for m in flashfuse sdpa; do
+    timeout 80 python benchmarks/profile_step.py --mode $m --b 8 --t 1024 --rows 30 > $OUT/profile_step_$m.txt 2>&1
+    echo "profile $m rc=$?"
+  done
 fi
 if [ "$PART" = attention ]; then
   for kc in 1 0; do

@@ -1148,6 +1148,8 @@ def test_block_order_visits_every_block_once(group_heads):
     (S / 4, False),                                                           # every program the same work
     (sympy.Piecewise((-OO, (KI > QI) | (KI < QI - 64)), (S / 4, True)), False),  # a window: two bounds
     (sympy.Piecewise((-OO, KI < QI), (S / 4, True)), False),                 # anti-causal: a lower bound
+    (sympy.Piecewise((-OO, (KI > QI) | (KI >= sm.key_count(sm.side(0)))), (S / 4, True)), True),  # & padding
+    (sympy.Piecewise((-OO, KI >= sm.key_count(sm.side(0))), (S / 4, True)), False),  # padding alone
     (sympy.Piecewise((-OO, (KI > QI) | (abs(QI - KI) > 3)), (S / 4, True)), False),  # and a mask
 ])
 def test_launch_order_groups_heads_only_for_a_causal_triangle(expr, triangle):

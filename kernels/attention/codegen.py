@@ -311,11 +311,15 @@ def neg_inf_rows(score_mod_text: str, nq: int, nk: int) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def triangular(score_mod_text: str) -> bool:
-    """The kept region is one causal triangle: a single upper bound kv <= q + c and no other index-only
-    condition. Its programs differ in work block by block (triton_impl's launch order groups heads for it)."""
-    an = analyze(sm.from_text(score_mod_text), 0)
-    return (an.keep_other is sympy.true and len(an.bounds) == 1 and an.bounds[0].upper
-            and an.bounds[0].alpha == 1)
+    """The kept region is one causal triangle: a single upper bound kv <= q + c, perhaps cut by key counts
+    (right padding: kv < key_count, a bound on kv alone), and no other index-only condition. Its programs
+    differ in work block by block (triton_impl's launch order groups heads for it). Key counts only end some
+    heads' rows early: session 16's dK/dV took +26 % with them when they turned the grouped order off."""
+    expr = sm.from_text(score_mod_text)
+    an = analyze(expr, 0, frozenset(sm.side_ids(f)[0] for f in expr.atoms(sm.key_count)))
+    diagonal = [bd for bd in an.bounds if bd.alpha != 0]
+    return (an.keep_other is sympy.true and len(diagonal) == 1 and diagonal[0].upper and diagonal[0].alpha == 1
+            and all(bd.upper for bd in an.bounds))
 
 
 def _interval(e: sympy.Basic):
