@@ -35,7 +35,7 @@ probabilities returned (output_attentions), a sparsemax-like clamp and renormali
 masked_softmax (mask after the softmax, renormalized), a temperature applied to the probabilities as a
 power, talking-heads mixing of the logits across heads, sigmoid attention, tanh after the softmax.
 
-Harness as in test_spellings_probe6.py (copied here, not imported): each case compiles a copy of the
+Harness: tests/probe_harness.py (shared with probes 6 and 11): each case compiles a copy of the
 model with flashfuse.backend(remainder="eager", norm_policy="always"), asserts the exact fusion counts,
 and compares outputs and every input / parameter gradient with eager on fresh random inputs (relative L2
 < 1e-4 in fp32, 3e-2 for bf16 / fp16 autocast). Negatives assert the fusion did NOT happen and eager's
@@ -57,10 +57,10 @@ from torch.utils.checkpoint import checkpoint
 
 import flashfuse
 from flashfuse.report import Report, _active
+from probe_harness import ROWS, TOL, Fn, P, case, causal_keep, perturb, rand, rel, repeat_kv, run_row, sdpa_scale
 
 B, H, HD = 2, 2, 8     # batch, heads, head dim
 E = H * HD             # model width of the modules with projections
-TOL = 1e-4
 TOL_BF16 = 3e-2
 NEG_INF = float("-inf")
 BF16 = torch.bfloat16
@@ -74,132 +74,7 @@ BF16_INTERPRETER = ("WRONG OUTPUT (vs eager) under TRITON_INTERPRET=1: rel err 1
                     "Triton's interpreter tl.dot on bf16 tiles is wrong, flashfuse's kernels hand it bf16")
 
 
-# ================================================================================================ harness
-# copied from test_spellings_probe6.py: compile, compare outputs, gradients, requires_grad, in-place inputs
-def rand(*shape, seed=0, scale=1.0, offset=0.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (offset + scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
-
-
-def perturb(model, seed=1234, amount=0.1):
-    """Every parameter moved off its init (ones / zeros): a dropped weight or bias shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(amount * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-    return model
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    return []
-
-
-def rel(a, b, floor=1e-6):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / max(b.norm().item(), floor)).item()
-
-
-def run_case(make, inputs, seed=0, grad=True):
-    """(report, list of (what, relative error)) for a compiled copy against eager."""
-    torch.manual_seed(seed)
-    model = make()
-    if isinstance(model, nn.Module):
-        perturb(model, seed + 1).eval()
-    ref_model, ff_model = model, copy.deepcopy(model)
-    ref_in = [t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in inputs]
-    ff_in = [t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in inputs]
-    compiled = torch.compile(ff_model, backend=flashfuse.backend(remainder="eager", norm_policy="always"))
-    report = Report()
-    _active.append(report)
-    try:
-        out = compiled(*ff_in)
-    finally:
-        _active.pop()
-    ref = ref_model(*ref_in)
-    outs, refs = _flat(out), _flat(ref)
-    assert len(outs) == len(refs)
-    g = torch.Generator().manual_seed(seed + 7)
-    cot = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype) for r in refs]
-    errs = [(f"output {i}", rel(o, r)) for i, (o, r) in enumerate(zip(outs, refs))]
-    errs += [(f"input {i} after the call", rel(a, b)) for i, (a, b) in enumerate(zip(ff_in, ref_in))
-             if b.is_floating_point()]
-    for o, r in zip(outs, refs):
-        assert o.shape == r.shape and o.dtype == r.dtype, (o.shape, r.shape, o.dtype, r.dtype)
-        assert o.requires_grad == r.requires_grad, "requires_grad differs from eager"
-    pairs = [(o, r, c) for o, r, c in zip(outs, refs, cot) if r.requires_grad]
-    if pairs:
-        torch.autograd.backward([r for _, r, _ in pairs], [c for _, _, c in pairs])
-        torch.autograd.backward([o for o, _, _ in pairs], [c for _, _, c in pairs])
-        for i, (a, b) in enumerate(zip(ff_in, ref_in)):
-            if b.grad is not None:
-                errs.append((f"grad input {i}", rel(a.grad, b.grad)))
-            elif a.grad is not None and a.grad.abs().max() > 0:   # eager gives this input no gradient
-                errs.append((f"grad input {i} (none in eager)", math.inf))
-        if isinstance(model, nn.Module):
-            for (name, p), (_, q) in zip(ff_model.named_parameters(), ref_model.named_parameters()):
-                if q.grad is not None:
-                    assert p.grad is not None, f"no gradient for {name} under flashfuse"
-                    errs.append((f"grad {name}", rel(p.grad, q.grad)))
-                elif p.grad is not None and p.grad.abs().max() > 0:
-                    errs.append((f"grad {name} (none in eager)", math.inf))
-    return report, errs
-
-
-def check(make, inputs, counts, negative=None, reason=None, details=None, tol=TOL, seed=0, grad=True):
-    report, errs = run_case(make, inputs, seed, grad)
-    got = {k: report.count(k) for k in counts}
-    assert got == counts, f"expected {counts}, got {got}\n{report}"
-    if negative is not None and reason is not None:
-        reasons = [n.reason for n in report.near_misses if n.fusion == negative]
-        assert any(reason in r for r in reasons), f"no near-miss containing {reason!r}\n{report}"
-    for fusion, want in (details or {}).items():
-        m = next(m for m in report.matches if m.fusion == fusion)
-        for k, v in want.items():
-            assert m.details.get(k) == v, f"{fusion}.{k}: {m.details.get(k)!r} != {v!r}\n{report}"
-    bad = [(w, e) for w, e in errs if not e < tol]
-    assert not bad, f"differs from eager: {bad}\n{report}"
-    return report
-
-
-def case(name, make, inputs, counts, reason=None, details=None, xfail=None, tol=TOL, grad=True, xfail_if=True):
-    """One row: pytest id, a model factory, its inputs, the exact counts; `reason` = near-miss text
-    expected for a negative (the first fusion whose count is 0). `xfail_if`: the condition of the xfail."""
-    marks = [pytest.mark.xfail(xfail_if, strict=True, reason=xfail)] if xfail else []
-    return pytest.param(make, inputs, counts, reason, details, (tol, grad), id=name, marks=marks)
-
-
-def run_row(make, inputs, counts, reason, details, opts):
-    tol, grad = opts
-    negative = next((k for k, v in counts.items() if v == 0), None)
-    check(make, inputs, counts, negative=negative, reason=reason, details=details, tol=tol, grad=grad)
-
-
-class Fn(nn.Module):
-    """A module around fn(self, *inputs) with named parameters / buffers."""
-
-    def __init__(self, fn, buffers=None, **params):
-        super().__init__()
-        self.fn = fn
-        for k, v in params.items():
-            setattr(self, k, v)
-        for k, v in (buffers or {}).items():
-            self.register_buffer(k, v)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
-
-
-def P(*shape, base=0.0, seed=0, scale=0.3):
-    return nn.Parameter(base + scale * rand(*shape, seed=seed))
-
-
-ROWS = "make,inputs,counts,reason,details,opts"
-
-
+# ================================================================================================ inputs
 def qkv(seed, b=B, h=H, nq=17, nk=None, d=HD, scale=1.0, dtype=torch.float32):
     nk = nq if nk is None else nk
     return (rand(b, h, nq, d, seed=seed, scale=scale, dtype=dtype),
@@ -207,25 +82,7 @@ def qkv(seed, b=B, h=H, nq=17, nk=None, d=HD, scale=1.0, dtype=torch.float32):
             rand(b, h, nk, d, seed=seed + 2, dtype=dtype))
 
 
-def sdpa_scale(q):
-    return 1.0 / math.sqrt(q.shape[-1])
-
-
-def causal_keep(nq, nk=None):
-    """bool (nq, nk), True = may attend; the last query sees the last key (KV offset nk - nq)."""
-    nk = nq if nk is None else nk
-    return torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
-
-
 # ================================================================================================ soft-capping
-def repeat_kv(x, n_rep):
-    """HF repeat_kv: (B, KVH, S, D) -> (B, KVH * n_rep, S, D)."""
-    b, kvh, slen, hd = x.shape
-    if n_rep == 1:
-        return x
-    return x[:, :, None, :, :].expand(b, kvh, n_rep, slen, hd).reshape(b, kvh * n_rep, slen, hd)
-
-
 def hf_causal_additive(q, n=None):
     """HF's (1, 1, N, N) float causal mask: finfo.min above the diagonal, 0 elsewhere."""
     n = q.shape[-2] if n is None else n
@@ -1136,8 +993,8 @@ SCORE_MODS = [
 
 
 @pytest.mark.parametrize(ROWS, SCORE_MODS)
-def test_score_mods(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_score_mods(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 NEGATIVES = [
@@ -1157,8 +1014,8 @@ NEGATIVES = [
 
 
 @pytest.mark.parametrize(ROWS, NEGATIVES)
-def test_negatives(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_negatives(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 TRAINING = [
@@ -1193,8 +1050,8 @@ TRAINING = [
 
 
 @pytest.mark.parametrize(ROWS, TRAINING)
-def test_training_contexts(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_training_contexts(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ several calls

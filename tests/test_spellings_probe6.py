@@ -11,18 +11,18 @@ bf16 / fp16 norms that upcast and cast back for real, float64 (must be left alon
 statistics or producers written under `.detach()` or `with torch.no_grad():` (DetachNorm, frozen
 backbones / embeddings, DINO-style teacher centring).
 
-Harness as in test_spellings_probe5.py: each case compiles a copy of the model with
-flashfuse.backend(remainder="eager", norm_policy="always"), asserts the exact fusion counts, and compares
-outputs and every input / parameter gradient with eager (relative L2 < 1e-4 in fp32, 2e-2 for bf16 / fp16,
-1e-10 for float64). In addition: every input is compared after the call (in-place updates), each output's
-requires_grad must equal eager's, and a tensor that eager gives no gradient must get none (or zeros).
+Harness: tests/probe_harness.py (shared with probes 10 and 11; first written for probe 5): each case compiles a
+copy of the model with flashfuse.backend(remainder="eager", norm_policy="always"), asserts the exact fusion
+counts, and compares outputs and every input / parameter gradient with eager (relative L2 < 1e-4 in fp32,
+2e-2 for bf16 / fp16, 1e-10 for float64; NaN / inf at eager's positions). In addition: every input is
+compared after the call (in-place updates), each output's requires_grad must equal eager's, and a tensor that
+eager gives no gradient must get none (or zeros).
 Negatives assert the fusion did NOT happen (and the near-miss reason when one is given) and eager's
 numbers. Cases flashfuse gets wrong today are marked xfail(strict=True) with what was measured; those that
 start with "WRONG GRADIENT" fuse and then differ from eager.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import flashfuse
-from flashfuse.report import Report, _active
+import probe_harness
+from probe_harness import P, Fn, perturb, rand, rel  # noqa: F401 (perturb, rel: for test_spellings_probe8.py)
 
 tf_act = pytest.importorskip("transformers.activations")
 from transformers import T5Config  # noqa: E402
@@ -41,135 +41,24 @@ from transformers.models.t5.modeling_t5 import T5LayerFF  # noqa: E402
 
 D = 24      # hidden size
 C = 6       # channels
-TOL = 1e-4
 TOL_BF16 = 2e-2
 
 
 # ================================================================================================ harness
-def rand(*shape, seed=0, scale=1.0, offset=0.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (offset + scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+# tests/probe_harness.py, with `details` (match details a case asserts) in a column of its own before the options:
+# this file's tables are written that way, and probes 7, 8 and 9 import ROWS, case and run_row from here (with
+# P, Fn, rand, perturb and rel).
+ROWS = "make,inputs,counts,reason,details,opts"
 
 
-def perturb(model, seed=1234, amount=0.1):
-    """Every parameter moved off its init (ones / zeros): a dropped weight or bias shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(amount * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-    return model
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    return []
-
-
-def rel(a, b, floor=1e-6):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / max(b.norm().item(), floor)).item()
-
-
-def run_case(make, inputs, seed=0, grad=True):
-    """(report, list of (what, relative error)) for a compiled copy against eager. With grad=False the
-    inputs do not require grad (code that writes into them in place, e.g. optimizer / EMA updates); the
-    inputs are compared after the call in every case, so a write that went missing or came out wrong shows."""
-    torch.manual_seed(seed)
-    model = make()
-    if isinstance(model, nn.Module):
-        perturb(model, seed + 1).eval()
-    ref_model, ff_model = model, copy.deepcopy(model)
-    ref_in = [t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in inputs]
-    ff_in = [t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in inputs]
-    compiled = torch.compile(ff_model, backend=flashfuse.backend(remainder="eager", norm_policy="always"))
-    report = Report()
-    _active.append(report)
-    try:
-        out = compiled(*ff_in)
-    finally:
-        _active.pop()
-    ref = ref_model(*ref_in)
-    outs, refs = _flat(out), _flat(ref)
-    assert len(outs) == len(refs)
-    g = torch.Generator().manual_seed(seed + 7)
-    cot = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype) for r in refs]
-    errs = [(f"output {i}", rel(o, r)) for i, (o, r) in enumerate(zip(outs, refs))]
-    errs += [(f"input {i} after the call", rel(a, b)) for i, (a, b) in enumerate(zip(ff_in, ref_in))
-             if b.is_floating_point()]
-    for o, r in zip(outs, refs):
-        assert o.shape == r.shape and o.dtype == r.dtype, (o.shape, r.shape, o.dtype, r.dtype)
-        assert o.requires_grad == r.requires_grad, "requires_grad differs from eager"
-    pairs = [(o, r, c) for o, r, c in zip(outs, refs, cot) if r.requires_grad]
-    if pairs:
-        torch.autograd.backward([r for _, r, _ in pairs], [c for _, _, c in pairs])
-        torch.autograd.backward([o for o, _, _ in pairs], [c for _, _, c in pairs])
-        for i, (a, b) in enumerate(zip(ff_in, ref_in)):
-            if b.grad is not None:
-                errs.append((f"grad input {i}", rel(a.grad, b.grad)))
-            elif a.grad is not None and a.grad.abs().max() > 0:   # eager gives this input no gradient
-                errs.append((f"grad input {i} (none in eager)", math.inf))
-        if isinstance(model, nn.Module):
-            for (name, p), (_, q) in zip(ff_model.named_parameters(), ref_model.named_parameters()):
-                if q.grad is not None:
-                    assert p.grad is not None, f"no gradient for {name} under flashfuse"
-                    errs.append((f"grad {name}", rel(p.grad, q.grad)))
-                elif p.grad is not None and p.grad.abs().max() > 0:
-                    errs.append((f"grad {name} (none in eager)", math.inf))
-    return report, errs
-
-
-def check(make, inputs, counts, negative=None, reason=None, details=None, tol=TOL, seed=0, grad=True):
-    report, errs = run_case(make, inputs, seed, grad)
-    got = {k: report.count(k) for k in counts}
-    assert got == counts, f"expected {counts}, got {got}\n{report}"
-    if negative is not None and reason is not None:
-        reasons = [n.reason for n in report.near_misses if n.fusion == negative]
-        assert any(reason in r for r in reasons), f"no near-miss containing {reason!r}\n{report}"
-    for fusion, want in (details or {}).items():
-        m = next(m for m in report.matches if m.fusion == fusion)
-        for k, v in want.items():
-            assert m.details.get(k) == v, f"{fusion}.{k}: {m.details.get(k)!r} != {v!r}\n{report}"
-    bad = [(w, e) for w, e in errs if not e < tol]
-    assert not bad, f"differs from eager: {bad}\n{report}"
-    return report
-
-
-def case(name, make, inputs, counts, reason=None, details=None, xfail=None, tol=TOL, grad=True):
-    """One row: pytest id, a model factory, its inputs, the exact counts; `reason` = near-miss text
-    expected for a negative (the first fusion whose count is 0)."""
-    marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
-    return pytest.param(make, inputs, counts, reason, details, (tol, grad), id=name, marks=marks)
+def case(name, make, inputs, counts, reason=None, details=None, **kw):
+    """probe_harness.case with a `details` column."""
+    row = probe_harness.case(name, make, inputs, counts, reason, **kw)
+    return pytest.param(*row.values[:4], details, row.values[4], id=row.id, marks=row.marks)
 
 
 def run_row(make, inputs, counts, reason, details, opts):
-    tol, grad = opts
-    negative = next((k for k, v in counts.items() if v == 0), None)
-    check(make, inputs, counts, negative=negative, reason=reason, details=details, tol=tol, grad=grad)
-
-
-class Fn(nn.Module):
-    """A module around fn(self, *inputs) with named parameters / buffers."""
-
-    def __init__(self, fn, buffers=None, **params):
-        super().__init__()
-        self.fn = fn
-        for k, v in params.items():
-            setattr(self, k, v)
-        for k, v in (buffers or {}).items():
-            self.register_buffer(k, v)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
-
-
-def P(*shape, base=0.0, seed=0):
-    return nn.Parameter(base + 0.3 * rand(*shape, seed=seed))
-
-
-ROWS = "make,inputs,counts,reason,details,opts"
+    probe_harness.run_row(make, inputs, counts, reason, dict(opts, details=details))
 
 
 # ================================================================================================ LayerNorm models
