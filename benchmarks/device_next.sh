@@ -12,7 +12,9 @@
 #   s17a       issue 4: the backward's kernels, causal / key counts, with the launch order grouped (now on for
 #              both) and not (GROUP_HEADS=0); issue 5: the norm backward's programs per SM at 16384x1024 and
 #              the per-kernel profile against Inductor; then the GPU attention tests
-#   s17gpt     issue 7: GPT-2 2x4096 and 8x1024, flashfuse / SDPA, then where each 8x1024 step's time goes
+#   s17gpt     issue 7: GPT-2 8x1024 warm-up with the autotuners' configs compiled one by one and at once, then
+#              2x4096 and 8x1024, flashfuse / SDPA
+#   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
@@ -83,12 +85,21 @@ if [ "$PART" = s17a ]; then
   echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
 fi
 if [ "$PART" = s17gpt ]; then
-  timeout 420 python benchmarks/train_gpt.py --configs 2x4096,8x1024 --modes flashfuse,sdpa --out $OUT --tag _session17 \
+  # warm-up with the autotuners' configs compiled one by one, then at once (fresh Triton / Inductor caches each)
+  for pc in 0 1; do
+    FLASHFUSE_PARALLEL_COMPILE=$pc TRITON_CACHE_DIR=/tmp/tc$pc TORCHINDUCTOR_CACHE_DIR=/tmp/ic$pc FLASHFUSE_CACHE_DIR=/tmp/fc$pc \
+        timeout 150 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse --out $OUT/pc$pc --tag _pc$pc \
+        > $OUT/train_pc$pc.log 2>&1
+    echo "parallel_compile=$pc rc=$?"; tail -3 $OUT/train_pc$pc.log
+  done
+  timeout 330 python benchmarks/train_gpt.py --configs 2x4096,8x1024 --modes flashfuse,sdpa --out $OUT --tag _session17 \
       > $OUT/train_gpt17.log 2>&1
   echo "train rc=$?"; tail -8 $OUT/train_gpt17.log
+fi
+if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
-    timeout 80 python benchmarks/profile_step.py --mode $m --b 8 --t 1024 --rows 30 > $OUT/profile_step_$m.txt 2>&1
-    echo "profile $m rc=$?"
+    timeout 100 python benchmarks/profile_step.py --mode $m --b 8 --t 1024 --rows 30 > $OUT/profile_step_$m.txt 2>&1
+    echo "profile $m rc=$?"; grep -E "wall|busy" $OUT/profile_step_$m.txt | head -3
   done
 fi
 if [ "$PART" = attention ]; then

@@ -156,3 +156,78 @@ def test_fixed_launch_under_the_interpreter_always_takes_tritons_path(monkeypatc
     for _ in range(2):
         fixed((torch.zeros(8), 8, 1.0))
     assert fixed.direct is None and len(k.slow_calls) == 2
+
+
+class FakeTuner(FakeKernel):
+    """An autotuner-like kernel with three configs: `warmup` records whether Triton's AsyncCompileMode was on."""
+
+    def __init__(self, fail=False):
+        super().__init__(best_config=SimpleNamespace(kwargs={"BLOCK": 64}))
+        self.configs = [SimpleNamespace(kwargs={"BLOCK": b}) for b in (32, 64, 128)]
+        self.warmups = []
+        self.fail = fail
+
+    def warmup(self, *args, grid, **kw):
+        from triton.runtime import _async_compile
+        self.warmups.append((args, grid, kw, _async_compile.active_mode.get() is not None))
+        if self.fail:
+            raise TypeError("this Triton binds differently")
+
+
+def test_a_tuners_configs_are_compiled_at_once_before_it_times_them(fake_runtime, monkeypatch):
+    pytest.importorskip("triton.runtime._async_compile")
+    monkeypatch.setattr(launch, "PARALLEL_COMPILE", True)
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 4)
+    k = FakeTuner()
+    cl = launch.CachedLaunch(k)
+    x = torch.zeros(8)
+    grid = lambda m: (8 // m["BLOCK"] + 1,)  # noqa: E731
+    cl(grid, (x, 8, 1.0), {"FLAG": True})
+    cl(grid, (x, 8, 1.0), {"FLAG": True})
+    (args, g, kw, in_async_mode), = k.warmups  # once, on the first call of the specialization
+    assert args[1:] == (8, 1.0) and g is grid and kw == {"FLAG": True} and in_async_mode
+    assert len(k.slow_calls) == 1
+
+
+@pytest.mark.parametrize("why", ["switched off", "it fails", "one CPU"])
+def test_compiling_at_once_never_stands_in_the_way(fake_runtime, monkeypatch, why):
+    """Off, failing (another Triton's binding) or pointless (one CPU): the launch goes on as before, and
+    Triton's compile mode is left off for the next compile."""
+    pytest.importorskip("triton.runtime._async_compile")
+    from triton.runtime import _async_compile
+    monkeypatch.setattr(launch, "PARALLEL_COMPILE", why != "switched off")
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 1 if why == "one CPU" else 4)
+    k = FakeTuner(fail=why == "it fails")
+    c = launch.CachedLaunch(k)((1,), (torch.zeros(8), 8, 1.0), {"FLAG": True})
+    assert isinstance(c, FakeCompiled) and len(k.slow_calls) == 1
+    assert len(k.warmups) == (1 if why == "it fails" else 0)
+    assert _async_compile.active_mode.get() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_configs_compiled_at_once_are_the_ones_the_tuner_launches():
+    """On the GPU: all three configs are in the kernel's cache before the autotuner runs, and the launch
+    through the tuner (and then directly) computes the right numbers."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale_kernel(X, Y, n, s, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * s, mask=offs < n)
+
+    tuner = triton.autotune([triton.Config({"BLOCK": b}, num_warps=4) for b in (64, 128, 256)], key=["n"])(
+        scale_kernel)
+    x = torch.randn(1000, device="cuda")
+    y = torch.empty_like(x)
+    grid = lambda m: (triton.cdiv(1000, m["BLOCK"]),)  # noqa: E731
+    launch.compile_configs_at_once(tuner, grid, (x, y, 1000, 3.0), {})
+    kernel_cache = scale_kernel.device_caches[torch.cuda.current_device()][0]
+    assert len(kernel_cache) == 3
+    cl = launch.CachedLaunch(tuner)
+    for _ in range(2):
+        y.zero_()
+        cl(grid, (x, y, 1000, 3.0), {})
+        torch.testing.assert_close(y, 3.0 * x)
+    assert len(kernel_cache) == 3  # the tuner compiled nothing more
