@@ -1,5 +1,5 @@
-"""The comparison harness of the hidden spelling sets (test_spellings_probe6.py, 10 and 11; 7, 8 and 9 through
-probe 6). Not a test module: imported by name, as test_explain.py imports flashfuse_toy_pass.py (pytest puts
+"""The comparison harness of the hidden spelling sets (test_spellings_probe6.py to test_spellings_probe11.py).
+Not a test module: imported by name, as test_explain.py imports flashfuse_toy_pass.py (pytest puts
 tests/ on sys.path).
 
 Each case compiles a copy of a model with flashfuse.backend(remainder="eager", norm_policy="always") and runs

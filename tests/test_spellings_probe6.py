@@ -30,8 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import probe_harness
-from probe_harness import P, Fn, perturb, rand, rel  # noqa: F401 (perturb, rel: for test_spellings_probe8.py)
+from probe_harness import ROWS, P, Fn, case, rand, run_row
 
 tf_act = pytest.importorskip("transformers.activations")
 from transformers import T5Config  # noqa: E402
@@ -42,23 +41,6 @@ from transformers.models.t5.modeling_t5 import T5LayerFF  # noqa: E402
 D = 24      # hidden size
 C = 6       # channels
 TOL_BF16 = 2e-2
-
-
-# ================================================================================================ harness
-# tests/probe_harness.py, with `details` (match details a case asserts) in a column of its own before the options:
-# this file's tables are written that way, and probes 7, 8 and 9 import ROWS, case and run_row from here (with
-# P, Fn, rand, perturb and rel).
-ROWS = "make,inputs,counts,reason,details,opts"
-
-
-def case(name, make, inputs, counts, reason=None, details=None, **kw):
-    """probe_harness.case with a `details` column."""
-    row = probe_harness.case(name, make, inputs, counts, reason, **kw)
-    return pytest.param(*row.values[:4], details, row.values[4], id=row.id, marks=row.marks)
-
-
-def run_row(make, inputs, counts, reason, details, opts):
-    probe_harness.run_row(make, inputs, counts, reason, dict(opts, details=details))
 
 
 # ================================================================================================ LayerNorm models
@@ -755,8 +737,8 @@ LAYER_NORM = [
 
 
 @pytest.mark.parametrize(ROWS, LAYER_NORM)
-def test_layer_norm(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_layer_norm(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ RMSNorm
@@ -789,8 +771,8 @@ RMS_NORM = [
 
 
 @pytest.mark.parametrize(ROWS, RMS_NORM)
-def test_rms_norm(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_rms_norm(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ residual + norm
@@ -819,8 +801,8 @@ RESIDUAL = [
 
 
 @pytest.mark.parametrize(ROWS, RESIDUAL)
-def test_residual_norm(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_residual_norm(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ bias + GELU
@@ -865,8 +847,8 @@ GELU_NEGATIVE = [
 
 
 @pytest.mark.parametrize(ROWS, GELU + GELU_NEGATIVE)
-def test_bias_gelu(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_bias_gelu(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ PReLU
@@ -893,8 +875,8 @@ PRELU = [
 
 
 @pytest.mark.parametrize(ROWS, PRELU)
-def test_prelu(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_prelu(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ global pooling
@@ -950,8 +932,8 @@ POOL = [
 
 
 @pytest.mark.parametrize(ROWS, POOL)
-def test_global_pool(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_global_pool(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ eltwise chains
@@ -1029,8 +1011,8 @@ ELT = [
 
 
 @pytest.mark.parametrize(ROWS, ELT)
-def test_eltwise_chain(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_eltwise_chain(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ matmul + transpose
@@ -1043,8 +1025,8 @@ MM = [
 
 
 @pytest.mark.parametrize(ROWS, MM)
-def test_matmul_transpose(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_matmul_transpose(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ norm negatives
@@ -1066,5 +1048,5 @@ NORM_NEGATIVE = [
 
 
 @pytest.mark.parametrize(ROWS, NORM_NEGATIVE)
-def test_norm_negatives(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_norm_negatives(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)

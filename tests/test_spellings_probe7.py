@@ -14,7 +14,7 @@ weights; PReLU on 2-D inputs / slices / detached slopes; pooling in fp16 / under
 interleaved; pointwise chains with in-place steps, views, int masks, intermediates returned; matmul +
 transpose copy folding under no_grad and in fp16, and a copy written in place.
 
-Harness as in test_spellings_probe6.py: each case compiles a copy of the model with
+Harness: tests/probe_harness.py (as probes 6, 10 and 11): each case compiles a copy of the model with
 flashfuse.backend(remainder="eager", norm_policy="always"), asserts the exact fusion counts, and compares
 outputs and every input / parameter gradient with eager (relative L2 < 1e-4 in fp32, 2e-2 for fp16).
 Every input is compared after the call (in-place updates), each output's requires_grad must equal
@@ -41,8 +41,10 @@ SQ2PI = math.sqrt(2.0 / math.pi)
 
 
 # ================================================================================================ harness
-# the same harness as probe6 (compile, compare outputs, gradients, requires_grad and in-place inputs)
-from test_spellings_probe6 import ERF, P, ROWS, TANH, Fn, case, rand, run_row  # noqa: E402
+# tests/probe_harness.py (compile, compare outputs, gradients, requires_grad and in-place inputs); probe 6's
+# GELU match details
+from probe_harness import ROWS, P, Fn, case, rand, run_row  # noqa: E402
+from test_spellings_probe6 import ERF, TANH  # noqa: E402
 
 
 def qkv(seed, b=B, h=H, nq=N, nk=None, d=HD, dtype=torch.float32):
@@ -502,8 +504,8 @@ ATTENTION = [
 
 
 @pytest.mark.parametrize(ROWS, ATTENTION)
-def test_attention(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_attention(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ LayerNorm / RMSNorm
@@ -742,8 +744,8 @@ NORMS = [
 
 
 @pytest.mark.parametrize(ROWS, NORMS)
-def test_norms(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_norms(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ bias + GELU
@@ -843,8 +845,8 @@ GELU = [
 
 
 @pytest.mark.parametrize(ROWS, GELU)
-def test_bias_gelu(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_bias_gelu(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ PReLU
@@ -880,8 +882,8 @@ def _no_grad(f, x):
 
 
 @pytest.mark.parametrize(ROWS, PRELU)
-def test_prelu(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_prelu(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ global pooling
@@ -928,8 +930,8 @@ POOL = [
 
 
 @pytest.mark.parametrize(ROWS, POOL)
-def test_global_pool(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_global_pool(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ eltwise chains
@@ -993,8 +995,8 @@ ELT = [
 
 
 @pytest.mark.parametrize(ROWS, ELT)
-def test_eltwise_chain(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_eltwise_chain(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ matmul + transpose
@@ -1026,5 +1028,5 @@ MM = [
 
 
 @pytest.mark.parametrize(ROWS, MM)
-def test_matmul_transpose(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_matmul_transpose(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)

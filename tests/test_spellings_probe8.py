@@ -15,7 +15,7 @@ rows under causal + padding (which keys share the uniform row depends on the spe
 dropout (padded keys must change nothing), and the mask changing between calls of one compiled model (other
 lengths, right padding then left padding, a mask buffer or argument rewritten in place, a new length).
 
-Harness as in test_spellings_probe6.py: each case compiles a copy of the model with
+Harness: tests/probe_harness.py (as probes 6, 10 and 11): each case compiles a copy of the model with
 flashfuse.backend(remainder="eager", norm_policy="always"), asserts the exact fusion counts, and compares
 outputs and every input / parameter gradient with eager (relative L2 < 1e-4 in fp32, 2e-2 for fp16).
 The tests below the table compile once and call several times, comparing every call with eager (NaN
@@ -36,8 +36,8 @@ import flashfuse
 from flashfuse.report import Report, _active
 
 # ================================================================================================ harness
-# the same harness as probe6 (compile, compare outputs, gradients, requires_grad and in-place inputs)
-from test_spellings_probe6 import ROWS, Fn, case, perturb, rand, rel, run_row  # noqa: E402
+# tests/probe_harness.py (compile, compare outputs, gradients, requires_grad and in-place inputs)
+from probe_harness import ROWS, Fn, case, perturb, rand, rel, run_row  # noqa: E402
 
 B, H, HD = 2, 2, 8
 E = H * HD
@@ -876,8 +876,8 @@ ATTENTION = [
 
 
 @pytest.mark.parametrize(ROWS, ATTENTION)
-def test_padding(make, inputs, counts, reason, details, opts):
-    run_row(make, inputs, counts, reason, details, opts)
+def test_padding(make, inputs, counts, reason, opts):
+    run_row(make, inputs, counts, reason, opts)
 
 
 # ================================================================================================ several calls
