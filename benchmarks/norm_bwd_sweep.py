@@ -7,7 +7,8 @@ Part 1 launches `norm_bwd_kernel` directly for each (PAIRED, PREFETCH, num_warps
 it from a CUDA graph (kernel time, no host), printing registers per thread and how many programs of that
 size fit on one SM at once (the launch makes `programs per SM` of them: more than fit leaves a second, partial
 wave). Part 2 runs torch.profiler over fwd+bwd steps of `flashfuse::layer_norm` / `rms_norm` and of Inductor's
-compiled F.layer_norm / LLaMA RMSNorm, and lists each kernel's time per step.
+compiled F.layer_norm / LLaMA RMSNorm, and lists each kernel's time per step. Part 3 (`--parts colsum`) times
+the reduction of the backward's partial sums, torch's sum(0) against `column_sum_kernel` over its configs.
 """
 from __future__ import annotations
 
@@ -107,11 +108,44 @@ def profile(kind: str, m: int, n: int, rows: list, steps: int = 20):
         print(json.dumps(row), flush=True)
 
 
+def colsum(rows: list, sizes=((1024, 1024), (781, 2048), (264, 8192), (132, 16384))):
+    """The partial sums' reduction alone, (programs, width) fp32 -> (width,): torch's sum(0) against
+    column_sum_kernel over its configs (FLASHFUSE_NORM_COLSUM), kernel time from CUDA graphs."""
+    from triton.testing import do_bench_cudagraph
+
+    from flashfuse.kernels.norms import impl
+    for p, w in sizes:
+        part = torch.randn(p, w, device="cuda")
+        variants = {"torch_sum0": lambda: part.sum(0), "default": lambda: impl.column_sums(part)}
+        for bp in (64, 128, 256, 512):
+            for bw in (16, 32, 64):
+                for warps in (4, 8):
+                    variants[f"{bp},{bw},{warps}"] = (lambda c: lambda: _forced(impl, c, part))(f"{bp},{bw},{warps}")
+        for name, fn in variants.items():
+            fn()
+            torch.cuda.synchronize()
+            us = do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+            row = dict(part="colsum", shape=f"{p}x{w}", variant=name, us=round(us, 2),
+                       gbps=round(p * w * 4 / us / 1e3, 1))
+            if name == "default":
+                row["config"] = impl.column_sum_config(p, w)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def _forced(impl, config: str, part):
+    os.environ["FLASHFUSE_NORM_COLSUM"] = config
+    try:
+        return impl.column_sums(part)
+    finally:
+        os.environ.pop("FLASHFUSE_NORM_COLSUM", None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="16384x1024")
     ap.add_argument("--kinds", default="layer_norm,rms_norm")
-    ap.add_argument("--parts", default="kernel,profile")
+    ap.add_argument("--parts", default="kernel,profile", help="kernel, profile and / or colsum")
     ap.add_argument("--prefetch", default="0,1", help="PREFETCH values to sweep")
     ap.add_argument("--out", help="append the rows to this JSON-lines file")
     args = ap.parse_args(argv)
@@ -119,6 +153,8 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 1
     rows: list = []
+    if "colsum" in args.parts:
+        colsum(rows)
     for shape in args.shapes.split(","):
         m, n = (int(v) for v in shape.split("x"))
         for kind in args.kinds.split(","):

@@ -141,6 +141,21 @@ def test_zero_rows_and_non_contiguous_input():
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("p, w, forced", [(37, 50, None), (1, 16, None), (300, 2100, None), (37, 50, "16,16,4"),
+                                           (0, 24, None)])
+def test_partial_sums_are_reduced_column_by_column(p, w, forced, monkeypatch):
+    """The backward's (programs, width) partial dw / db sums, reduced by column_sum_kernel: odd sizes, rows
+    past a block, a forced config smaller than P, no rows at all (zeros)."""
+    from flashfuse.kernels.norms.impl import column_sums
+    if forced:
+        monkeypatch.setenv("FLASHFUSE_NORM_COLSUM", forced)
+    g = torch.Generator().manual_seed(p * 1000 + w)
+    part = (torch.randn(p, w + 3, generator=g, dtype=torch.float64) * 10 + 1).float().to(DEV)[:, :w]
+    got = column_sums(part)
+    assert got.dtype == torch.float32 and got.shape == (w,)
+    assert rel_err(got, part.double().sum(0)) < 1e-6 if p else torch.equal(got, torch.zeros(w, device=DEV))
+
+
 @pytest.mark.gpu
 def test_autotuned_gpu_kernels():
     run_case("layer_norm", True, torch.bfloat16, 2048, True, rows=(64, 3), device="cuda", tol=1.6e-2)

@@ -13,8 +13,8 @@ import torch
 import triton
 
 from flashfuse.kernels.launch import launcher
-from flashfuse.kernels.norms.triton_kernels import (MAX_N, MID_BF16, MID_FP16, MID_NONE, norm_bwd_kernel,
-                                                    norm_fwd_kernel)
+from flashfuse.kernels.norms.triton_kernels import (MAX_N, MID_BF16, MID_FP16, MID_NONE, column_sum_kernel,
+                                                    norm_bwd_kernel, norm_fwd_kernel)
 
 _MID_CODES = {None: MID_NONE, torch.float16: MID_FP16, torch.bfloat16: MID_BF16}
 
@@ -233,12 +233,40 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
                 _learn_bwd_per_sm(wave_key, compiled, warps, device_index)
         else:
             norm_bwd_kernel[(programs,)](*args, **flags)
-    elif part is not None:
-        part.zero_()
-    sums = part.sum(0) if part is not None else None
+    sums = column_sums(part, m > 0) if part is not None else None
     dw = sums[:n].to(weight.dtype).reshape(weight.shape) if weight is not None else x.new_empty(0)
     db = sums[width - n:] if has_bias else x.new_empty(0, dtype=torch.float32)
     return dx, dw, db
+
+
+def column_sum_config(p: int, w: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_W, num_warps) of the partial sums' reduction: enough columns per program for whole
+    32-byte sectors, enough programs to spread over the SMs, ~4K elements loaded per step.
+    FLASHFUSE_NORM_COLSUM=bp,bw,warps overrides it (benchmarks/norm_bwd_sweep.py)."""
+    forced = os.environ.get("FLASHFUSE_NORM_COLSUM")
+    if forced:
+        bp, bw, warps = (int(v) for v in forced.split(","))
+        return bp, bw, warps
+    bw = 16 if w <= 2048 else 32
+    return min(4096 // bw, triton.next_power_of_2(max(p, 1))), bw, 4
+
+
+def column_sums(part: torch.Tensor, filled: bool = True) -> torch.Tensor:
+    """part (P, W) fp32, rows contiguous -> its column sums (W,) fp32, by `column_sum_kernel` (zeros when
+    nothing was `filled`: no rows)."""
+    p, w = part.shape
+    if not filled or p == 0:
+        return part.new_zeros(w)
+    out = torch.empty(w, dtype=torch.float32, device=part.device)
+    bp, bw, warps = column_sum_config(p, w)
+    args = (part, out, p, w, part.stride(0))
+    if part.is_cuda:
+        with torch.cuda.device(part.device):
+            launcher(column_sum_kernel)((triton.cdiv(w, bw),), args, {"BLOCK_P": bp, "BLOCK_W": bw,
+                                                                     "num_warps": warps})
+    else:
+        column_sum_kernel[(triton.cdiv(w, bw),)](*args, BLOCK_P=bp, BLOCK_W=bw, num_warps=warps)
+    return out
 
 
 def reference_backward(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype):

@@ -164,3 +164,19 @@ def norm_bwd_kernel(DY, X, W, DH, DX, DW, DB, M, N, rows_per_prog,
         tl.store(DW + pid * stride_part + cols, dw, mask=col_ok)
     if HAS_B:
         tl.store(DB + pid * stride_part + cols, db, mask=col_ok)
+
+
+@triton.jit
+def column_sum_kernel(Part, Out, P, W, stride_p, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Out[j] = sum_i Part[i, j] in fp32, rows in a fixed order (deterministic): the backward's per-program
+    partial dw / db sums. One program per BLOCK_W columns walks all P rows, BLOCK_P at a time. torch's
+    `part.sum(0)` took 15 us for RMSNorm 16384x1024's (1024, 1024) partials on the H100, Inductor's own
+    reduction of its partials 6.3 (session 17)."""
+    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    col_ok = cols < W
+    acc = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        acc += tl.load(Part + rows[:, None].to(tl.int64) * stride_p + cols[None, :],
+                       mask=(rows[:, None] < P) & col_ok[None, :], other=0.0)
+    tl.store(Out + cols, tl.sum(acc, axis=0), mask=col_ok)
