@@ -15,7 +15,7 @@
 #   s17gpt     issue 7: GPT-2 8x1024 warm-up with the autotuners' configs compiled one by one and at once, then
 #              2x4096 and 8x1024, flashfuse / SDPA
 #   s17n       issue 5: the partial sums' reduction (column_sum_kernel's configs against torch's sum(0)), the
-#              per-kernel profile against Inductor at 1024 and 4096, the GPU norm tests
+#              per-kernel profile against Inductor at 16384x1024, the GPU norm tests
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
@@ -103,7 +103,7 @@ if [ "$PART" = s17gpt ]; then
   echo "2x4096 rc=$?"; tail -4 $OUT/train_2x4096.log
 fi
 if [ "$PART" = s17n ]; then  # issue 5: the partial sums' reduction (torch's sum(0) took 15 us of RMSNorm's 76)
-  timeout 150 python benchmarks/norm_bwd_sweep.py --parts colsum,profile --shapes 16384x1024,16384x4096 \
+  timeout 100 python benchmarks/norm_bwd_sweep.py --parts colsum,profile --shapes 16384x1024 \
       --kinds rms_norm,layer_norm --out $OUT/norm_colsum.jsonl > $OUT/norm_colsum.log 2>&1
   echo "colsum rc=$?"; grep -E '"default"|torch_sum0|"part": "profile"' $OUT/norm_colsum.log | cut -c1-330
   FLASHFUSE_NORM_AUTOTUNE=0 timeout 110 python -m pytest -q -p no:cacheprovider -m gpu tests/test_norm_kernels.py \

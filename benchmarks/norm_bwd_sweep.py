@@ -117,8 +117,8 @@ def colsum(rows: list, sizes=((1024, 1024), (781, 2048), (264, 8192), (132, 1638
     for p, w in sizes:
         part = torch.randn(p, w, device="cuda")
         variants = {"torch_sum0": lambda: part.sum(0), "default": lambda: impl.column_sums(part)}
-        for bp in (64, 128, 256, 512):
-            for bw in (16, 32, 64):
+        for bp in (128, 256, 512):
+            for bw in (16, 32):
                 for warps in (4, 8):
                     variants[f"{bp},{bw},{warps}"] = (lambda c: lambda: _forced(impl, c, part))(f"{bp},{bw},{warps}")
         for name, fn in variants.items():
