@@ -110,6 +110,17 @@ if [ "$PART" = s17n ]; then  # issue 5: the partial sums' reduction (torch's sum
       > $OUT/pytest_norms17.log 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_norms17.log | tail -6
 fi
+if [ "$PART" = s17m ]; then  # the least of s17n (~2.5 min): GPU norm tests, then RMSNorm / LayerNorm 16384x1024
+  # per kernel with the new reduction and with torch's sum(0) (FLASHFUSE_NORM_COLSUM=torch), one process each
+  FLASHFUSE_NORM_AUTOTUNE=0 timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests/test_norm_kernels.py \
+      > $OUT/pytest_norms17.log 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_norms17.log | tail -6
+  for cs in kernel torch; do
+    FLASHFUSE_NORM_COLSUM=$([ $cs = torch ] && echo torch) timeout 40 python benchmarks/norm_bwd_sweep.py --parts profile \
+        --shapes 16384x1024 --kinds rms_norm,layer_norm --out $OUT/norm_profile_$cs.jsonl > $OUT/norm_profile_$cs.log 2>&1
+    echo "profile colsum=$cs rc=$?"; grep -E '"impl": "flashfuse"' $OUT/norm_profile_$cs.log | cut -c1-300
+  done
+fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
     timeout 100 python benchmarks/profile_step.py --mode $m --b 8 --t 1024 --rows 30 > $OUT/profile_step_$m.txt 2>&1

@@ -142,7 +142,7 @@ def test_zero_rows_and_non_contiguous_input():
 
 
 @pytest.mark.parametrize("p, w, forced", [(37, 50, None), (1, 16, None), (300, 2100, None), (37, 50, "16,16,4"),
-                                           (0, 24, None)])
+                                           (0, 24, None), (37, 50, "torch")])
 def test_partial_sums_are_reduced_column_by_column(p, w, forced, monkeypatch):
     """The backward's (programs, width) partial dw / db sums, reduced by column_sum_kernel: odd sizes, rows
     past a block, a forced config smaller than P, no rows at all (zeros)."""

@@ -242,9 +242,10 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
 def column_sum_config(p: int, w: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_W, num_warps) of the partial sums' reduction: enough columns per program for whole
     32-byte sectors, enough programs to spread over the SMs, ~4K elements loaded per step.
-    FLASHFUSE_NORM_COLSUM=bp,bw,warps overrides it (benchmarks/norm_bwd_sweep.py)."""
+    FLASHFUSE_NORM_COLSUM=bp,bw,warps overrides it (benchmarks/norm_bwd_sweep.py); =torch sums with torch's
+    sum(0) instead, as before session 17 (for A/B timing)."""
     forced = os.environ.get("FLASHFUSE_NORM_COLSUM")
-    if forced:
+    if forced and forced != "torch":
         bp, bw, warps = (int(v) for v in forced.split(","))
         return bp, bw, warps
     bw = 16 if w <= 2048 else 32
@@ -257,6 +258,8 @@ def column_sums(part: torch.Tensor, filled: bool = True) -> torch.Tensor:
     p, w = part.shape
     if not filled or p == 0:
         return part.new_zeros(w)
+    if os.environ.get("FLASHFUSE_NORM_COLSUM") == "torch":
+        return part.sum(0)
     out = torch.empty(w, dtype=torch.float32, device=part.device)
     bp, bw, warps = column_sum_config(p, w)
     args = (part, out, p, w, part.stride(0))
