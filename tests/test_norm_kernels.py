@@ -157,6 +157,16 @@ def test_partial_sums_are_reduced_column_by_column(p, w, forced, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("p, w", [(1024, 1024), (781, 2048), (133, 8192), (5, 16384)])
+def test_gpu_partial_sums_at_the_backwards_sizes(p, w):
+    """column_sum_kernel on the GPU at the partial-sum shapes the backward launches (programs x width)."""
+    from flashfuse.kernels.norms.impl import column_sums
+    part = torch.randn(p, w, device="cuda", dtype=torch.float64).mul_(10).add_(1).float()
+    assert rel_err(column_sums(part), part.double().sum(0)) < 1e-6
+
+
+@pytest.mark.gpu
 def test_autotuned_gpu_kernels():
     run_case("layer_norm", True, torch.bfloat16, 2048, True, rows=(64, 3), device="cuda", tol=1.6e-2)
 
