@@ -16,6 +16,9 @@
 #              2x4096 and 8x1024, flashfuse / SDPA
 #   s17n       issue 5: the partial sums' reduction (column_sum_kernel's configs against torch's sum(0)), the
 #              per-kernel profile against Inductor at 16384x1024, the GPU norm tests
+#   s18a       issue 5: s17m (GPU norm tests, the column sums timed against torch's sum(0)); issue 4: Nsight
+#              Compute on the dK/dV kernel, causal against causal & key counts (why counts cost +26 %), and on
+#              d128 n1024 causal's backward kernels; issue 7: GPT-2 8x1024 flashfuse / SDPA after the NaN-row skip
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
@@ -120,6 +123,27 @@ if [ "$PART" = s17m ]; then  # the least of s17n (~2.5 min): GPU norm tests, the
         --shapes 16384x1024 --kinds rms_norm,layer_norm --out $OUT/norm_profile_$cs.jsonl > $OUT/norm_profile_$cs.log 2>&1
     echo "profile colsum=$cs rc=$?"; grep -E '"impl": "flashfuse"' $OUT/norm_profile_$cs.log | cut -c1-300
   done
+fi
+if [ "$PART" = s18a ]; then
+  bash benchmarks/device_next.sh s17m 2>&1 | grep -v "^NVIDIA"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1); echo "ncu: $NCU"
+  ncu_case() {  # $1 label, $2 kernel regex, rest: row_stats arguments
+    local label=$1 kern=$2; shift 2
+    FLASHFUSE_ATTN_AUTOTUNE=0 timeout 120 $NCU --clock-control none --target-processes all -k regex:$kern -c 1 \
+        --set full --import-source yes -o $OUT/ncu_$label -f python benchmarks/row_stats.py --once "$@" \
+        > $OUT/ncu_$label.log 2>&1
+    echo "ncu $label rc=$?"
+    $NCU --import $OUT/ncu_$label.ncu-rep --page details > $OUT/ncu_$label.txt 2>&1
+    $NCU --import $OUT/ncu_$label.ncu-rep --page source --csv --print-source sass 2> /dev/null | gzip > $OUT/ncu_${label}_sass.csv.gz
+    grep -E "^    (Duration|Registers Per|Achieved Occupancy|Executed Ipc A|Issue Slots Busy|No Eligible|Local Memory Spill|Compute \(SM\) Th|Memory Throughput|Theoretical Occ)" $OUT/ncu_$label.txt | head -12
+  }
+  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
+  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
+  timeout 220 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse,sdpa --out $OUT/gpt1024 --tag _s18 \
+      > $OUT/train_gpt1024.log 2>&1
+  echo "GPT-2 8x1024 rc=$?"; tail -4 $OUT/train_gpt1024.log
+  ncu_case d128_dkdv_causal attn_bwd_dkdv --cases causal_-inf --n 1024 --d 128
+  ncu_case d128_dq_causal attn_bwd_dq --cases causal_-inf --n 1024 --d 128
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do

@@ -39,6 +39,9 @@ def main():
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--cases", nargs="+", help="only these cases")
     ap.add_argument("--table", help="print the lines of this JSONL output as a table and exit")
+    ap.add_argument("--d", type=int, default=64, help="head dim (h stays 16)")
+    ap.add_argument("--once", action="store_true",
+                    help="one forward + backward per case, then exit: for ncu (-k regex:attn_bwd_dkdv -c 1)")
     ap.add_argument("--profile", action="store_true",
                     help="also each backward kernel's time (torch.profiler over 20 backward calls)")
     args = ap.parse_args()
@@ -48,7 +51,7 @@ def main():
             print(f"{r['label']:12s} {r['case']:28s} fwd {r['fwd_ms']:.4f} fwd+bwd {r['fwd_bwd_ms']:.4f} "
                   f"bwd {r['bwd_ms']:.4f}", r.get("bwd_kernels_us", ""))
         return
-    b, h, n, d = 8, 16, args.n, 64
+    b, h, n, d = 8, 16, args.n, args.d
     b = max(1, 16384 // n)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = [torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
@@ -91,6 +94,9 @@ def main():
         with torch.no_grad():
             fwd()
         fwd_bwd()
+        if args.once:
+            torch.cuda.synchronize()
+            continue
         row = dict(label=args.label, case=name, b=b, h=h, n=n, d=d, device=torch.cuda.get_device_name(),
                    version=getattr(flashfuse, "__version__", "?"))
         with torch.no_grad():
