@@ -19,6 +19,9 @@
 #   s18a       issue 5: s17m (GPU norm tests, the column sums timed against torch's sum(0)); issue 4: Nsight
 #              Compute on the dK/dV kernel, causal against causal & key counts (why counts cost +26 %), and on
 #              d128 n1024 causal's backward kernels; issue 7: GPT-2 8x1024 flashfuse / SDPA after the NaN-row skip
+#   s18b       issue 4: causal / key counts dK/dV with the autotuner on (the configs real runs get) and with two
+#              stages; HF padded causal through torch.compile (key counts on / off); issue 7: GPT-2 8x1024
+#              Inductor warm-up (the target's anchor) and 2x4096 flashfuse / SDPA
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
@@ -144,6 +147,26 @@ if [ "$PART" = s18a ]; then
   echo "GPT-2 8x1024 rc=$?"; tail -4 $OUT/train_gpt1024.log
   ncu_case d128_dkdv_causal attn_bwd_dkdv --cases causal_-inf --n 1024 --d 128
   ncu_case d128_dq_causal attn_bwd_dq --cases causal_-inf --n 1024 --d 128
+fi
+if [ "$PART" = s18b ]; then
+  timeout 150 python benchmarks/row_stats.py --label tuned --profile \
+      --cases causal_-inf causal_key_counts causal_key_counts causal_-inf > $OUT/row_stats_tuned.jsonl 2> $OUT/row_stats_tuned.err
+  echo "row_stats tuned rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_tuned.jsonl
+  grep -o '"configs".*' $OUT/row_stats_tuned.jsonl | tail -1
+  FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 FLASHFUSE_ATTN_AUTOTUNE=0 timeout 60 python benchmarks/row_stats.py --label stages2 \
+      --profile --cases causal_-inf causal_key_counts > $OUT/row_stats_stages2.jsonl 2> $OUT/row_stats_stages2.err
+  echo "row_stats stages2 rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_stages2.jsonl
+  for kc in 1 0; do
+    FLASHFUSE_ATTN_KEY_COUNTS=$kc timeout 80 python benchmarks/attention.py --part handwritten \
+        --cases nanogpt_causal hf_padded_causal --out /tmp/hw$kc > $OUT/handwritten_kc$kc.log 2>&1
+    echo "handwritten key_counts=$kc rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten_kc$kc.log
+  done
+  timeout 130 python benchmarks/train_gpt.py --configs 8x1024 --modes inductor --out $OUT/ind1024 --tag _ind1024 \
+      > $OUT/train_ind1024.log 2>&1
+  echo "inductor 8x1024 rc=$?"; tail -3 $OUT/train_ind1024.log
+  timeout 150 python benchmarks/train_gpt.py --configs 2x4096 --modes flashfuse,sdpa --out $OUT/b2x4096 --tag _2x4096 \
+      > $OUT/train_2x4096.log 2>&1
+  echo "2x4096 rc=$?"; tail -4 $OUT/train_2x4096.log
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
