@@ -20,13 +20,38 @@
 #              Compute on the dK/dV kernel, causal against causal & key counts (why counts cost +26 %), and on
 #              d128 n1024 causal's backward kernels; issue 7: GPT-2 8x1024 flashfuse / SDPA after the NaN-row skip
 #   s18b       issue 4: causal / key counts dK/dV with the autotuner on (the configs real runs get) and with two
-#              stages; HF padded causal through torch.compile (key counts on / off); issue 7: GPT-2 8x1024
-#              Inductor warm-up (the target's anchor) and 2x4096 flashfuse / SDPA
+#              stages
+#   s18c       issue 4: Nsight Compute again on dK/dV causal / key counts (s18a's reports did not come back:
+#              8 files at most); the backward's configurations re-tuned (attention_tune.py had timed one
+#              plan over and over) at d128 n1024 causal and d64 n1024 causal dropout 0.1 (GPT-2's case); s18b
+#   s18d       issue 7: HF padded causal through torch.compile (key counts on / off), GPT-2 8x1024 Inductor
+#              warm-up (the target's anchor), 2x4096 flashfuse / SDPA
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
+# At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
+# wrote under $OUT into results.tgz at the end (Nsight Compute's .ncu-rep files stay behind: too big).
+# Parts that run other parts set PACK=0 for them.
+PACK=${PACK:-1}
+pack_out() {
+  [ "$PACK" = 1 ] || return 0
+  (cd $OUT && find . -type f ! -name '*.ncu-rep' ! -name results.tgz | tar czf /tmp/results.tgz -T - \
+      && find . -mindepth 1 -delete && mv /tmp/results.tgz . && ls -la)
+}
+trap pack_out EXIT
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
 nvidia-smi --query-gpu=name --format=csv,noheader
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+ncu_case() {  # $1 label, $2 kernel regex, rest: row_stats arguments
+  local label=$1 kern=$2; shift 2
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 120 $NCU --clock-control none --target-processes all -k regex:$kern -c 1 \
+      --set full --import-source yes -o $OUT/ncu_$label -f python benchmarks/row_stats.py --once "$@" \
+      > $OUT/ncu_$label.log 2>&1
+  echo "ncu $label rc=$?"
+  $NCU --import $OUT/ncu_$label.ncu-rep --page details > $OUT/ncu_$label.txt 2>&1
+  $NCU --import $OUT/ncu_$label.ncu-rep --page source --csv --print-source sass 2> /dev/null | gzip > $OUT/ncu_${label}_sass.csv.gz
+  grep -E "^    (Duration|Registers Per|Achieved Occupancy|Executed Ipc A|Issue Slots Busy|No Eligible|Compute \\(SM\\) Th|Memory Throughput|Executed Instructions |SM Active Cycles|Elapsed Cycles|Warp Cycles Per Issued|Avg. Active Threads|Branch Instructions )" $OUT/ncu_$label.txt | head -16
+}
 if [ "$PART" = wave ] || [ "$PART" = short ]; then
   # most wanted first: a call cut by its time limit still returns what is under $OUT
   timeout 130 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes ${NORM_SHAPES:-16384x1024} \
@@ -128,18 +153,7 @@ if [ "$PART" = s17m ]; then  # the least of s17n (~2.5 min): GPU norm tests, the
   done
 fi
 if [ "$PART" = s18a ]; then
-  bash benchmarks/device_next.sh s17m 2>&1 | grep -v "^NVIDIA"
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1); echo "ncu: $NCU"
-  ncu_case() {  # $1 label, $2 kernel regex, rest: row_stats arguments
-    local label=$1 kern=$2; shift 2
-    FLASHFUSE_ATTN_AUTOTUNE=0 timeout 120 $NCU --clock-control none --target-processes all -k regex:$kern -c 1 \
-        --set full --import-source yes -o $OUT/ncu_$label -f python benchmarks/row_stats.py --once "$@" \
-        > $OUT/ncu_$label.log 2>&1
-    echo "ncu $label rc=$?"
-    $NCU --import $OUT/ncu_$label.ncu-rep --page details > $OUT/ncu_$label.txt 2>&1
-    $NCU --import $OUT/ncu_$label.ncu-rep --page source --csv --print-source sass 2> /dev/null | gzip > $OUT/ncu_${label}_sass.csv.gz
-    grep -E "^    (Duration|Registers Per|Achieved Occupancy|Executed Ipc A|Issue Slots Busy|No Eligible|Local Memory Spill|Compute \(SM\) Th|Memory Throughput|Theoretical Occ)" $OUT/ncu_$label.txt | head -12
-  }
+  PACK=0 bash benchmarks/device_next.sh s17m 2>&1 | grep -v "^NVIDIA"
   ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
   ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
   timeout 220 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse,sdpa --out $OUT/gpt1024 --tag _s18 \
@@ -156,6 +170,8 @@ if [ "$PART" = s18b ]; then
   FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 FLASHFUSE_ATTN_AUTOTUNE=0 timeout 60 python benchmarks/row_stats.py --label stages2 \
       --profile --cases causal_-inf causal_key_counts > $OUT/row_stats_stages2.jsonl 2> $OUT/row_stats_stages2.err
   echo "row_stats stages2 rc=$?"; python benchmarks/row_stats.py --table $OUT/row_stats_stages2.jsonl
+fi
+if [ "$PART" = s18d ]; then
   for kc in 1 0; do
     FLASHFUSE_ATTN_KEY_COUNTS=$kc timeout 80 python benchmarks/attention.py --part handwritten \
         --cases nanogpt_causal hf_padded_causal --out /tmp/hw$kc > $OUT/handwritten_kc$kc.log 2>&1
@@ -167,6 +183,17 @@ if [ "$PART" = s18b ]; then
   timeout 150 python benchmarks/train_gpt.py --configs 2x4096 --modes flashfuse,sdpa --out $OUT/b2x4096 --tag _2x4096 \
       > $OUT/train_2x4096.log 2>&1
   echo "2x4096 rc=$?"; tail -4 $OUT/train_2x4096.log
+fi
+if [ "$PART" = s18c ]; then
+  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
+  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
+  timeout 140 python benchmarks/attention_tune.py --d 128 --n 1024 --causal yes --kernels DKDV DQ \
+      --out $OUT --tag _d128_causal > $OUT/tune_d128_causal.log 2>&1
+  echo "tune d128 causal rc=$?"; sed -n '/best per case/,$p' $OUT/tune_d128_causal.log
+  timeout 140 python benchmarks/attention_tune.py --d 64 --n 1024 --causal yes --dropout 0.1 --kernels DKDV DQ \
+      --out $OUT --tag _d64_causal_p01 > $OUT/tune_d64_p01.log 2>&1
+  echo "tune d64 causal p0.1 rc=$?"; sed -n '/best per case/,$p' $OUT/tune_d64_p01.log
+  PACK=0 bash benchmarks/device_next.sh s18b 2>&1 | grep -v "^NVIDIA"
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do

@@ -120,6 +120,13 @@ _TABLES = {"attn_fwd": _FWD_CONFIGS, "attn_bwd_dkdv": _DKDV_CONFIGS, "attn_bwd_d
            "attn_bwd_fused": _FUSED_CONFIGS}
 
 
+def forced_config_env(table_name: str) -> str:
+    """The variable that fixes a kernel's configuration ("bm,bn,warps,stages"): FLASHFUSE_ATTN_CFG_FWD,
+    _BWD_DKDV, _BWD_DQ, _BWD_FUSED. Read when a launch plan is built: a process that changes it must also
+    empty `_PLANS` (benchmarks/attention_tune.py does)."""
+    return f"FLASHFUSE_ATTN_CFG_{table_name[len('attn_'):].upper()}"
+
+
 def _kernel(mod, name: str, block_d: int, variant: str = ""):
     """The kernel, autotuned on GPUs (keyed on the sequence lengths), fixed 16x16 tiles in the interpreter.
     `variant` "attn_bwd_fused": the dK/dV kernel with its own configs, its dQ accumulator zeroed between the
@@ -128,7 +135,7 @@ def _kernel(mod, name: str, block_d: int, variant: str = ""):
     if INTERPRET:
         return fn, {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
     table_name = variant or name
-    forced = os.environ.get(f"FLASHFUSE_ATTN_CFG_{table_name[len('attn_'):].upper()}")  # "bm,bn,warps,stages"
+    forced = os.environ.get(forced_config_env(table_name))  # "bm,bn,warps,stages"
     if forced:  # a fixed configuration (benchmarks/attention_tune.py)
         bm, bn, w, s = (int(x) for x in forced.split(","))
         return fn, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
