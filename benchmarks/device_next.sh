@@ -26,6 +26,8 @@
 #              plan over and over) at d128 n1024 causal and d64 n1024 causal dropout 0.1 (GPT-2's case); s18b
 #   s18d       issue 7: HF padded causal through torch.compile (key counts on / off), GPT-2 8x1024 Inductor
 #              warm-up (the target's anchor), 2x4096 flashfuse / SDPA
+#   s18e       after re-tuned config lists: GPU attention tests, n1024 causal fwd+bwd against FA2 (d64, d128),
+#              GPT-2 8x1024 flashfuse / SDPA; issue 5: norms.py's CUDA-graph ratios at the 1024-wide rows
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -194,6 +196,20 @@ if [ "$PART" = s18c ]; then
       --out $OUT --tag _d64_causal_p01 > $OUT/tune_d64_p01.log 2>&1
   echo "tune d64 causal p0.1 rc=$?"; sed -n '/best per case/,$p' $OUT/tune_d64_p01.log
   PACK=0 bash benchmarks/device_next.sh s18b 2>&1 | grep -v "^NVIDIA"
+fi
+if [ "$PART" = s18e ]; then
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+      > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+  timeout 120 python benchmarks/attention.py --part sweep --d 64 128 --n 1024 --causal yes --modes fwd fwd+bwd \
+      --impls flashfuse sdpa_flash --out $OUT/sweep1024 > $OUT/sweep1024.log 2>&1
+  echo "sweep n1024 rc=$?"; grep -E "flashfuse|sdpa_flash" $OUT/sweep1024.log | tail -8
+  timeout 130 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse,sdpa --out $OUT/gpt1024 --tag _s18e \
+      > $OUT/train_gpt1024.log 2>&1
+  echo "GPT-2 8x1024 rc=$?"; tail -4 $OUT/train_gpt1024.log
+  timeout 130 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024 --ratio-from-graphs \
+      --budget-s 110 --out $OUT/norms1024 > $OUT/norms1024.log 2>&1
+  echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio|MEASURED|rms_norm|layer_norm" $OUT/norms1024.log | tail -12
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
