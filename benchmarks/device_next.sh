@@ -28,6 +28,8 @@
 #              warm-up (the target's anchor), 2x4096 flashfuse / SDPA
 #   s18e       after re-tuned config lists: GPU attention tests, n1024 causal fwd+bwd against FA2 (d64, d128),
 #              GPT-2 8x1024 flashfuse / SDPA; issue 5: norms.py's CUDA-graph ratios at the 1024-wide rows
+#   s18f       s18c in ~3 min (the session's last device minutes): ncu pair, dK/dV tuned at d128 causal and
+#              d64 causal p 0.1
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -210,6 +212,16 @@ if [ "$PART" = s18e ]; then
   timeout 130 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024 --ratio-from-graphs \
       --budget-s 110 --out $OUT/norms1024 > $OUT/norms1024.log 2>&1
   echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio|MEASURED|rms_norm|layer_norm" $OUT/norms1024.log | tail -12
+fi
+if [ "$PART" = s18f ]; then
+  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
+  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
+  timeout 75 python benchmarks/attention_tune.py --d 128 --n 1024 --causal yes --kernels DKDV \
+      --out $OUT --tag _d128_causal > $OUT/tune_d128_causal.log 2>&1
+  echo "tune d128 causal rc=$?"; grep -E "DKDV|best" $OUT/tune_d128_causal.log | cut -c1-110
+  timeout 75 python benchmarks/attention_tune.py --d 64 --n 1024 --causal yes --dropout 0.1 --kernels DKDV \
+      --out $OUT --tag _d64_causal_p01 > $OUT/tune_d64_p01.log 2>&1
+  echo "tune d64 causal p0.1 rc=$?"; grep -E "DKDV|best" $OUT/tune_d64_p01.log | cut -c1-110
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
