@@ -30,6 +30,7 @@
 #              GPT-2 8x1024 flashfuse / SDPA; issue 5: norms.py's CUDA-graph ratios at the 1024-wide rows
 #   s18f       s18c in ~3 min (the session's last device minutes): ncu pair, dK/dV tuned at d128 causal and
 #              d64 causal p 0.1
+#   s18g       the ncu pair alone (dK/dV causal / key counts, details page kept; ~1 min)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -222,6 +223,12 @@ if [ "$PART" = s18f ]; then
   timeout 75 python benchmarks/attention_tune.py --d 64 --n 1024 --causal yes --dropout 0.1 --kernels DKDV \
       --out $OUT --tag _d64_causal_p01 > $OUT/tune_d64_p01.log 2>&1
   echo "tune d64 causal p0.1 rc=$?"; grep -E "DKDV|best" $OUT/tune_d64_p01.log | cut -c1-110
+fi
+if [ "$PART" = s18g ]; then
+  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
+  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
+  grep -E "SM Frequency|Elapsed Cycles|SM Active Cycles|Executed Instructions |L2 Hit|L1/TEX Hit|Grid Size|Dynamic Shared" \
+      $OUT/ncu_dkdv_causal.txt $OUT/ncu_dkdv_counts.txt
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
