@@ -8,6 +8,7 @@
 @KEEP_LINEAR@     the mask covered by the loop bounds (partial blocks only)
 @KEEP_OTHER@      a mask applied on every block (index conditions the bounds do not cover)
 @BOUNDS@ / @INV_BOUNDS@  per-block loop bounds;  @DSCORE@  ∂value/∂score;  @DSIDE_STORES@  side grads
+@KEY_BLOCK_CUT@   key counts empty the query range of a dK/dV key block that keeps no key
 EXP_SCALE / LSE_SCALE: 1 and log2(e) when the value is folded into the exp2 domain (FOLDED), else log2(e)
 and 1. Stats (B, H, 2, Nq) fp32, what the forward saves per query row: [.., 0, :] the row max in natural
 units, [.., 1, :] log2 of the row sum relative to it (-inf: nothing kept, the row gets no gradient). FOLDED
@@ -307,6 +308,7 @@ def attn_bwd_dkdv(Q, K, V, dOut, Stats, Delta, dK, dV, RNG, Bits, Flag, DQacc,
 @INV_BOUNDS@
         start = (tl.maximum(q_lo, 0) // BLOCK_M) * BLOCK_M
         end = tl.maximum(tl.minimum(q_hi + 1, Nq), start)
+@KEY_BLOCK_CUT@
         fs = ((tl.maximum(q_flo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         fe = (tl.maximum(tl.minimum(q_fhi, Nq - 1) + 1, 0) // BLOCK_M) * BLOCK_M
         if n_lo + BLOCK_N > Nk:  # an edge key block is never full
