@@ -37,16 +37,34 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
                               text=True, check=True).stdout
 
 
-def build(mod, name, consts, warps, stages, arch, side_ptr="*i32"):
+def launch_ints(b: int, h: int, n: int, d: int, counts: bool) -> dict:
+    """The integer arguments a launch on contiguous (B, H, N, D) tensors passes (Triton specializes on them):
+    strides, lengths, heads, GROUP 1, and a (B, 1, 1, 1) count side's broadcast strides."""
+    st = dict(b=h * n * d, h=n * d, m=d, n=d, d=1)
+    vals = {f"stride_{t}{ax}": st[ax] for t in ("q", "k", "v", "do", "dk", "dv", "o", "dq")
+            for ax in ("b", "h", "m", "n", "d")}
+    vals.update(H=h, HKV=h, Nq=n, Nk=n, GROUP=1)
+    if counts:
+        vals.update(side0_sb=1, side0_sh=0, side0_sm=0, side0_sn=0)
+    return vals
+
+
+def build(mod, name, consts, warps, stages, arch, side_ptr="*i32", ints=None):
+    """`ints`: the integer arguments' values at launch (launch_ints): an argument equal to 1 becomes a
+    constant and pointers and multiples of 16 are marked divisible by 16, as Triton's launcher specializes.
+    Without them every integer is a plain i32, and the build is not the one that runs (session 18: 255
+    registers and spills where the device's build had 184 and none)."""
     if name in ("attn_bwd_dkdv", "attn_bwd_fused"):
         consts = {**consts, "DQ_ATOMIC": name == "attn_bwd_fused"}
         name = "attn_bwd_dkdv"
     fn = getattr(mod, name)
-    sig = {}
-    for a in fn.arg_names:
+    consts = dict(consts)
+    sig, attrs = {}, {}
+    for i, a in enumerate(fn.arg_names):
         if a in consts:
             sig[a] = "constexpr"
-        elif a == "Bits":  # bytes written by the forward, int32 words read by the backward
+            continue
+        if a == "Bits":  # bytes written by the forward, int32 words read by the backward
             sig[a] = "*u8" if name == "attn_fwd" else "*i32"
         elif a in _PTRS:
             sig[a] = _PTRS[a]
@@ -54,7 +72,16 @@ def build(mod, name, consts, warps, stages, arch, side_ptr="*i32"):
             sig[a] = side_ptr
         else:
             sig[a] = "fp32" if a == "keep_scale" else "i32"
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        if ints is None:
+            continue
+        if sig[a].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a in ints and ints[a] == 1:
+            consts[a], sig[a] = 1, "constexpr"
+        elif a in ints and ints[a] % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs or None)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps, "num_stages": stages})
     sass = [ln for ln in _cuobjdump(kernel.asm["cubin"], "-sass").splitlines()
@@ -72,6 +99,9 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--fill", type=float, default=float("-inf"),
                     help="the causal fill: -inf (folded kernels) or a huge finite one such as -1e9 (unfolded)")
+    ap.add_argument("--plain-ints", action="store_true",
+                    help="every integer argument a plain i32 (before session 18), not the launch's specialization "
+                         "for contiguous (8, 16, 2048, d) tensors")
     ap.add_argument("--padding", choices=("none", "row", "counts"), default="none",
                     help="causal & right padding as HF models give it: a key row loaded per block (bool side "
                          "(B, 1, 1, Nk)) or key counts (int32 side (B, 1, 1, 1), a loop bound)")
@@ -95,7 +125,8 @@ def main():
         for mode in _MODES[name]:
             consts = dict(D=args.d, DV=args.d, BLOCK_D=bd, BLOCK_DV=bd, DOT_PREC="tf32", FAST_MATH=True,
                           FLAG_WANT=-1, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=mode)
-            sass, usage = build(mod, name, consts, warps, stages, args.arch, side_ptr)
+            ints = None if args.plain_ints else launch_ints(8, 16, 2048, args.d, args.padding == "counts")
+            sass, usage = build(mod, name, consts, warps, stages, args.arch, side_ptr, ints)
             ops = " ".join(f"{op} {sum(op in ln for ln in sass)}" for op in ("IMAD", "LOP3", "LDG", "LDS", "HGMMA", "RED", "ATOM"))
             print(f"{name:14s} {bm}x{bn} w{warps} s{stages} DROPOUT={mode}: {len(sass):5d} instructions  {ops}  {usage}")
 
