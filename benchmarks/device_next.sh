@@ -57,6 +57,23 @@ ncu_case() {  # $1 label, $2 kernel regex, rest: row_stats arguments
   $NCU --import $OUT/ncu_$label.ncu-rep --page source --csv --print-source sass 2> /dev/null | gzip > $OUT/ncu_${label}_sass.csv.gz
   grep -E "^    (Duration|Registers Per|Achieved Occupancy|Executed Ipc A|Issue Slots Busy|No Eligible|Compute \\(SM\\) Th|Memory Throughput|Executed Instructions |SM Active Cycles|Elapsed Cycles|Warp Cycles Per Issued|Avg. Active Threads|Branch Instructions )" $OUT/ncu_$label.txt | head -16
 }
+ncu_counts_pair() {  # issue 4: dK/dV causal against causal & key counts, and what tells instructions from idle cycles
+  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
+  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
+  grep -E "SM Frequency|Elapsed Cycles|SM Active Cycles|Executed Instructions |L2 Hit|L1/TEX Hit|Grid Size|Dynamic Shared" \
+      $OUT/ncu_dkdv_causal.txt $OUT/ncu_dkdv_counts.txt
+}
+tune() {  # $1 tag, $2 seconds, $3 kernels ("DKDV DQ"), rest: attention_tune.py arguments
+  local tag=$1 secs=$2 kernels=$3; shift 3
+  timeout $secs python benchmarks/attention_tune.py --kernels $kernels --out $OUT --tag _$tag "$@" \
+      > $OUT/tune_$tag.log 2>&1
+  echo "tune $tag rc=$?"; grep -E "DKDV|DQ |best" $OUT/tune_$tag.log | cut -c1-120
+}
+gpt_2x4096() {  # $1 seconds: GPT-2 2x4096, flashfuse and the SDPA rewrite
+  timeout $1 python benchmarks/train_gpt.py --configs 2x4096 --modes flashfuse,sdpa --out $OUT/b2x4096 --tag _2x4096 \
+      > $OUT/train_2x4096.log 2>&1
+  echo "2x4096 rc=$?"; tail -4 $OUT/train_2x4096.log
+}
 if [ "$PART" = wave ] || [ "$PART" = short ]; then
   # most wanted first: a call cut by its time limit still returns what is under $OUT
   timeout 130 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes ${NORM_SHAPES:-16384x1024} \
@@ -134,9 +151,7 @@ if [ "$PART" = s17gpt ]; then
   timeout 80 python benchmarks/train_gpt.py --configs 8x1024 --modes sdpa --out $OUT/sdpa1024 --tag _sdpa1024 \
       > $OUT/train_sdpa1024.log 2>&1
   echo "sdpa 8x1024 rc=$?"; tail -3 $OUT/train_sdpa1024.log
-  timeout 200 python benchmarks/train_gpt.py --configs 2x4096 --modes flashfuse,sdpa --out $OUT/b2x4096 --tag _2x4096 \
-      > $OUT/train_2x4096.log 2>&1
-  echo "2x4096 rc=$?"; tail -4 $OUT/train_2x4096.log
+  gpt_2x4096 200
 fi
 if [ "$PART" = s17n ]; then  # issue 5: the partial sums' reduction (torch's sum(0) took 15 us of RMSNorm's 76)
   timeout 100 python benchmarks/norm_bwd_sweep.py --parts colsum,profile --shapes 16384x1024 \
@@ -159,8 +174,7 @@ if [ "$PART" = s17m ]; then  # the least of s17n (~2.5 min): GPU norm tests, the
 fi
 if [ "$PART" = s18a ]; then
   PACK=0 bash benchmarks/device_next.sh s17m 2>&1 | grep -v "^NVIDIA"
-  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
-  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
+  ncu_counts_pair
   timeout 220 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse,sdpa --out $OUT/gpt1024 --tag _s18 \
       > $OUT/train_gpt1024.log 2>&1
   echo "GPT-2 8x1024 rc=$?"; tail -4 $OUT/train_gpt1024.log
@@ -185,19 +199,15 @@ if [ "$PART" = s18d ]; then
   timeout 130 python benchmarks/train_gpt.py --configs 8x1024 --modes inductor --out $OUT/ind1024 --tag _ind1024 \
       > $OUT/train_ind1024.log 2>&1
   echo "inductor 8x1024 rc=$?"; tail -3 $OUT/train_ind1024.log
-  timeout 150 python benchmarks/train_gpt.py --configs 2x4096 --modes flashfuse,sdpa --out $OUT/b2x4096 --tag _2x4096 \
-      > $OUT/train_2x4096.log 2>&1
-  echo "2x4096 rc=$?"; tail -4 $OUT/train_2x4096.log
+  gpt_2x4096 150
+fi
+if [ "$PART" = s18c ] || [ "$PART" = s18f ]; then  # s18f: dK/dV alone, in about 3 min
+  ncu_counts_pair
+  if [ "$PART" = s18c ]; then secs=140 kernels="DKDV DQ"; else secs=75 kernels=DKDV; fi
+  tune d128_causal $secs "$kernels" --d 128 --n 1024 --causal yes
+  tune d64_causal_p01 $secs "$kernels" --d 64 --n 1024 --causal yes --dropout 0.1
 fi
 if [ "$PART" = s18c ]; then
-  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
-  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
-  timeout 140 python benchmarks/attention_tune.py --d 128 --n 1024 --causal yes --kernels DKDV DQ \
-      --out $OUT --tag _d128_causal > $OUT/tune_d128_causal.log 2>&1
-  echo "tune d128 causal rc=$?"; sed -n '/best per case/,$p' $OUT/tune_d128_causal.log
-  timeout 140 python benchmarks/attention_tune.py --d 64 --n 1024 --causal yes --dropout 0.1 --kernels DKDV DQ \
-      --out $OUT --tag _d64_causal_p01 > $OUT/tune_d64_p01.log 2>&1
-  echo "tune d64 causal p0.1 rc=$?"; sed -n '/best per case/,$p' $OUT/tune_d64_p01.log
   PACK=0 bash benchmarks/device_next.sh s18b 2>&1 | grep -v "^NVIDIA"
 fi
 if [ "$PART" = s18e ]; then
@@ -214,21 +224,8 @@ if [ "$PART" = s18e ]; then
       --budget-s 110 --out $OUT/norms1024 > $OUT/norms1024.log 2>&1
   echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio|MEASURED|rms_norm|layer_norm" $OUT/norms1024.log | tail -12
 fi
-if [ "$PART" = s18f ]; then
-  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
-  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
-  timeout 75 python benchmarks/attention_tune.py --d 128 --n 1024 --causal yes --kernels DKDV \
-      --out $OUT --tag _d128_causal > $OUT/tune_d128_causal.log 2>&1
-  echo "tune d128 causal rc=$?"; grep -E "DKDV|best" $OUT/tune_d128_causal.log | cut -c1-110
-  timeout 75 python benchmarks/attention_tune.py --d 64 --n 1024 --causal yes --dropout 0.1 --kernels DKDV \
-      --out $OUT --tag _d64_causal_p01 > $OUT/tune_d64_p01.log 2>&1
-  echo "tune d64 causal p0.1 rc=$?"; grep -E "DKDV|best" $OUT/tune_d64_p01.log | cut -c1-110
-fi
 if [ "$PART" = s18g ]; then
-  ncu_case dkdv_causal attn_bwd_dkdv --cases causal_-inf
-  ncu_case dkdv_counts attn_bwd_dkdv --cases causal_key_counts
-  grep -E "SM Frequency|Elapsed Cycles|SM Active Cycles|Executed Instructions |L2 Hit|L1/TEX Hit|Grid Size|Dynamic Shared" \
-      $OUT/ncu_dkdv_causal.txt $OUT/ncu_dkdv_counts.txt
+  ncu_counts_pair
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
