@@ -493,7 +493,8 @@ def bounds_code(bounds: list, indent: str) -> str:
 
 def inverse_bounds_code(bounds: list, indent: str) -> str:
     """Per key block [n_lo, n_hi]: query ranges q_lo..q_hi (some kept), q_flo..q_fhi (all kept).
-    Only bounds with alpha = ±1 invert exactly; others leave the range open and the full range empty."""
+    Only bounds with alpha = ±1 invert exactly; others leave the range open and the full range empty. A bound
+    on kv alone (a key count) narrows only the full range: key_block_cut_code empties a block it keeps none of."""
     zero = "(n_lo * 0)"
     lines = [f"{indent}q_lo = {zero}", f"{indent}q_hi = {zero} + Nq - 1", f"{indent}q_flo = {zero}",
              f"{indent}q_fhi = {zero} + Nq - 1"]
