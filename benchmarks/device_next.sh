@@ -31,6 +31,10 @@
 #   s18f       s18c in ~3 min (the session's last device minutes): ncu pair, dK/dV tuned at d128 causal and
 #              d64 causal p 0.1
 #   s18g       the ncu pair alone (dK/dV causal / key counts, details page kept; ~1 min)
+#   s19a       issue 4: GPU attention tests for the key-counts change; s18b; d128 n1024 causal's backward re-tuned,
+#              then timed against FA2 with the lists and with the tune's best; d64 p 0.1 dK/dV tuned; GPT-2 8x1024
+#              flashfuse / SDPA, then flashfuse with that best (kept in /tmp/ff_best_*.env)
+#   s19b       issue 5: norms.py's CUDA-graph ratios at 16384x1024; s18d
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -73,6 +77,18 @@ gpt_2x4096() {  # $1 seconds: GPT-2 2x4096, flashfuse and the SDPA rewrite
   timeout $1 python benchmarks/train_gpt.py --configs 2x4096 --modes flashfuse,sdpa --out $OUT/b2x4096 --tag _2x4096 \
       > $OUT/train_2x4096.log 2>&1
   echo "2x4096 rc=$?"; tail -4 $OUT/train_2x4096.log
+}
+best_env() {  # $1 tag: the fastest DKDV / DQ configurations of tune $1 as FLASHFUSE_ATTN_CFG_* assignments
+  python - "$OUT/attention_tune_$1.json" <<'PY' | tee /tmp/ff_best_$1.env
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1])) if r.get("ms")]
+names = {"DKDV": "FLASHFUSE_ATTN_CFG_BWD_DKDV", "DQ": "FLASHFUSE_ATTN_CFG_BWD_DQ"}
+for kind, name in names.items():
+    cand = [r for r in rows if r["kernel"] == kind]
+    if cand:
+        print(f"{name}={','.join(map(str, min(cand, key=lambda r: r['ms'])['cfg']))}", end=" ")
+print()
+PY
 }
 if [ "$PART" = wave ] || [ "$PART" = short ]; then
   # most wanted first: a call cut by its time limit still returns what is under $OUT
@@ -226,6 +242,34 @@ if [ "$PART" = s18e ]; then
 fi
 if [ "$PART" = s18g ]; then
   ncu_counts_pair
+fi
+if [ "$PART" = s19a ]; then  # ~7 min: issue 4's kernel change tested and timed, the backward re-tuned, GPT-2
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+      tests/test_mask_check.py > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+  PACK=0 bash benchmarks/device_next.sh s18b 2>&1 | grep -v "^NVIDIA"
+  tune d128_causal 130 "DKDV DQ" --d 128 --n 1024 --causal yes
+  best=$(best_env d128_causal)
+  for cfg in "" "$best"; do  # the autotuned lists, then the tune's best forced
+    env $cfg timeout 60 python benchmarks/attention.py --part sweep --d 128 --n 1024 --causal yes --modes fwd+bwd \
+        --impls flashfuse sdpa_flash --out $OUT/sweep_d128${cfg:+_best} > $OUT/sweep_d128${cfg:+_best}.log 2>&1
+    echo "sweep d128 [$cfg] rc=$?"; grep -E "flashfuse|sdpa_flash" $OUT/sweep_d128${cfg:+_best}.log | tail -3
+  done
+  tune d64_causal_p01 80 DKDV --d 64 --n 1024 --causal yes --dropout 0.1
+  best=$(best_env d64_causal_p01)
+  timeout 110 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse,sdpa --out $OUT/gpt1024 --tag _s19 \
+      > $OUT/train_gpt1024.log 2>&1
+  echo "GPT-2 8x1024 rc=$?"; tail -4 $OUT/train_gpt1024.log
+  env $best timeout 70 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse --out $OUT/gpt1024_best \
+      --tag _s19best > $OUT/train_gpt1024_best.log 2>&1
+  echo "GPT-2 8x1024 [$best] rc=$?"; tail -3 $OUT/train_gpt1024_best.log
+fi
+if [ "$PART" = s19b ]; then  # ~8 min: issue 5's 1024-wide ratios; issue 7: HF padded through compile, Inductor's
+  # GPT-2 warm-up, 2x4096
+  timeout 130 python benchmarks/norms.py --ops layer_norm,rms_norm --shapes 16384x1024 --ratio-from-graphs \
+      --budget-s 110 --out $OUT/norms1024 > $OUT/norms1024.log 2>&1
+  echo "norms rc=$?"; grep -E "fwd\+bwd cg|ratio|MEASURED|rms_norm|layer_norm" $OUT/norms1024.log | tail -12
+  PACK=0 bash benchmarks/device_next.sh s18d 2>&1 | grep -v "^NVIDIA"
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
