@@ -270,9 +270,6 @@ if [ "$PART" = s19b ]; then  # ~9 min: issue 5's 1024-wide ratios (norms and add
   timeout 210 python benchmarks/norms.py --ops layer_norm,rms_norm,add_layer_norm,add_rms_norm --shapes 16384x1024 \
       --ratio-from-graphs --budget-s 190 --out $OUT/norms1024 > $OUT/norms1024.log 2>&1
   echo "norms rc=$?"; sed -n '/# MEASURED_RATIO/,$p' $OUT/norms1024.log | head -12
-  timeout 200 python benchmarks/train_gpt.py --modes flashfuse --longest 65536 --out $OUT/longest --tag _s19 \
-      > $OUT/train_longest.log 2>&1
-  echo "longest rc=$?"; tail -2 $OUT/train_longest.log | cut -c1-400
   for kc in 1 0; do
     FLASHFUSE_ATTN_KEY_COUNTS=$kc timeout 60 python benchmarks/attention.py --part handwritten \
         --cases nanogpt_causal hf_padded_causal --out /tmp/hw$kc > $OUT/handwritten_kc$kc.log 2>&1
