@@ -35,7 +35,7 @@
 #              then timed against FA2 with the lists and with the tune's best; d64 p 0.1 dK/dV tuned; GPT-2 8x1024
 #              flashfuse / SDPA, then flashfuse with that best (kept in /tmp/ff_best_*.env)
 #   s19b       issue 5: norms.py's CUDA-graph ratios at 16384x1024 (norms and add+norms); issue 7: GPT-2 at batch 1
-#              x 65536 (flashfuse), HF padded causal through compile (key counts on / off)
+#              x 65536 (flashfuse, the layers' tril buffers shared as one bool tensor), HF padded causal through compile (key counts on / off)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -270,8 +270,11 @@ if [ "$PART" = s19b ]; then  # ~9 min: issue 5's 1024-wide ratios (norms and add
   timeout 210 python benchmarks/norms.py --ops layer_norm,rms_norm,add_layer_norm,add_rms_norm --shapes 16384x1024 \
       --ratio-from-graphs --budget-s 190 --out $OUT/norms1024 > $OUT/norms1024.log 2>&1
   echo "norms rc=$?"; sed -n '/# MEASURED_RATIO/,$p' $OUT/norms1024.log | head -12
+  timeout 220 python benchmarks/train_gpt.py --modes flashfuse --longest 65536 --shared-mask --out $OUT/longest \
+      --tag _s19 > $OUT/train_longest.log 2>&1
+  echo "longest rc=$?"; grep -E '^\{' $OUT/train_longest.log | tail -2 | cut -c1-400
   for kc in 1 0; do
-    FLASHFUSE_ATTN_KEY_COUNTS=$kc timeout 60 python benchmarks/attention.py --part handwritten \
+    FLASHFUSE_ATTN_KEY_COUNTS=$kc timeout 55 python benchmarks/attention.py --part handwritten \
         --cases nanogpt_causal hf_padded_causal --out /tmp/hw$kc > $OUT/handwritten_kc$kc.log 2>&1
     echo "handwritten key_counts=$kc rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten_kc$kc.log
   done

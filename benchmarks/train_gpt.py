@@ -6,12 +6,13 @@ also the compile (warm-up) time and the longest sequence that trains at batch 1.
   --model llama  LLaMA-style GQA decoder (transformers, eager attention); llama_pad: with right padding
 
     python benchmarks/train_gpt.py --out DIR [--model gpt2] [--configs 8x1024,2x4096] [--modes eager,inductor,flashfuse,sdpa]
-    python benchmarks/train_gpt.py --out DIR --longest 16384,32768,65536
+    python benchmarks/train_gpt.py --out DIR --longest 16384,32768,65536 [--shared-mask]
 Writes DIR/train_MODEL.json + .png (and DIR/train_MODEL_longest.json) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -24,14 +25,16 @@ import torch.nn.functional as F
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head, block_size, dropout, sdpa):
+    def __init__(self, n_embd, n_head, block_size, dropout, sdpa, tril=None):
         super().__init__()
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
         self.c_proj = nn.Linear(n_embd, n_embd)
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
         self.n_head, self.n_embd, self.dropout, self.sdpa = n_head, n_embd, dropout, sdpa
-        if not sdpa:
+        if tril is not None:  # one bool buffer for all layers (GPT(shared_mask=True))
+            self.register_buffer("bias", tril, persistent=False)
+        elif not sdpa:
             self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size),
                                  persistent=False)
 
@@ -53,10 +56,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, block_size, dropout, sdpa):
+    def __init__(self, n_embd, n_head, block_size, dropout, sdpa, tril=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, block_size, dropout, sdpa)
+        self.attn = CausalSelfAttention(n_embd, n_head, block_size, dropout, sdpa, tril)
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(approximate="tanh"),
                                  nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
@@ -67,12 +70,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.1, sdpa=False):
+    """nanoGPT. `shared_mask`: the layers share one bool tril buffer instead of a float one each (nanoGPT's):
+    the same spelling, 1/48 of the memory. Twelve float buffers are 12 x 4 x T^2 bytes: 206 GB at T = 65536,
+    more than any GPU (and this host) has, so the longest-sequence runs use the shared one."""
+
+    def __init__(self, vocab=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.1, sdpa=False,
+                 shared_mask=False):
         super().__init__()
+        tril = None
+        if shared_mask and not sdpa:
+            tril = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool)).view(1, 1, block_size, block_size)
         self.wte = nn.Embedding(vocab, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.h = nn.ModuleList(Block(n_embd, n_head, block_size, dropout, sdpa) for _ in range(n_layer))
+        self.h = nn.ModuleList(Block(n_embd, n_head, block_size, dropout, sdpa, tril) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
         self.wte.weight = self.lm_head.weight
@@ -108,13 +119,17 @@ def hf_model(name, t, sdpa, tiny=False):
     raise ValueError(f"unknown model {name!r}: gpt2, bert, llama or llama_pad")
 
 
-def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=0.1):
-    """One training step (forward, backward, fused AdamW) of `model_name` compiled as `mode`."""
+def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=0.1, shared_mask=False):
+    """One training step (forward, backward, fused AdamW) of `model_name` compiled as `mode`. `shared_mask`:
+    GPT-2 with one bool tril buffer for all layers (GPT's docstring)."""
     torch.manual_seed(0)
     sdpa = mode == "sdpa"
     if model_name == "gpt2":
-        model = (GPT(block_size=t, n_layer=2, n_head=4, n_embd=64, sdpa=sdpa, dropout=dropout) if tiny
-                 else GPT(block_size=t, sdpa=sdpa, dropout=dropout))
+        # with a shared buffer, built in place: .to(device) would copy it once per layer
+        with torch.device(device) if shared_mask else contextlib.nullcontext():
+            model = (GPT(block_size=t, n_layer=2, n_head=4, n_embd=64, sdpa=sdpa, dropout=dropout,
+                         shared_mask=shared_mask) if tiny
+                     else GPT(block_size=t, sdpa=sdpa, dropout=dropout, shared_mask=shared_mask))
         vocab = 50304
     else:
         model, vocab = hf_model(model_name, t, sdpa, tiny)
@@ -164,10 +179,10 @@ def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=
     return step
 
 
-def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1):
+def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1, shared_mask=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    step = make_step(mode, b, t, model_name=model_name, dropout=dropout)
+    step = make_step(mode, b, t, model_name=model_name, dropout=dropout, shared_mask=shared_mask)
     t0 = time.perf_counter()
     for _ in range(3):
         loss = float(step())  # read now: a CUDA-graph output is overwritten by the next replay
@@ -194,7 +209,7 @@ def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1):
         e.record()
         torch.cuda.synchronize()
         synced.append(s.elapsed_time(e))
-    return {"model": model_name, "mode": mode, "b": b, "t": t, "dropout": dropout,
+    return {"model": model_name, "mode": mode, "b": b, "t": t, "dropout": dropout, "shared_mask": shared_mask,
             "ms": statistics.median(per_step), "ms_synced": statistics.median(synced), "warmup_s": warm,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
 
@@ -237,6 +252,8 @@ def main():
                     "llama_pad (llama with right padding)")
     ap.add_argument("--dropout", type=float, default=0.1, help="GPT-2's dropout (attention, residual, MLP)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--shared-mask", action="store_true",
+                    help="GPT-2: one bool tril buffer for all layers (nanoGPT's twelve float ones are 206 GB at 65536)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -250,7 +267,8 @@ def main():
         for t in (int(x) for x in args.longest.split(",")):
             for mode in args.modes.split(","):
                 try:
-                    r = measure(mode, 1, t, iters=3, model_name=args.model, dropout=args.dropout)
+                    r = measure(mode, 1, t, iters=3, model_name=args.model, dropout=args.dropout,
+                                shared_mask=args.shared_mask)
                 except torch.OutOfMemoryError as exc:
                     r = {"mode": mode, "b": 1, "t": t, "ms": None, "peak_gib": None, "oom": True,
                          "error": str(exc)[:200]}
@@ -264,7 +282,7 @@ def main():
         b, t = (int(x) for x in cfg.split("x"))
         for mode in args.modes.split(","):
             try:
-                r = measure(mode, b, t, model_name=args.model, dropout=args.dropout)
+                r = measure(mode, b, t, model_name=args.model, dropout=args.dropout, shared_mask=args.shared_mask)
             except torch.OutOfMemoryError as exc:
                 r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None, "oom": True,
                      "error": str(exc)[:200]}

@@ -9,8 +9,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 
-@pytest.mark.parametrize("model_name", ["gpt2", "bert", "llama", "llama_pad"])
+@pytest.mark.parametrize("model_name", ["gpt2", "gpt2_shared_mask", "bert", "llama", "llama_pad"])
 def test_train_step_runs_fused_and_learns(model_name):
+    shared = model_name == "gpt2_shared_mask"
+    model_name = "gpt2" if shared else model_name
     if model_name != "gpt2":
         pytest.importorskip("transformers")
     import flashfuse
@@ -20,7 +22,7 @@ def test_train_step_runs_fused_and_learns(model_name):
     report = Report()
     _active.append(report)
     try:
-        step = make_step("flashfuse-eager", 2, 16, device="cpu", model_name=model_name, tiny=True)
+        step = make_step("flashfuse-eager", 2, 16, device="cpu", model_name=model_name, tiny=True, shared_mask=shared)
         losses = [float(step()) for _ in range(3)]
         marks = []
         step(marks)  # step_timing.py's host clock after the forward and after the backward
@@ -31,6 +33,18 @@ def test_train_step_runs_fused_and_learns(model_name):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert isinstance(flashfuse.__version__, str)
+
+
+def test_shared_mask_is_one_bool_buffer_for_all_layers():
+    """--shared-mask (the longest-sequence runs): one bool tril buffer, the same tensor in every layer."""
+    from train_gpt import GPT
+
+    model = GPT(block_size=8, n_layer=3, n_head=2, n_embd=16, shared_mask=True)
+    bufs = [blk.attn.bias for blk in model.h]
+    assert all(b is bufs[0] for b in bufs) and bufs[0].dtype == torch.bool
+    assert torch.equal(bufs[0][0, 0], torch.tril(torch.ones(8, 8, dtype=torch.bool)))
+    plain = GPT(block_size=8, n_layer=3, n_head=2, n_embd=16)
+    assert plain.h[0].attn.bias is not plain.h[1].attn.bias and plain.h[0].attn.bias.dtype == torch.float32
 
 
 def test_step_timing_wraps_and_restores_functions():
