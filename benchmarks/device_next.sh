@@ -36,6 +36,8 @@
 #              flashfuse / SDPA, then flashfuse with that best (kept in /tmp/ff_best_*.env)
 #   s19b       issue 5: norms.py's CUDA-graph ratios at 16384x1024 (norms and add+norms); issue 7: GPT-2 at batch 1
 #              x 65536 (flashfuse, the layers' tril buffers shared as one bool tensor), HF padded causal through compile (key counts on / off)
+#   s19c       after the d128 backward lists' re-tune: GPU attention tests, dQ tuned (d128 causal, d64 p 0.1),
+#              the sweep against FA2 (n 1024-16384), GPT-2 8x1024 with d64 p 0.1's best dQ
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -278,6 +280,23 @@ if [ "$PART" = s19b ]; then  # ~9 min: issue 5's 1024-wide ratios (norms and add
         --cases nanogpt_causal hf_padded_causal --out /tmp/hw$kc > $OUT/handwritten_kc$kc.log 2>&1
     echo "handwritten key_counts=$kc rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten_kc$kc.log
   done
+fi
+if [ "$PART" = s19c ]; then  # ~8 min, after the d128 backward lists were re-tuned: GPU attention tests (the
+  # new first configs), dQ tuned at d128 causal and d64 causal p 0.1, the sweep against FA2 at n 1024-16384,
+  # GPT-2 8x1024 with d64 p 0.1's best dQ
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+      > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+  tune d128_causal_dq 60 DQ --d 128 --n 1024 --causal yes
+  tune d64_causal_p01_dq 60 DQ --d 64 --n 1024 --causal yes --dropout 0.1
+  best=$(best_env d64_causal_p01_dq)
+  timeout 200 python benchmarks/attention.py --part sweep --d 128 64 --n 1024 2048 4096 8192 16384 --causal both \
+      --modes fwd fwd+bwd --impls flashfuse sdpa_flash --out $OUT/sweep --partial $OUT/sweep_partial.json \
+      > $OUT/sweep.log 2>&1
+  echo "sweep rc=$?"; grep -E "flashfuse|sdpa_flash" $OUT/sweep.log | tr -s ' ' | sed 's/ TFLOP.s//'
+  env $best timeout 70 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse --out $OUT/gpt1024_best \
+      --tag _s19c > $OUT/train_gpt1024_best.log 2>&1
+  echo "GPT-2 8x1024 [$best] rc=$?"; tail -3 $OUT/train_gpt1024_best.log
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do

@@ -77,7 +77,10 @@ def load_module(score_mod: str, n_sides: int, n_scalars: int, side_grads: tuple 
 # is also the fixed choice under FLASHFUSE_ATTN_AUTOTUNE=0. The last d = 64 entries of the forward and dK/dV
 # lists were added from sm_90 builds on a CPU machine (benchmarks/sass_counts.py, docs/perf-notes.md
 # "Session 5"), not yet timed: the forward that saves dropout bits spills at 128x64 and not at 128x32; the
-# dK/dV kernel spills at both tuned tiles and not at 32x128 with 8 warps (no dropout).
+# dK/dV kernel spills at both tuned tiles and not at 32x128 with 8 warps (no dropout). The d = 128 backward
+# lists were re-tuned in session 19 (H100, d128 n1024 causal, results/session19/s19a/attention_tune_d128_causal
+# .json; the tuning script had timed one plan over and over before): dK/dV at 32x64, 4 warps, 2 stages took
+# 0.809 ms of the backward against 2.160 at the old first entry 16x128 (which spills).
 _FWD_CONFIGS = {
     64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
     128: [(128, 64, 8, 3), (64, 64, 4, 3)],
@@ -85,7 +88,7 @@ _FWD_CONFIGS = {
 }
 _DKDV_CONFIGS = {
     64: [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
-    128: [(16, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+    128: [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)],
     256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 # the dK/dV kernel that also adds dQ by atomics (DQ_ATOMIC): 128-key tiles halve the atomic traffic of 64.
@@ -97,7 +100,7 @@ _FUSED_CONFIGS = {
 }
 _DQ_CONFIGS = {
     64: [(128, 32, 4, 3), (64, 64, 4, 3)],
-    128: [(128, 32, 4, 3), (128, 128, 8, 2)],
+    128: [(64, 32, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
     256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 INTERPRET_BLOCK = 16
