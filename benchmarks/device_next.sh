@@ -36,7 +36,7 @@
 #              flashfuse / SDPA, then flashfuse with that best (kept in /tmp/ff_best_*.env)
 #   s19b       issue 5: norms.py's CUDA-graph ratios at 16384x1024 (norms and add+norms); issue 7: GPT-2 at batch 1
 #              x 65536 (flashfuse, the layers' tril buffers shared as one bool tensor), HF padded causal through compile (key counts on / off)
-#   s19c       after the d128 backward lists' re-tune: GPU attention tests, dQ tuned (d128 causal, d64 p 0.1),
+#   s19c       after the d128 backward lists' re-tune: GPU attention tests, add+norm ratios at 4096 / 8192, dQ tuned (d128 causal, d64 p 0.1),
 #              the sweep against FA2 (n 1024-16384), GPT-2 8x1024 with d64 p 0.1's best dQ
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
@@ -287,6 +287,9 @@ if [ "$PART" = s19c ]; then  # ~8 min, after the d128 backward lists were re-tun
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
       > $OUT/pytest_attention.log 2>&1
   echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+  timeout 70 python benchmarks/norms.py --ops add_layer_norm,add_rms_norm --shapes 16384x4096,4096x8192 \
+      --ratio-from-graphs --budget-s 55 --out $OUT/norms_add > $OUT/norms_add.log 2>&1
+  echo "norms add rc=$?"; sed -n '/# MEASURED_RATIO/,$p' $OUT/norms_add.log | head -8
   tune d128_causal_dq 60 DQ --d 128 --n 1024 --causal yes
   tune d64_causal_p01_dq 60 DQ --d 64 --n 1024 --causal yes --dropout 0.1
   best=$(best_env d64_causal_p01_dq)
