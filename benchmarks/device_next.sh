@@ -38,6 +38,7 @@
 #              x 65536 (flashfuse, the layers' tril buffers shared as one bool tensor), HF padded causal through compile (key counts on / off)
 #   s19c       after the d128 backward lists' re-tune: GPU attention tests, add+norm ratios at 4096 / 8192, dQ tuned (d128 causal, d64 p 0.1),
 #              the sweep against FA2 (n 1024-16384), GPT-2 8x1024 with d64 p 0.1's best dQ
+#   s19d       s19c's least: GPU attention tests, the sweep against FA2 (n 1024-8192)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -300,6 +301,15 @@ if [ "$PART" = s19c ]; then  # ~8 min, after the d128 backward lists were re-tun
   env $best timeout 70 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse --out $OUT/gpt1024_best \
       --tag _s19c > $OUT/train_gpt1024_best.log 2>&1
   echo "GPT-2 8x1024 [$best] rc=$?"; tail -3 $OUT/train_gpt1024_best.log
+fi
+if [ "$PART" = s19d ]; then  # s19c's least (~5 min): GPU attention tests, the sweep against FA2
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+      > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+  timeout 170 python benchmarks/attention.py --part sweep --d 128 64 --n 1024 2048 4096 8192 --causal both \
+      --modes fwd fwd+bwd --impls flashfuse sdpa_flash --out $OUT/sweep --partial $OUT/sweep_partial.json \
+      > $OUT/sweep.log 2>&1
+  echo "sweep rc=$?"; grep -E "flashfuse|sdpa_flash" $OUT/sweep.log | tr -s ' ' | sed 's/ TFLOP.s//'
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
