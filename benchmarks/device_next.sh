@@ -37,7 +37,7 @@
 #   s19b       issue 5: norms.py's CUDA-graph ratios at 16384x1024 (norms and add+norms); issue 7: GPT-2 at batch 1
 #              x 65536 (flashfuse, the layers' tril buffers shared as one bool tensor), HF padded causal through compile (key counts on / off)
 #   s19c       after the d128 backward lists' re-tune: GPU attention tests, add+norm ratios at 4096 / 8192, dQ tuned (d128 causal, d64 p 0.1),
-#              the sweep against FA2 (n 1024-16384), GPT-2 8x1024 with d64 p 0.1's best dQ
+#              the sweep against FA2 (n 1024-16384), GPT-2 8x1024 with norm_policy auto (s19b's table) / never
 #   s19d       s19c's least: GPU attention tests, the sweep against FA2 (n 1024-8192)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
@@ -298,9 +298,11 @@ if [ "$PART" = s19c ]; then  # ~8 min, after the d128 backward lists were re-tun
       --modes fwd fwd+bwd --impls flashfuse sdpa_flash --out $OUT/sweep --partial $OUT/sweep_partial.json \
       > $OUT/sweep.log 2>&1
   echo "sweep rc=$?"; grep -E "flashfuse|sdpa_flash" $OUT/sweep.log | tr -s ' ' | sed 's/ TFLOP.s//'
-  env $best timeout 70 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse --out $OUT/gpt1024_best \
-      --tag _s19c > $OUT/train_gpt1024_best.log 2>&1
-  echo "GPT-2 8x1024 [$best] rc=$?"; tail -3 $OUT/train_gpt1024_best.log
+  for np in auto never; do  # the 1024-wide norm ratios of s19b flip "auto" to flashfuse's (add+)LayerNorm in GPT-2
+    timeout 70 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse --norm-policy $np \
+        --out $OUT/gpt1024_$np --tag _s19c_$np > $OUT/train_gpt1024_$np.log 2>&1
+    echo "GPT-2 8x1024 norm_policy=$np rc=$?"; tail -1 $OUT/train_gpt1024_$np.log
+  done
 fi
 if [ "$PART" = s19d ]; then  # s19c's least (~5 min): GPU attention tests, the sweep against FA2
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \

@@ -119,7 +119,8 @@ def hf_model(name, t, sdpa, tiny=False):
     raise ValueError(f"unknown model {name!r}: gpt2, bert, llama or llama_pad")
 
 
-def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=0.1, shared_mask=False):
+def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=0.1, shared_mask=False,
+              norm_policy="auto"):
     """One training step (forward, backward, fused AdamW) of `model_name` compiled as `mode`. `shared_mask`:
     GPT-2 with one bool tril buffer for all layers (GPT's docstring)."""
     torch.manual_seed(0)
@@ -138,7 +139,11 @@ def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=
     if mode in ("inductor", "sdpa"):
         fwd = torch.compile(model)
     elif mode == "flashfuse":
-        fwd = torch.compile(model, backend="flashfuse")
+        if norm_policy == "auto":
+            fwd = torch.compile(model, backend="flashfuse")
+        else:  # which norms flashfuse replaces under Inductor (Config.norm_policy)
+            import flashfuse
+            fwd = torch.compile(model, backend=flashfuse.backend(norm_policy=norm_policy))
     elif mode == "flashfuse-eager":  # flashfuse's kernels, everything else eager (quick to compile)
         import flashfuse
         fwd = torch.compile(model, backend=flashfuse.backend(remainder="eager"))
@@ -179,10 +184,11 @@ def make_step(mode, b, t, device="cuda", model_name="gpt2", tiny=False, dropout=
     return step
 
 
-def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1, shared_mask=False):
+def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1, shared_mask=False, norm_policy="auto"):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    step = make_step(mode, b, t, model_name=model_name, dropout=dropout, shared_mask=shared_mask)
+    step = make_step(mode, b, t, model_name=model_name, dropout=dropout, shared_mask=shared_mask,
+                     norm_policy=norm_policy)
     t0 = time.perf_counter()
     for _ in range(3):
         loss = float(step())  # read now: a CUDA-graph output is overwritten by the next replay
@@ -210,6 +216,7 @@ def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1, shared_mask=Fa
         torch.cuda.synchronize()
         synced.append(s.elapsed_time(e))
     return {"model": model_name, "mode": mode, "b": b, "t": t, "dropout": dropout, "shared_mask": shared_mask,
+            "norm_policy": norm_policy,
             "ms": statistics.median(per_step), "ms_synced": statistics.median(synced), "warmup_s": warm,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
 
@@ -254,6 +261,8 @@ def main():
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--shared-mask", action="store_true",
                     help="GPT-2: one bool tril buffer for all layers (nanoGPT's twelve float ones are 206 GB at 65536)")
+    ap.add_argument("--norm-policy", choices=["auto", "always", "never"], default="auto",
+                    help="flashfuse mode: which norms flashfuse replaces under Inductor (Config.norm_policy)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -282,7 +291,8 @@ def main():
         b, t = (int(x) for x in cfg.split("x"))
         for mode in args.modes.split(","):
             try:
-                r = measure(mode, b, t, model_name=args.model, dropout=args.dropout, shared_mask=args.shared_mask)
+                r = measure(mode, b, t, model_name=args.model, dropout=args.dropout, shared_mask=args.shared_mask,
+                            norm_policy=args.norm_policy)
             except torch.OutOfMemoryError as exc:
                 r = {"mode": mode, "b": b, "t": t, "ms": None, "peak_gib": None, "oom": True,
                      "error": str(exc)[:200]}
