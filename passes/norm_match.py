@@ -442,8 +442,43 @@ MEASURED_RATIO: dict[tuple[str, int], tuple[float, float]] = {
 AUTO_MARGIN = 0.95  # within 5% is measurement noise plus the extra host cost of an opaque op in Inductor
 
 
-def choose(ctx, kind: str, n: int, training: bool) -> tuple[bool, str]:
-    """Whether to put flashfuse's kernel in, and the reason in words."""
+_DROPOUTS = (aten.dropout.default, aten.native_dropout.default)
+
+
+def _fusable_producer(node) -> str | None:
+    """The name of the op computing `node` if Inductor fuses it into the norm kernel that reads `node`: a
+    pointwise op (torch.Tag.pointwise) or a dropout."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is operator.getitem and is_op(node.args[0], aten.native_dropout.default):
+        return "native_dropout"
+    if node.target in _DROPOUTS or torch.Tag.pointwise in getattr(node.target, "tags", ()):
+        return str(node.target).split(".")[1] if str(node.target).startswith("aten.") else str(node.target)
+    return None
+
+
+def producer_inductor_fuses(x: fx.Node, operands=None) -> str | None:
+    """Why the standalone ratio does not hold for this norm under Inductor, or None. `MEASURED_RATIO` times
+    norms whose inputs come from memory; Inductor also fuses the op that computes the input (GPT-2's residual
+    dropout, add and LayerNorm are one Inductor kernel), which flashfuse's kernel cannot, so it would read
+    back what Inductor never writes. Checked: `operands` of a residual add fused into the norm (each used by
+    the add alone), or the norm's input `x`: for x = a + b (the residual pattern: flashfuse fuses the add,
+    not what feeds it) its terms used by the add alone, else x's own producer."""
+    if operands is None and is_op(x, aten.add.Tensor):
+        operands = [a for a in x.args if isinstance(a, fx.Node)]
+    if operands is not None:
+        for a in operands:
+            op = _fusable_producer(a)
+            if op is not None and len(a.users) == 1:
+                return f"a term of the residual add is computed by {op}"
+        return None
+    op = _fusable_producer(x)
+    return None if op is None else f"its input is computed by {op}"
+
+
+def choose(ctx, kind: str, n: int, training: bool, producer: str | None = None) -> tuple[bool, str]:
+    """Whether to put flashfuse's kernel in, and the reason in words. `producer`: producer_inductor_fuses's
+    answer for this norm (under Inductor a measured gain is then not claimed)."""
     cfg = ctx.config
     if cfg.remainder == "eager":
         return True, "eager remainder: flashfuse's kernel is always used"
@@ -460,6 +495,10 @@ def choose(ctx, kind: str, n: int, training: bool) -> tuple[bool, str]:
     _, near, (fwd, fwd_bwd) = min(rows)
     ratio = fwd_bwd if training else fwd
     what = "forward+backward" if training else "forward"
+    if ratio < AUTO_MARGIN and producer is not None:
+        return False, (f"norm_policy='auto': flashfuse's {what} measured {1 / ratio:.2f}x as fast as Inductor's at "
+                       f"row length {near} on the H100 on inputs read from memory, but {producer}, which Inductor "
+                       f"fuses into its own norm kernel; left to Inductor")
     if ratio < AUTO_MARGIN:
         return True, (f"norm_policy='auto': flashfuse's {what} measured {1 / ratio:.2f}x as fast as "
                       f"Inductor's at row length {near} on the H100")
@@ -638,7 +677,8 @@ def apply_norm(gm, ctx, fusion: str, x, tail: Tail, eps, spelling: str, anchor: 
     if why is not None:
         ctx.graph_report.add_near_miss(fusion, anchor, why)
         return 0
-    ok, reason = choose(ctx, fusion, n or val(x).shape[-1], needs_grad(x, tail.weight, tail.bias))
+    ok, reason = choose(ctx, fusion, n or val(x).shape[-1], needs_grad(x, tail.weight, tail.bias),
+                        producer_inductor_fuses(x))
     if not ok:
         ctx.graph_report.add_near_miss(fusion, anchor, reason)
         return 0

@@ -11,7 +11,8 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes import register_pass
-from flashfuse.passes.norm_match import choose, insert_call, insert_getitem, is_op, needs_grad, norm_op
+from flashfuse.passes.norm_match import (choose, insert_call, insert_getitem, is_op, needs_grad, norm_op,
+                                         producer_inductor_fuses)
 from flashfuse.passes.normalize import val
 
 aten = torch.ops.aten
@@ -61,7 +62,7 @@ def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
     if any(_depends_on(p, h) for p in params):
         ctx.graph_report.add_near_miss(FUSION, h, "the norm's weight/bias/eps is computed from h itself")
         return 0
-    ok, reason = choose(ctx, kind, hv.shape[-1], needs_grad(a, b, weight, bias))
+    ok, reason = choose(ctx, kind, hv.shape[-1], needs_grad(a, b, weight, bias), producer_inductor_fuses(h, [a, b]))
     if not ok:
         ctx.graph_report.add_near_miss(FUSION, h, reason)
         return 0

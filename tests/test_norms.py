@@ -568,6 +568,46 @@ def test_policy_auto_on_gpu_follows_the_measured_table(monkeypatch):
     assert not norm_match.choose(Ctx, "add_rms_norm", 1024, training=True)[0]
 
 
+def test_policy_auto_leaves_a_norm_whose_input_inductor_fuses(monkeypatch):
+    """MEASURED_RATIO times norms that read their input from memory. Where the input (or a term of the residual
+    add) comes from a dropout or pointwise op used only there, Inductor fuses that op into its own norm kernel
+    (GPT-2's dropout + add + LayerNorm), so "auto" does not claim the measured gain: Inductor keeps the norm."""
+    import torch.fx as fx
+
+    from flashfuse.config import Config
+    from flashfuse.passes import norm_match
+
+    aten = torch.ops.aten
+    g = fx.Graph()
+    x, r, w = g.placeholder("x"), g.placeholder("r"), g.placeholder("w")
+    lin = g.call_function(aten.linear.default, (x, w))
+    drop = g.call_function(aten.dropout.default, (lin, 0.1, True))
+    h_drop = g.call_function(aten.add.Tensor, (r, drop))  # GPT-2: x + dropout(c_proj(y))
+    h_lin = g.call_function(aten.add.Tensor, (r, lin))  # LLaMA: x + o_proj(y)
+    act = g.call_function(aten.gelu.default, (lin,))
+    g.output((h_drop, h_drop, h_lin, h_lin, act))  # the sums have other users, as a residual stream does
+
+    assert "dropout" in norm_match.producer_inductor_fuses(h_drop)
+    assert "dropout" in norm_match.producer_inductor_fuses(h_drop, [r, drop])
+    assert norm_match.producer_inductor_fuses(h_lin) is None  # a matmul's output: read from memory either way
+    assert norm_match.producer_inductor_fuses(x) is None
+    assert "gelu" in norm_match.producer_inductor_fuses(act)
+    assert "dropout" in norm_match.producer_inductor_fuses(drop)
+
+    class Ctx:
+        config = Config(norm_policy="auto")
+        is_cuda = True
+
+    monkeypatch.setattr(norm_match, "MEASURED_RATIO", {("layer_norm", 1024): (1.0, 0.8)})
+    ok, why = norm_match.choose(Ctx, "layer_norm", 1024, True, norm_match.producer_inductor_fuses(h_drop))
+    assert not ok and "Inductor fuses" in why and "dropout" in why
+    assert norm_match.choose(Ctx, "layer_norm", 1024, True, norm_match.producer_inductor_fuses(h_lin))[0]
+    # the producer does not matter where flashfuse's kernel is not measured faster, nor under the eager remainder
+    assert "not faster" in norm_match.choose(Ctx, "layer_norm", 1024, False, "x")[1]
+    Ctx.config = Config(norm_policy="auto", remainder="eager")
+    assert norm_match.choose(Ctx, "layer_norm", 1024, True, "x")[0]
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 class GpuBlock(nn.Module):
     """A pre-norm block in bf16: residual add + hand-written LayerNorm, then a LLaMA RMSNorm."""
