@@ -39,6 +39,8 @@
 #   s19c       after the d128 backward lists' re-tune: GPU attention tests, add+norm ratios at 4096 / 8192, dQ tuned (d128 causal, d64 p 0.1),
 #              the sweep against FA2 (n 1024-16384), GPT-2 8x1024 with norm_policy auto (s19b's table) / never
 #   s19d       s19c's least: GPU attention tests, the sweep against FA2 (n 1024-8192)
+#   s20a       GPT-2 8x1024 under norm_policy auto (the producer rule) / always / never, the SDPA rewrite; GPU
+#              attention tests (d64's new first dQ config)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -312,6 +314,21 @@ if [ "$PART" = s19d ]; then  # s19c's least (~5 min): GPU attention tests, the s
       --modes fwd fwd+bwd --impls flashfuse sdpa_flash --out $OUT/sweep --partial $OUT/sweep_partial.json \
       > $OUT/sweep.log 2>&1
   echo "sweep rc=$?"; grep -E "flashfuse|sdpa_flash" $OUT/sweep.log | tr -s ' ' | sed 's/ TFLOP.s//'
+fi
+if [ "$PART" = s20a ]; then  # ~9 min: issue 7: GPT-2 8x1024 flashfuse with the norm producer rule (default) against
+  # norm_policy always / never (each its own process with a fresh Triton cache, limits long enough for the warm-up:
+  # s19c's 70 s cut one), the SDPA rewrite on the same host; issue 4: GPU attention tests (d64's new first dQ config)
+  for np in auto always never; do
+    TRITON_CACHE_DIR=/tmp/tc_$np timeout 130 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse \
+        --norm-policy $np --out $OUT/gpt1024_$np --tag _s20_$np > $OUT/train_gpt1024_$np.log 2>&1
+    echo "GPT-2 8x1024 norm_policy=$np rc=$?"; tail -1 $OUT/train_gpt1024_$np.log
+  done
+  timeout 80 python benchmarks/train_gpt.py --configs 8x1024 --modes sdpa --out $OUT/sdpa1024 --tag _s20_sdpa \
+      > $OUT/train_sdpa1024.log 2>&1
+  echo "SDPA 8x1024 rc=$?"; tail -1 $OUT/train_sdpa1024.log
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
+      > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
