@@ -424,8 +424,8 @@ def match_tail(start: fx.Node, n: int, x_shape, have_weight=False, have_bias=Fal
 # results/session19/s19b/norms1024.log, s19c/norms_add.log). LayerNorm and RMSNorm at 4096 / 8192: session 16, the
 # backward's grid one wave of resident programs (results/session16_norms16/norms16.log, session16/rms16.log).
 # Inputs are read from memory: see producer_inductor_fuses for norms whose input Inductor computes in the same
-# kernel. "auto" under Inductor replaces a norm only where flashfuse was
-# faster by more than AUTO_MARGIN at the nearest row length (log2 distance); everything else is left to Inductor.
+# kernel. "auto" under Inductor replaces a norm only where flashfuse was faster by more than AUTO_MARGIN at the
+# nearest row length (log2 distance); everything else is left to Inductor.
 MEASURED_RATIO: dict[tuple[str, int], tuple[float, float]] = {
     ("layer_norm", 1024): (0.999, 0.832),
     ("layer_norm", 4096): (0.881, 0.895),
