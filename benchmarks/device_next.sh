@@ -39,6 +39,7 @@
 #   s19c       after the d128 backward lists' re-tune: GPU attention tests, add+norm ratios at 4096 / 8192, dQ tuned (d128 causal, d64 p 0.1),
 #              the sweep against FA2 (n 1024-16384), GPT-2 8x1024 with norm_policy auto (s19b's table) / never
 #   s19d       s19c's least: GPU attention tests, the sweep against FA2 (n 1024-8192)
+#   s19e       GPU tests of d64's new configurations; GPT-2 8x1024 under norm_policy auto / always (~3.5 min)
 #   s20a       GPT-2 8x1024 under norm_policy auto (the producer rule) / always / never, the SDPA rewrite; GPU
 #              attention tests (d64's new first dQ config)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
@@ -314,6 +315,22 @@ if [ "$PART" = s19d ]; then  # s19c's least (~5 min): GPU attention tests, the s
       --modes fwd fwd+bwd --impls flashfuse sdpa_flash --out $OUT/sweep --partial $OUT/sweep_partial.json \
       > $OUT/sweep.log 2>&1
   echo "sweep rc=$?"; grep -E "flashfuse|sdpa_flash" $OUT/sweep.log | tr -s ' ' | sed 's/ TFLOP.s//'
+fi
+if [ "$PART" = s19e ]; then  # ~3.5 min, the session's last device minutes: GPU tests of d64's new configurations
+  # (first dQ config 64x32; the added dK/dV entry 32x64 w4 s2 forced), then GPT-2 8x1024 under norm_policy auto
+  # (the producer rule: GPT-2's norms stay with Inductor) and always
+  T="tests/test_attention_kernels.py::test_gpu_realistic tests/test_attention_kernels.py::test_gpu_gqa_dropout_bf16"
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 45 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
+      > $OUT/pytest_d64.log 2>&1
+  echo "pytest d64 first configs rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64.log | tail -4
+  FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 timeout 35 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
+      > $OUT/pytest_d64_dkdv_s2.log 2>&1
+  echo "pytest d64 dK/dV 32x64 s2 rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64_dkdv_s2.log | tail -4
+  for np in auto always; do
+    TRITON_CACHE_DIR=/tmp/tc_$np timeout 70 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse \
+        --norm-policy $np --out $OUT/gpt1024_$np --tag _s19e_$np > $OUT/train_gpt1024_$np.log 2>&1
+    echo "GPT-2 8x1024 norm_policy=$np rc=$?"; tail -1 $OUT/train_gpt1024_$np.log
+  done
 fi
 if [ "$PART" = s20a ]; then  # ~9 min: issue 7: GPT-2 8x1024 flashfuse with the norm producer rule (default) against
   # norm_policy always / never (each its own process with a fresh Triton cache, limits long enough for the warm-up:
