@@ -323,7 +323,7 @@ if [ "$PART" = s19e ]; then  # ~3.5 min, the session's last device minutes: GPU 
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 45 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
       > $OUT/pytest_d64.log 2>&1
   echo "pytest d64 first configs rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64.log | tail -4
-  FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 timeout 35 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
+  FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 timeout 35 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
       > $OUT/pytest_d64_dkdv_s2.log 2>&1
   echo "pytest d64 dK/dV 32x64 s2 rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64_dkdv_s2.log | tail -4
   for np in auto always; do
