@@ -277,7 +277,7 @@ def main():
             for mode in args.modes.split(","):
                 try:
                     r = measure(mode, 1, t, iters=3, model_name=args.model, dropout=args.dropout,
-                                shared_mask=args.shared_mask)
+                                shared_mask=args.shared_mask, norm_policy=args.norm_policy)
                 except torch.OutOfMemoryError as exc:
                     r = {"mode": mode, "b": 1, "t": t, "ms": None, "peak_gib": None, "oom": True,
                          "error": str(exc)[:200]}

@@ -458,17 +458,14 @@ def _fusable_producer(node) -> str | None:
     return None
 
 
-def producer_inductor_fuses(x: fx.Node, operands=None) -> str | None:
+def producer_inductor_fuses(x: fx.Node) -> str | None:
     """Why the standalone ratio does not hold for this norm under Inductor, or None. `MEASURED_RATIO` times
     norms whose inputs come from memory; Inductor also fuses the op that computes the input (GPT-2's residual
     dropout, add and LayerNorm are one Inductor kernel), which flashfuse's kernel cannot, so it would read
-    back what Inductor never writes. Checked: `operands` of a residual add fused into the norm (each used by
-    the add alone), or the norm's input `x`: for x = a + b (the residual pattern: flashfuse fuses the add,
-    not what feeds it) its terms used by the add alone, else x's own producer."""
-    if operands is None and is_op(x, aten.add.Tensor):
-        operands = [a for a in x.args if isinstance(a, fx.Node)]
-    if operands is not None:
-        for a in operands:
+    back what Inductor never writes. For x = a + b (the residual pattern: flashfuse fuses the add, not what
+    feeds it) the terms used by the add alone are checked, else x's own producer."""
+    if is_op(x, aten.add.Tensor):
+        for a in x.args:
             op = _fusable_producer(a)
             if op is not None and len(a.users) == 1:
                 return f"a term of the residual add is computed by {op}"
@@ -496,11 +493,11 @@ def choose(ctx, kind: str, n: int, training: bool, producer: str | None = None) 
     _, near, (fwd, fwd_bwd) = min(rows)
     ratio = fwd_bwd if training else fwd
     what = "forward+backward" if training else "forward"
-    if ratio < AUTO_MARGIN and producer is not None:
-        return False, (f"norm_policy='auto': flashfuse's {what} measured {1 / ratio:.2f}x as fast as Inductor's at "
-                       f"row length {near} on the H100 on inputs read from memory, but {producer}, which Inductor "
-                       f"fuses into its own norm kernel; left to Inductor")
     if ratio < AUTO_MARGIN:
+        if producer is not None:
+            return False, (f"norm_policy='auto': flashfuse's {what} measured {1 / ratio:.2f}x as fast as Inductor's "
+                           f"at row length {near} on the H100 on inputs read from memory, but {producer}, which "
+                           f"Inductor fuses into its own norm kernel; left to Inductor")
         return True, (f"norm_policy='auto': flashfuse's {what} measured {1 / ratio:.2f}x as fast as "
                       f"Inductor's at row length {near} on the H100")
     return False, (f"norm_policy='auto': flashfuse's {what} measured {ratio:.2f}x Inductor's time at row "

@@ -62,7 +62,7 @@ def _fuse(gm, ctx, norm: fx.Node, kind: str) -> int:
     if any(_depends_on(p, h) for p in params):
         ctx.graph_report.add_near_miss(FUSION, h, "the norm's weight/bias/eps is computed from h itself")
         return 0
-    ok, reason = choose(ctx, kind, hv.shape[-1], needs_grad(a, b, weight, bias), producer_inductor_fuses(h, [a, b]))
+    ok, reason = choose(ctx, kind, hv.shape[-1], needs_grad(a, b, weight, bias), producer_inductor_fuses(h))
     if not ok:
         ctx.graph_report.add_near_miss(FUSION, h, reason)
         return 0
