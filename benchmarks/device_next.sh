@@ -42,6 +42,8 @@
 #   s19e       GPU tests of d64's new configurations; GPT-2 8x1024 under norm_policy auto / always (~3.5 min)
 #   s20a       GPT-2 8x1024 under norm_policy auto (the producer rule) / always / never, the SDPA rewrite; GPU
 #              attention tests (d64's new first dQ config)
+#   s20b       s19e's GPU tests of d64's new configurations; GPT-2 8x1024 flashfuse (norm_policy auto), Inductor on the
+#              hand-written model (the warm-up anchor), the SDPA rewrite, norm_policy always / never; cold caches each
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -346,6 +348,29 @@ if [ "$PART" = s20a ]; then  # ~9 min: issue 7: GPT-2 8x1024 flashfuse with the 
   FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py \
       > $OUT/pytest_attention.log 2>&1
   echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+fi
+fresh_gpt() {  # $1 tag, $2 seconds, rest: train_gpt.py arguments; fresh Triton / Inductor / flashfuse caches, so the
+  # warm-up is a cold compile whatever ran before
+  local tag=$1 secs=$2; shift 2
+  TRITON_CACHE_DIR=/tmp/tc_$tag TORCHINDUCTOR_CACHE_DIR=/tmp/ic_$tag FLASHFUSE_CACHE_DIR=/tmp/fc_$tag \
+      timeout $secs python benchmarks/train_gpt.py "$@" --out $OUT/gpt_$tag --tag _$tag > $OUT/train_$tag.log 2>&1
+  echo "GPT-2 $tag rc=$?"; tail -1 $OUT/train_$tag.log
+}
+if [ "$PART" = s20b ]; then  # ~6-8 min: s19e's GPU tests of d64's new configurations; issue 7: GPT-2 8x1024 flashfuse
+  # under norm_policy auto (the producer rule), Inductor on the hand-written model (the warm-up target's anchor), the
+  # SDPA rewrite, then norm_policy always / never; every run with cold caches
+  T="tests/test_attention_kernels.py::test_gpu_realistic tests/test_attention_kernels.py::test_gpu_gqa_dropout_bf16"
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 45 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
+      > $OUT/pytest_d64.log 2>&1
+  echo "pytest d64 first configs rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64.log | tail -4
+  FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 timeout 35 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
+      > $OUT/pytest_d64_dkdv_s2.log 2>&1
+  echo "pytest d64 dK/dV 32x64 s2 rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64_dkdv_s2.log | tail -4
+  fresh_gpt ff_auto 110 --configs 8x1024 --modes flashfuse --norm-policy auto
+  fresh_gpt inductor 120 --configs 8x1024 --modes inductor
+  fresh_gpt sdpa 90 --configs 8x1024 --modes sdpa
+  fresh_gpt ff_always 110 --configs 8x1024 --modes flashfuse --norm-policy always
+  fresh_gpt ff_never 100 --configs 8x1024 --modes flashfuse --norm-policy never
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
