@@ -152,6 +152,16 @@ def compile_configs_at_once(tuner, grid, args, constexprs: dict) -> None:
             pass
 
 
+def compile_ahead(kernel, grid, args, constexprs: dict) -> None:
+    """Compile what the first launch of `kernel` (a JITFunction or an autotuned one) with these arguments would
+    compile, without launching it: every config of an autotuner (at once), or the one kernel."""
+    if len(getattr(kernel, "configs", ())) > 1:
+        if PARALLEL_COMPILE:
+            compile_configs_at_once(kernel, grid, args, constexprs)
+        return
+    kernel.warmup(*args, grid=grid, **constexprs)
+
+
 def launcher(kernel) -> CachedLaunch:
     """The CachedLaunch of `kernel` (a JITFunction or an autotuned one), one per kernel object."""
     launch = _LAUNCHERS.get(id(kernel))

@@ -24,11 +24,12 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flashfuse.kernels.attention import codegen
+from flashfuse.kernels.attention import op as attention_op
 from flashfuse.kernels.attention import score_mod as sm
 from flashfuse.passes import PassContext, register_pass
 from flashfuse.passes.eltwise_chain import mutates
 from flashfuse.passes.norm_match import strip_upcast
-from flashfuse.passes.normalize import val
+from flashfuse.passes.normalize import requires_grad, val
 from flashfuse.report import at_source
 
 aten = torch.ops.aten
@@ -1083,6 +1084,8 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
     # under CUDA graphs a mask cannot be re-checked per call (replays skip the op's Python): keep it a tensor
     att = g.call(torch.ops.flashfuse.attention.default, q4, k4, v4, sides4, [], text, dropout_p, rng,
                  precision, not ctx.cuda_graphs, *([True] if post_fill is not None else []))
+    if requires_grad(pv):
+        attention_op.expect_backward()  # a training graph: the forward's first call starts the backward's builds
     out = g.call(operator.getitem, att, 0)
     out_final = out
     if rank != 4:

@@ -82,6 +82,22 @@ def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return empty_bnhd((bsz, hq, nq, v.shape[-1]), q)
 
 
+# Whether a backward is expected in this process: set by the attention pass when it rewrites attention whose
+# inputs require grad (a training graph), and by the autograd formula's forward. A forward's first call of each
+# shape then starts compiling the backward's kernels in the background (triton_impl.warm_backward), unless
+# FLASHFUSE_WARM_BACKWARD=0.
+_BACKWARD_EXPECTED = False
+
+
+def expect_backward() -> None:
+    global _BACKWARD_EXPECTED
+    _BACKWARD_EXPECTED = True
+
+
+def _warm_backward() -> bool:
+    return _BACKWARD_EXPECTED and os.environ.get("FLASHFUSE_WARM_BACKWARD", "1") != "0"
+
+
 # Registered with a plain torch.library.Library, not custom_op (kernels/registration.py says why).
 _SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor[] sides, float[] scalars, str score_mod, float dropout_p, "
            "Tensor? rng, str precision, bool recognize_masks=True, bool empty_rows_zero=False) "
@@ -114,7 +130,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: list[tor
             if recognize_masks:
                 score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
             out, lse = _triton().attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
-                                                   bits=saved, empty_rows_zero=empty_rows_zero)
+                                                   bits=saved, empty_rows_zero=empty_rows_zero,
+                                                   warm_backward_too=_warm_backward())
     else:
         out, lse = reference.attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, bits=saved,
                                                empty_rows_zero=empty_rows_zero)
@@ -216,6 +233,8 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, q, k, v, rng, *sides):
         scalars, score_mod, dropout_p, precision, recognize_masks, empty_rows_zero = meta
+        if any(ctx.needs_input_grad[1:4]):
+            expect_backward()
         with torch._C._AutoDispatchBelowAutograd():
             out, lse, bits = _attention_op(q, k, v, list(sides), list(scalars), score_mod, dropout_p, rng,
                                            precision, recognize_masks, empty_rows_zero)

@@ -23,7 +23,7 @@ import triton
 
 from flashfuse.kernels.attention import codegen, dropout, triton_common
 from flashfuse.kernels.attention.op import empty_bnhd
-from flashfuse.kernels.launch import FixedLaunch
+from flashfuse.kernels.launch import FixedLaunch, compile_ahead
 from flashfuse.kernels.launch import launcher as _launcher
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -283,14 +283,16 @@ def _interleave(tensors, strides):
 
 
 def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag=None, flag_want=-1,
-                      into=None, bits=None, empty_rows_zero=False):
+                      into=None, bits=None, empty_rows_zero=False, warm_backward_too=False):
     """out and the row stats (B, H, 2, Nq) fp32 the backward reads (row max and log2 of the row sum,
     triton_templates.py). With `flag` (mask_check.py), the kernel runs only if flag[0] == `flag_want`; `into`
     = (out, stats) written in place, so two variants launched together share their outputs. `empty_rows_zero`:
     rows with nothing kept (log2 of the sum -inf) give 0, not NaN or the uniform average (the user zeroed the masked
     probabilities after the softmax). `bits`: a
     contiguous uint8 tensor of `dropout.bits_shape` that receives the keep flags of the dropout (the
-    backward then reads them instead of drawing again); bytes of key blocks the mask skips stay unwritten."""
+    backward then reads them instead of drawing again); bytes of key blocks the mask skips stay unwritten.
+    `warm_backward_too`: a new plan (the first call of these shapes) also starts the backward's builds
+    (`warm_backward`)."""
     key = ("fwd", score_mod, tuple(scalars), dropout_p, precision, flag_want, empty_rows_zero,
            None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
            None if into is None else (_tkey(into[0]), _tkey(into[1])), None if bits is None else _tkey(bits),
@@ -299,6 +301,10 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     if plan is None:
         plan = _plan(key, lambda: _ForwardPlan(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
                                                flag_want, into, bits, empty_rows_zero))
+        if warm_backward_too and flag is None and into is None:
+            out, stats = plan(q, k, v, sides, rng, flag, into, bits)
+            warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits)
+            return out, stats
     return plan(q, k, v, sides, rng, flag, into, bits)
 
 
@@ -395,6 +401,66 @@ def _use_fused_backward(side_grads, flag_want, into) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
+# ---- the backward's kernels compiled ahead ----
+# A training step's first backward compiled dK/dV's configurations, autotuned them, then did the same for dQ:
+# two rounds of ~2-2.7 s builds each (sm_90, GPT-2's case) on the critical path of the warm-up. Now a forward
+# plan's first call, when a backward is expected (op.expect_backward: the pass rewrote attention whose inputs
+# require grad), hands both kernels' builds to a background thread. They overlap the rest of the forward and
+# Inductor's compile of the backward graph (lazy: at the first backward); the backward's first call waits for them.
+_WARMUPS: list = []
+
+
+def compile_at_once(jobs) -> None:
+    """Compile each job's configurations (launch.compile_ahead), the jobs in parallel threads."""
+    if len(jobs) == 1:
+        compile_ahead(*jobs[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for f in [pool.submit(compile_ahead, *job) for job in jobs]:
+            f.result()
+
+
+def backward_standin_jobs(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits) -> list:
+    """The compile jobs (compile_at_once) of the backward of a forward call that returned `out`, `stats`."""
+    side_grads = (False,) * len(sides)
+    plan = _BackwardPlan(out, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng, side_grads, precision,
+                         -1, None, bits, _use_fused_backward(side_grads, -1, None))
+    return [] if plan.empty else plan.standin_jobs(out, q, k, v, stats, sides, rng, bits)
+
+
+def warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits) -> bool:
+    """Start compiling the backward of this forward call (same specialization: score_mod after mask recognition,
+    the sides, dropout, saved bits) in a background thread. The sides are taken to need no gradient (a learned
+    bias's backward is another module: its build then happens at the backward as before). Returns whether a
+    warm-up started (not under the interpreter, nor on CPU tensors)."""
+    if INTERPRET or not q.is_cuda:
+        return False
+    jobs = backward_standin_jobs(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits)
+    if not jobs:
+        return False
+    device = q.device
+
+    def run():
+        with torch.cuda.device(device):
+            try:
+                compile_at_once(jobs)
+            except Exception:  # noqa: BLE001 (best effort: the backward's first call compiles what is missing)
+                pass
+
+    thread = threading.Thread(target=run, name="flashfuse-backward-warmup", daemon=True)
+    thread.start()
+    _WARMUPS.append(thread)
+    return True
+
+
+def wait_for_backward_warmup() -> None:
+    """Join the background builds (a backward that found them half done would build the same configs again)."""
+    while _WARMUPS:
+        _WARMUPS.pop().join()
+
+
 def attention_backward(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
                        precision, flag=None, flag_want=-1, into=None, bits=None):
     """dq, dk, dv and the gradient of each side (None where `side_needs_grad` is off). `flag`, `flag_want`
@@ -456,6 +522,35 @@ class _BackwardPlan:
         self.pre = FixedLaunch(triton_common.attn_bwd_preprocess,
                                *_preprocess_launch(out, q.shape[-1] if fused else 0))
         self.pre_tail = (*out.stride(), *dout.stride(), hq, nq)
+        self.compiled = INTERPRET  # the interpreter compiles nothing
+
+    def _args(self, dout, q, k, v, stats, sides, rng, flag, bits, dq, dk, dv, delta, dq_acc, dside_full):
+        """The launch arguments of the dK/dV kernel and of the dQ kernel (None when fused)."""
+        flag_arg = flag if flag is not None else stats
+        rng_arg = rng if self.dropout else stats
+        bits_arg = bits.view(torch.int32) if bits is not None else stats  # read as words (triton_common.saved_keep)
+        side_args = _interleave(sides, self.side_strides)
+        dkdv_args = (q, k, v, dout, stats, delta, dk, dv, rng_arg, bits_arg, flag_arg, dq_acc, *self.dkdv_strides,
+                     *side_args, *self.dkdv_tail)
+        if self.fused:
+            return dkdv_args, None
+        return dkdv_args, (q, k, v, dout, stats, delta, dq, rng_arg, bits_arg, flag_arg, *self.dq_strides, *side_args,
+                           *self.dq_scalars, *[d for d in dside_full if d is not None], *self.dq_tail)
+
+    def compile_jobs(self, dkdv_args, dq_args) -> list:
+        """(kernel, grid, args, constexprs) of each kernel a first call launches through its autotuner."""
+        jobs = [(self.dkdv, dkdv_args)] + ([] if self.fused else [(self.dq, dq_args)])
+        return [(f.cached.kernel, f.grid, args, f.constexprs) for f, args in jobs]
+
+    def standin_jobs(self, out, q, k, v, stats, sides, rng, bits) -> list:
+        """compile_jobs for the backward of a forward call, before any backward runs: dO, dQ, dK, dV stand in as
+        tensors of the forward's layout (empty_bnhd), delta as a fresh (B, H, Nq) fp32 tensor."""
+        dq, dk, dv = (empty_bnhd(t.shape, t) for t in (q, k, v))
+        dq_acc = torch.empty(self.dq_acc_shape, dtype=torch.float32, device=q.device) if self.fused else stats
+        dside_full = [torch.empty(self.dside_shape, dtype=torch.float32, device=q.device) if g else None
+                      for g in self.side_grads]
+        return self.compile_jobs(*self._args(out, q, k, v, stats, sides, rng, None, bits, dq, dk, dv,
+                                             _empty_delta(stats), dq_acc, dside_full))
 
     def __call__(self, dout, q, k, v, out, stats, sides, rng, flag, into, bits):
         side_grads = self.side_grads
@@ -472,19 +567,19 @@ class _BackwardPlan:
         if delta is None:
             delta = _empty_delta(stats)
             self.pre((out, dout, stats, delta, dq_acc, *self.pre_tail))
-        flag_arg = flag if flag is not None else stats
-        rng_arg = rng if self.dropout else stats
-        bits_arg = bits.view(torch.int32) if bits is not None else stats  # read as words (triton_common.saved_keep)
-        side_args = _interleave(sides, self.side_strides)
         # gradient of each side that needs one, per element of (B, Hq, Nq, Nk), reduced below
         dside_full = [torch.zeros(self.dside_shape, dtype=torch.float32, device=q.device) if g else None
                       for g in side_grads]
-        self.dkdv((q, k, v, dout, stats, delta, dk, dv, rng_arg, bits_arg, flag_arg, dq_acc, *self.dkdv_strides,
-                   *side_args, *self.dkdv_tail))
+        dkdv_args, dq_args = self._args(dout, q, k, v, stats, sides, rng, flag, bits, dq, dk, dv, delta, dq_acc,
+                                        dside_full)
+        if not self.compiled:  # first call: dQ's configurations compile together with dK/dV's, not after them
+            wait_for_backward_warmup()
+            compile_at_once(self.compile_jobs(dkdv_args, dq_args))
+            self.compiled = True
+        self.dkdv(dkdv_args)
         if self.fused:
             return dq.copy_(dq_acc), dk, dv, [None] * len(sides)
-        self.dq((q, k, v, dout, stats, delta, dq, rng_arg, bits_arg, flag_arg, *self.dq_strides, *side_args, *self.dq_scalars,
-                 *[d for d in dside_full if d is not None], *self.dq_tail))
+        self.dq(dq_args)
         if not any(side_grads):
             return dq, dk, dv, [None] * len(sides)
         dsides = []
