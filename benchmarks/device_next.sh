@@ -44,6 +44,8 @@
 #              attention tests (d64's new first dQ config)
 #   s20b       s19e's GPU tests of d64's new configurations; GPT-2 8x1024 flashfuse (norm_policy auto), Inductor on the
 #              hand-written model (the warm-up anchor), the SDPA rewrite, norm_policy always / never; cold caches each
+#   s20c       the backward's builds started at the forward: GPU tests, GPT-2 8x1024 warm-up with / without; the
+#              forward's list re-tuned (d64 causal n2048, d64 causal n1024 p 0.1); hand-written nanoGPT / HF padded
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -80,7 +82,7 @@ tune() {  # $1 tag, $2 seconds, $3 kernels ("DKDV DQ"), rest: attention_tune.py 
   local tag=$1 secs=$2 kernels=$3; shift 3
   timeout $secs python benchmarks/attention_tune.py --kernels $kernels --out $OUT --tag _$tag "$@" \
       > $OUT/tune_$tag.log 2>&1
-  echo "tune $tag rc=$?"; grep -E "DKDV|DQ |best" $OUT/tune_$tag.log | cut -c1-120
+  echo "tune $tag rc=$?"; grep -E "FWD|DKDV|DQ |best" $OUT/tune_$tag.log | cut -c1-120
 }
 gpt_2x4096() {  # $1 seconds: GPT-2 2x4096, flashfuse and the SDPA rewrite
   timeout $1 python benchmarks/train_gpt.py --configs 2x4096 --modes flashfuse,sdpa --out $OUT/b2x4096 --tag _2x4096 \
@@ -371,6 +373,20 @@ if [ "$PART" = s20b ]; then  # ~6-8 min: s19e's GPU tests of d64's new configura
   fresh_gpt sdpa 90 --configs 8x1024 --modes sdpa
   fresh_gpt ff_always 110 --configs 8x1024 --modes flashfuse --norm-policy always
   fresh_gpt ff_never 100 --configs 8x1024 --modes flashfuse --norm-policy never
+fi
+if [ "$PART" = s20c ]; then  # ~7.5 min: the backward's builds started at the forward (GPU tests, then GPT-2 8x1024's
+  # warm-up with and without, cold caches each); issue 4: the forward's list re-tuned with the fixed script (nanoGPT's
+  # d64 causal n2048, GPT-2's d64 causal n1024 p 0.1), hand-written nanoGPT / HF padded through compile
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 170 python -m pytest -q -p no:cacheprovider -m gpu tests/test_backward_warmup.py \
+      tests/test_attention_kernels.py > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+  fresh_gpt warm1 100 --configs 8x1024 --modes flashfuse
+  export FLASHFUSE_WARM_BACKWARD=0; fresh_gpt warm0 100 --configs 8x1024 --modes flashfuse; unset FLASHFUSE_WARM_BACKWARD
+  tune d64_causal_fwd 60 FWD --d 64 --n 2048 --causal yes
+  tune d64_causal_p01_fwd 60 FWD --d 64 --n 1024 --causal yes --dropout 0.1
+  timeout 60 python benchmarks/attention.py --part handwritten --cases nanogpt_causal hf_padded_causal \
+      --out /tmp/hw > $OUT/handwritten.log 2>&1
+  echo "handwritten rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten.log
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
