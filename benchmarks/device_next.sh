@@ -46,6 +46,8 @@
 #              hand-written model (the warm-up anchor), the SDPA rewrite, norm_policy always / never; cold caches each
 #   s20c       the backward's builds started at the forward: GPU tests, GPT-2 8x1024 warm-up with / without; the
 #              forward's list re-tuned (d64 causal n2048, d64 causal n1024 p 0.1); hand-written nanoGPT / HF padded
+#   s20d       s20b and s20c's first things in one call: GPU tests (warm-up, attention kernels), GPT-2 8x1024 with /
+#              without the backward warm-up, Inductor hand-written, SDPA rewrite; the forward re-tuned at d64 causal n2048
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -387,6 +389,18 @@ if [ "$PART" = s20c ]; then  # ~7.5 min: the backward's builds started at the fo
   timeout 60 python benchmarks/attention.py --part handwritten --cases nanogpt_causal hf_padded_causal \
       --out /tmp/hw > $OUT/handwritten.log 2>&1
   echo "handwritten rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten.log
+fi
+if [ "$PART" = s20d ]; then  # ~7-9 min, s20b and s20c's first things in one call (starts are scarce): GPU tests of the
+  # backward warm-up and the attention kernels; GPT-2 8x1024 with / without the warm-up, Inductor on the hand-written
+  # model and the SDPA rewrite (cold caches each); the forward's list re-tuned at nanoGPT's d64 causal n2048
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_backward_warmup.py \
+      tests/test_attention_kernels.py > $OUT/pytest_attention.log 2>&1
+  echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
+  fresh_gpt warm1 90 --configs 8x1024 --modes flashfuse
+  fresh_gpt inductor 100 --configs 8x1024 --modes inductor
+  export FLASHFUSE_WARM_BACKWARD=0; fresh_gpt warm0 90 --configs 8x1024 --modes flashfuse; unset FLASHFUSE_WARM_BACKWARD
+  fresh_gpt sdpa 70 --configs 8x1024 --modes sdpa
+  tune d64_causal_fwd 55 FWD --d 64 --n 2048 --causal yes
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
