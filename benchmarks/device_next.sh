@@ -48,6 +48,8 @@
 #              forward's list re-tuned (d64 causal n2048, d64 causal n1024 p 0.1); hand-written nanoGPT / HF padded
 #   s20d       s20b and s20c's first things in one call: GPU tests (warm-up, attention kernels), GPT-2 8x1024 with /
 #              without the backward warm-up, Inductor hand-written, SDPA rewrite; the forward re-tuned at d64 causal n2048
+#   s20e       where GPT-2 8x1024's warm-up goes, with / without the backward's builds ahead (flashfuse's log), the
+#              fixed GPU warm-up test, hand-written nanoGPT / HF padded through compile
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -401,6 +403,21 @@ if [ "$PART" = s20d ]; then  # ~7-9 min, s20b and s20c's first things in one cal
   export FLASHFUSE_WARM_BACKWARD=0; fresh_gpt warm0 90 --configs 8x1024 --modes flashfuse; unset FLASHFUSE_WARM_BACKWARD
   fresh_gpt sdpa 70 --configs 8x1024 --modes sdpa
   tune d64_causal_fwd 55 FWD --d 64 --n 2048 --causal yes
+fi
+if [ "$PART" = s20e ]; then  # ~5 min: where GPT-2 8x1024's warm-up goes with the backward's builds ahead and without
+  # (flashfuse's log: each attention plan's first call, the background builds; cold caches; off first this time), the
+  # fixed GPU warm-up test, hand-written nanoGPT / HF padded through compile (issue 4's <= 0.20 ms)
+  timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_backward_warmup.py > $OUT/pytest_warmup.log 2>&1
+  echo "pytest warm-up rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_warmup.log | tail -4
+  export FLASHFUSE_LOG=info
+  export FLASHFUSE_WARM_BACKWARD=0; fresh_gpt warm0 90 --configs 8x1024 --modes flashfuse; unset FLASHFUSE_WARM_BACKWARD
+  grep -E "attention (forward|backward)" $OUT/train_warm0.log | cut -c1-200
+  fresh_gpt warm1 90 --configs 8x1024 --modes flashfuse
+  grep -E "attention (forward|backward)" $OUT/train_warm1.log | cut -c1-200
+  unset FLASHFUSE_LOG
+  timeout 70 python benchmarks/attention.py --part handwritten --cases nanogpt_causal hf_padded_causal \
+      --out /tmp/hw > $OUT/handwritten.log 2>&1
+  echo "handwritten rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten.log
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do

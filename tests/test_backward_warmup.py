@@ -141,7 +141,9 @@ def test_the_warmup_compiles_the_kernels_the_backward_launches(not_expected, mon
 
 
 def _jit(kernel):
-    return getattr(kernel, "fn", kernel)  # an autotuner's JITFunction
+    """The JITFunction: the kernel itself, or the one under an autotuner (a JITFunction's own `.fn` is the
+    plain Python function)."""
+    return kernel if hasattr(kernel, "device_caches") else kernel.fn
 
 
 def _built(kernel) -> int:

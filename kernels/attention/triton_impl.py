@@ -16,6 +16,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,13 @@ from flashfuse.kernels.attention import codegen, dropout, triton_common
 from flashfuse.kernels.attention.op import empty_bnhd
 from flashfuse.kernels.launch import FixedLaunch, compile_ahead
 from flashfuse.kernels.launch import launcher as _launcher
+from flashfuse.log import logger
+
+_T0 = time.perf_counter()  # the warm-up's log lines say when, from here
+
+
+def _since() -> float:
+    return time.perf_counter() - _T0
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCK = threading.Lock()
@@ -301,10 +309,13 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     if plan is None:
         plan = _plan(key, lambda: _ForwardPlan(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
                                                flag_want, into, bits, empty_rows_zero))
+        t = time.perf_counter()
+        out, stats = plan(q, k, v, sides, rng, flag, into, bits)
+        logger.info("attention forward: a new plan's first call (builds, autotuning) %.2f s, at t=%.1f s",
+                    time.perf_counter() - t, _since())
         if warm_backward_too and flag is None and into is None:
-            out, stats = plan(q, k, v, sides, rng, flag, into, bits)
             warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits)
-            return out, stats
+        return out, stats
     return plan(q, k, v, sides, rng, flag, into, bits)
 
 
@@ -443,11 +454,14 @@ def warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng
     device = q.device
 
     def run():
+        t = time.perf_counter()
         with torch.cuda.device(device):
             try:
                 compile_at_once(jobs)
-            except Exception:  # noqa: BLE001 (best effort: the backward's first call compiles what is missing)
-                pass
+            except Exception as exc:  # noqa: BLE001 (best effort: the backward's first call compiles what is missing)
+                logger.info("attention backward builds ahead failed: %s: %s", type(exc).__name__, exc)
+        logger.info("attention backward builds ahead: %d kernels in %.2f s, done at t=%.1f s", len(jobs),
+                    time.perf_counter() - t, _since())
 
     thread = threading.Thread(target=run, name="flashfuse-backward-warmup", daemon=True)
     thread.start()
@@ -572,14 +586,22 @@ class _BackwardPlan:
                       for g in side_grads]
         dkdv_args, dq_args = self._args(dout, q, k, v, stats, sides, rng, flag, bits, dq, dk, dv, delta, dq_acc,
                                         dside_full)
-        if not self.compiled:  # first call: dQ's configurations compile together with dK/dV's, not after them
+        first = not self.compiled
+        if first:  # dQ's configurations compile together with dK/dV's, not after them
+            t0 = time.perf_counter()
             wait_for_backward_warmup()
+            t1 = time.perf_counter()
             compile_at_once(self.compile_jobs(dkdv_args, dq_args))
+            t2 = time.perf_counter()
             self.compiled = True
         self.dkdv(dkdv_args)
         if self.fused:
             return dq.copy_(dq_acc), dk, dv, [None] * len(sides)
         self.dq(dq_args)
+        if first:
+            logger.info("attention backward: a new plan's first call at t=%.1f s: waited %.2f s for the builds ahead, "
+                        "compiled %.2f s, first launches (autotuning) %.2f s", t0 - _T0, t1 - t0, t2 - t1,
+                        time.perf_counter() - t2)
         if not any(side_grads):
             return dq, dk, dv, [None] * len(sides)
         dsides = []
