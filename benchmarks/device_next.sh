@@ -50,6 +50,7 @@
 #              without the backward warm-up, Inductor hand-written, SDPA rewrite; the forward re-tuned at d64 causal n2048
 #   s20e       where GPT-2 8x1024's warm-up goes, with / without the backward's builds ahead (flashfuse's log), the
 #              fixed GPU warm-up test, hand-written nanoGPT / HF padded through compile
+#   s20f       s20e's least (~3.5 min): the GPU warm-up test, GPT-2 8x1024's warm-up with / without builds ahead, logged
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -418,6 +419,16 @@ if [ "$PART" = s20e ]; then  # ~5 min: where GPT-2 8x1024's warm-up goes with th
   timeout 70 python benchmarks/attention.py --part handwritten --cases nanogpt_causal hf_padded_causal \
       --out /tmp/hw > $OUT/handwritten.log 2>&1
   echo "handwritten rc=$?"; grep -E "^(nanogpt|hf_)" $OUT/handwritten.log
+fi
+if [ "$PART" = s20f ]; then  # ~3.5 min, s20e's least: the fixed GPU warm-up test; GPT-2 8x1024's warm-up with / without
+  # the backward's builds ahead, flashfuse's log of each attention plan's first call and of the background builds
+  timeout 50 python -m pytest -q -p no:cacheprovider -m gpu tests/test_backward_warmup.py > $OUT/pytest_warmup.log 2>&1
+  echo "pytest warm-up rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_warmup.log | tail -4
+  export FLASHFUSE_LOG=info
+  for w in 1 0; do
+    export FLASHFUSE_WARM_BACKWARD=$w; fresh_gpt warm$w 80 --configs 8x1024 --modes flashfuse
+    grep -E "attention (forward|backward)" $OUT/train_warm$w.log | cut -c1-200
+  done
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
