@@ -51,6 +51,7 @@
 #   s20e       where GPT-2 8x1024's warm-up goes, with / without the backward's builds ahead (flashfuse's log), the
 #              fixed GPU warm-up test, hand-written nanoGPT / HF padded through compile
 #   s20f       s20e's least (~3.5 min): the GPU warm-up test, GPT-2 8x1024's warm-up with / without builds ahead, logged
+#   s21a       GPT-2 8x1024's warm-up with / without builds ahead, order alternated (0 1 1 0), logged (~6 min)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -429,6 +430,14 @@ if [ "$PART" = s20f ]; then  # ~3.5 min, s20e's least: the fixed GPU warm-up tes
     export FLASHFUSE_WARM_BACKWARD=$w; fresh_gpt warm$w 80 --configs 8x1024 --modes flashfuse
     grep -E "attention (forward|backward)" $OUT/train_warm$w.log | cut -c1-200
   done
+fi
+if [ "$PART" = s21a ]; then  # ~6 min: GPT-2 8x1024's warm-up with / without the backward's builds ahead, the order
+  # alternated (s20d and s20f ran "with" first both times: the first process of a call pays cold caches), logged
+  export FLASHFUSE_LOG=info
+  for w in 0 1 1 0; do
+    export FLASHFUSE_WARM_BACKWARD=$w; fresh_gpt warm${w}_$RANDOM 80 --configs 8x1024 --modes flashfuse
+  done
+  grep -E "attention (forward|backward)" $OUT/train_warm*.log | cut -c1-200
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do
