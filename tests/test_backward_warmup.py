@@ -4,6 +4,7 @@ are the kernels the backward then launches, with the same specialization: checke
 (CPU, the interpreter), and on the GPU by the kernels' caches."""
 import math
 import os
+import types
 
 import pytest
 import sympy
@@ -88,6 +89,20 @@ def test_the_expectation_starts_a_warmup_at_a_forwards_first_call_only(not_expec
     ti._PLANS.clear()
     attention_op.attention(q, k, v, [], [], SCALED, 0.0, None, "ieee")
     assert len(calls) == 1
+
+
+def test_a_failing_warmup_never_fails_the_forward(monkeypatch):
+    """The stand-in plan raising (anything the backward's own call would report later) costs the warm-up only."""
+    ti = _ti()
+
+    def broken(*a):
+        raise ValueError("stand-in plan")
+
+    monkeypatch.setattr(ti, "INTERPRET", False)
+    monkeypatch.setattr(ti, "backward_standin_jobs", broken)
+    gpu_like = types.SimpleNamespace(is_cuda=True, device="cuda")
+    assert ti.warm_backward(None, gpu_like, None, None, None, [], [], SCALED, 0.0, None, "ieee", None) is False
+    assert ti._WARMUPS == []
 
 
 def _triton_spec(args) -> list:
