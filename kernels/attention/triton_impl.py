@@ -469,14 +469,15 @@ def warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng
 
     thread = threading.Thread(target=run, name="flashfuse-backward-warmup", daemon=True)
     thread.start()
-    _WARMUPS.append(thread)
+    _WARMUPS.append((thread, jobs))  # the stand-in tensors are freed here, on the main thread, once joined
     return True
 
 
 def wait_for_backward_warmup() -> None:
     """Join the background builds (a backward that found them half done would build the same configs again)."""
     while _WARMUPS:
-        _WARMUPS.pop().join()
+        thread, _jobs = _WARMUPS.pop()
+        thread.join()
 
 
 def attention_backward(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
