@@ -90,6 +90,16 @@ tune() {  # $1 tag, $2 seconds, $3 kernels ("DKDV DQ"), rest: attention_tune.py 
       > $OUT/tune_$tag.log 2>&1
   echo "tune $tag rc=$?"; grep -E "FWD|DKDV|DQ |best" $OUT/tune_$tag.log | cut -c1-120
 }
+pytest_d64_configs() {  # GPU tests of d64's session-19 configurations: the lists' first entries (dQ 64x32), then the
+  # added dK/dV entry 32x64 w4 s2 forced
+  local T="tests/test_attention_kernels.py::test_gpu_realistic tests/test_attention_kernels.py::test_gpu_gqa_dropout_bf16"
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 45 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
+      > $OUT/pytest_d64.log 2>&1
+  echo "pytest d64 first configs rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64.log | tail -4
+  FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 timeout 35 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
+      > $OUT/pytest_d64_dkdv_s2.log 2>&1
+  echo "pytest d64 dK/dV 32x64 s2 rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64_dkdv_s2.log | tail -4
+}
 gpt_2x4096() {  # $1 seconds: GPT-2 2x4096, flashfuse and the SDPA rewrite
   timeout $1 python benchmarks/train_gpt.py --configs 2x4096 --modes flashfuse,sdpa --out $OUT/b2x4096 --tag _2x4096 \
       > $OUT/train_2x4096.log 2>&1
@@ -329,13 +339,7 @@ fi
 if [ "$PART" = s19e ]; then  # ~3.5 min, the session's last device minutes: GPU tests of d64's new configurations
   # (first dQ config 64x32; the added dK/dV entry 32x64 w4 s2 forced), then GPT-2 8x1024 under norm_policy auto
   # (the producer rule: GPT-2's norms stay with Inductor) and always
-  T="tests/test_attention_kernels.py::test_gpu_realistic tests/test_attention_kernels.py::test_gpu_gqa_dropout_bf16"
-  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 45 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
-      > $OUT/pytest_d64.log 2>&1
-  echo "pytest d64 first configs rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64.log | tail -4
-  FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 timeout 35 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
-      > $OUT/pytest_d64_dkdv_s2.log 2>&1
-  echo "pytest d64 dK/dV 32x64 s2 rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64_dkdv_s2.log | tail -4
+  pytest_d64_configs
   for np in auto always; do
     TRITON_CACHE_DIR=/tmp/tc_$np timeout 70 python benchmarks/train_gpt.py --configs 8x1024 --modes flashfuse \
         --norm-policy $np --out $OUT/gpt1024_$np --tag _s19e_$np > $OUT/train_gpt1024_$np.log 2>&1
@@ -367,13 +371,7 @@ fresh_gpt() {  # $1 tag, $2 seconds, rest: train_gpt.py arguments; fresh Triton 
 if [ "$PART" = s20b ]; then  # ~6-8 min: s19e's GPU tests of d64's new configurations; issue 7: GPT-2 8x1024 flashfuse
   # under norm_policy auto (the producer rule), Inductor on the hand-written model (the warm-up target's anchor), the
   # SDPA rewrite, then norm_policy always / never; every run with cold caches
-  T="tests/test_attention_kernels.py::test_gpu_realistic tests/test_attention_kernels.py::test_gpu_gqa_dropout_bf16"
-  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 45 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
-      > $OUT/pytest_d64.log 2>&1
-  echo "pytest d64 first configs rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64.log | tail -4
-  FLASHFUSE_ATTN_AUTOTUNE=0 FLASHFUSE_ATTN_CFG_BWD_DKDV=32,64,4,2 timeout 35 python -m pytest -q -p no:cacheprovider -m gpu $T -k "64" \
-      > $OUT/pytest_d64_dkdv_s2.log 2>&1
-  echo "pytest d64 dK/dV 32x64 s2 rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_d64_dkdv_s2.log | tail -4
+  pytest_d64_configs
   fresh_gpt ff_auto 110 --configs 8x1024 --modes flashfuse --norm-policy auto
   fresh_gpt inductor 120 --configs 8x1024 --modes inductor
   fresh_gpt sdpa 90 --configs 8x1024 --modes sdpa
