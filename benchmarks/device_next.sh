@@ -51,7 +51,10 @@
 #   s20e       where GPT-2 8x1024's warm-up goes, with / without the backward's builds ahead (flashfuse's log), the
 #              fixed GPU warm-up test, hand-written nanoGPT / HF padded through compile
 #   s20f       s20e's least (~3.5 min): the GPU warm-up test, GPT-2 8x1024's warm-up with / without builds ahead, logged
-#   s21a       GPT-2 8x1024's warm-up with / without builds ahead, order alternated (0 1 1 0), logged (~6 min)
+#   s21a       GPT-2 8x1024's warm-up with / without the backward's builds ahead at the forward (session 20), order
+#              alternated (0 1 1 0), logged (~6 min); compile-time builds ahead off (FLASHFUSE_BUILD_AHEAD=0)
+#   s21b       the builds ahead at compile time (session 21): their GPU tests, then GPT-2 8x1024's warm-up with all builds
+#              ahead (the default) / none, order alternated (on off off on), logged (~7 min)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -381,7 +384,7 @@ fi
 if [ "$PART" = s20c ]; then  # ~7.5 min: the backward's builds started at the forward (GPU tests, then GPT-2 8x1024's
   # warm-up with and without, cold caches each); issue 4: the forward's list re-tuned with the fixed script (nanoGPT's
   # d64 causal n2048, GPT-2's d64 causal n1024 p 0.1), hand-written nanoGPT / HF padded through compile
-  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 170 python -m pytest -q -p no:cacheprovider -m gpu tests/test_backward_warmup.py \
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 170 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py \
       tests/test_attention_kernels.py > $OUT/pytest_attention.log 2>&1
   echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
   fresh_gpt warm1 100 --configs 8x1024 --modes flashfuse
@@ -395,7 +398,7 @@ fi
 if [ "$PART" = s20d ]; then  # ~7-9 min, s20b and s20c's first things in one call (starts are scarce): GPU tests of the
   # backward warm-up and the attention kernels; GPT-2 8x1024 with / without the warm-up, Inductor on the hand-written
   # model and the SDPA rewrite (cold caches each); the forward's list re-tuned at nanoGPT's d64 causal n2048
-  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_backward_warmup.py \
+  FLASHFUSE_ATTN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py \
       tests/test_attention_kernels.py > $OUT/pytest_attention.log 2>&1
   echo "pytest attention rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_attention.log | tail -6
   fresh_gpt warm1 90 --configs 8x1024 --modes flashfuse
@@ -407,7 +410,7 @@ fi
 if [ "$PART" = s20e ]; then  # ~5 min: where GPT-2 8x1024's warm-up goes with the backward's builds ahead and without
   # (flashfuse's log: each attention plan's first call, the background builds; cold caches; off first this time), the
   # fixed GPU warm-up test, hand-written nanoGPT / HF padded through compile (issue 4's <= 0.20 ms)
-  timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_backward_warmup.py > $OUT/pytest_warmup.log 2>&1
+  timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py > $OUT/pytest_warmup.log 2>&1
   echo "pytest warm-up rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_warmup.log | tail -4
   export FLASHFUSE_LOG=info
   export FLASHFUSE_WARM_BACKWARD=0; fresh_gpt warm0 90 --configs 8x1024 --modes flashfuse; unset FLASHFUSE_WARM_BACKWARD
@@ -421,7 +424,7 @@ if [ "$PART" = s20e ]; then  # ~5 min: where GPT-2 8x1024's warm-up goes with th
 fi
 if [ "$PART" = s20f ]; then  # ~3.5 min, s20e's least: the fixed GPU warm-up test; GPT-2 8x1024's warm-up with / without
   # the backward's builds ahead, flashfuse's log of each attention plan's first call and of the background builds
-  timeout 50 python -m pytest -q -p no:cacheprovider -m gpu tests/test_backward_warmup.py > $OUT/pytest_warmup.log 2>&1
+  timeout 50 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py > $OUT/pytest_warmup.log 2>&1
   echo "pytest warm-up rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_warmup.log | tail -4
   export FLASHFUSE_LOG=info
   for w in 1 0; do
@@ -431,11 +434,21 @@ if [ "$PART" = s20f ]; then  # ~3.5 min, s20e's least: the fixed GPU warm-up tes
 fi
 if [ "$PART" = s21a ]; then  # ~6 min: GPT-2 8x1024's warm-up with / without the backward's builds ahead, the order
   # alternated (s20d and s20f ran "with" first both times: the first process of a call pays cold caches), logged
-  export FLASHFUSE_LOG=info
+  export FLASHFUSE_LOG=info FLASHFUSE_BUILD_AHEAD=0
   for w in 0 1 1 0; do
     export FLASHFUSE_WARM_BACKWARD=$w; fresh_gpt warm${w}_$RANDOM 80 --configs 8x1024 --modes flashfuse
   done
   grep -E "attention (forward|backward)" $OUT/train_warm*.log | cut -c1-200
+fi
+if [ "$PART" = s21b ]; then  # ~7 min: the builds ahead at compile time: GPU tests (nothing left for the first calls to
+  # build), then GPT-2 8x1024's warm-up with every build ahead (the default) and with none, order alternated, logged
+  timeout 90 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py > $OUT/pytest_ahead.log 2>&1
+  echo "pytest builds ahead rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_ahead.log | tail -6
+  export FLASHFUSE_LOG=info
+  for w in 1 0 0 1; do
+    export FLASHFUSE_BUILD_AHEAD=$w FLASHFUSE_WARM_BACKWARD=$w; fresh_gpt ahead${w}_$RANDOM 80 --configs 8x1024 --modes flashfuse
+  done
+  grep -E "attention (forward|backward)|builds ahead" $OUT/train_ahead*.log | cut -c1-220
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do

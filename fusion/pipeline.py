@@ -81,6 +81,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: Config, graph_repo
             aten_gm.graph.eliminate_dead_code()
             aten_gm.graph.lint()
             aten_gm.recompile()
+            _build_ahead(aten_gm, example_inputs)
             return aten_gm
     except Exception as exc:  # never let a pass failure change the user's program: compile it as is
         graph_report.notes.append(f"passes skipped for this graph: {type(exc).__name__}: {exc}")
@@ -88,6 +89,17 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: Config, graph_repo
                        graph_report.index, type(exc).__name__, exc)
         del graph_report.matches[kept:]
     return None
+
+
+def _build_ahead(gm: fx.GraphModule, example_inputs: list) -> None:
+    """Queue the Triton builds of the graph's fused attention calls, which then overlap Inductor's compile of
+    the rest (passes/attention_build_ahead.py). A speed-up only: nothing it does can fail the compile."""
+    try:
+        from flashfuse.passes import attention_build_ahead
+
+        attention_build_ahead.start(gm, example_inputs)
+    except Exception as exc:  # noqa: BLE001
+        logger.info("attention builds ahead skipped for this graph: %s: %s", type(exc).__name__, exc)
 
 
 def rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs: list, config: Config, graph_report,

@@ -84,8 +84,8 @@ def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 # Whether a backward is expected in this process: set by the attention pass when it rewrites attention whose
 # inputs require grad (a training graph), and by the autograd formula's forward. A forward's first call of each
-# shape then starts compiling the backward's kernels in the background (triton_impl.warm_backward), unless
-# FLASHFUSE_WARM_BACKWARD=0.
+# shape then starts compiling the backward's kernels in the background (triton_impl.warm_backward), unless they
+# were queued at compile time (`build_ahead`) or FLASHFUSE_WARM_BACKWARD=0.
 _BACKWARD_EXPECTED = False
 
 
@@ -96,6 +96,23 @@ def expect_backward() -> None:
 
 def _warm_backward() -> bool:
     return _BACKWARD_EXPECTED and os.environ.get("FLASHFUSE_WARM_BACKWARD", "1") != "0"
+
+
+def build_ahead(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True,
+                empty_rows_zero=False, backward=False) -> bool:
+    """Called at compile time with stand-ins laid out like a flashfuse::attention call's arguments (the sides
+    with their values: masks are recognized from them as the call will): queue the Triton builds its first call,
+    and with `backward` its backward's, will need (triton_impl.build_ahead). Not for graphs captured in CUDA
+    graphs (`recognize_masks` off: the calls take the device mask check), nor with FLASHFUSE_BUILD_AHEAD=0 (or
+    FLASHFUSE_WARM_BACKWARD=0 for the backward's builds). Returns whether builds were queued."""
+    if not (recognize_masks and use_triton(q) and os.environ.get("FLASHFUSE_BUILD_AHEAD", "1") != "0"
+            and _has_triton_impl()):
+        return False
+    bits = _empty_bits(q, k, dropout_p, rng)
+    score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
+    return _triton().build_ahead(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
+                                 bits if bits.numel() else None, empty_rows_zero,
+                                 backward and os.environ.get("FLASHFUSE_WARM_BACKWARD", "1") != "0")
 
 
 # Registered with a plain torch.library.Library, not custom_op (kernels/registration.py says why).

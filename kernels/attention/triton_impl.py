@@ -301,22 +301,29 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
     backward then reads them instead of drawing again); bytes of key blocks the mask skips stay unwritten.
     `warm_backward_too`: a new plan (the first call of these shapes) also starts the backward's builds
     (`warm_backward`)."""
-    key = ("fwd", score_mod, tuple(scalars), dropout_p, precision, flag_want, empty_rows_zero,
-           None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
-           None if into is None else (_tkey(into[0]), _tkey(into[1])), None if bits is None else _tkey(bits),
-           _tkey(q), _tkey(k), _tkey(v), *[_tkey(s) for s in sides])
+    key = _forward_key(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, flag_want, into, bits,
+                       empty_rows_zero)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(key, lambda: _ForwardPlan(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
                                                flag_want, into, bits, empty_rows_zero))
         t = time.perf_counter()
+        waited = wait_for_builds_ahead(backward=False)
         out, stats = plan(q, k, v, sides, rng, flag, into, bits)
-        logger.info("attention forward: a new plan's first call (builds, autotuning) %.2f s, at t=%.1f s",
-                    time.perf_counter() - t, _since())
-        if warm_backward_too and flag is None and into is None:
+        logger.info("attention forward: a new plan's first call at t=%.1f s: waited %.2f s for the builds ahead, "
+                    "first launch (builds, autotuning) %.2f s", t - _T0, waited, time.perf_counter() - t - waited)
+        if warm_backward_too and flag is None and into is None and ("bwd", key) not in _AHEAD:
             warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits)
         return out, stats
     return plan(q, k, v, sides, rng, flag, into, bits)
+
+
+def _forward_key(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, flag, flag_want, into, bits,
+                 empty_rows_zero) -> tuple:
+    return ("fwd", score_mod, tuple(scalars), dropout_p, precision, flag_want, empty_rows_zero,
+            None if rng is None else _tkey(rng), None if flag is None else _tkey(flag),
+            None if into is None else (_tkey(into[0]), _tkey(into[1])), None if bits is None else _tkey(bits),
+            _tkey(q), _tkey(k), _tkey(v), *[_tkey(s) for s in sides])
 
 
 class _ForwardPlan:
@@ -353,20 +360,31 @@ class _ForwardPlan:
                                   {**meta, **blocks, "FLAG_WANT": flag_want, "EMPTY_ROWS_ZERO": empty_rows_zero,
                                    "GROUP_HEADS": _group_heads(score_mod)})
 
+    def _args(self, q, k, v, sides, rng, flag, bits, out, stats) -> tuple:
+        return (q, k, v, out, stats, rng if self.dropout else stats, bits if bits is not None else stats,
+                flag if flag is not None else stats, *self.strides, *_interleave(sides, self.side_strides), *self.tail)
+
+    def _outputs(self, q):
+        return empty_bnhd(self.out_shape, q), torch.empty(self.stats_shape, dtype=torch.float32, device=q.device)
+
+    def standin_jobs(self, q, k, v, sides, rng, bits) -> tuple:
+        """(compile jobs of the first call, out, row stats) for a call with tensors laid out like these, the
+        outputs fresh stand-ins: what `build_ahead` compiles before the first call."""
+        out, stats = self._outputs(q)
+        if self.empty or self.no_keys:
+            return [], out, stats
+        f = self.launch
+        return [(f.cached.kernel, f.grid, self._args(q, k, v, sides, rng, None, bits, out, stats), f.constexprs)], \
+            out, stats
+
     def __call__(self, q, k, v, sides, rng, flag, into, bits):
-        if into is not None:
-            out, stats = into
-        else:
-            out = empty_bnhd(self.out_shape, q)
-            stats = torch.empty(self.stats_shape, dtype=torch.float32, device=q.device)
+        out, stats = into if into is not None else self._outputs(q)
         if self.empty:
             return out, stats
         if self.no_keys:  # the row stats only feed the backward, which returns zeros without keys
             return out.zero_(), stats.zero_()
         with _quiet():
-            self.launch((q, k, v, out, stats, rng if self.dropout else stats, bits if bits is not None else stats,
-                         flag if flag is not None else stats,
-                         *self.strides, *_interleave(sides, self.side_strides), *self.tail))
+            self.launch(self._args(q, k, v, sides, rng, flag, bits, out, stats))
         return out, stats
 
 
@@ -412,13 +430,21 @@ def _use_fused_backward(side_grads, flag_want, into) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
-# ---- the backward's kernels compiled ahead ----
-# A training step's first backward compiled dK/dV's configurations, autotuned them, then did the same for dQ:
-# two rounds of ~2-2.7 s builds each (sm_90, GPT-2's case) on the critical path of the warm-up. Now a forward
-# plan's first call, when a backward is expected (op.expect_backward: the pass rewrote attention whose inputs
-# require grad), hands both kernels' builds to a background thread. They overlap the rest of the forward and
-# Inductor's compile of the backward graph (lazy: at the first backward); the backward's first call waits for them.
-_WARMUPS: list = []
+# ---- kernels compiled ahead ----
+# A training step's first call of each attention specialization compiled the forward's configurations, autotuned
+# them, and its first backward did the same for dK/dV's and then dQ's: rounds of ~2-4 s of builds (sm_90, GPT-2's
+# case) on the critical path of the warm-up. Two things move them off it:
+# - at compile time (`build_ahead`, called once the passes have rewritten a graph), the forward's and, in a
+#   training graph, the backward's builds for tensors laid out like the graph's example values; they overlap
+#   Inductor's compile of the rest of the graph;
+# - at a forward plan's first call, when a backward is expected and was not built ahead (`warm_backward`), the
+#   backward's builds; they overlap the rest of the forward and Inductor's compile of the backward graph.
+# One background thread builds the jobs in order (fewer builds at once beside Inductor's own work, and no two
+# threads compiling the same kernel). A plan's first call waits for the builds queued before it: a forward's for
+# the forwards', a backward's for all. The stand-in tensors are freed on the main thread, once their builds are done.
+_AHEAD: set = set()  # plan keys ("fwd", ...) and ("bwd", forward plan key) whose builds were queued at compile time
+_PENDING: list = []  # [kind ("forward" / "backward"), done event, jobs] in queue order
+_QUEUE = None
 
 
 def compile_at_once(jobs) -> None:
@@ -433,6 +459,60 @@ def compile_at_once(jobs) -> None:
             f.result()
 
 
+def _builder(queue) -> None:
+    while True:
+        kind, jobs, device, what, done = queue.get()
+        t = time.perf_counter()
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                compile_at_once(jobs)
+            logger.info("attention %s builds ahead (%s): %d kernels in %.2f s, done at t=%.1f s", kind, what,
+                        len(jobs), time.perf_counter() - t, _since())
+        except Exception as exc:  # noqa: BLE001 (best effort: the first call compiles what is missing)
+            logger.info("attention %s builds ahead (%s) failed: %s: %s", kind, what, type(exc).__name__, exc)
+        finally:
+            del jobs  # the main thread holds the stand-ins until it sees `done` (`_sweep`)
+            done.set()
+
+
+def _submit(kind: str, jobs: list, device, what: str) -> None:
+    global _QUEUE
+    if _QUEUE is None:
+        import queue
+        _QUEUE = queue.SimpleQueue()
+        threading.Thread(target=_builder, args=(_QUEUE,), name="flashfuse-builds-ahead", daemon=True).start()
+    _sweep()
+    done = threading.Event()
+    _PENDING.append([kind, done, jobs])
+    _QUEUE.put((kind, jobs, device, what, done))
+
+
+def _sweep() -> None:
+    """Forget the builds that are done (their stand-in tensors are freed here, on the main thread)."""
+    _PENDING[:] = [e for e in _PENDING if not e[1].is_set()]
+
+
+def wait_for_builds_ahead(backward: bool = True) -> float:
+    """Wait for the builds queued so far (`backward` False: up to the last forward's; the queue builds in order),
+    so that a first call does not compile the same kernels again. Returns the seconds waited."""
+    last = len(_PENDING) if backward else max((i + 1 for i, e in enumerate(_PENDING) if e[0] == "forward"), default=0)
+    if not last:
+        return 0.0
+    t = time.perf_counter()
+    _PENDING[last - 1][1].wait()
+    _sweep()
+    return time.perf_counter() - t
+
+
+
+def forward_standin_jobs(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits,
+                         empty_rows_zero=False) -> tuple:
+    """(compile jobs, out, row stats) of the first call of a forward with tensors laid out like these."""
+    plan = _ForwardPlan(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, -1, None, bits,
+                        empty_rows_zero)
+    return plan.standin_jobs(q, k, v, sides, rng, bits)
+
+
 def backward_standin_jobs(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits) -> list:
     """The compile jobs (compile_at_once) of the backward of a forward call that returned `out`, `stats`."""
     side_grads = (False,) * len(sides)
@@ -441,11 +521,47 @@ def backward_standin_jobs(out, q, k, v, stats, sides, scalars, score_mod, dropou
     return [] if plan.empty else plan.standin_jobs(out, q, k, v, stats, sides, rng, bits)
 
 
+def ahead_jobs(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits, empty_rows_zero,
+               backward: bool) -> tuple:
+    """(forward jobs, backward jobs) that `build_ahead` queues for stand-ins q, k, v, ...: what the first forward
+    call with tensors laid out like these would compile, and its backward's (empty when `backward` is off)."""
+    fwd, out, stats = forward_standin_jobs(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits,
+                                           empty_rows_zero)
+    bwd = backward_standin_jobs(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits) \
+        if backward and fwd else []
+    return fwd, bwd
+
+
+def build_ahead(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits=None, empty_rows_zero=False,
+                backward=False) -> bool:
+    """At compile time: queue the builds of the forward (and, with `backward`, of its backward) that a first call
+    with tensors laid out like the stand-ins q, k, v, ... (sides after mask recognition, op.build_ahead) will
+    launch. Once per plan key; not under the interpreter, nor on CPU tensors. Returns whether builds were queued."""
+    key = _forward_key(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, None, -1, None, bits,
+                       empty_rows_zero)
+    if INTERPRET or not q.is_cuda or key in _AHEAD or key in _PLANS:
+        return False
+    try:
+        fwd, bwd = ahead_jobs(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits, empty_rows_zero,
+                              backward)
+    except Exception as exc:  # noqa: BLE001 (a speed-up must never fail the compile: the first calls build as before)
+        logger.info("attention builds ahead skipped: %s: %s", type(exc).__name__, exc)
+        return False
+    if not fwd:
+        return False
+    _AHEAD.add(key)
+    _submit("forward", fwd, q.device, "compile time")
+    if bwd:
+        _AHEAD.add(("bwd", key))
+        _submit("backward", bwd, q.device, "compile time")
+    return True
+
+
 def warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits) -> bool:
-    """Start compiling the backward of this forward call (same specialization: score_mod after mask recognition,
-    the sides, dropout, saved bits) in a background thread. The sides are taken to need no gradient (a learned
-    bias's backward is another module: its build then happens at the backward as before). Returns whether a
-    warm-up started (not under the interpreter, nor on CPU tensors)."""
+    """Queue the builds of the backward of this forward call (same specialization: score_mod after mask
+    recognition, the sides, dropout, saved bits). The sides are taken to need no gradient (a learned bias's
+    backward is another module: its build then happens at the backward as before). Returns whether builds were
+    queued (not under the interpreter, nor on CPU tensors)."""
     if INTERPRET or not q.is_cuda:
         return False
     try:
@@ -455,29 +571,8 @@ def warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng
         return False
     if not jobs:
         return False
-    device = q.device
-
-    def run():
-        t = time.perf_counter()
-        with torch.cuda.device(device):
-            try:
-                compile_at_once(jobs)
-            except Exception as exc:  # noqa: BLE001 (best effort: the backward's first call compiles what is missing)
-                logger.info("attention backward builds ahead failed: %s: %s", type(exc).__name__, exc)
-        logger.info("attention backward builds ahead: %d kernels in %.2f s, done at t=%.1f s", len(jobs),
-                    time.perf_counter() - t, _since())
-
-    thread = threading.Thread(target=run, name="flashfuse-backward-warmup", daemon=True)
-    thread.start()
-    _WARMUPS.append((thread, jobs))  # the stand-in tensors are freed here, on the main thread, once joined
+    _submit("backward", jobs, q.device, "first forward call")
     return True
-
-
-def wait_for_backward_warmup() -> None:
-    """Join the background builds (a backward that found them half done would build the same configs again)."""
-    while _WARMUPS:
-        thread, _jobs = _WARMUPS.pop()
-        thread.join()
 
 
 def attention_backward(dout, q, k, v, out, stats, sides, scalars, score_mod, dropout_p, rng, side_needs_grad,
@@ -594,7 +689,7 @@ class _BackwardPlan:
         first = not self.compiled
         if first:  # dQ's configurations compile together with dK/dV's, not after them
             t0 = time.perf_counter()
-            wait_for_backward_warmup()
+            wait_for_builds_ahead()
             t1 = time.perf_counter()
             compile_at_once(self.compile_jobs(dkdv_args, dq_args))
             t2 = time.perf_counter()
