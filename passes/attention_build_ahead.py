@@ -86,8 +86,8 @@ def _standin(node, memo: dict, depth: int = 0):
     if _static(val):
         size = val.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(val.shape, val.stride())) \
             if val.numel() else val.storage_offset()
-        base = torch.empty(max(size, 1), dtype=val.dtype, device=val.device)
-        out = base.as_strided(tuple(val.shape), tuple(val.stride()), val.storage_offset())
+        base = _storage(val, max(size, 1) * val.element_size(), memo)
+        out = base.view(val.dtype).as_strided(tuple(val.shape), tuple(val.stride()), val.storage_offset())
     elif val is None and node.op == "call_function" and node.target in _REPLAYABLE and depth < 8:
         args = [_standin(a, memo, depth + 1) if isinstance(a, fx.Node) else a for a in node.args]
         if all(a is not None for a, n in zip(args, node.args) if isinstance(n, fx.Node)):
@@ -95,3 +95,24 @@ def _standin(node, memo: dict, depth: int = 0):
             out = out if isinstance(out, torch.Tensor) else None
     memo[node] = out
     return out
+
+
+def _storage(val, nbytes: int, memo: dict):
+    """Uninitialised bytes for a stand-in of `val`, shared by the stand-ins of views of one storage (q, k and v
+    split off one projection: one projection's memory, not three), at least `nbytes` long."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    try:
+        storage = val.untyped_storage()
+        key, total = ("storage", StorageWeakRef(storage)), storage.nbytes()
+    except Exception:  # noqa: BLE001 (no storage to share: a base of its own)
+        key, total = None, nbytes
+    if not isinstance(total, int) or total < nbytes:
+        key, total = None, nbytes
+    base = memo.get(key) if key is not None else None
+    if base is None:
+        base = torch.empty(total, dtype=torch.uint8, device=val.device)
+        if key is not None:
+            memo[key] = base
+    return base
+

@@ -300,6 +300,9 @@ def test_standins_keep_the_layout_of_views_and_casts():
     assert c.stride() == (5 * 32, 8, 32, 1)  # what the cast gives: dense, in the view's stride order
     sym = g.placeholder("s")
     assert _standin(sym, {}) is None  # no example value, nothing to replay
+    q = g.call_function(torch.ops.aten.slice.Tensor, (x, 2, 0, 32))
+    q.meta["val"] = x.meta["val"][:, :, :32]
+    assert _standin(q, memo).untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # one storage, as x's
 
 
 def test_the_builder_runs_in_order_and_a_forward_waits_for_the_forwards_only(monkeypatch, caplog):

@@ -495,6 +495,7 @@ def _sweep() -> None:
 def wait_for_builds_ahead(backward: bool = True) -> float:
     """Wait for the builds queued so far (`backward` False: up to the last forward's; the queue builds in order),
     so that a first call does not compile the same kernels again. Returns the seconds waited."""
+    _sweep()
     last = len(_PENDING) if backward else max((i + 1 for i, e in enumerate(_PENDING) if e[0] == "forward"), default=0)
     if not last:
         return 0.0
@@ -502,7 +503,6 @@ def wait_for_builds_ahead(backward: bool = True) -> float:
     _PENDING[last - 1][1].wait()
     _sweep()
     return time.perf_counter() - t
-
 
 
 def forward_standin_jobs(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits,
