@@ -3,15 +3,18 @@
 Not a rewrite. A training step's first attention call used to build and autotune the forward's kernel on the
 warm-up's critical path (3.8-4.3 s, GPT-2 8 x 1024 on the H100 host, docs/perf-notes.md "Session 20"), and its
 first backward the backward's. The graph already says what those calls will be: the shapes, strides and dtypes
-of q, k, v (their example values), and the mask sides' values when they are graph inputs (a tril buffer, which
-mask recognition reads as causal). So once the passes are done, each `flashfuse::attention` call whose
-arguments are all known gets stand-in tensors laid out like them, and op.build_ahead queues the builds of its
-forward (and, in a training graph, of its backward) on a background thread.
+of q, k, v (their example values), and the values of the mask sides, which mask recognition reads: a graph
+input (a tril buffer, read as causal), or computed from inputs by cheap, pure ops (HF's padding and causal
+masks, built from `attention_mask` and `arange`s), which `_Values` evaluates on the example inputs, the first
+call's own arguments. So once the passes are done, each `flashfuse::attention` call whose arguments are all
+known gets stand-in tensors laid out like them, and op.build_ahead queues the builds of its forward (and, in a
+training graph, of its backward) on a background thread.
 
 A stand-in only decides what is compiled, never what is computed: the call itself recognizes its masks and
-picks its kernels as before, and a wrong prediction costs background work only. Calls are skipped (and the log
-says why) when a shape is symbolic, or a side is computed in the graph (its values, hence the mask it
-recognizes as, are not known before the call)."""
+picks its kernels as before, and a wrong prediction costs background work only. Calls are skipped (the log
+says how many, and why) when a shape is symbolic, or a side's value is not known before the call (computed from
+activations or anything that requires grad, by random draws, in place, or too large to compute twice).
+"""
 from __future__ import annotations
 
 import operator
@@ -23,6 +26,8 @@ from flashfuse.log import logger
 
 aten = torch.ops.aten
 
+# matrix products: a side computed by one is computed from activations, not an input's mask
+_HEAVY = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.convolution, aten.linear}
 # the ops the attention pass puts between its inputs' example values and the attention call (views, the
 # autocast cast, GQA's expand), run on the stand-ins when a node it inserted has no example value
 _REPLAYABLE = {aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.expand.default,
@@ -35,23 +40,23 @@ def start(gm: fx.GraphModule, example_inputs) -> int:
     how many calls queued builds (0 on CPU without Triton's interpreter; calls of one specialization queue once)."""
     from flashfuse.kernels.attention import op as attention_op
 
-    queued = 0
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target != torch.ops.flashfuse.attention.default:
-            continue
-        standins, why = _standin_args(gm, node, example_inputs)
+    calls = [n for n in gm.graph.nodes
+             if n.op == "call_function" and n.target == torch.ops.flashfuse.attention.default]
+    queued, skipped, values = 0, [], _Values(gm, example_inputs)
+    for node in calls:
+        standins, why = _standin_args(node, values)
         if standins is None:
-            logger.info("attention builds ahead: not for %s: %s", node.name, why)
+            skipped.append(why)
             continue
         if attention_op.build_ahead(*standins, backward=bool(node.meta.get("flashfuse_backward"))):
             queued += 1
+    if skipped:
+        logger.info("attention builds ahead: %d of %d calls skipped (%s)", len(skipped), len(calls), skipped[0])
     return queued
 
 
-def _standin_args(gm: fx.GraphModule, node: fx.Node, example_inputs):
+def _standin_args(node: fx.Node, values: "_Values"):
     """(the call's arguments with stand-in tensors, None) or (None, why not)."""
-    from flashfuse.passes.attention import _concrete_side
-
     q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, *rest = node.args
     memo: dict = {}
     tensors = [_standin(n, memo) for n in (q, k, v)]
@@ -59,14 +64,83 @@ def _standin_args(gm: fx.GraphModule, node: fx.Node, example_inputs):
         return None, "q, k or v has a symbolic shape or no example value"
     side_values = []
     for s in sides:
-        t = _concrete_side(gm, s, example_inputs)
+        t = values.of(s)
         if t is None:
-            return None, f"side {s.name} is computed in the graph (its mask is recognized at the call)"
+            return None, f"side {s.name}: {values.why}"
         side_values.append(t)
     rng_t = None
     if rng is not None:
         rng_t = torch.empty(2, dtype=torch.int64, device=tensors[0].device)
     return (*tensors, side_values, list(scalars), score_mod, dropout_p, rng_t, precision, *rest), None
+
+
+class _Values:
+    """The values that nodes of the graph take at its first call, computed at compile time from the example
+    inputs (the first call's own arguments) where that is cheap and safe: a mask side and what it is computed from
+    (HF's padding and causal masks, built from `attention_mask` and `arange`s), never anything that requires grad,
+    draws random numbers or writes in place."""
+
+    LIMIT = 400  # nodes evaluated per graph, at most
+    MAX_NUMEL = 1 << 26  # elements of any one value (a (8, 1, 1024, 1024) mask is 1 << 23)
+
+    def __init__(self, gm: fx.GraphModule, example_inputs):
+        self.gm = gm
+        self.inputs = {p: x for p, x in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
+        self.done: dict = {}
+        self.evaluated = 0
+        self.why = ""
+
+    def of(self, node):
+        """The node's value, or None with the reason in `why`."""
+        try:
+            return self._value(node)
+        except _Unknown as exc:
+            self.why = str(exc)
+            return None
+
+    def _value(self, node):
+        if not isinstance(node, fx.Node):
+            return node
+        if node not in self.done:
+            self.done[node] = self._compute(node)
+        return self.done[node]
+
+    def _compute(self, node):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if node.op in ("placeholder", "get_attr"):
+            x = self.inputs.get(node) if node.op == "placeholder" else getattr(self.gm, node.target, None)
+            if not isinstance(x, torch.Tensor) or isinstance(x, FakeTensor):
+                raise _Unknown("its graph input has no real example value")
+            if x.requires_grad:
+                raise _Unknown("it is computed from a tensor that requires grad (activations, a learned bias)")
+            return x
+        if node.op != "call_function":
+            raise _Unknown(f"computed by {node.op} {node.target}")
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in target.tags:
+                raise _Unknown(f"computed by {target}, which draws random numbers")
+            if target._schema.is_mutable:
+                raise _Unknown(f"computed by {target}, which writes in place")
+            if target.namespace != "aten" or target.overloadpacket in _HEAVY:
+                raise _Unknown(f"computed by {target}, not a cheap, pure op")
+        elif target is not operator.getitem:
+            raise _Unknown(f"computed by {target}")
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not (isinstance(val.numel(), int) and val.numel() <= self.MAX_NUMEL):
+            raise _Unknown(f"{node.name} is too large to compute at compile time")
+        self.evaluated += 1
+        if self.evaluated > self.LIMIT:
+            raise _Unknown(f"more than {self.LIMIT} nodes to evaluate")
+        args = fx.node.map_arg(node.args, self._value)
+        kwargs = fx.node.map_arg(node.kwargs, self._value)
+        with torch.no_grad():
+            return target(*args, **kwargs)
+
+
+class _Unknown(Exception):
+    pass
 
 
 def _static(t) -> bool:

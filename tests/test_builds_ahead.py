@@ -219,6 +219,35 @@ def test_compile_time_builds_are_the_first_calls_builds(not_expected, monkeypatc
     _same_builds(backward[:2], bwd)
 
 
+@pytest.mark.parametrize("name", ["_bert", "_gpt2", "_llama"])
+def test_hf_masks_computed_from_the_inputs_are_evaluated_at_compile_time(not_expected, monkeypatch, name):
+    """HF's padding and causal masks are built in the graph from `attention_mask` and `arange`s: the compile
+    evaluates them on the example inputs (the first call's own), recognizes them (key counts, causal) and queues
+    the builds the first calls then launch."""
+    import test_real_models
+
+    ti = _ti()
+    ti._PLANS.clear()
+    seen = _spy_build_ahead(monkeypatch, ti)
+    monkeypatch.setattr(ti, "warm_backward", lambda *a: False)
+    launched = _record_launches(monkeypatch)
+    torch.manual_seed(0)
+    model, _ = getattr(test_real_models, name)()
+    ids = torch.randint(1, 101, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, -3:] = 0  # right padding
+    out = _compiled(model)(input_ids=ids, attention_mask=mask)
+    out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    assert len(seen) == test_real_models.LAYERS
+    fwd, bwd = seen[0]
+    assert len(fwd) == 1 and len(bwd) == 2
+    _same_builds(launched[:1], fwd)
+    n_forward = len(launched)
+    out.backward(torch.randn_like(out))
+    backward = [c for c in launched[n_forward:] if c[0] is not ti.triton_common.attn_bwd_preprocess]
+    _same_builds(backward[:2], bwd)
+
+
 def test_inference_graphs_build_the_forward_only(not_expected, monkeypatch):
     ti = _ti()
     seen = _spy_build_ahead(monkeypatch, ti)
@@ -228,30 +257,28 @@ def test_inference_graphs_build_the_forward_only(not_expected, monkeypatch):
     assert len(seen) == 1 and len(seen[0][0]) == 1 and seen[0][1] == []
 
 
-class ComputedMask(nn.Module):
-    """BERT's padding mask, computed in the graph from an input: its values (what mask recognition reads) are
-    not known at compile time."""
+class ComputedBias(nn.Module):
+    """A bias computed in the graph from activations (q requires grad): its values are not known before the call,
+    so what mask recognition makes of it is not either."""
 
-    def forward(self, q, k, v, mask):
-        att = q @ k.transpose(-2, -1) + (1.0 - mask[:, None, None, :]) * -1e9
+    def forward(self, q, k, v):
+        att = q @ k.transpose(-2, -1) + q.mean(-1, keepdim=True).sigmoid()
         return F.softmax(att, dim=-1) @ v
 
 
 def test_no_builds_ahead_for_computed_sides_symbolic_shapes_or_when_off(not_expected, monkeypatch, caplog):
     ti = _ti()
     seen = _spy_build_ahead(monkeypatch, ti)
-    q, k, v = (torch.randn(1, 2, 10, 8, device=_dev()) for _ in range(3))
-    mask = torch.ones(1, 10, device=_dev())
-    mask[:, 7:] = 0
+    q, k, v = (torch.randn(1, 2, 10, 8, device=_dev(), requires_grad=True) for _ in range(3))
     caplog.set_level(logging.INFO, logger="flashfuse")
-    out = _compiled(ComputedMask())(q, k, v, mask)
-    torch.testing.assert_close(out, ComputedMask()(q, k, v, mask))
+    out = _compiled(ComputedBias())(q, k, v)
+    torch.testing.assert_close(out, ComputedBias()(q, k, v))
     assert seen == []
-    assert "is computed in the graph" in caplog.text
+    assert "1 of 1 calls skipped (side " in caplog.text and "requires grad" in caplog.text
     torch._dynamo.reset()
     model = CausalSelfAttention(20, 2, 8, 0.0).to(_dev())
     _compiled(model, dynamic=True)(torch.randn(2, 12, 16, device=_dev()))
-    assert "fused attention" in caplog.text.split("is computed in the graph")[1]
+    assert "fused attention" in caplog.text.split("requires grad")[1]
     assert seen == [] and "symbolic shape" in caplog.text
     torch._dynamo.reset()
     monkeypatch.setenv("FLASHFUSE_BUILD_AHEAD", "0")
@@ -303,6 +330,45 @@ def test_standins_keep_the_layout_of_views_and_casts():
     q = g.call_function(torch.ops.aten.slice.Tensor, (x, 2, 0, 32))
     q.meta["val"] = x.meta["val"][:, :, :32]
     assert _standin(q, memo).untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # one storage, as x's
+
+
+def test_compile_time_values_only_of_cheap_pure_ops_on_inputs_that_need_no_grad(monkeypatch):
+    """What passes/attention_build_ahead.py computes at compile time to know a side's value: aten ops on real
+    example inputs. Never random draws, writes in place, matrix products, tensors that require grad, or values
+    above its size bound."""
+    import torch.fx as fx
+
+    from flashfuse.passes import attention_build_ahead as ab
+
+    aten = torch.ops.aten
+    g = fx.Graph()
+    m, w, f = g.placeholder("mask"), g.placeholder("weight"), g.placeholder("fake")
+    pad = g.call_function(aten.mul.Tensor, (g.call_function(aten.rsub.Scalar, (m, 1.0)), -1e9))
+    cases = {
+        "pad": pad,
+        "random": g.call_function(aten.add.Tensor, (pad, g.call_function(aten.rand.default, ([2, 5],)))),
+        "in place": g.call_function(aten.add_.Tensor, (pad, 1.0)),
+        "product": g.call_function(aten.mm.default, (pad, g.call_function(aten.t.default, (pad,)))),
+        "grad": g.call_function(aten.mul.Tensor, (w, 2.0)),
+        "fake": g.call_function(aten.mul.Tensor, (f, 2.0)),
+    }
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    inputs = [mask, torch.randn(2, 5, requires_grad=True), None]
+    values = ab._Values(gm, inputs)
+    torch.testing.assert_close(values.of(cases["pad"]), (1.0 - mask) * -1e9)
+    for name, why in [("random", "draws random numbers"), ("in place", "writes in place"), ("product", "not a cheap"),
+                      ("grad", "requires grad"), ("fake", "no real example value")]:
+        assert values.of(cases[name]) is None, name
+        assert why in values.why, (name, values.why)
+    pad.meta["val"] = torch.empty(2, 5)
+    monkeypatch.setattr(ab._Values, "MAX_NUMEL", 8)
+    assert ab._Values(gm, inputs).of(pad) is None
+    monkeypatch.setattr(ab._Values, "MAX_NUMEL", 1 << 26)
+    monkeypatch.setattr(ab._Values, "LIMIT", 1)
+    small = ab._Values(gm, inputs)
+    assert small.of(pad) is None and "more than 1 nodes" in small.why
 
 
 def test_the_builder_runs_in_order_and_a_forward_waits_for_the_forwards_only(monkeypatch, caplog):
