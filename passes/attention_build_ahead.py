@@ -128,7 +128,8 @@ class _Values:
         elif target is not operator.getitem:
             raise _Unknown(f"computed by {target}")
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and not (isinstance(val.numel(), int) and val.numel() <= self.MAX_NUMEL):
+        if isinstance(val, torch.Tensor) and not _is_view(target) and \
+                not (isinstance(val.numel(), int) and val.numel() <= self.MAX_NUMEL):
             raise _Unknown(f"{node.name} is too large to compute at compile time")
         self.evaluated += 1
         if self.evaluated > self.LIMIT:
@@ -141,6 +142,11 @@ class _Values:
 
 class _Unknown(Exception):
     pass
+
+
+def _is_view(target) -> bool:
+    """A view allocates nothing (a slice of a 65536² tril buffer): no size bound."""
+    return isinstance(target, torch._ops.OpOverload) and any(r.alias_info is not None for r in target._schema.returns)
 
 
 def _static(t) -> bool:

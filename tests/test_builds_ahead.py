@@ -335,7 +335,7 @@ def test_standins_keep_the_layout_of_views_and_casts():
 def test_compile_time_values_only_of_cheap_pure_ops_on_inputs_that_need_no_grad(monkeypatch):
     """What passes/attention_build_ahead.py computes at compile time to know a side's value: aten ops on real
     example inputs. Never random draws, writes in place, matrix products, tensors that require grad, or values
-    above its size bound."""
+    above its size bound (views excepted)."""
     import torch.fx as fx
 
     from flashfuse.passes import attention_build_ahead as ab
@@ -363,8 +363,11 @@ def test_compile_time_values_only_of_cheap_pure_ops_on_inputs_that_need_no_grad(
         assert values.of(cases[name]) is None, name
         assert why in values.why, (name, values.why)
     pad.meta["val"] = torch.empty(2, 5)
-    monkeypatch.setattr(ab._Values, "MAX_NUMEL", 8)
+    view = g.call_function(aten.slice.Tensor, (m, 1, 0, 4))
+    view.meta["val"] = torch.empty(2, 4)
+    monkeypatch.setattr(ab._Values, "MAX_NUMEL", 6)
     assert ab._Values(gm, inputs).of(pad) is None
+    assert ab._Values(gm, inputs).of(view).shape == (2, 4)  # a view allocates nothing: no bound
     monkeypatch.setattr(ab._Values, "MAX_NUMEL", 1 << 26)
     monkeypatch.setattr(ab._Values, "LIMIT", 1)
     small = ab._Values(gm, inputs)
