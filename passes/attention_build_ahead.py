@@ -40,8 +40,11 @@ def start(gm: fx.GraphModule, example_inputs) -> int:
     how many calls queued builds (0 on CPU without Triton's interpreter; calls of one specialization queue once)."""
     from flashfuse.kernels.attention import op as attention_op
 
+    # only calls that will run the Triton kernels (CUDA, or the interpreter's CPU tensors) and recognize masks on
+    # the host (not under CUDA graphs): nothing to build for the others
     calls = [n for n in gm.graph.nodes
-             if n.op == "call_function" and n.target == torch.ops.flashfuse.attention.default]
+             if n.op == "call_function" and n.target == torch.ops.flashfuse.attention.default
+             and _runs_triton(n.args[0], attention_op) and (len(n.args) < 10 or n.args[9])]
     queued, skipped, values = 0, [], _Values(gm, example_inputs)
     for node in calls:
         standins, why = _standin_args(node, values)
@@ -53,6 +56,19 @@ def start(gm: fx.GraphModule, example_inputs) -> int:
     if skipped:
         logger.info("attention builds ahead: %d of %d calls skipped (%s)", len(skipped), len(calls), skipped[0])
     return queued
+
+
+def _runs_triton(q: fx.Node, attention_op) -> bool:
+    """Whether the call's q lives where the Triton kernels run; q may be a cast the pass inserted without an example
+    value: its input's device then."""
+    for _ in range(8):
+        val = q.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return attention_op.use_triton(val)
+        if q.op != "call_function" or not q.args or not isinstance(q.args[0], fx.Node):
+            return False
+        q = q.args[0]
+    return False
 
 
 def _standin_args(node: fx.Node, values: "_Values"):

@@ -194,11 +194,13 @@ def _same_builds(launches, jobs):
         assert grid(blocks) == w_grid(blocks)
 
 
-@pytest.mark.parametrize("p,remainder", [(0.0, "eager"), (0.25, "eager"), (0.25, "inductor")])
-def test_compile_time_builds_are_the_first_calls_builds(not_expected, monkeypatch, p, remainder):
+@pytest.mark.parametrize("p,remainder,autocast", [(0.0, "eager", False), (0.25, "eager", False),
+                                                  (0.25, "inductor", False), (0.25, "eager", True)])
+def test_compile_time_builds_are_the_first_calls_builds(not_expected, monkeypatch, p, remainder, autocast):
     """What passes/attention_build_ahead.py queues at compile time, from the graph's example values and the tril
     buffer's value, against the launches of the first forward and backward calls: same kernels, same
-    specialization of every argument, constexprs and grid. Two layers of one specialization."""
+    specialization of every argument, constexprs and grid. Two layers of one specialization; under autocast
+    (GPT-2's benchmark: the pass casts q, k, v, nodes without example values) too."""
     ti = _ti()
     ti._PLANS.clear()
     seen = _spy_build_ahead(monkeypatch, ti)
@@ -207,7 +209,8 @@ def test_compile_time_builds_are_the_first_calls_builds(not_expected, monkeypatc
     torch.manual_seed(0)
     model = nn.Sequential(CausalSelfAttention(24, 2, 16, p), CausalSelfAttention(24, 2, 16, p)).to(_dev())
     x = torch.randn(2, 24, 32, device=_dev(), requires_grad=True)
-    out = _compiled(model, remainder)(x)
+    with torch.autocast(x.device.type, dtype=torch.float16, enabled=autocast):
+        out = _compiled(model, remainder)(x)
     assert len(seen) == 2  # one per call (under the interpreter nothing is queued, so nothing is deduplicated)
     fwd, bwd = seen[0]
     assert len(fwd) == 1 and len(bwd) == 2  # the forward; dK/dV and dQ
@@ -284,6 +287,12 @@ def test_no_builds_ahead_for_computed_sides_symbolic_shapes_or_when_off(not_expe
     monkeypatch.setenv("FLASHFUSE_BUILD_AHEAD", "0")
     _compiled(model)(torch.randn(2, 12, 16, device=_dev()))
     assert seen == []
+    if _dev() == "cpu":  # CPU tensors without the interpreter take the PyTorch reference: nothing to build
+        torch._dynamo.reset()
+        monkeypatch.delenv("FLASHFUSE_BUILD_AHEAD")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        _compiled(model)(torch.randn(2, 12, 16))
+        assert seen == []
 
 
 def test_a_failing_build_ahead_never_fails_the_compile(monkeypatch):
