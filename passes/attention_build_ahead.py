@@ -112,7 +112,9 @@ class _Values:
             return self._value(node)
         except _Unknown as exc:
             self.why = str(exc)
-            return None
+        except Exception as exc:  # noqa: BLE001 (an op that does not run on these values: not known, then)
+            self.why = f"evaluating it failed: {type(exc).__name__}: {exc}"
+        return None
 
     def _value(self, node):
         if not isinstance(node, fx.Node):
@@ -126,6 +128,8 @@ class _Values:
 
         if node.op in ("placeholder", "get_attr"):
             x = self.inputs.get(node) if node.op == "placeholder" else getattr(self.gm, node.target, None)
+            if isinstance(x, (int, float, bool)):
+                return x
             if not isinstance(x, torch.Tensor) or isinstance(x, FakeTensor):
                 raise _Unknown("its graph input has no real example value")
             if x.requires_grad:

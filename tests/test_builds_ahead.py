@@ -360,6 +360,7 @@ def test_compile_time_values_only_of_cheap_pure_ops_on_inputs_that_need_no_grad(
         "product": g.call_function(aten.mm.default, (pad, g.call_function(aten.t.default, (pad,)))),
         "grad": g.call_function(aten.mul.Tensor, (w, 2.0)),
         "fake": g.call_function(aten.mul.Tensor, (f, 2.0)),
+        "fails": g.call_function(aten.view.default, (m, [7])),
     }
     gm = fx.GraphModule(torch.nn.Module(), g)
     mask = torch.ones(2, 5)
@@ -368,7 +369,8 @@ def test_compile_time_values_only_of_cheap_pure_ops_on_inputs_that_need_no_grad(
     values = ab._Values(gm, inputs)
     torch.testing.assert_close(values.of(cases["pad"]), (1.0 - mask) * -1e9)
     for name, why in [("random", "draws random numbers"), ("in place", "writes in place"), ("product", "not a cheap"),
-                      ("grad", "requires grad"), ("fake", "no real example value")]:
+                      ("grad", "requires grad"), ("fake", "no real example value"),
+                      ("fails", "evaluating it failed: RuntimeError")]:
         assert values.of(cases[name]) is None, name
         assert why in values.why, (name, values.why)
     pad.meta["val"] = torch.empty(2, 5)
