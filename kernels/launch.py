@@ -131,6 +131,20 @@ _LAUNCHERS: dict = {}
 PARALLEL_COMPILE = os.environ.get("FLASHFUSE_PARALLEL_COMPILE", "1") != "0"
 
 
+# Autotuners keep their timings on disk (Triton's cache, keyed on the kernel's source, the GPU target, the
+# tuning key and the configs): a later process of the same program skips the autotuning its first calls did
+# (GPT-2: ~0.5 s for the forward, ~1.8 s for the backward's kernels, session 20 log), as its builds are
+# already skipped by Triton's cache. FLASHFUSE_AUTOTUNE_CACHE=0 times the configs in every process.
+AUTOTUNE_CACHE = os.environ.get("FLASHFUSE_AUTOTUNE_CACHE", "1") != "0"
+
+
+def autotune(fn, configs, key, **kwargs):
+    """`triton.autotune(configs=configs, key=key, **kwargs)(fn)`, its timings cached on disk (AUTOTUNE_CACHE)."""
+    import triton
+
+    return triton.autotune(configs=configs, key=key, cache_results=AUTOTUNE_CACHE, **kwargs)(fn)
+
+
 def compile_configs_at_once(tuner, grid, args, constexprs: dict) -> None:
     """Compile every config `tuner` (a triton.autotune wrapper) would time for these arguments, in threads,
     through Triton's AsyncCompileMode (Triton >= 3.4); the autotuner then finds them compiled. Best effort: a

@@ -231,3 +231,63 @@ def test_gpu_configs_compiled_at_once_are_the_ones_the_tuner_launches():
         cl(grid, (x, y, 1000, 3.0), {})
         torch.testing.assert_close(y, 3.0 * x)
     assert len(kernel_cache) == 3  # the tuner compiled nothing more
+
+
+def test_autotuners_keep_their_timings_on_disk_unless_told_not_to(monkeypatch):
+    """Both autotuned kernels (the attention kernels, the norm forward) are made by launch.autotune, which asks
+    Triton to keep the timings on disk (FLASHFUSE_AUTOTUNE_CACHE=0: not)."""
+    import triton
+
+    from flashfuse.kernels.attention import triton_impl
+    from flashfuse.kernels.norms import impl as norms
+
+    made = []
+    monkeypatch.setattr(triton, "autotune", lambda **kw: made.append(kw) or (lambda fn: ("tuned", fn)))
+    assert launch.autotune("fn", ["cfg"], ["n"], reset_to_zero=["Y"]) == ("tuned", "fn")
+    assert made[-1] == {"configs": ["cfg"], "key": ["n"], "cache_results": True, "reset_to_zero": ["Y"]}
+    monkeypatch.setattr(launch, "AUTOTUNE_CACHE", False)
+    launch.autotune("fn", ["cfg"], ["n"])
+    assert made[-1]["cache_results"] is False
+    monkeypatch.setattr(launch, "AUTOTUNE_CACHE", True)
+    monkeypatch.setattr(triton_impl, "INTERPRET", False)
+    monkeypatch.setattr(triton_impl, "_TUNED", {})
+    monkeypatch.delenv("FLASHFUSE_ATTN_AUTOTUNE", raising=False)
+    mod = type("Module", (), {"attn_fwd": "attn_fwd kernel"})
+    assert triton_impl._kernel(mod, "attn_fwd", 64)[0] == ("tuned", "attn_fwd kernel")
+    assert made[-1]["cache_results"] is True and made[-1]["key"] == ["Nq", "Nk", "D", "DV", "DROPOUT"]
+    norms._tuned_fwd.cache_clear()
+    try:
+        assert norms._tuned_fwd()[1] is norms.norm_fwd_kernel
+        assert made[-1]["cache_results"] is True and "prune_configs_by" in made[-1]
+    finally:
+        norms._tuned_fwd.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_a_later_autotuner_reads_the_timings_instead_of_timing(monkeypatch, tmp_path):
+    """A second process's autotuner (a new Autotuner object here) finds the first one's timings in Triton's cache
+    and picks the same config without timing any; the numbers are right."""
+    import triton
+    import triton.language as tl
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+
+    @triton.jit
+    def triple_kernel(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * 3.0, mask=offs < n)
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (64, 256)]
+    x = torch.randn(5000, device="cuda")
+    y = torch.empty_like(x)
+    grid = lambda m: (triton.cdiv(5000, m["BLOCK"]),)  # noqa: E731
+    first = launch.autotune(triple_kernel, configs, ["n"])
+    first[grid](x, y, 5000)
+    assert list(tmp_path.rglob("*.autotune.json"))
+    second = launch.autotune(triple_kernel, configs, ["n"])
+    monkeypatch.setattr(second, "_bench", lambda *a, **kw: pytest.fail("timed a config again"))
+    y.zero_()
+    second[grid](x, y, 5000)
+    assert second.best_config.kwargs == first.best_config.kwargs
+    torch.testing.assert_close(y, 3.0 * x)

@@ -24,7 +24,7 @@ import triton
 
 from flashfuse.kernels.attention import codegen, dropout, triton_common
 from flashfuse.kernels.attention.op import empty_bnhd
-from flashfuse.kernels.launch import FixedLaunch, compile_ahead
+from flashfuse.kernels.launch import FixedLaunch, autotune, compile_ahead
 from flashfuse.kernels.launch import launcher as _launcher
 from flashfuse.log import logger
 
@@ -163,7 +163,7 @@ def _kernel(mod, name: str, block_d: int, variant: str = ""):
                    for bm, bn, w, s in _TABLES[table_name][_dclass(block_d)]]
         # the trial runs add into DQacc: the autotuner zeroes it after them (the preprocess zeroes it per call)
         reset = ["DQacc"] if variant == "attn_bwd_fused" else None
-        tuned = triton.autotune(configs=configs, key=["Nq", "Nk", "D", "DV", "DROPOUT"], reset_to_zero=reset)(fn)
+        tuned = autotune(fn, configs, ["Nq", "Nk", "D", "DV", "DROPOUT"], reset_to_zero=reset)
         _TUNED[key] = tuned
     return tuned, {}
 

@@ -12,7 +12,7 @@ import os
 import torch
 import triton
 
-from flashfuse.kernels.launch import launcher
+from flashfuse.kernels.launch import autotune, launcher
 from flashfuse.kernels.norms.triton_kernels import (MAX_N, MID_BF16, MID_FP16, MID_NONE, column_sum_kernel,
                                                     norm_bwd_kernel, norm_fwd_kernel)
 
@@ -119,8 +119,8 @@ def _learn_bwd_per_sm(key, compiled, warps: int, device_index: int) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_fwd():
-    return triton.autotune(configs=_fwd_configs(), key=["N", "IS_RMS", "HAS_RES", "HAS_W", "HAS_B", "MID"],
-                           prune_configs_by={"early_config_prune": _prune_fwd})(norm_fwd_kernel)
+    return autotune(norm_fwd_kernel, _fwd_configs(), ["N", "IS_RMS", "HAS_RES", "HAS_W", "HAS_B", "MID"],
+                    prune_configs_by={"early_config_prune": _prune_fwd})
 
 
 @functools.lru_cache(maxsize=None)
