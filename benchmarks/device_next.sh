@@ -69,6 +69,8 @@ pack_out() {
 trap pack_out EXIT
 python -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | grep -v WARN | tail -2
 export FLASHFUSE_CACHE_DIR=/tmp/ffcache
+# every process times its configs (an A/B by an environment switch must not reuse the other arm's timings)
+export FLASHFUSE_AUTOTUNE_CACHE=0
 nvidia-smi --query-gpu=name --format=csv,noheader
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 ncu_case() {  # $1 label, $2 kernel regex, rest: row_stats arguments
