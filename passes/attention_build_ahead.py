@@ -120,8 +120,14 @@ class _Values:
         if not isinstance(node, fx.Node):
             return node
         if node not in self.done:
-            self.done[node] = self._compute(node)
-        return self.done[node]
+            try:
+                self.done[node] = self._compute(node)
+            except _Unknown as exc:
+                self.done[node] = exc  # the other layers' calls, reading the same mask, do not walk it again
+        out = self.done[node]
+        if isinstance(out, _Unknown):
+            raise out
+        return out
 
     def _compute(self, node):
         from torch._subclasses.fake_tensor import FakeTensor

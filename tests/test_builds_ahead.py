@@ -383,6 +383,8 @@ def test_compile_time_values_only_of_cheap_pure_ops_on_inputs_that_need_no_grad(
     monkeypatch.setattr(ab._Values, "LIMIT", 1)
     small = ab._Values(gm, inputs)
     assert small.of(pad) is None and "more than 1 nodes" in small.why
+    assert small.of(pad) is None and "more than 1 nodes" in small.why  # remembered: not walked again
+    assert small.evaluated == 2
 
 
 def test_the_builder_runs_in_order_and_a_forward_waits_for_the_forwards_only(monkeypatch, caplog):
