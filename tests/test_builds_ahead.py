@@ -94,6 +94,23 @@ def test_the_expectation_starts_a_warmup_at_a_forwards_first_call_only(not_expec
     assert len(calls) == 1
 
 
+def test_a_forward_does_not_queue_the_backward_builds_the_compile_queued(monkeypatch):
+    """The compile queued the backward's builds under this call's plan key: its first call does not queue them
+    again (the same key only: a call laid out otherwise queues its own)."""
+    ti = _ti()
+    ti._PLANS.clear()
+    calls = []
+    monkeypatch.setattr(ti, "warm_backward", lambda *a: calls.append(a) or False)
+    monkeypatch.setattr(ti, "_AHEAD", set())
+    q, k, v = (torch.randn(1, 2, 9, 16, device=_dev()) for _ in range(3))
+    ti._AHEAD.add(("bwd", ti._forward_key(q, k, v, [], [], SCALED, 0.0, None, "ieee", None, -1, None, None, False)))
+    ti.attention_forward(q, k, v, [], [], SCALED, 0.0, None, "ieee", warm_backward_too=True)
+    assert calls == []
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, another layout: another plan key
+    ti.attention_forward(qt, k, v, [], [], SCALED, 0.0, None, "ieee", warm_backward_too=True)
+    assert len(calls) == 1
+
+
 def test_a_failing_warmup_never_fails_the_forward(monkeypatch):
     """The stand-in plan raising (anything the backward's own call would report later) costs the warm-up only."""
     ti = _ti()
