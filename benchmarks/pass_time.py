@@ -2,7 +2,7 @@
 
     python benchmarks/pass_time.py
 Prints the median time of normalize and of the attention pass over several runs (target: pass <= 100 ms), and
-of the compile-time part of the builds ahead (passes/attention_build_ahead.py: stand-ins, mask values, mask
+of the compile-time part of the builds ahead (passes/build_ahead.py: stand-ins, mask values, mask
 recognition; the calls are made as on the interpreter's CPU tensors, so no build is queued).
 """
 import json
@@ -19,7 +19,7 @@ from demo import Block  # noqa: E402
 
 import flashfuse  # noqa: E402,F401
 from flashfuse.config import Config  # noqa: E402
-from flashfuse.passes import PassContext, attention_build_ahead, get_pass  # noqa: E402
+from flashfuse.passes import PassContext, build_ahead, get_pass  # noqa: E402
 from flashfuse.passes.normalize import to_aten  # noqa: E402
 from flashfuse.report import GraphReport  # noqa: E402
 
@@ -58,7 +58,7 @@ def main():
         before = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"  # the calls count as the interpreter's: stand-ins, values, recognition
         try:
-            attention_build_ahead.start(aten_gm, ex)
+            build_ahead.start(aten_gm, ex)
         finally:
             if before is None:
                 os.environ.pop("TRITON_INTERPRET")

@@ -93,11 +93,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: Config, graph_repo
 
 def _build_ahead(gm: fx.GraphModule, example_inputs: list) -> None:
     """Queue the Triton builds of the graph's fused attention calls, which then overlap Inductor's compile of
-    the rest (passes/attention_build_ahead.py). A speed-up only: nothing it does can fail the compile."""
+    the rest (passes/build_ahead.py). A speed-up only: nothing it does can fail the compile."""
     try:
-        from flashfuse.passes import attention_build_ahead
+        from flashfuse.passes import build_ahead
 
-        attention_build_ahead.start(gm, example_inputs)
+        build_ahead.start(gm, example_inputs)
     except Exception as exc:  # noqa: BLE001
         logger.info("attention builds ahead skipped for this graph: %s: %s", type(exc).__name__, exc)
 

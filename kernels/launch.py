@@ -16,9 +16,14 @@ look as expected, calls take Triton's own path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 
 import torch
+
+from flashfuse.log import logger
 
 _MAX_ENTRIES = 256
 _RUNTIME = None
@@ -93,6 +98,8 @@ class CachedLaunch:
             meta = compiled.launch_metadata(grid_xyz, stream, *bound)
             compiled.run(*grid_xyz, stream, compiled.function, compiled.packed_metadata, meta, enter, leave, *bound)
             return compiled
+        if _PENDING:  # a build ahead of this kernel may be under way: a second build of it would be wasted
+            wait_for_builds(kernel=self.kernel)
         if len(getattr(self.kernel, "configs", ())) > 1 and PARALLEL_COMPILE:
             compile_configs_at_once(self.kernel, grid, args, constexprs)
         compiled = self.kernel[grid](*args, **constexprs)  # Triton's own path: compiles, autotunes, launches
@@ -224,3 +231,85 @@ def _current_stream(driver):
     if get_raw is not None and torch.version.hip is None:
         return get_raw(torch._C._cuda_getDevice())
     return driver.active.get_current_stream(driver.active.get_current_device())
+
+
+
+# ---- builds ahead: one background builder ----
+# Kernels whose first call can be predicted (the attention ops' at compile time, from the graph's example values:
+# passes/build_ahead.py) are compiled by one daemon thread, job list after job list, each list's kernels
+# (and their configurations) in parallel; fewer builds at once beside Inductor's own work, and no two threads
+# compiling one kernel (Triton caches a build only once it is done). A launch that compiles (CachedLaunch's first
+# call of a specialization) first waits for the queued lists holding its kernel. The jobs' stand-in tensors are
+# dropped on the main thread, once their builds are done.
+_T0 = time.perf_counter()  # the warm-up's log lines say when, from here
+_PENDING: list = []  # [kind, done event, jobs] in queue order
+_QUEUE = None
+
+
+def since(t: float | None = None) -> float:
+    """Seconds from this module's import to `t` (now by default): the warm-up's log lines."""
+    return (time.perf_counter() if t is None else t) - _T0
+
+
+def compile_at_once(jobs) -> None:
+    """Compile each job's (kernel, grid, args, constexprs) configurations (compile_ahead), the jobs in parallel."""
+    if len(jobs) == 1:
+        compile_ahead(*jobs[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for f in [pool.submit(compile_ahead, *job) for job in jobs]:
+            f.result()
+
+
+def _builder(queue) -> None:
+    while True:
+        jobs, device, what, done = queue.get()
+        t = time.perf_counter()
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                compile_at_once(jobs)
+            logger.info("%s builds ahead: %d kernels in %.2f s, done at t=%.1f s", what, len(jobs),
+                        time.perf_counter() - t, since())
+        except Exception as exc:  # noqa: BLE001 (best effort: the first call compiles what is missing)
+            logger.info("%s builds ahead failed: %s: %s", what, type(exc).__name__, exc)
+        finally:
+            del jobs  # the main thread holds the stand-ins until it sees `done` (`_sweep`)
+            done.set()
+
+
+def submit(kind: str, jobs: list, device, what: str) -> None:
+    """Queue `jobs` ([(kernel, grid, args, constexprs)], compile_at_once) for the background builder. `kind` names
+    them for `wait_for_builds` ("forward", "backward"), `what` for the log."""
+    global _QUEUE
+    if _QUEUE is None:
+        import queue
+        _QUEUE = queue.SimpleQueue()
+        threading.Thread(target=_builder, args=(_QUEUE,), name="flashfuse-builds-ahead", daemon=True).start()
+    _sweep()
+    done = threading.Event()
+    _PENDING.append([kind, done, jobs])
+    _QUEUE.put((jobs, device, what, done))
+
+
+def _sweep() -> None:
+    """Forget the builds that are done (their stand-in tensors are freed here, on the main thread)."""
+    _PENDING[:] = [e for e in _PENDING if not e[1].is_set()]
+
+
+def wait_for_builds(kind: str | None = None, kernel=None) -> float:
+    """Wait for the queued builds: all of them, those of `kind`, or those that compile `kernel` (the queue builds
+    in order: up to the last such list). Returns the seconds waited."""
+    _sweep()
+    last = 0
+    for i, (k, _done, jobs) in enumerate(_PENDING):
+        if (kind is None or k == kind) and (kernel is None or any(job[0] is kernel for job in jobs)):
+            last = i + 1
+    if not last:
+        return 0.0
+    t = time.perf_counter()
+    _PENDING[last - 1][1].wait()
+    _sweep()
+    return time.perf_counter() - t
+

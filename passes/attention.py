@@ -1086,7 +1086,7 @@ def _fuse_one(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext, manual=Non
                  precision, not ctx.cuda_graphs, *([True] if post_fill is not None else []))
     if requires_grad(pv):
         attention_op.expect_backward()  # a training graph: the forward's first call starts the backward's builds
-        att.meta["flashfuse_backward"] = True  # and attention_build_ahead queues them at compile time
+        att.meta["flashfuse_backward"] = True  # and build_ahead queues them at compile time
     out = g.call(operator.getitem, att, 0)
     out_final = out
     if rank != 4:

@@ -1,5 +1,5 @@
 """The attention kernels compiled ahead, on a background thread: at compile time, once the passes have rewritten
-a graph (passes/attention_build_ahead.py: the forward's builds and, in a training graph, the backward's), and
+a graph (passes/build_ahead.py: the forward's builds and, in a training graph, the backward's), and
 at a forward's first call (triton_impl.warm_backward: the backward's, when they were not queued at compile
 time). The builds are only worth it when they are the kernels the first calls then launch, with the same
 specialization: checked here on the arguments (CPU, the interpreter), and on the GPU by the kernels' caches."""
@@ -122,7 +122,7 @@ def test_a_failing_warmup_never_fails_the_forward(monkeypatch):
     monkeypatch.setattr(ti, "backward_standin_jobs", broken)
     gpu_like = types.SimpleNamespace(is_cuda=True, device="cuda")
     assert ti.warm_backward(None, gpu_like, None, None, None, [], [], SCALED, 0.0, None, "ieee", None) is False
-    assert ti._PENDING == []
+    assert launch._PENDING == []
 
 
 def _triton_spec(args) -> list:
@@ -214,7 +214,7 @@ def _same_builds(launches, jobs):
 @pytest.mark.parametrize("p,remainder,autocast", [(0.0, "eager", False), (0.25, "eager", False),
                                                   (0.25, "inductor", False), (0.25, "eager", True)])
 def test_compile_time_builds_are_the_first_calls_builds(not_expected, monkeypatch, p, remainder, autocast):
-    """What passes/attention_build_ahead.py queues at compile time, from the graph's example values and the tril
+    """What passes/build_ahead.py queues at compile time, from the graph's example values and the tril
     buffer's value, against the launches of the first forward and backward calls: same kernels, same
     specialization of every argument, constexprs and grid. Two layers of one specialization; under autocast
     (GPT-2's benchmark: the pass casts q, k, v, nodes without example values) too."""
@@ -268,6 +268,60 @@ def test_hf_masks_computed_from_the_inputs_are_evaluated_at_compile_time(not_exp
     _same_builds(backward[:2], bwd)
 
 
+@pytest.mark.parametrize("name", ["_bert", "_llama"])
+def test_compile_time_norm_builds_are_the_first_calls_builds(monkeypatch, name):
+    """Each LayerNorm / RMSNorm call (plain and with the residual) queues at compile time the forward launch its
+    first call then makes: same kernel, Triton's specialization of every argument, constexprs and grid."""
+    import test_real_models
+
+    from flashfuse.kernels.norms import impl as norms
+
+    predicted, launched = [], []
+    real = norms._forward_launch
+    monkeypatch.setattr(norms, "build_ahead", lambda *a: predicted.append(real(*a)[2]) or False)
+
+    def record(*a):
+        out = real(*a)
+        launched.append(out[2])
+        return out
+
+    monkeypatch.setattr(norms, "_forward_launch", record)
+    torch.manual_seed(0)
+    model, _ = getattr(test_real_models, name)()
+    ids = torch.randint(1, 101, (2, 12))
+    torch.compile(model, backend=flashfuse.backend(remainder="eager"))(input_ids=ids,
+                                                                     attention_mask=torch.ones(2, 12, dtype=torch.long))
+    assert len(predicted) == len(launched) >= 2 * test_real_models.LAYERS
+    kinds = {tuple(job[3].items()) for job in predicted}
+    assert len(kinds) >= 2  # the residual forms and the plain one (the embeddings' or the final norm)
+    rows = {"ROWS": 2}
+    for (kernel, grid, args, consts), (w_kernel, w_grid, w_args, w_consts) in zip(launched, predicted):
+        assert kernel is w_kernel
+        assert _triton_spec(args) == _triton_spec(w_args)
+        assert consts == w_consts
+        assert grid(rows) == w_grid(rows)
+
+
+def test_norm_builds_are_queued_once_per_specialization(monkeypatch):
+    from flashfuse.kernels.norms import impl as norms
+
+    queued = []
+    monkeypatch.setattr(norms, "submit", lambda *a: queued.append(a))
+    monkeypatch.setattr(norms, "_AHEAD", set())
+    w = torch.randn(32)
+
+    def job(rows, width=32):
+        return norms.forward_standin_job(torch.randn(rows, width), None, w[:width], None, 1e-5, True, None,
+                                         torch.float32)
+
+    assert norms._queue(job(64), "cpu") is True
+    assert norms._queue(job(64), "cpu") is False  # another layer, the same specialization
+    assert norms._queue(job(63), "cpu") is True  # another row count: another specialization
+    assert norms._queue(job(64, 16), "cpu") is True  # another width
+    assert [a[0] for a in queued] == ["forward"] * 3
+    assert norms.build_ahead(torch.randn(4, 32), None, w, None, 1e-5, True, None, torch.float32) is False  # CPU
+
+
 def test_inference_graphs_build_the_forward_only(not_expected, monkeypatch):
     ti = _ti()
     seen = _spy_build_ahead(monkeypatch, ti)
@@ -313,12 +367,12 @@ def test_no_builds_ahead_for_computed_sides_symbolic_shapes_or_when_off(not_expe
 
 
 def test_a_failing_build_ahead_never_fails_the_compile(monkeypatch):
-    from flashfuse.passes import attention_build_ahead
+    from flashfuse.passes import build_ahead
 
     def broken(*a):
         raise RuntimeError("stand-ins")
 
-    monkeypatch.setattr(attention_build_ahead, "start", broken)
+    monkeypatch.setattr(build_ahead, "start", broken)
     torch.manual_seed(1)
     model = CausalSelfAttention(12, 2, 8, 0.0).to(_dev())
     x = torch.randn(2, 12, 16, device=_dev())
@@ -333,7 +387,7 @@ def test_standins_keep_the_layout_of_views_and_casts():
     example value is replayed on its input's stand-in (the layout the cast gives at the call)."""
     import torch.fx as fx
 
-    from flashfuse.passes.attention_build_ahead import _standin
+    from flashfuse.passes.build_ahead import _standin
 
     g = fx.Graph()
     x = g.placeholder("x")
@@ -359,12 +413,12 @@ def test_standins_keep_the_layout_of_views_and_casts():
 
 
 def test_compile_time_values_only_of_cheap_pure_ops_on_inputs_that_need_no_grad(monkeypatch):
-    """What passes/attention_build_ahead.py computes at compile time to know a side's value: aten ops on real
+    """What passes/build_ahead.py computes at compile time to know a side's value: aten ops on real
     example inputs. Never random draws, writes in place, matrix products, tensors that require grad, or values
     above its size bound (views excepted)."""
     import torch.fx as fx
 
-    from flashfuse.passes import attention_build_ahead as ab
+    from flashfuse.passes import build_ahead as ab
 
     aten = torch.ops.aten
     g = fx.Graph()
@@ -404,40 +458,60 @@ def test_compile_time_values_only_of_cheap_pure_ops_on_inputs_that_need_no_grad(
     assert small.evaluated == 2
 
 
-def test_the_builder_runs_in_order_and_a_forward_waits_for_the_forwards_only(monkeypatch, caplog):
-    ti = _ti()
+def test_the_builder_runs_in_order_and_a_first_call_waits_for_what_it_needs(monkeypatch, caplog):
+    """One background builder, lists in queue order: a forward's first call waits for the forward lists only, a
+    CachedLaunch compiling a kernel for the lists holding it, a backward's for all; a failing list is logged."""
     release = threading.Event()
     built = []
 
     def compile_at_once(jobs):
-        if jobs == ["bwd"]:
+        name = jobs[0][0]
+        if name == "bwd":
             assert release.wait(10)
-        if jobs == ["broken"]:
+        if name == "broken":
             raise RuntimeError("ptxas")
-        built.append(jobs[0])
+        built.append(name)
 
-    monkeypatch.setattr(ti, "compile_at_once", compile_at_once)
+    monkeypatch.setattr(launch, "compile_at_once", compile_at_once)
     cpu = torch.device("cpu")
     with caplog.at_level(logging.INFO, logger="flashfuse"):
-        ti._submit("forward", ["broken"], cpu, "test")
-        ti._submit("forward", ["fwd"], cpu, "test")
-        ti._submit("backward", ["bwd"], cpu, "test")
-        ti.wait_for_builds_ahead(backward=False)  # returns with the backward's build still blocked
-        assert built == ["fwd"] and len(ti._PENDING) == 1
+        launch.submit("forward", [("broken",)], cpu, "test")
+        launch.submit("forward", [("fwd",)], cpu, "test")
+        launch.submit("backward", [("bwd",)], cpu, "test")
+        launch.submit("backward", [("other",)], cpu, "test")
+        _ti().wait_for_builds_ahead(backward=False)  # returns with the backward's builds still blocked
+        assert built == ["fwd"] and len(launch._PENDING) == 2
+        launch.wait_for_builds(kernel="fwd")  # done already: returns at once
+        waiter = threading.Thread(target=launch.wait_for_builds, kwargs={"kernel": "other"})
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # "other" is queued behind the blocked "bwd"
         release.set()
-        ti.wait_for_builds_ahead()
-    assert built == ["fwd", "bwd"] and ti._PENDING == []
-    assert "builds ahead (test) failed: RuntimeError: ptxas" in caplog.text
+        waiter.join(10)
+        _ti().wait_for_builds_ahead()
+    assert built == ["fwd", "bwd", "other"] and launch._PENDING == []
+    assert "test builds ahead failed: RuntimeError: ptxas" in caplog.text
 
 
-def _jit(kernel):
-    """The JITFunction: the kernel itself, or the one under an autotuner (a JITFunction's own `.fn` is the
-    plain Python function)."""
-    return kernel if hasattr(kernel, "device_caches") else kernel.fn
+def test_a_cached_launch_waits_for_the_builds_of_its_kernel(monkeypatch):
+    """CachedLaunch's first call of a specialization (the one that compiles) waits for queued builds of its kernel."""
+    waited = []
+    monkeypatch.setattr(launch, "wait_for_builds", lambda kind=None, kernel=None: waited.append(kernel) or 0.0)
+    monkeypatch.setattr(launch, "_PENDING", [["forward", threading.Event(), []]])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_device=lambda: 0,
+                                                                get_current_stream=lambda d: 0))
+    monkeypatch.setattr(launch, "_RUNTIME", (driver, lambda: (None, None)))
 
+    class Kernel:
+        arg_names = ["x"]
 
-def _built(kernel) -> int:
-    return sum(len(c[0]) for c in _jit(kernel).device_caches.values())
+        def __getitem__(self, grid):
+            return lambda *args, **kw: None
+
+    k = Kernel()
+    launch.CachedLaunch(k)((1,), (torch.zeros(1),), {})
+    assert waited == [k]
 
 
 @pytest.mark.gpu
@@ -522,3 +596,32 @@ def test_gpu_compile_time_builds_leave_nothing_for_the_first_calls(not_expected,
     for a, r in ((out, ref), (xc.grad, xe.grad), (model.qkv.weight.grad, eager.qkv.weight.grad)):
         err = ((a.double() - r.double()).norm() / r.double().norm()).item()
         assert err < 1e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_compile_time_norm_builds_leave_nothing_for_the_first_call(monkeypatch):
+    """The norm forward kernel's cache is emptied when the compile queues its build; after the step it holds one
+    build: the first call built nothing of its own. The output matches eager."""
+    from flashfuse.kernels.norms import impl as norms
+
+    monkeypatch.setenv("FLASHFUSE_NORM_AUTOTUNE", "0")  # one configuration: one build
+    monkeypatch.setattr(norms, "_AHEAD", set())
+    queued = []
+    real = norms.build_ahead
+
+    def spy(*a):
+        job = norms.forward_standin_job(*a)
+        _jit(job[0]).device_caches.clear()
+        queued.append(job[0])
+        return real(*a)
+
+    monkeypatch.setattr(norms, "build_ahead", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.LayerNorm(256)).cuda()
+    x = torch.randn(4, 100, 256, device="cuda")
+    out = torch.compile(model, backend=flashfuse.backend(remainder="inductor", norm_policy="always"))(x)
+    out.sum().backward()
+    assert len(queued) == 1 and _built(queued[0]) == 1
+    torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
+

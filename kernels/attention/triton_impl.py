@@ -24,15 +24,9 @@ import triton
 
 from flashfuse.kernels.attention import codegen, dropout, triton_common
 from flashfuse.kernels.attention.op import empty_bnhd
-from flashfuse.kernels.launch import FixedLaunch, autotune, compile_ahead
+from flashfuse.kernels.launch import FixedLaunch, autotune, compile_at_once, since, submit, wait_for_builds
 from flashfuse.kernels.launch import launcher as _launcher
 from flashfuse.log import logger
-
-_T0 = time.perf_counter()  # the warm-up's log lines say when, from here
-
-
-def _since() -> float:
-    return time.perf_counter() - _T0
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCK = threading.Lock()
@@ -311,7 +305,7 @@ def attention_forward(q, k, v, sides, scalars, score_mod, dropout_p, rng, precis
         waited = wait_for_builds_ahead(backward=False)
         out, stats = plan(q, k, v, sides, rng, flag, into, bits)
         logger.info("attention forward: a new plan's first call at t=%.1f s: waited %.2f s for the builds ahead, "
-                    "first launch (builds, autotuning) %.2f s", t - _T0, waited, time.perf_counter() - t - waited)
+                    "first launch (builds, autotuning) %.2f s", since(t), waited, time.perf_counter() - t - waited)
         if warm_backward_too and flag is None and into is None and ("bwd", key) not in _AHEAD:
             warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng, precision, bits)
         return out, stats
@@ -433,76 +427,21 @@ def _use_fused_backward(side_grads, flag_want, into) -> bool:
 # ---- kernels compiled ahead ----
 # A training step's first call of each attention specialization compiled the forward's configurations, autotuned
 # them, and its first backward did the same for dK/dV's and then dQ's: rounds of ~2-4 s of builds (sm_90, GPT-2's
-# case) on the critical path of the warm-up. Two things move them off it:
+# case) on the critical path of the warm-up. Two things move them off it, through launch.submit's background
+# builder:
 # - at compile time (`build_ahead`, called once the passes have rewritten a graph), the forward's and, in a
 #   training graph, the backward's builds for tensors laid out like the graph's example values; they overlap
 #   Inductor's compile of the rest of the graph;
 # - at a forward plan's first call, when a backward is expected and was not built ahead (`warm_backward`), the
 #   backward's builds; they overlap the rest of the forward and Inductor's compile of the backward graph.
-# One background thread builds the jobs in order (fewer builds at once beside Inductor's own work, and no two
-# threads compiling the same kernel). A plan's first call waits for the builds queued before it: a forward's for
-# the forwards', a backward's for all. The stand-in tensors are freed on the main thread, once their builds are done.
+# A plan's first call waits for the builds queued before it: a forward's for the forwards', a backward's for all.
 _AHEAD: set = set()  # plan keys ("fwd", ...) and ("bwd", forward plan key) whose builds were queued at compile time
-_PENDING: list = []  # [kind ("forward" / "backward"), done event, jobs] in queue order
-_QUEUE = None
-
-
-def compile_at_once(jobs) -> None:
-    """Compile each job's configurations (launch.compile_ahead), the jobs in parallel threads."""
-    if len(jobs) == 1:
-        compile_ahead(*jobs[0])
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        for f in [pool.submit(compile_ahead, *job) for job in jobs]:
-            f.result()
-
-
-def _builder(queue) -> None:
-    while True:
-        kind, jobs, device, what, done = queue.get()
-        t = time.perf_counter()
-        try:
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                compile_at_once(jobs)
-            logger.info("attention %s builds ahead (%s): %d kernels in %.2f s, done at t=%.1f s", kind, what,
-                        len(jobs), time.perf_counter() - t, _since())
-        except Exception as exc:  # noqa: BLE001 (best effort: the first call compiles what is missing)
-            logger.info("attention %s builds ahead (%s) failed: %s: %s", kind, what, type(exc).__name__, exc)
-        finally:
-            del jobs  # the main thread holds the stand-ins until it sees `done` (`_sweep`)
-            done.set()
-
-
-def _submit(kind: str, jobs: list, device, what: str) -> None:
-    global _QUEUE
-    if _QUEUE is None:
-        import queue
-        _QUEUE = queue.SimpleQueue()
-        threading.Thread(target=_builder, args=(_QUEUE,), name="flashfuse-builds-ahead", daemon=True).start()
-    _sweep()
-    done = threading.Event()
-    _PENDING.append([kind, done, jobs])
-    _QUEUE.put((kind, jobs, device, what, done))
-
-
-def _sweep() -> None:
-    """Forget the builds that are done (their stand-in tensors are freed here, on the main thread)."""
-    _PENDING[:] = [e for e in _PENDING if not e[1].is_set()]
 
 
 def wait_for_builds_ahead(backward: bool = True) -> float:
-    """Wait for the builds queued so far (`backward` False: up to the last forward's; the queue builds in order),
-    so that a first call does not compile the same kernels again. Returns the seconds waited."""
-    _sweep()
-    last = len(_PENDING) if backward else max((i + 1 for i, e in enumerate(_PENDING) if e[0] == "forward"), default=0)
-    if not last:
-        return 0.0
-    t = time.perf_counter()
-    _PENDING[last - 1][1].wait()
-    _sweep()
-    return time.perf_counter() - t
+    """Wait for the builds queued so far (`backward` False: up to the last forward's), so that a first call does
+    not compile the same kernels again. Returns the seconds waited."""
+    return wait_for_builds(None if backward else "forward")
 
 
 def forward_standin_jobs(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, bits,
@@ -550,10 +489,10 @@ def build_ahead(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, b
     if not fwd:
         return False
     _AHEAD.add(key)
-    _submit("forward", fwd, q.device, "compile time")
+    submit("forward", fwd, q.device, "attention forward, compile time")
     if bwd:
         _AHEAD.add(("bwd", key))
-        _submit("backward", bwd, q.device, "compile time")
+        submit("backward", bwd, q.device, "attention backward, compile time")
     return True
 
 
@@ -571,7 +510,7 @@ def warm_backward(out, q, k, v, stats, sides, scalars, score_mod, dropout_p, rng
         return False
     if not jobs:
         return False
-    _submit("backward", jobs, q.device, "first forward call")
+    submit("backward", jobs, q.device, "attention backward, first forward call")
     return True
 
 
@@ -700,7 +639,7 @@ class _BackwardPlan:
         self.dq(dq_args)
         if first:
             logger.info("attention backward: a new plan's first call at t=%.1f s: waited %.2f s for the builds ahead, "
-                        "compiled %.2f s, first launches (autotuning) %.2f s", t0 - _T0, t1 - t0, t2 - t1,
+                        "compiled %.2f s, first launches (autotuning) %.2f s", since(t0), t1 - t0, t2 - t1,
                         time.perf_counter() - t2)
         if not any(side_grads):
             return dq, dk, dv, [None] * len(sides)

@@ -12,7 +12,7 @@ import os
 import torch
 import triton
 
-from flashfuse.kernels.launch import autotune, launcher
+from flashfuse.kernels.launch import autotune, launcher, spec_key, submit
 from flashfuse.kernels.norms.triton_kernels import (MAX_N, MID_BF16, MID_FP16, MID_NONE, column_sum_kernel,
                                                     norm_bwd_kernel, norm_fwd_kernel)
 
@@ -131,9 +131,26 @@ def _sm_count(device_index: int) -> int:
 # ---------------------------------------------------------------------------------------------- forward
 def norm_forward(x, residual, weight, bias, eps: float, is_rms: bool, mid_dtype, out_dtype):
     """Returns (y, h); h is None without a residual."""
-    n = x.shape[-1]
     if not _use_triton(x):
         return reference_forward(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype)
+    y, h, job = _forward_launch(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype)
+    if job is None:
+        return y, h
+    kernel, grid, args, flags = job
+    if x.is_cuda:
+        with torch.cuda.device(x.device):
+            # launcher(): Triton's compiled kernel launched directly after the first call (kernels/launch.py)
+            launcher(kernel)(grid, args, flags)
+    else:  # interpreter: one row per program is the fastest to interpret
+        flags = {k: v for k, v in flags.items() if k not in ("ROWS", "num_warps")}
+        norm_fwd_kernel[(args[6],)](*args, **flags, ROWS=1)
+    return y, h
+
+
+def _forward_launch(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype):
+    """(y, h, the CUDA launch (kernel, grid, args, constexprs) or None when there are no rows), the outputs
+    allocated: what norm_forward launches, and what `build_ahead` compiles for stand-ins."""
+    n = x.shape[-1]
     x2 = _rows(x, n)
     m = x2.shape[0]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -148,23 +165,47 @@ def norm_forward(x, residual, weight, bias, eps: float, is_rms: bool, mid_dtype,
     w = _flat_param(weight, n)
     b = _flat_param(bias, n)
     if m == 0:
-        return y, h
+        return y, h, None
     block_n = triton.next_power_of_2(n)
     args = (x2, r2, h2, w if w is not None else x2, b if b is not None else x2, y2, m, n,
             x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0), float(eps))
     flags = dict(IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=w is not None, HAS_B=b is not None,
                  MID=mid_code(mid_dtype), BLOCK_N=block_n)
-    if x.is_cuda:
-        with torch.cuda.device(x.device):
-            # launcher(): Triton's compiled kernel launched directly after the first call (kernels/launch.py)
-            if _autotune_enabled():
-                launcher(_tuned_fwd())(lambda meta: (triton.cdiv(m, meta["ROWS"]),), args, flags)
-            else:
-                rows, warps = heuristic_fwd(block_n)
-                launcher(norm_fwd_kernel)((triton.cdiv(m, rows),), args, {**flags, "ROWS": rows, "num_warps": warps})
-    else:  # interpreter: one row per program is the fastest to interpret
-        norm_fwd_kernel[(m,)](*args, **flags, ROWS=1)
-    return y, h
+    if _autotune_enabled():
+        return y, h, (_tuned_fwd(), lambda meta: (triton.cdiv(m, meta["ROWS"]),), args, flags)
+    rows, warps = heuristic_fwd(block_n)
+    return y, h, (norm_fwd_kernel, (triton.cdiv(m, rows),), args, {**flags, "ROWS": rows, "num_warps": warps})
+
+
+# Norm forwards whose builds were queued at compile time (passes/build_ahead.py), by what Triton
+# specializes on: one queue per specialization, whatever the number of layers.
+_AHEAD: set = set()
+
+
+def forward_standin_job(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype):
+    """The launch a first norm forward with tensors laid out like these makes (None: none)."""
+    return _forward_launch(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype)[2]
+
+
+def build_ahead(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype) -> bool:
+    """At compile time: queue the builds of the norm forward a first call with tensors laid out like the stand-ins
+    will launch (launch.submit). CUDA only. Returns whether builds were queued."""
+    if not (x.is_cuda and _use_triton(x)):
+        return False
+    return _queue(forward_standin_job(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype), x.device)
+
+
+def _queue(job, device) -> bool:
+    """Queue `job`'s builds once per specialization (the layers of a model share one)."""
+    if job is None:
+        return False
+    kernel, _grid, args, flags = job
+    key = (id(kernel), spec_key(args), tuple(flags.items()))
+    if key in _AHEAD:
+        return False
+    _AHEAD.add(key)
+    submit("forward", [job], device, "norm forward, compile time")
+    return True
 
 
 def reference_forward(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype):

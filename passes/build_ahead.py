@@ -1,19 +1,21 @@
-"""After the passes: queue the Triton builds of each fused attention call while Inductor compiles the rest.
+"""After the passes: queue the Triton builds of the fused calls while Inductor compiles the rest of the graph.
 
 Not a rewrite. A training step's first attention call used to build and autotune the forward's kernel on the
 warm-up's critical path (3.8-4.3 s, GPT-2 8 x 1024 on the H100 host, docs/perf-notes.md "Session 20"), and its
-first backward the backward's. The graph already says what those calls will be: the shapes, strides and dtypes
-of q, k, v (their example values), and the values of the mask sides, which mask recognition reads: a graph
-input (a tril buffer, read as causal), or computed from inputs by cheap, pure ops (HF's padding and causal
-masks, built from `attention_mask` and `arange`s), which `_Values` evaluates on the example inputs, the first
-call's own arguments. So once the passes are done, each `flashfuse::attention` call whose arguments are all
-known gets stand-in tensors laid out like them, and op.build_ahead queues the builds of its forward (and, in a
-training graph, of its backward) on a background thread.
+first backward the backward's; a norm's first call its forward's configurations. The graph already says what
+those calls will be: the shapes, strides and dtypes of their tensors (their example values), and, for attention,
+the values of the mask sides, which mask recognition reads: a graph input (a tril buffer, read as causal), or
+computed from inputs by cheap, pure ops (HF's padding and causal masks, built from `attention_mask` and
+`arange`s), which `_Values` evaluates on the example inputs, the first call's own arguments. So once the passes
+are done, each `flashfuse::attention` call whose arguments are all known gets stand-in tensors laid out like
+them, and op.build_ahead queues the builds of its forward (and, in a training graph, of its backward) on the
+background builder (kernels/launch.py); each norm call (`flashfuse::layer_norm`, `rms_norm` and their `add_`
+forms) queues its forward's (norms/impl.build_ahead).
 
 A stand-in only decides what is compiled, never what is computed: the call itself recognizes its masks and
-picks its kernels as before, and a wrong prediction costs background work only. Calls are skipped (the log
-says how many, and why) when a shape is symbolic, or a side's value is not known before the call (computed from
-activations or anything that requires grad, by random draws, in place, or too large to compute twice).
+picks its kernels as before, and a wrong prediction costs background work only. Attention calls are skipped (the
+log says how many, and why) when a shape is symbolic, or a side's value is not known before the call (computed
+from activations or anything that requires grad, by random draws, in place, or too large to compute twice).
 """
 from __future__ import annotations
 
@@ -35,9 +37,50 @@ _REPLAYABLE = {aten.view.default, aten.reshape.default, aten.unsqueeze.default, 
                aten._to_copy.default, aten.clone.default, operator.getitem}
 
 
+# the norm ops (flashfuse::<name>, flashfuse::add_<name>) -> is_rms
+_NORMS = {"layer_norm": False, "rms_norm": True}
+
+
 def start(gm: fx.GraphModule, example_inputs) -> int:
-    """Queue the builds of every attention call of the rewritten graph `gm` whose arguments are known. Returns
-    how many calls queued builds (0 on CPU without Triton's interpreter; calls of one specialization queue once)."""
+    """Queue the builds of every attention and norm call of the rewritten graph `gm` whose arguments are known.
+    Returns how many calls queued builds (none on CPU: only CUDA builds are queued; calls of one specialization
+    queue once)."""
+    return _start_attention(gm, example_inputs) + _start_norms(gm)
+
+
+def _norm_calls(gm: fx.GraphModule):
+    """(node, is_rms, with a residual) of each norm call."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or \
+                target.namespace != "flashfuse":
+            continue
+        name = target._schema.name.split("::", 1)[1]
+        residual = name.startswith("add_")
+        is_rms = _NORMS.get(name[4:] if residual else name)
+        if is_rms is not None:
+            yield node, is_rms, residual
+
+
+def _start_norms(gm: fx.GraphModule) -> int:
+    calls = list(_norm_calls(gm))
+    if not calls or not any(_runs_triton(node.args[0], _attention_op()) for node, *_ in calls):
+        return 0
+    from flashfuse.kernels.norms import impl as norms  # imports triton: only for graphs that need it
+
+    queued, memo = 0, {}
+    for node, is_rms, residual in calls:
+        x, *rest = node.args
+        r, (weight, bias, eps, mid_dtype, out_dtype) = (rest[0], rest[1:]) if residual else (None, rest)
+        tensors = [_standin(t, memo) if isinstance(t, fx.Node) else None for t in (x, r, weight, bias)]
+        if tensors[0] is None or any(t is None for t, n in zip(tensors, (x, r, weight, bias)) if n is not None):
+            continue  # a symbolic shape
+        if norms.build_ahead(*tensors, eps, is_rms, mid_dtype, out_dtype):
+            queued += 1
+    return queued
+
+
+def _start_attention(gm: fx.GraphModule, example_inputs) -> int:
     from flashfuse.kernels.attention import op as attention_op
 
     # only calls that will run the Triton kernels (CUDA, or the interpreter's CPU tensors) and recognize masks on
@@ -56,6 +99,12 @@ def start(gm: fx.GraphModule, example_inputs) -> int:
     if skipped:
         logger.info("attention builds ahead: %d of %d calls skipped (%s)", len(skipped), len(calls), skipped[0])
     return queued
+
+
+def _attention_op():
+    from flashfuse.kernels.attention import op
+
+    return op
 
 
 def _runs_triton(q: fx.Node, attention_op) -> bool:
