@@ -53,8 +53,8 @@
 #   s20f       s20e's least (~3.5 min): the GPU warm-up test, GPT-2 8x1024's warm-up with / without builds ahead, logged
 #   s21a       GPT-2 8x1024's warm-up with / without the backward's builds ahead at the forward (session 20), order
 #              alternated (0 1 1 0), logged (~6 min); compile-time builds ahead off (FLASHFUSE_BUILD_AHEAD=0)
-#   s21b       the builds ahead at compile time (session 21): their GPU tests, then GPT-2 8x1024's warm-up with all builds
-#              ahead (the default) / none, order alternated (on off off on), logged (~7 min)
+#   s21b       the builds ahead at compile time (session 21): their GPU tests and the autotuning cache's, then GPT-2
+#              8x1024's warm-up with all builds ahead (the default) / none, order alternated (on off off on), logged (~7 min)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -444,7 +444,8 @@ if [ "$PART" = s21a ]; then  # ~6 min: GPT-2 8x1024's warm-up with / without the
 fi
 if [ "$PART" = s21b ]; then  # ~7 min: the builds ahead at compile time: GPU tests (nothing left for the first calls to
   # build), then GPT-2 8x1024's warm-up with every build ahead (the default) and with none, order alternated, logged
-  timeout 90 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py > $OUT/pytest_ahead.log 2>&1
+  timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py tests/test_launch.py \
+      > $OUT/pytest_ahead.log 2>&1
   echo "pytest builds ahead rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_ahead.log | tail -6
   export FLASHFUSE_LOG=info
   for w in 1 0 0 1; do
