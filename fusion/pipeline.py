@@ -92,14 +92,14 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: Config, graph_repo
 
 
 def _build_ahead(gm: fx.GraphModule, example_inputs: list) -> None:
-    """Queue the Triton builds of the graph's fused attention calls, which then overlap Inductor's compile of
-    the rest (passes/build_ahead.py). A speed-up only: nothing it does can fail the compile."""
+    """Queue the Triton builds of the graph's fused attention and norm calls, which then overlap Inductor's
+    compile of the rest (passes/build_ahead.py). A speed-up only: nothing it does can fail the compile."""
     try:
         from flashfuse.passes import build_ahead
 
         build_ahead.start(gm, example_inputs)
     except Exception as exc:  # noqa: BLE001
-        logger.info("attention builds ahead skipped for this graph: %s: %s", type(exc).__name__, exc)
+        logger.info("builds ahead skipped for this graph: %s: %s", type(exc).__name__, exc)
 
 
 def rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs: list, config: Config, graph_report,

@@ -233,7 +233,6 @@ def _current_stream(driver):
     return driver.active.get_current_stream(driver.active.get_current_device())
 
 
-
 # ---- builds ahead: one background builder ----
 # Kernels whose first call can be predicted (the attention ops' at compile time, from the graph's example values:
 # passes/build_ahead.py) are compiled by one daemon thread, job list after job list, each list's kernels
@@ -312,4 +311,3 @@ def wait_for_builds(kind: str | None = None, kernel=None) -> float:
     _PENDING[last - 1][1].wait()
     _sweep()
     return time.perf_counter() - t
-

@@ -141,6 +141,31 @@ def _triton_spec(args) -> list:
     return out
 
 
+def _record_launches(monkeypatch) -> list:
+    launched = []
+    real_call = launch.FixedLaunch.__call__
+
+    def record(self, args):
+        launched.append((self.cached.kernel, args, self.constexprs, self.grid))
+        return real_call(self, args)
+
+    monkeypatch.setattr(launch.FixedLaunch, "__call__", record)
+    return launched
+
+
+def _same_builds(launches, jobs, meta=None):
+    """The launches (kernel, args, constexprs, grid) against the jobs (kernel, grid, args, constexprs): same kernel,
+    Triton's specialization of every argument, constexprs, and grid for the config `meta` (the interpreter's
+    16 x 16 attention tiles by default)."""
+    meta = meta or {"BLOCK_M": 16, "BLOCK_N": 16}
+    assert len(launches) == len(jobs)
+    for (kernel, args, consts, grid), (w_kernel, w_grid, w_args, w_consts) in zip(launches, jobs):
+        assert kernel is w_kernel
+        assert _triton_spec(args) == _triton_spec(w_args)
+        assert consts == w_consts
+        assert grid(meta) == w_grid(meta)
+
+
 @pytest.mark.parametrize("p,remainder", [(0.0, "eager"), (0.25, "eager"), (0.25, "inductor")])
 def test_the_warmup_compiles_the_kernels_the_backward_launches(not_expected, monkeypatch, p, remainder):
     """The stand-in jobs a forward hands to the background against the launches of the real backward that
@@ -150,14 +175,7 @@ def test_the_warmup_compiles_the_kernels_the_backward_launches(not_expected, mon
     ti._PLANS.clear()
     standin = []
     monkeypatch.setattr(ti, "warm_backward", lambda *a: standin.append(ti.backward_standin_jobs(*a)) or False)
-    launched = []
-    real_call = launch.FixedLaunch.__call__
-
-    def record(self, args):
-        launched.append((self.cached.kernel, args, self.constexprs, self.grid))
-        return real_call(self, args)
-
-    monkeypatch.setattr(launch.FixedLaunch, "__call__", record)
+    launched = _record_launches(monkeypatch)
     torch.manual_seed(0)
     model = CausalSelfAttention(24, 2, 16, p).to(_dev())
     x = torch.randn(2, 24, 32, device=_dev(), requires_grad=True)
@@ -166,13 +184,7 @@ def test_the_warmup_compiles_the_kernels_the_backward_launches(not_expected, mon
     n_forward = len(launched)
     out.backward(torch.randn_like(out))
     backward = [c for c in launched[n_forward:] if c[0] is not ti.triton_common.attn_bwd_preprocess]
-    assert len(backward) == 2
-    blocks = {"BLOCK_M": 16, "BLOCK_N": 16}
-    for (kernel, args, consts, grid), (w_kernel, w_grid, w_args, w_consts) in zip(backward, standin[0]):
-        assert kernel is w_kernel
-        assert _triton_spec(args) == _triton_spec(w_args)
-        assert consts == w_consts
-        assert grid(blocks) == w_grid(blocks)
+    _same_builds(backward, standin[0])
 
 
 def _spy_build_ahead(monkeypatch, ti) -> list:
@@ -187,28 +199,6 @@ def _spy_build_ahead(monkeypatch, ti) -> list:
 
     monkeypatch.setattr(ti, "build_ahead", spy)
     return seen
-
-
-def _record_launches(monkeypatch) -> list:
-    launched = []
-    real_call = launch.FixedLaunch.__call__
-
-    def record(self, args):
-        launched.append((self.cached.kernel, args, self.constexprs, self.grid))
-        return real_call(self, args)
-
-    monkeypatch.setattr(launch.FixedLaunch, "__call__", record)
-    return launched
-
-
-def _same_builds(launches, jobs):
-    blocks = {"BLOCK_M": 16, "BLOCK_N": 16}
-    assert len(launches) == len(jobs)
-    for (kernel, args, consts, grid), (w_kernel, w_grid, w_args, w_consts) in zip(launches, jobs):
-        assert kernel is w_kernel
-        assert _triton_spec(args) == _triton_spec(w_args)
-        assert consts == w_consts
-        assert grid(blocks) == w_grid(blocks)
 
 
 @pytest.mark.parametrize("p,remainder,autocast", [(0.0, "eager", False), (0.25, "eager", False),
@@ -294,12 +284,7 @@ def test_compile_time_norm_builds_are_the_first_calls_builds(monkeypatch, name):
     assert len(predicted) == len(launched) >= 2 * test_real_models.LAYERS
     kinds = {tuple(job[3].items()) for job in predicted}
     assert len(kinds) >= 2  # the residual forms and the plain one (the embeddings' or the final norm)
-    rows = {"ROWS": 2}
-    for (kernel, grid, args, consts), (w_kernel, w_grid, w_args, w_consts) in zip(launched, predicted):
-        assert kernel is w_kernel
-        assert _triton_spec(args) == _triton_spec(w_args)
-        assert consts == w_consts
-        assert grid(rows) == w_grid(rows)
+    _same_builds([(kernel, args, consts, grid) for kernel, grid, args, consts in launched], predicted, {"ROWS": 2})
 
 
 def test_norm_builds_are_queued_once_per_specialization(monkeypatch):

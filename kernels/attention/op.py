@@ -94,8 +94,12 @@ def expect_backward() -> None:
     _BACKWARD_EXPECTED = True
 
 
+def _backward_builds_on() -> bool:
+    return os.environ.get("FLASHFUSE_WARM_BACKWARD", "1") != "0"
+
+
 def _warm_backward() -> bool:
-    return _BACKWARD_EXPECTED and os.environ.get("FLASHFUSE_WARM_BACKWARD", "1") != "0"
+    return _BACKWARD_EXPECTED and _backward_builds_on()
 
 
 def build_ahead(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, recognize_masks=True,
@@ -112,7 +116,7 @@ def build_ahead(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision, r
     score_mod, sides, _ = mask_recognition.specialize(score_mod, sides, q.shape[2], k.shape[2])
     return _triton().build_ahead(q, k, v, sides, scalars, score_mod, dropout_p, rng, precision,
                                  bits if bits.numel() else None, empty_rows_zero,
-                                 backward and os.environ.get("FLASHFUSE_WARM_BACKWARD", "1") != "0")
+                                 backward and _backward_builds_on())
 
 
 # Registered with a plain torch.library.Library, not custom_op (kernels/registration.py says why).
