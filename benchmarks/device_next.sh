@@ -55,6 +55,9 @@
 #              alternated (0 1 1 0), logged (~6 min); compile-time builds ahead off (FLASHFUSE_BUILD_AHEAD=0)
 #   s21b       the builds ahead at compile time (session 21): their GPU tests and the autotuning cache's, then GPT-2
 #              8x1024's warm-up with all builds ahead (the default) / none, order alternated (on off off on), logged (~7 min)
+#   s22a       the builds ahead at compile time (session 21) and the autotuners timed ahead (session 22): GPU tests, then
+#              GPT-2 8x1024's warm-up with everything ahead / nothing ahead, and Inductor on the model as written (~8 min)
+#   s22b       s22a's A/B order reversed, and builds ahead without the timing ahead (~5 min)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
 set -u; OUT=${OUT:-/tmp/flashfuse_out}; mkdir -p $OUT; PART=${1:-wave}
 # At most 8 files come back from a call (the device README's limits): a top-level call packs everything it
@@ -452,6 +455,25 @@ if [ "$PART" = s21b ]; then  # ~7 min: the builds ahead at compile time: GPU tes
     export FLASHFUSE_BUILD_AHEAD=$w FLASHFUSE_WARM_BACKWARD=$w; fresh_gpt ahead${w}_$RANDOM 80 --configs 8x1024 --modes flashfuse
   done
   grep -E "attention (forward|backward)|builds ahead" $OUT/train_ahead*.log | cut -c1-220
+fi
+if [ "$PART" = s22a ]; then  # ~8 min: the builds ahead at compile time (session 21) and the autotuners timed ahead by the
+  # builder (session 22): their GPU tests, then GPT-2 8x1024's warm-up with everything ahead (the default), nothing
+  # ahead, and Inductor on the model as written (the target's anchor, same host), cold caches each, logged
+  timeout 110 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py tests/test_launch.py \
+      > $OUT/pytest_ahead.log 2>&1
+  echo "pytest builds ahead rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_ahead.log | tail -6
+  export FLASHFUSE_LOG=info
+  FLASHFUSE_BUILD_AHEAD=1 FLASHFUSE_WARM_BACKWARD=1 FLASHFUSE_TUNE_AHEAD=1 fresh_gpt all1_$RANDOM 85 --configs 8x1024 --modes flashfuse
+  FLASHFUSE_BUILD_AHEAD=0 FLASHFUSE_WARM_BACKWARD=0 FLASHFUSE_TUNE_AHEAD=0 fresh_gpt none1_$RANDOM 85 --configs 8x1024 --modes flashfuse
+  fresh_gpt inductor_$RANDOM 100 --configs 8x1024 --modes inductor
+  grep -E "attention (forward|backward)|builds ahead" $OUT/train_all*.log $OUT/train_none*.log | cut -c1-220
+fi
+if [ "$PART" = s22b ]; then  # ~5 min: s22a's A/B again, order reversed, and the builds ahead without the timing ahead
+  export FLASHFUSE_LOG=info
+  FLASHFUSE_BUILD_AHEAD=0 FLASHFUSE_WARM_BACKWARD=0 FLASHFUSE_TUNE_AHEAD=0 fresh_gpt none2_$RANDOM 85 --configs 8x1024 --modes flashfuse
+  FLASHFUSE_BUILD_AHEAD=1 FLASHFUSE_WARM_BACKWARD=1 FLASHFUSE_TUNE_AHEAD=0 fresh_gpt notune_$RANDOM 85 --configs 8x1024 --modes flashfuse
+  FLASHFUSE_BUILD_AHEAD=1 FLASHFUSE_WARM_BACKWARD=1 FLASHFUSE_TUNE_AHEAD=1 fresh_gpt all2_$RANDOM 85 --configs 8x1024 --modes flashfuse
+  grep -E "attention (forward|backward)|builds ahead" $OUT/train_*.log | cut -c1-220
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do

@@ -238,8 +238,9 @@ def _current_stream(driver):
 # passes/build_ahead.py) are compiled by one daemon thread, job list after job list, each list's kernels
 # (and their configurations) in parallel; fewer builds at once beside Inductor's own work, and no two threads
 # compiling one kernel (Triton caches a build only once it is done). A launch that compiles (CachedLaunch's first
-# call of a specialization) first waits for the queued lists holding its kernel. The jobs' stand-in tensors are
-# dropped on the main thread, once their builds are done.
+# call of a specialization) first waits for the queued lists holding its kernel. On CUDA the builder then times the
+# autotuners (TUNE_AHEAD below). The jobs' stand-in tensors are dropped on the main thread, once their builds are
+# done.
 _T0 = time.perf_counter()  # the warm-up's log lines say when, from here
 _PENDING: list = []  # [kind, done event, jobs] in queue order
 _QUEUE = None
@@ -262,6 +263,30 @@ def compile_at_once(jobs) -> None:
             f.result()
 
 
+# The builder also times the autotuners' configurations, once their builds are done, as their first launch would:
+# that launch then finds its pick in the tuner's cache (GPT-2's first calls timed ~0.5 s for the forward and
+# ~1.8 s for the backward's kernels on the warm-up's critical path, session 20 log). The GPU is otherwise idle while
+# Inductor compiles. FLASHFUSE_TUNE_AHEAD=0 leaves the timing to the first launch.
+TUNE_AHEAD = os.environ.get("FLASHFUSE_TUNE_AHEAD", "1") != "0"
+
+
+def _tunes(device) -> bool:
+    return TUNE_AHEAD and device.type == "cuda"
+
+
+def tune_ahead(jobs) -> int:
+    """Time the configurations of each job's autotuner (one after another: timings must not overlap) on its
+    stand-in arguments, and launch its pick once, as a first launch does: the stand-in outputs are written (a
+    forward's row stats then feed its backward's timings). The stand-ins hold no data a kernel indexes with: the
+    sides (masks, their key counts) are the call's own values. Returns how many autotuners were timed."""
+    timed = 0
+    for kernel, grid, args, constexprs in jobs:
+        if len(getattr(kernel, "configs", ())) > 1:
+            kernel[grid](*args, **constexprs)
+            timed += 1
+    return timed
+
+
 def _builder(queue) -> None:
     while True:
         jobs, device, what, done = queue.get()
@@ -269,8 +294,10 @@ def _builder(queue) -> None:
         try:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 compile_at_once(jobs)
-            logger.info("%s builds ahead: %d kernels in %.2f s, done at t=%.1f s", what, len(jobs),
-                        time.perf_counter() - t, since())
+                built = time.perf_counter()
+                timed = tune_ahead(jobs) if _tunes(device) else 0
+            logger.info("%s builds ahead: %d kernels in %.2f s%s, done at t=%.1f s", what, len(jobs), built - t,
+                        f", {timed} autotuned in {time.perf_counter() - built:.2f} s" if timed else "", since())
         except Exception as exc:  # noqa: BLE001 (best effort: the first call compiles what is missing)
             logger.info("%s builds ahead failed: %s: %s", what, type(exc).__name__, exc)
         finally:

@@ -478,6 +478,48 @@ def test_the_builder_runs_in_order_and_a_first_call_waits_for_what_it_needs(monk
     assert "test builds ahead failed: RuntimeError: ptxas" in caplog.text
 
 
+class _Tuner:
+    """Autotuner-like: `configs`, and `kernel[grid](*args, **kw)` records the call (its timing and launch)."""
+
+    def __init__(self, n_configs, log, fail=False):
+        self.configs = [None] * n_configs
+        self.log, self.fail = log, fail
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            if self.fail:
+                raise RuntimeError("out of memory")
+            self.log.append((self, grid, args, kw, threading.current_thread().name))
+        return run
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_builder_times_autotuners_after_their_builds(monkeypatch, caplog, on):
+    """On CUDA the builder times each autotuner of a list once its builds are done (a kernel of one configuration
+    is not launched), in order, on the builder's thread; off (FLASHFUSE_TUNE_AHEAD=0), only builds. A failing
+    timing is logged, never raised, and the list is still marked done."""
+    order = []
+    monkeypatch.setattr(launch, "compile_at_once", lambda jobs: order.append("built"))
+    monkeypatch.setattr(launch, "TUNE_AHEAD", on)
+    monkeypatch.setattr(launch, "_tunes", lambda device: launch.TUNE_AHEAD)  # a CPU device stands in for CUDA
+    fwd, plain, bwd = _Tuner(3, order), _Tuner(1, order), _Tuner(2, order)
+    args = (torch.zeros(2), 7)
+    with caplog.at_level(logging.INFO, logger="flashfuse"):
+        launch.submit("forward", [(fwd, (4,), args, {"A": 1}), (plain, (1,), args, {})], torch.device("cpu"), "t1")
+        launch.submit("backward", [(_Tuner(2, order, fail=True), (1,), args, {}), (bwd, (2,), args, {})],
+                      torch.device("cpu"), "t2")
+        launch.wait_for_builds()
+    if not on:
+        assert order == ["built", "built"] and "autotuned" not in caplog.text
+        return
+    assert [e if e == "built" else e[0] for e in order] == ["built", fwd, "built"]  # the failing tuner stops list 2
+    _, grid, got, kw, thread = order[1]
+    assert grid == (4,) and got[0] is args[0] and got[1:] == (7,) and kw == {"A": 1} and thread == "flashfuse-builds-ahead"
+    assert "t1 builds ahead: 2 kernels in" in caplog.text and "1 autotuned in" in caplog.text
+    assert "t2 builds ahead failed: RuntimeError: out of memory" in caplog.text
+    assert launch._PENDING == []
+
+
 def test_a_cached_launch_waits_for_the_builds_of_its_kernel(monkeypatch):
     """CachedLaunch's first call of a specialization (the one that compiles) waits for queued builds of its kernel."""
     waited = []
@@ -576,6 +618,51 @@ def test_gpu_compile_time_builds_leave_nothing_for_the_first_calls(not_expected,
     dout = torch.randn_like(out)
     out.backward(dout)
     assert [_built(kn) for kn in queued[0]] == [1, 1, 1]
+    ref = eager(xe)
+    ref.backward(dout)
+    for a, r in ((out, ref), (xc.grad, xe.grad), (model.qkv.weight.grad, eager.qkv.weight.grad)):
+        err = ((a.double() - r.double()).norm() / r.double().norm()).item()
+        assert err < 1e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_autotuners_are_timed_ahead_and_not_at_the_first_calls(not_expected, monkeypatch):
+    """With the autotuners on, every configuration of the forward, dK/dV and dQ kernels is timed on the builder's
+    thread before the first calls need it (their tuning caches emptied, the disk cache off), and the training
+    step's first calls time none. The gradients match eager (dropout off)."""
+    import copy
+
+    ti = _ti()
+    ti._PLANS.clear()
+    ti._AHEAD.clear()
+    monkeypatch.delenv("FLASHFUSE_ATTN_AUTOTUNE", raising=False)
+    monkeypatch.setattr(launch, "TUNE_AHEAD", True)
+    timed = []
+    real = ti.build_ahead
+
+    def spy(*a):
+        fwd, bwd = ti.ahead_jobs(*a)
+        for kernel, *_ in fwd + bwd:
+            assert len(kernel.configs) > 1
+            kernel.cache.clear()
+            monkeypatch.setattr(kernel, "cache_results", False)
+            bench = kernel._bench
+            monkeypatch.setattr(kernel, "_bench", lambda *b, _f=bench, **kw: timed.append(
+                threading.current_thread().name) or _f(*b, **kw))
+        return real(*a)
+
+    monkeypatch.setattr(ti, "build_ahead", spy)
+    monkeypatch.setattr(ti, "warm_backward", lambda *a: False)
+    torch.manual_seed(0)
+    model = CausalSelfAttention(256, 4, 64, 0.0).cuda()
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 200, 256, device="cuda")
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = _compiled(model, "inductor")(xc)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert len(timed) >= 6 and set(timed) == {"flashfuse-builds-ahead"}, timed
     ref = eager(xe)
     ref.backward(dout)
     for a, r in ((out, ref), (xc.grad, xe.grad), (model.qkv.weight.grad, eager.qkv.weight.grad)):
