@@ -467,6 +467,7 @@ if [ "$PART" = s22a ]; then  # ~8 min: the builds ahead at compile time (session
   FLASHFUSE_BUILD_AHEAD=0 FLASHFUSE_WARM_BACKWARD=0 FLASHFUSE_TUNE_AHEAD=0 fresh_gpt none1_$RANDOM 85 --configs 8x1024 --modes flashfuse
   fresh_gpt inductor_$RANDOM 100 --configs 8x1024 --modes inductor
   grep -E "attention (forward|backward)|builds ahead" $OUT/train_all*.log $OUT/train_none*.log | cut -c1-220
+  grep -o '"warmup_s[^]]*]]' $OUT/train_*.log
 fi
 if [ "$PART" = s22b ]; then  # ~5 min: s22a's A/B again, order reversed, and the builds ahead without the timing ahead
   export FLASHFUSE_LOG=info
@@ -474,6 +475,7 @@ if [ "$PART" = s22b ]; then  # ~5 min: s22a's A/B again, order reversed, and the
   FLASHFUSE_BUILD_AHEAD=1 FLASHFUSE_WARM_BACKWARD=1 FLASHFUSE_TUNE_AHEAD=0 fresh_gpt notune_$RANDOM 85 --configs 8x1024 --modes flashfuse
   FLASHFUSE_BUILD_AHEAD=1 FLASHFUSE_WARM_BACKWARD=1 FLASHFUSE_TUNE_AHEAD=1 fresh_gpt all2_$RANDOM 85 --configs 8x1024 --modes flashfuse
   grep -E "attention (forward|backward)|builds ahead" $OUT/train_*.log | cut -c1-220
+  grep -o '"warmup_s[^]]*]]' $OUT/train_*.log
 fi
 if [ "$PART" = s17prof ]; then  # where each GPT-2 8x1024 step's time goes, flashfuse and the SDPA rewrite
   for m in flashfuse sdpa; do

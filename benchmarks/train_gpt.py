@@ -190,8 +190,12 @@ def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1, shared_mask=Fa
     step = make_step(mode, b, t, model_name=model_name, dropout=dropout, shared_mask=shared_mask,
                      norm_policy=norm_policy)
     t0 = time.perf_counter()
+    parts = []  # per warm-up step: seconds to the forward's return (compiles), to the backward's, to the step's end
     for _ in range(3):
-        loss = float(step())  # read now: a CUDA-graph output is overwritten by the next replay
+        marks = [time.perf_counter()]
+        loss = float(step(marks))  # read now: a CUDA-graph output is overwritten by the next replay
+        marks.append(time.perf_counter())
+        parts.append([round(b_ - a_, 2) for a_, b_ in zip(marks, marks[1:])])
     torch.cuda.synchronize()
     warm = time.perf_counter() - t0
     # "ms": steps back to back as a training loop runs them (the host queues the next step while the GPU
@@ -218,6 +222,7 @@ def measure(mode, b, t, iters=10, model_name="gpt2", dropout=0.1, shared_mask=Fa
     return {"model": model_name, "mode": mode, "b": b, "t": t, "dropout": dropout, "shared_mask": shared_mask,
             "norm_policy": norm_policy,
             "ms": statistics.median(per_step), "ms_synced": statistics.median(synced), "warmup_s": warm,
+            "warmup_steps_s": parts,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
 
 
