@@ -10,7 +10,7 @@ computed from inputs by cheap, pure ops (HF's padding and causal masks, built fr
 are done, each `flashfuse::attention` call whose arguments are all known gets stand-in tensors laid out like
 them, and op.build_ahead queues the builds of its forward (and, in a training graph, of its backward) on the
 background builder (kernels/launch.py); each norm call (`flashfuse::layer_norm`, `rms_norm` and their `add_`
-forms) queues its forward's (norms/impl.build_ahead).
+forms) queues its forward's, and in a training graph its backward's (norms/impl.build_ahead).
 
 A stand-in only decides what is compiled, never what is computed: the call itself recognizes its masks and
 picks its kernels as before, and a wrong prediction costs background work only. Attention calls are skipped (the
@@ -75,9 +75,24 @@ def _start_norms(gm: fx.GraphModule) -> int:
         tensors = [_standin(t, memo) if isinstance(t, fx.Node) else None for t in (x, r, weight, bias)]
         if tensors[0] is None or any(t is None for t, n in zip(tensors, (x, r, weight, bias)) if n is not None):
             continue  # a symbolic shape
-        if norms.build_ahead(*tensors, eps, is_rms, mid_dtype, out_dtype):
+        if norms.build_ahead(*tensors, eps, is_rms, mid_dtype, out_dtype, backward=_trains(x, r),
+                             has_dh=residual and _h_used(node)):
             queued += 1
     return queued
+
+
+def _trains(*inputs) -> bool:
+    """Whether a norm's input requires grad when the graph runs: a training graph, whose backward will run the
+    norm's backward. (Its parameters require grad under no_grad too: they do not tell.)"""
+    from flashfuse.passes.normalize import requires_grad
+
+    return any(requires_grad(n) for n in inputs if isinstance(n, fx.Node))
+
+
+def _h_used(node: fx.Node) -> bool:
+    """Whether the residual form's second output (h = x + residual) is read: its gradient then reaches the
+    backward (HAS_DH)."""
+    return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
 
 
 def _start_attention(gm: fx.GraphModule, example_inputs) -> int:

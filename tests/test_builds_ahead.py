@@ -125,6 +125,17 @@ def test_a_failing_warmup_never_fails_the_forward(monkeypatch):
     assert launch._PENDING == []
 
 
+def _jit(kernel):
+    """The JITFunction: the kernel itself, or the one under an autotuner (a JITFunction's own `.fn` is the
+    plain Python function)."""
+    return kernel if hasattr(kernel, "device_caches") else kernel.fn
+
+
+def _built(kernel) -> int:
+    """How many builds the kernel's in-memory caches hold."""
+    return sum(len(c[0]) for c in _jit(kernel).device_caches.values())
+
+
 def _triton_spec(args) -> list:
     """What Triton specializes a build on: a tensor's dtype and 16-byte alignment, an integer's being 1, its
     divisibility by 16 and its width; a float's type. (launch.spec_key is stricter: exact integers.)"""
@@ -163,7 +174,7 @@ def _same_builds(launches, jobs, meta=None):
         assert kernel is w_kernel
         assert _triton_spec(args) == _triton_spec(w_args)
         assert consts == w_consts
-        assert grid(meta) == w_grid(meta)
+        assert (grid(meta) if callable(grid) else grid) == (w_grid(meta) if callable(w_grid) else w_grid)
 
 
 @pytest.mark.parametrize("p,remainder", [(0.0, "eager"), (0.25, "eager"), (0.25, "inductor")])
@@ -260,31 +271,64 @@ def test_hf_masks_computed_from_the_inputs_are_evaluated_at_compile_time(not_exp
 
 @pytest.mark.parametrize("name", ["_bert", "_llama"])
 def test_compile_time_norm_builds_are_the_first_calls_builds(monkeypatch, name):
-    """Each LayerNorm / RMSNorm call (plain and with the residual) queues at compile time the forward launch its
-    first call then makes: same kernel, Triton's specialization of every argument, constexprs and grid."""
+    """Each LayerNorm / RMSNorm call (plain and with the residual) of a training graph queues at compile time the
+    forward launch its first call then makes, and the launches of its first backward (the backward kernel and the
+    column sums): same kernel, Triton's specialization of every argument, constexprs and grid."""
     import test_real_models
 
     from flashfuse.kernels.norms import impl as norms
 
-    predicted, launched = [], []
-    real = norms._forward_launch
-    monkeypatch.setattr(norms, "build_ahead", lambda *a: predicted.append(real(*a)[2]) or False)
+    predicted, predicted_bwd, launched, launched_bwd = [], [], [], []
+    real, real_bwd, real_sums = norms._forward_launch, norms._backward_launch, norms._column_sum_launch
 
-    def record(*a):
-        out = real(*a)
-        launched.append(out[2])
-        return out
+    def spy(*a, backward=False, has_dh=False):
+        predicted.append(real(*a)[2])
+        if backward:
+            predicted_bwd.extend(norms.backward_standin_jobs(*a, has_dh))
+        return False
 
-    monkeypatch.setattr(norms, "_forward_launch", record)
+    monkeypatch.setattr(norms, "build_ahead", spy)
+
+    def record(real_fn, into, index):
+        def call(*a):
+            out = real_fn(*a)
+            into.append(out[index])
+            return out
+        return call
+
+    monkeypatch.setattr(norms, "_forward_launch", record(real, launched, 2))
+    monkeypatch.setattr(norms, "_backward_launch", record(real_bwd, launched_bwd, 2))
+    monkeypatch.setattr(norms, "_column_sum_launch", record(real_sums, launched_bwd, 1))
     torch.manual_seed(0)
     model, _ = getattr(test_real_models, name)()
     ids = torch.randint(1, 101, (2, 12))
-    torch.compile(model, backend=flashfuse.backend(remainder="eager"))(input_ids=ids,
-                                                                     attention_mask=torch.ones(2, 12, dtype=torch.long))
+    out = torch.compile(model, backend=flashfuse.backend(remainder="eager"))(
+        input_ids=ids, attention_mask=torch.ones(2, 12, dtype=torch.long))
     assert len(predicted) == len(launched) >= 2 * test_real_models.LAYERS
     kinds = {tuple(job[3].items()) for job in predicted}
     assert len(kinds) >= 2  # the residual forms and the plain one (the embeddings' or the final norm)
     _same_builds([(kernel, args, consts, grid) for kernel, grid, args, consts in launched], predicted, {"ROWS": 2})
+    launched_bwd.clear()  # the predictions' own calls
+    (out.last_hidden_state if name == "_bert" else out.logits).float().pow(2).mean().backward()
+    # the backward runs the layers in reverse: each launch against the compile's prediction for its layer
+    pairs = [predicted_bwd[i:i + 2] for i in range(0, len(predicted_bwd), 2)]
+    got = [launched_bwd[i:i + 2] for i in range(0, len(launched_bwd), 2)]
+    assert len(got) == len(pairs) >= 2 * test_real_models.LAYERS
+    _same_builds([(k, a, c, g) for pair in got[::-1] for k, g, a, c in pair], [j for p in pairs for j in p])
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_norm_backward_builds_only_for_training_graphs(monkeypatch, grad):
+    """A norm's backward builds are asked for when its input requires grad, not under no_grad (its parameters
+    still require grad there)."""
+    from flashfuse.kernels.norms import impl as norms
+
+    asked = []
+    monkeypatch.setattr(norms, "build_ahead", lambda *a, backward=False, has_dh=False: asked.append(backward))
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+    with torch.set_grad_enabled(grad):
+        torch.compile(model, backend=flashfuse.backend(remainder="eager", norm_policy="always"))(torch.randn(4, 16))
+    assert asked == [grad]
 
 
 def test_norm_builds_are_queued_once_per_specialization(monkeypatch):
@@ -299,11 +343,15 @@ def test_norm_builds_are_queued_once_per_specialization(monkeypatch):
         return norms.forward_standin_job(torch.randn(rows, width), None, w[:width], None, 1e-5, True, None,
                                          torch.float32)
 
-    assert norms._queue(job(64), "cpu") is True
-    assert norms._queue(job(64), "cpu") is False  # another layer, the same specialization
-    assert norms._queue(job(63), "cpu") is True  # another row count: another specialization
-    assert norms._queue(job(64, 16), "cpu") is True  # another width
-    assert [a[0] for a in queued] == ["forward"] * 3
+    def q(*jobs):
+        return norms._queue(list(jobs), "cpu", "forward", "test")
+
+    assert q(job(64)) is True
+    assert q(job(64)) is False  # another layer, the same specialization
+    assert q(job(63)) is True  # another row count: another specialization
+    assert q(job(64, 16)) is True  # another width
+    assert q(job(64), job(32), None) is True  # only the new one is queued
+    assert [a[0] for a in queued] == ["forward"] * 4 and [len(a[1]) for a in queued] == [1, 1, 1, 1]
     assert norms.build_ahead(torch.randn(4, 32), None, w, None, 1e-5, True, None, torch.float32) is False  # CPU
 
 
@@ -673,20 +721,23 @@ def test_gpu_autotuners_are_timed_ahead_and_not_at_the_first_calls(not_expected,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_compile_time_norm_builds_leave_nothing_for_the_first_call(monkeypatch):
-    """The norm forward kernel's cache is emptied when the compile queues its build; after the step it holds one
-    build: the first call built nothing of its own. The output matches eager."""
+    """The norm forward, backward and column-sum kernels' caches are emptied when the compile queues their builds;
+    after a training step each holds one build: the first calls built nothing of their own. The output matches
+    eager."""
     from flashfuse.kernels.norms import impl as norms
 
     monkeypatch.setenv("FLASHFUSE_NORM_AUTOTUNE", "0")  # one configuration: one build
     monkeypatch.setattr(norms, "_AHEAD", set())
+    monkeypatch.setattr(norms, "_BWD_PER_SM", {})
     queued = []
     real = norms.build_ahead
 
-    def spy(*a):
-        job = norms.forward_standin_job(*a)
-        _jit(job[0]).device_caches.clear()
-        queued.append(job[0])
-        return real(*a)
+    def spy(*a, **kw):
+        jobs = [norms.forward_standin_job(*a)] + norms.backward_standin_jobs(*a, kw.get("has_dh", False))
+        for job in jobs:
+            _jit(job[0]).device_caches.clear()
+        queued.append([job[0] for job in jobs])
+        return real(*a, **kw)
 
     monkeypatch.setattr(norms, "build_ahead", spy)
     torch.manual_seed(0)
@@ -694,6 +745,7 @@ def test_gpu_compile_time_norm_builds_leave_nothing_for_the_first_call(monkeypat
     x = torch.randn(4, 100, 256, device="cuda")
     out = torch.compile(model, backend=flashfuse.backend(remainder="inductor", norm_policy="always"))(x)
     out.sum().backward()
-    assert len(queued) == 1 and _built(queued[0]) == 1
+    assert len(queued) == 1 and len(queued[0]) == 3  # forward, backward, column sums
+    assert [_built(kernel) for kernel in queued[0]] == [1, 1, 1]
     torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
 

@@ -187,25 +187,35 @@ def forward_standin_job(x, residual, weight, bias, eps, is_rms, mid_dtype, out_d
     return _forward_launch(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype)[2]
 
 
-def build_ahead(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype) -> bool:
+def build_ahead(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype, backward: bool = False,
+                has_dh: bool = False) -> bool:
     """At compile time: queue the builds of the norm forward a first call with tensors laid out like the stand-ins
-    will launch (launch.submit). CUDA only. Returns whether builds were queued."""
+    will launch (launch.submit), and with `backward` those of its first backward (backward_standin_jobs). CUDA only.
+    Returns whether builds were queued."""
     if not (x.is_cuda and _use_triton(x)):
         return False
-    return _queue(forward_standin_job(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype), x.device)
+    queued = _queue([forward_standin_job(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype)], x.device,
+                    "forward", "norm forward, compile time")
+    if backward:
+        jobs = backward_standin_jobs(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype, has_dh)
+        queued = _queue(jobs, x.device, "backward", "norm backward, compile time") or queued
+    return queued
 
 
-def _queue(job, device) -> bool:
-    """Queue `job`'s builds once per specialization (the layers of a model share one)."""
-    if job is None:
-        return False
-    kernel, _grid, args, flags = job
-    key = (id(kernel), spec_key(args), tuple(flags.items()))
-    if key in _AHEAD:
-        return False
-    _AHEAD.add(key)
-    submit("forward", [job], device, "norm forward, compile time")
-    return True
+def _queue(jobs, device, kind: str, what: str) -> bool:
+    """Queue the builds of the `jobs` not queued before, once per specialization (the layers of a model share one)."""
+    new = []
+    for job in jobs:
+        if job is None:
+            continue
+        kernel, _grid, args, flags = job
+        key = (id(kernel), spec_key(args), tuple(flags.items()))
+        if key not in _AHEAD:
+            _AHEAD.add(key)
+            new.append(job)
+    if new:
+        submit(kind, new, device, what)
+    return bool(new)
 
 
 def reference_forward(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype):
@@ -237,6 +247,28 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
     n = x.shape[-1]
     if not _use_triton(x):
         return reference_backward(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype)
+    dx, part, job, wave_key = _backward_launch(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype)
+    if job is not None:
+        kernel, grid, args, flags = job
+        if x.is_cuda:
+            with torch.cuda.device(x.device):
+                compiled = launcher(kernel)(grid, args, flags)
+            if wave_key not in _BWD_PER_SM:
+                _learn_bwd_per_sm(wave_key, compiled, flags["num_warps"], wave_key[0])
+        else:
+            kernel[grid](*args, **flags)
+    width = part.shape[1] if part is not None else 0
+    sums = column_sums(part, job is not None) if part is not None else None
+    dw = sums[:n].to(weight.dtype).reshape(weight.shape) if weight is not None else x.new_empty(0)
+    db = sums[width - n:] if has_bias else x.new_empty(0, dtype=torch.float32)
+    return dx, dw, db
+
+
+def _backward_launch(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype):
+    """(dx, the partial sums' buffer or None, the launch (kernel, grid, args, constexprs) or None when there are no
+    rows, the wave key on CUDA), the outputs allocated: what norm_backward launches, and what
+    `backward_standin_jobs` compiles for stand-ins."""
+    n = x.shape[-1]
     x2 = _rows(x, n)
     dy2 = _rows(dy, n)
     dh2 = _rows(dh, n) if dh is not None else dy2
@@ -247,11 +279,14 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
     block_n = triton.next_power_of_2(n)
     flags = dict(IS_RMS=is_rms, HAS_W=w is not None, HAS_B=has_bias, HAS_DH=dh is not None,
                  MID=mid_code(mid_dtype), BLOCK_N=block_n)
+    wave_key = None
     if x.is_cuda:
         device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        warps = bwd_warps(block_n)
         wave_key = (device_index, x.dtype, dy.dtype, tuple(flags.items()))
         programs = max(1, min(m, _sm_count(device_index) * _bwd_per_sm(wave_key, n)))
+        # PREFETCH (the next row loaded during this row's sums) won at every shape timed (H100, session 12:
+        # LayerNorm fwd+bwd 16384x4096 305 -> 271 us)
+        flags.update(num_warps=bwd_warps(block_n), PREFETCH=True)
     else:
         programs = max(1, min(m, 4))
     rows_per_prog = triton.cdiv(max(m, 1), programs)
@@ -259,25 +294,29 @@ def norm_backward(dy, x, weight, dh, eps: float, is_rms: bool, has_bias: bool, m
     # each program's partial dw and db side by side in one buffer: one reduction over the programs sums both
     width = n * ((w is not None) + has_bias)
     part = torch.empty((programs, width), dtype=torch.float32, device=x.device) if width else None
+    if m == 0:
+        return dx, part, None, wave_key
     dw_part = part[:, :n] if w is not None else None
     db_part = part[:, width - n:] if has_bias else None
-    if m > 0:
-        args = (dy2, x2, w if w is not None else x2, dh2, dx2,
-                dw_part if dw_part is not None else dx2, db_part if db_part is not None else dx2,
-                m, n, rows_per_prog, dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0), width, float(eps))
-        if x.is_cuda:
-            with torch.cuda.device(x.device):
-                # PREFETCH (the next row loaded during this row's sums) won at every shape timed (H100,
-                # session 12: LayerNorm fwd+bwd 16384x4096 305 -> 271 us)
-                compiled = launcher(norm_bwd_kernel)((programs,), args, {**flags, "num_warps": warps, "PREFETCH": True})
-            if wave_key not in _BWD_PER_SM:
-                _learn_bwd_per_sm(wave_key, compiled, warps, device_index)
-        else:
-            norm_bwd_kernel[(programs,)](*args, **flags)
-    sums = column_sums(part, m > 0) if part is not None else None
-    dw = sums[:n].to(weight.dtype).reshape(weight.shape) if weight is not None else x.new_empty(0)
-    db = sums[width - n:] if has_bias else x.new_empty(0, dtype=torch.float32)
-    return dx, dw, db
+    args = (dy2, x2, w if w is not None else x2, dh2, dx2,
+            dw_part if dw_part is not None else dx2, db_part if db_part is not None else dx2,
+            m, n, rows_per_prog, dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0), width, float(eps))
+    return dx, part, (norm_bwd_kernel, (programs,), args, flags), wave_key
+
+
+def backward_standin_jobs(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype, has_dh: bool) -> list:
+    """The launches (backward and column sums) of the first backward of a norm forward called with tensors laid
+    out like these (`has_dh`: the residual form's h has a gradient of its own), on fresh stand-ins: the backward
+    reads the forward's input (h = x + residual for the residual form) and gets dy in the output's dtype."""
+    saved = x if residual is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
+                                                   device=x.device)
+    dy = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    dh = torch.empty_like(saved) if residual is not None and has_dh else None
+    _dx, part, job, _ = _backward_launch(dy, saved, weight, dh, eps, is_rms, bias is not None, mid_dtype,
+                                         saved.dtype)
+    if job is None:
+        return []
+    return [job] + ([_column_sum_launch(part)[1]] if part is not None else [])
 
 
 def column_sum_config(p: int, w: int) -> tuple[int, int, int]:
@@ -301,16 +340,22 @@ def column_sums(part: torch.Tensor, filled: bool = True) -> torch.Tensor:
         return part.new_zeros(w)
     if os.environ.get("FLASHFUSE_NORM_COLSUM") == "torch":
         return part.sum(0)
-    out = torch.empty(w, dtype=torch.float32, device=part.device)
-    bp, bw, warps = column_sum_config(p, w)
-    args = (part, out, p, w, part.stride(0))
+    out, (kernel, grid, args, constexprs) = _column_sum_launch(part)
     if part.is_cuda:
         with torch.cuda.device(part.device):
-            launcher(column_sum_kernel)((triton.cdiv(w, bw),), args, {"BLOCK_P": bp, "BLOCK_W": bw,
-                                                                     "num_warps": warps})
+            launcher(kernel)(grid, args, constexprs)
     else:
-        column_sum_kernel[(triton.cdiv(w, bw),)](*args, BLOCK_P=bp, BLOCK_W=bw, num_warps=warps)
+        kernel[grid](*args, **constexprs)
     return out
+
+
+def _column_sum_launch(part: torch.Tensor):
+    """(out, the launch (kernel, grid, args, constexprs)) of the column sums of `part`, out allocated."""
+    p, w = part.shape
+    out = torch.empty(w, dtype=torch.float32, device=part.device)
+    bp, bw, warps = column_sum_config(p, w)
+    return out, (column_sum_kernel, (triton.cdiv(w, bw),), (part, out, p, w, part.stride(0)),
+                 {"BLOCK_P": bp, "BLOCK_W": bw, "num_warps": warps})
 
 
 def reference_backward(dy, x, weight, dh, eps, is_rms, has_bias, mid_dtype, dx_dtype):
