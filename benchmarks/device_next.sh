@@ -57,6 +57,7 @@
 #              8x1024's warm-up with all builds ahead (the default) / none, order alternated (on off off on), logged (~7 min)
 #   s22a       the builds ahead at compile time (session 21) and the autotuners timed ahead (session 22): GPU tests, then
 #              GPT-2 8x1024's warm-up with everything ahead / nothing ahead, and Inductor on the model as written (~8 min)
+#   s22t       the builds-ahead GPU tests, GPT-2 8x1024 with everything ahead, logged (~3.5 min)
 #   s22min     s22a's least (~4.5 min): the builds-ahead GPU tests, GPT-2 8x1024 everything ahead / nothing ahead
 #   s22b       s22a's A/B order reversed, and builds ahead without the timing ahead (~5 min)
 #   s17prof    issue 7: where each GPT-2 8x1024 step's time goes (torch.profiler), flashfuse and the SDPA rewrite
@@ -468,6 +469,15 @@ if [ "$PART" = s22a ]; then  # ~8 min: the builds ahead at compile time (session
   FLASHFUSE_BUILD_AHEAD=0 FLASHFUSE_WARM_BACKWARD=0 FLASHFUSE_TUNE_AHEAD=0 fresh_gpt none1_$RANDOM 85 --configs 8x1024 --modes flashfuse
   [ $SECONDS -lt 320 ] && fresh_gpt inductor_$RANDOM 100 --configs 8x1024 --modes inductor
   grep -E "attention (forward|backward)|builds ahead" $OUT/train_all*.log $OUT/train_none*.log | cut -c1-220
+  grep -o '"warmup_s[^]]*]]' $OUT/train_*.log
+fi
+if [ "$PART" = s22t ]; then  # ~3.5 min: the builds-ahead GPU tests, then GPT-2 8x1024's warm-up with everything ahead,
+  # logged (where the warm-up goes; no A/B)
+  timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py > $OUT/pytest_ahead.log 2>&1
+  echo "pytest builds ahead rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_ahead.log | tail -6
+  export FLASHFUSE_LOG=info
+  fresh_gpt all1_$RANDOM 80 --configs 8x1024 --modes flashfuse
+  grep -E "attention (forward|backward)|builds ahead" $OUT/train_*.log | cut -c1-220
   grep -o '"warmup_s[^]]*]]' $OUT/train_*.log
 fi
 if [ "$PART" = s22min ]; then  # ~4.5 min, s22a's least: the builds-ahead GPU tests, then GPT-2 8x1024's warm-up with
