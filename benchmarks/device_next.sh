@@ -57,6 +57,7 @@
 #              8x1024's warm-up with all builds ahead (the default) / none, order alternated (on off off on), logged (~7 min)
 #   s22a       the builds ahead at compile time (session 21) and the autotuners timed ahead (session 22): GPU tests, then
 #              GPT-2 8x1024's warm-up with everything ahead / nothing ahead, and Inductor on the model as written (~8 min)
+#   s22gt      the builds-ahead GPU tests alone (~2 min)
 #   s22t       the builds-ahead GPU tests, GPT-2 8x1024 with everything ahead, logged (~3.5 min)
 #   s22min     s22a's least (~4.5 min): the builds-ahead GPU tests, GPT-2 8x1024 everything ahead / nothing ahead
 #   s22b       s22a's A/B order reversed, and builds ahead without the timing ahead (~5 min)
@@ -470,6 +471,10 @@ if [ "$PART" = s22a ]; then  # ~8 min: the builds ahead at compile time (session
   [ $SECONDS -lt 320 ] && fresh_gpt inductor_$RANDOM 100 --configs 8x1024 --modes inductor
   grep -E "attention (forward|backward)|builds ahead" $OUT/train_all*.log $OUT/train_none*.log | cut -c1-220
   grep -o '"warmup_s[^]]*]]' $OUT/train_*.log
+fi
+if [ "$PART" = s22gt ]; then  # ~2 min: the builds-ahead GPU tests alone
+  timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests/test_builds_ahead.py > $OUT/pytest_ahead.log 2>&1
+  echo "pytest builds ahead rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_ahead.log | tail -8
 fi
 if [ "$PART" = s22t ]; then  # ~3.5 min: the builds-ahead GPU tests, then GPT-2 8x1024's warm-up with everything ahead,
   # logged (where the warm-up goes; no A/B)
