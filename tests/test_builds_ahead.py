@@ -1,8 +1,9 @@
-"""The attention kernels compiled ahead, on a background thread: at compile time, once the passes have rewritten
-a graph (passes/build_ahead.py: the forward's builds and, in a training graph, the backward's), and
-at a forward's first call (triton_impl.warm_backward: the backward's, when they were not queued at compile
-time). The builds are only worth it when they are the kernels the first calls then launch, with the same
-specialization: checked here on the arguments (CPU, the interpreter), and on the GPU by the kernels' caches."""
+"""The attention and norm kernels compiled ahead, on a background thread: at compile time, once the passes have
+rewritten a graph (passes/build_ahead.py: the forwards' builds and, in a training graph, the backwards'), and
+at an attention forward's first call (triton_impl.warm_backward: the backward's, when they were not queued at
+compile time); on CUDA the builder then times the autotuners (launch.tune_ahead). The builds are only worth it when
+they are the kernels the first calls then launch, with the same specialization: checked here on the arguments
+(CPU, the interpreter), and on the GPU by the kernels' caches and the autotuners' timings."""
 import logging
 import math
 import os
