@@ -81,7 +81,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: Config, graph_repo
             aten_gm.graph.eliminate_dead_code()
             aten_gm.graph.lint()
             aten_gm.recompile()
-            _build_ahead(aten_gm, example_inputs)
+            _build_ahead(aten_gm, example_inputs, timing=not cuda_graphs)
             return aten_gm
     except Exception as exc:  # never let a pass failure change the user's program: compile it as is
         graph_report.notes.append(f"passes skipped for this graph: {type(exc).__name__}: {exc}")
@@ -91,13 +91,14 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: Config, graph_repo
     return None
 
 
-def _build_ahead(gm: fx.GraphModule, example_inputs: list) -> None:
+def _build_ahead(gm: fx.GraphModule, example_inputs: list, timing: bool = True) -> None:
     """Queue the Triton builds of the graph's fused attention and norm calls, which then overlap Inductor's
-    compile of the rest (passes/build_ahead.py). A speed-up only: nothing it does can fail the compile."""
+    compile of the rest (passes/build_ahead.py); `timing` off: no autotuner timed ahead (graphs captured in CUDA
+    graphs: no kernel of ours runs beside a capture). A speed-up only: nothing it does can fail the compile."""
     try:
         from flashfuse.passes import build_ahead
 
-        build_ahead.start(gm, example_inputs)
+        build_ahead.start(gm, example_inputs, timing)
     except Exception as exc:  # noqa: BLE001
         logger.info("builds ahead skipped for this graph: %s: %s", type(exc).__name__, exc)
 

@@ -289,13 +289,13 @@ def tune_ahead(jobs) -> int:
 
 def _builder(queue) -> None:
     while True:
-        jobs, device, what, done = queue.get()
+        jobs, device, what, tune, done = queue.get()
         t = time.perf_counter()
         try:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 compile_at_once(jobs)
                 built = time.perf_counter()
-                timed = tune_ahead(jobs) if _tunes(device) else 0
+                timed = tune_ahead(jobs) if tune and _tunes(device) else 0
             logger.info("%s builds ahead: %d kernels in %.2f s%s, done at t=%.1f s", what, len(jobs), built - t,
                         f", {timed} autotuned in {time.perf_counter() - built:.2f} s" if timed else "", since())
         except Exception as exc:  # noqa: BLE001 (best effort: the first call compiles what is missing)
@@ -305,9 +305,10 @@ def _builder(queue) -> None:
             done.set()
 
 
-def submit(kind: str, jobs: list, device, what: str) -> None:
-    """Queue `jobs` ([(kernel, grid, args, constexprs)], compile_at_once) for the background builder. `kind` names
-    them for `wait_for_builds` ("forward", "backward"), `what` for the log."""
+def submit(kind: str, jobs: list, device, what: str, tune: bool = True) -> None:
+    """Queue `jobs` ([(kernel, grid, args, constexprs)], compile_at_once) for the background builder, which on CUDA
+    also times their autotuners unless `tune` is off (tune_ahead). `kind` names them for `wait_for_builds`
+    ("forward", "backward"), `what` for the log."""
     global _QUEUE
     if _QUEUE is None:
         import queue
@@ -316,7 +317,7 @@ def submit(kind: str, jobs: list, device, what: str) -> None:
     _sweep()
     done = threading.Event()
     _PENDING.append([kind, done, jobs])
-    _QUEUE.put((jobs, device, what, done))
+    _QUEUE.put((jobs, device, what, tune, done))
 
 
 def _sweep() -> None:

@@ -41,11 +41,11 @@ _REPLAYABLE = {aten.view.default, aten.reshape.default, aten.unsqueeze.default, 
 _NORMS = {"layer_norm": False, "rms_norm": True}
 
 
-def start(gm: fx.GraphModule, example_inputs) -> int:
-    """Queue the builds of every attention and norm call of the rewritten graph `gm` whose arguments are known.
-    Returns how many calls queued builds (none on CPU: only CUDA builds are queued; calls of one specialization
-    queue once)."""
-    return _start_attention(gm, example_inputs) + _start_norms(gm)
+def start(gm: fx.GraphModule, example_inputs, timing: bool = True) -> int:
+    """Queue the builds of every attention and norm call of the rewritten graph `gm` whose arguments are known
+    (`timing` off: their autotuners are not timed ahead, launch.tune_ahead). Returns how many calls queued builds
+    (none on CPU: only CUDA builds are queued; calls of one specialization queue once)."""
+    return _start_attention(gm, example_inputs) + _start_norms(gm, timing)
 
 
 def _norm_calls(gm: fx.GraphModule):
@@ -62,7 +62,7 @@ def _norm_calls(gm: fx.GraphModule):
             yield node, is_rms, residual
 
 
-def _start_norms(gm: fx.GraphModule) -> int:
+def _start_norms(gm: fx.GraphModule, timing: bool = True) -> int:
     calls = list(_norm_calls(gm))
     if not calls or not any(_runs_triton(node.args[0], _attention_op()) for node, *_ in calls):
         return 0
@@ -76,7 +76,7 @@ def _start_norms(gm: fx.GraphModule) -> int:
         if tensors[0] is None or any(t is None for t, n in zip(tensors, (x, r, weight, bias)) if n is not None):
             continue  # a symbolic shape
         if norms.build_ahead(*tensors, eps, is_rms, mid_dtype, out_dtype, backward=_trains(x, r),
-                             has_dh=residual and _h_used(node)):
+                             has_dh=residual and _h_used(node), tune=timing):
             queued += 1
     return queued
 

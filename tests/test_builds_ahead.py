@@ -282,7 +282,7 @@ def test_compile_time_norm_builds_are_the_first_calls_builds(monkeypatch, name):
     predicted, predicted_bwd, launched, launched_bwd = [], [], [], []
     real, real_bwd, real_sums = norms._forward_launch, norms._backward_launch, norms._column_sum_launch
 
-    def spy(*a, backward=False, has_dh=False):
+    def spy(*a, backward=False, has_dh=False, tune=True):
         predicted.append(real(*a)[2])
         if backward:
             predicted_bwd.extend(norms.backward_standin_jobs(*a, has_dh))
@@ -321,15 +321,28 @@ def test_compile_time_norm_builds_are_the_first_calls_builds(monkeypatch, name):
 @pytest.mark.parametrize("grad", [True, False])
 def test_norm_backward_builds_only_for_training_graphs(monkeypatch, grad):
     """A norm's backward builds are asked for when its input requires grad, not under no_grad (its parameters
-    still require grad there)."""
+    still require grad there); its autotuner is timed ahead unless the graph is captured in CUDA graphs."""
     from flashfuse.kernels.norms import impl as norms
+    from flashfuse.passes import build_ahead
 
     asked = []
-    monkeypatch.setattr(norms, "build_ahead", lambda *a, backward=False, has_dh=False: asked.append(backward))
+    monkeypatch.setattr(norms, "build_ahead", lambda *a, backward=False, has_dh=False, tune=True:
+                        asked.append((backward, tune)))
     model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
     with torch.set_grad_enabled(grad):
         torch.compile(model, backend=flashfuse.backend(remainder="eager", norm_policy="always"))(torch.randn(4, 16))
-    assert asked == [grad]
+    assert asked == [(grad, True)]
+    from flashfuse import pipeline
+    from flashfuse.config import Config
+    from flashfuse.report import GraphReport
+
+    graphs = []
+    torch.compile(model, backend=lambda gm, ex: graphs.append((gm, ex)) or gm.forward)(torch.randn(4, 16))
+    start = []
+    monkeypatch.setattr(build_ahead, "start", lambda gm, ex, timing=True: start.append(timing))
+    gm, ex = graphs[0]
+    pipeline.rewrite(gm, ex, Config(remainder="inductor", norm_policy="always"), GraphReport(0), cuda_graphs=True)
+    assert start == [False]
 
 
 def test_norm_builds_are_queued_once_per_specialization(monkeypatch):
@@ -557,11 +570,13 @@ def test_the_builder_times_autotuners_after_their_builds(monkeypatch, caplog, on
         launch.submit("forward", [(fwd, (4,), args, {"A": 1}), (plain, (1,), args, {})], torch.device("cpu"), "t1")
         launch.submit("backward", [(_Tuner(2, order, fail=True), (1,), args, {}), (bwd, (2,), args, {})],
                       torch.device("cpu"), "t2")
+        launch.submit("forward", [(_Tuner(2, order), (1,), args, {})], torch.device("cpu"), "t3", tune=False)
         launch.wait_for_builds()
     if not on:
-        assert order == ["built", "built"] and "autotuned" not in caplog.text
+        assert order == ["built"] * 3 and "autotuned" not in caplog.text
         return
-    assert [e if e == "built" else e[0] for e in order] == ["built", fwd, "built"]  # the failing tuner stops list 2
+    # the failing tuner stops list 2; list 3 asked for builds only
+    assert [e if e == "built" else e[0] for e in order] == ["built", fwd, "built", "built"]
     _, grid, got, kw, thread = order[1]
     assert grid == (4,) and got[0] is args[0] and got[1:] == (7,) and kw == {"A": 1} and thread == "flashfuse-builds-ahead"
     assert "t1 builds ahead: 2 kernels in" in caplog.text and "1 autotuned in" in caplog.text

@@ -188,21 +188,21 @@ def forward_standin_job(x, residual, weight, bias, eps, is_rms, mid_dtype, out_d
 
 
 def build_ahead(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype, backward: bool = False,
-                has_dh: bool = False) -> bool:
+                has_dh: bool = False, tune: bool = True) -> bool:
     """At compile time: queue the builds of the norm forward a first call with tensors laid out like the stand-ins
-    will launch (launch.submit), and with `backward` those of its first backward (backward_standin_jobs). CUDA only.
-    Returns whether builds were queued."""
+    will launch (launch.submit), and with `backward` those of its first backward (backward_standin_jobs); `tune`
+    off: the forward's autotuner is not timed ahead. CUDA only. Returns whether builds were queued."""
     if not (x.is_cuda and _use_triton(x)):
         return False
     queued = _queue([forward_standin_job(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype)], x.device,
-                    "forward", "norm forward, compile time")
+                    "forward", "norm forward, compile time", tune)
     if backward:
         jobs = backward_standin_jobs(x, residual, weight, bias, eps, is_rms, mid_dtype, out_dtype, has_dh)
-        queued = _queue(jobs, x.device, "backward", "norm backward, compile time") or queued
+        queued = _queue(jobs, x.device, "backward", "norm backward, compile time", tune) or queued
     return queued
 
 
-def _queue(jobs, device, kind: str, what: str) -> bool:
+def _queue(jobs, device, kind: str, what: str, tune: bool = True) -> bool:
     """Queue the builds of the `jobs` not queued before, once per specialization (the layers of a model share one)."""
     new = []
     for job in jobs:
@@ -214,7 +214,7 @@ def _queue(jobs, device, kind: str, what: str) -> bool:
             _AHEAD.add(key)
             new.append(job)
     if new:
-        submit(kind, new, device, what)
+        submit(kind, new, device, what, tune)
     return bool(new)
 
 
