@@ -647,6 +647,26 @@ def test_gpu_warmup_leaves_nothing_for_the_backward_to_build(not_expected, monke
         assert err < 2e-2, err
 
 
+def _gpu_training_step_matches_eager(remainder):
+    """One compiled training step of a CausalSelfAttention (dropout off) on CUDA, its output and gradients
+    against eager's."""
+    import copy
+
+    torch.manual_seed(0)
+    model = CausalSelfAttention(256, 4, 64, 0.0).cuda()
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 200, 256, device="cuda")
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = _compiled(model, remainder)(xc)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref = eager(xe)
+    ref.backward(dout)
+    for a, r in ((out, ref), (xc.grad, xe.grad), (model.qkv.weight.grad, eager.qkv.weight.grad)):
+        err = ((a.double() - r.double()).norm() / r.double().norm()).item()
+        assert err < 1e-2, err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("remainder", ["eager", "inductor"])
@@ -654,8 +674,6 @@ def test_gpu_compile_time_builds_leave_nothing_for_the_first_calls(not_expected,
     """The forward, dK/dV and dQ kernels' caches are emptied when the compile queues their builds; after a
     training step they hold one build each: the first calls (with Inductor's layouts, the remainder "inductor")
     built nothing of their own. The step's output and gradients match eager."""
-    import copy
-
     ti = _ti()
     ti._PLANS.clear()
     ti._AHEAD.clear()
@@ -672,21 +690,9 @@ def test_gpu_compile_time_builds_leave_nothing_for_the_first_calls(not_expected,
 
     monkeypatch.setattr(ti, "build_ahead", spy)
     monkeypatch.setattr(ti, "warm_backward", lambda *a: False)
-    torch.manual_seed(0)
-    model = CausalSelfAttention(256, 4, 64, 0.0).cuda()
-    eager = copy.deepcopy(model)
-    x = torch.randn(2, 200, 256, device="cuda")
-    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = _compiled(model, remainder)(xc)
+    _gpu_training_step_matches_eager(remainder)
     assert len(queued) == 1 and len(queued[0]) == 3  # forward, dK/dV, dQ
-    dout = torch.randn_like(out)
-    out.backward(dout)
     assert [_built(kn) for kn in queued[0]] == [1, 1, 1]
-    ref = eager(xe)
-    ref.backward(dout)
-    for a, r in ((out, ref), (xc.grad, xe.grad), (model.qkv.weight.grad, eager.qkv.weight.grad)):
-        err = ((a.double() - r.double()).norm() / r.double().norm()).item()
-        assert err < 1e-2, err
 
 
 @pytest.mark.gpu
@@ -695,8 +701,6 @@ def test_gpu_autotuners_are_timed_ahead_and_not_at_the_first_calls(not_expected,
     """With the autotuners on, every configuration of the forward, dK/dV and dQ kernels is timed on the builder's
     thread before the first calls need it (their tuning caches emptied, the disk cache off), and the training
     step's first calls time none. The gradients match eager (dropout off)."""
-    import copy
-
     ti = _ti()
     ti._PLANS.clear()
     ti._AHEAD.clear()
@@ -718,20 +722,8 @@ def test_gpu_autotuners_are_timed_ahead_and_not_at_the_first_calls(not_expected,
 
     monkeypatch.setattr(ti, "build_ahead", spy)
     monkeypatch.setattr(ti, "warm_backward", lambda *a: False)
-    torch.manual_seed(0)
-    model = CausalSelfAttention(256, 4, 64, 0.0).cuda()
-    eager = copy.deepcopy(model)
-    x = torch.randn(2, 200, 256, device="cuda")
-    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = _compiled(model, "inductor")(xc)
-    dout = torch.randn_like(out)
-    out.backward(dout)
+    _gpu_training_step_matches_eager("inductor")
     assert len(timed) >= 6 and set(timed) == {"flashfuse-builds-ahead"}, timed
-    ref = eager(xe)
-    ref.backward(dout)
-    for a, r in ((out, ref), (xc.grad, xe.grad), (model.qkv.weight.grad, eager.qkv.weight.grad)):
-        err = ((a.double() - r.double()).norm() / r.double().norm()).item()
-        assert err < 1e-2, err
 
 
 @pytest.mark.gpu
